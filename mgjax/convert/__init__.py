@@ -1,0 +1,1 @@
+"""Hugging Face safetensors <-> mgjax models: a lazy reader/writer and the key-mapping loader."""

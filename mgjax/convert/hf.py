@@ -1,0 +1,87 @@
+"""Load an NNX model from safetensors and write it back, one tensor at a time.
+
+Loading starts from the *abstract* model (shapes only), checks every key and shape against the checkpoint
+header before reading a byte, then materialises one parameter at a time: host buffer -> device array -> buffer
+freed. Peak host memory is the model plus its largest (stacked) parameter.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mgjax.convert.keymap import HF, KeyLayout, hf_keys, is_stacked, path_name
+from mgjax.convert.safetensors_io import CheckpointError, SafetensorsReader, TensorSpec, write
+
+
+def _params(state) -> list[tuple[tuple, nnx.Variable]]:
+    return [(path, var) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)]
+
+
+def _plan(params, reader: SafetensorsReader, layout: KeyLayout) -> list[list[str]]:
+    """Checkpoint keys for every parameter; raise one error listing every missing, extra or mis-shaped key."""
+    plan, missing, misshaped, used = [], [], [], set()
+    for path, var in params:
+        keys = [layout.rename(k) for k in hf_keys(path, var)]
+        want = var.shape[1:] if is_stacked(var) else var.shape
+        for k in keys:
+            if k not in reader:
+                missing.append(k)
+            elif reader.info(k).shape != tuple(want):
+                misshaped.append(f"{k}: checkpoint {reader.info(k).shape} vs model {tuple(want)} ({path_name(path)})")
+        used.update(keys)
+        plan.append(keys)
+    unexpected = [k for k in reader.keys() if k not in used and not layout.ignored(k)]
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint {reader.path} does not match the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshaped)):
+            if items:
+                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+    return plan
+
+
+def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layout: KeyLayout = HF,
+              dtype=None, place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None) -> nnx.Module:
+    """Fill ``abstract_model`` (from ``nnx.eval_shape``) with the checkpoint at ``path``.
+
+    ``dtype`` overrides the parameter dtype (default: the abstract model's). ``place`` turns a host buffer into
+    the device array (default ``jnp.asarray``; a sharded loader passes ``jax.make_array_from_callback``)."""
+    place = place or (lambda buf, var: jnp.asarray(buf))
+    graphdef, state = nnx.split(abstract_model)
+    params = _params(state)
+    with SafetensorsReader(path) as reader:
+        plan = _plan(params, reader, layout)
+        for (p, var), keys in zip(params, plan):
+            buf = np.empty(var.shape, np.dtype(dtype or var.dtype))
+            if is_stacked(var):
+                for i, k in enumerate(keys):
+                    reader.read(k, out=buf[i])
+            else:
+                reader.read(keys[0], out=buf)
+            var.set_value(place(buf, var))
+            del buf
+    return nnx.merge(graphdef, state)
+
+
+def tensor_specs(model: nnx.Module, *, dtype=None) -> list[TensorSpec]:
+    """HF-named tensors of ``model``, each fetched from the device only when written."""
+    specs = []
+    for path, var in _params(nnx.state(model)):
+        keys = hf_keys(path, var)
+        arr = var.get_value()
+        out_dtype = np.dtype(dtype or arr.dtype)
+        if is_stacked(var):
+            for i, k in enumerate(keys):
+                specs.append(TensorSpec(k, out_dtype, tuple(arr.shape[1:]), lambda a=arr, i=i: np.asarray(a[i])))
+        else:
+            specs.append(TensorSpec(keys[0], out_dtype, tuple(arr.shape), lambda a=arr: np.asarray(a)))
+    return specs
+
+
+def save(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 4 << 30):
+    return write(out_dir, tensor_specs(model, dtype=dtype), max_shard_bytes=max_shard_bytes)

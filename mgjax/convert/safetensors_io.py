@@ -1,0 +1,222 @@
+"""Safetensors read and written by hand, tensor by tensor, with plain file I/O.
+
+The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets), then
+the raw bytes. Reading with ``readinto`` straight into the destination buffer (rather than through a memory
+map) keeps the file's pages out of this process's resident memory, so loading a checkpoint never holds a
+second copy of it. Nothing here unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the file and the keys."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in ``file``
+    nbytes: int
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header length {n} exceeds the file size {size}; not safetensors?")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    return header, 8 + n
+
+
+def _scan_file(path: Path) -> dict[str, TensorInfo]:
+    header, data_start = _read_header(path)
+    size = path.stat().st_size
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+        begin, end = meta["data_offsets"]
+        dtype, shape = DTYPES[meta["dtype"]], tuple(meta["shape"])
+        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or data_start + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit its "
+                                  f"shape {shape} {meta['dtype']} or the file size {size} (truncated file?)")
+        out[name] = TensorInfo(path, dtype, shape, data_start + begin, end - begin)
+    return out
+
+
+class SafetensorsReader:
+    """Lazy access to a checkpoint: one ``.safetensors`` file, or a directory holding either
+    ``model.safetensors`` or a sharded set described by ``model.safetensors.index.json``."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self._files(path):
+            for name, info in _scan_file(file).items():
+                if name in self.tensors:
+                    raise CheckpointError(f"{path}: tensor {name!r} appears in both {self.tensors[name].file.name} "
+                                          f"and {file.name}")
+                self.tensors[name] = info
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _files(path: Path) -> list[Path]:
+        if path.is_file():
+            return [path]
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint file or directory")
+        if (path / INDEX_FILE).exists():
+            index = json.loads((path / INDEX_FILE).read_text())
+            files = sorted(set(index["weight_map"].values()))
+            absent = [f for f in files if not (path / f).exists()]
+            if absent:
+                raise CheckpointError(f"{path / INDEX_FILE} names shard files that are absent: {absent}")
+            return [path / f for f in files]
+        if (path / SINGLE_FILE).exists():
+            return [path / SINGLE_FILE]
+        found = sorted(path.glob("*.safetensors"))
+        if found:
+            return found
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        hint = f" (found {pickled}: pickled PyTorch files are never loaded; convert them to safetensors)" if pickled else ""
+        raise CheckpointError(f"{path}: no safetensors checkpoint{hint}")
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
+
+    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Read one tensor; with ``out`` (C-contiguous, right shape) the bytes land in it, cast if needed."""
+        info = self.info(key)
+        if out is not None and out.shape != info.shape:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has shape {info.shape}, expected {out.shape}")
+        direct = out is not None and out.dtype == info.dtype and out.flags.c_contiguous
+        buf = out if direct else np.empty(info.shape, info.dtype)
+        f = self._handle(info.file)
+        f.seek(info.start)
+        if f.readinto(memoryview(buf.reshape(-1).view(np.uint8))) != info.nbytes:
+            raise CheckpointError(f"{info.file}: short read for tensor {key!r} (truncated file?)")
+        if out is None or direct:
+            return buf
+        out[...] = buf.astype(out.dtype)
+        return out
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = open(file, "rb")
+        return self._handles[file]
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its bytes come from ``fetch`` only when its turn comes."""
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    fetch: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+
+
+def _write_file(path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -> None:
+    header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned, as the reference writer does
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for s in specs:
+            arr = np.ascontiguousarray(s.fetch(), dtype=s.dtype)
+            if arr.shape != s.shape:
+                raise ValueError(f"tensor {s.name!r}: fetched shape {arr.shape}, declared {s.shape}")
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write(out_dir: str | os.PathLike, specs: Iterable[TensorSpec], *, max_shard_bytes: int = 4 << 30,
+          metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write tensors into ``out_dir`` as ``model.safetensors`` or, above ``max_shard_bytes``, as HF-style shards
+    plus ``model.safetensors.index.json``. Each file is written to a temporary name and renamed when complete."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", **(metadata or {})}
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    if len(shards) == 1:
+        _write_file(out_dir / SINGLE_FILE, shards[0], metadata)
+        return [out_dir / SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _write_file(out_dir / name, shard, metadata)
+    index = {"metadata": {"total_size": sum(s.nbytes for sh in shards for s in sh)},
+             "weight_map": {s.name: name for name, sh in zip(names, shards) for s in sh}}
+    tmp = out_dir / (INDEX_FILE + ".tmp")
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, out_dir / INDEX_FILE)
+    return [out_dir / n for n in names]

@@ -1,0 +1,196 @@
+"""Building blocks shared by every model: parameters with logical axes, HF-layout linear layers, norms,
+attention, and the stack-and-scan machinery for repeated layers.
+
+Weights keep the PyTorch layout (Linear ``weight`` is ``[out, in]``, convolutions are ``OIHW``) so that a
+parameter's path and shape equal its Hugging Face key and shape; XLA folds the transposed contraction into
+the matmul, so this costs nothing at run time and makes conversion a rename.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mgjax import sharding
+
+Axes = tuple[str | None, ...]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------------------------
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
+    """A parameter annotated with logical axis names (one per dimension).
+
+    Sharding is applied later from the abstract state (``sharding.py``), never eagerly at creation, so a model
+    can be built on one CPU without a mesh in scope.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
+    sharding.check_axes(axes)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def normal(std: float) -> Callable:
+    return nnx.initializers.normal(std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------
+
+class Linear(nnx.Module):
+    """``y = x @ weight.T + bias`` with ``weight: [out, in]`` exactly as ``torch.nn.Linear`` stores it."""
+
+    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs, std: float = 0.02):
+        self.weight = param(rngs, normal(std), (d_out, d_in), axes, param_dtype)
+        self.bias = param(rngs, zeros, (d_out,), (axes[0],), param_dtype) if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jax.lax.dot_general(x, self.weight[...].astype(self.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, statistics in float32 (as PyTorch computes them for f32/bf16 inputs)."""
+
+    def __init__(self, dim: int, *, eps: float, axis_name: str = "norm", param_dtype, rngs: nnx.Rngs,
+                 bias: bool = True):
+        self.weight = param(rngs, ones, (dim,), (axis_name,), param_dtype)
+        self.bias = param(rngs, zeros, (dim,), (axis_name,), param_dtype) if bias else None
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama's RMSNorm: normalise in float32, cast back to the input dtype, then scale (HF order)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.weight = param(rngs, ones, (dim,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dtype) * h.astype(dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num: int, dim: int, *, axes: tuple[str, str], param_dtype, rngs: nnx.Rngs,
+                 std: float = 0.02):
+        self.weight = param(rngs, normal(std), (num, dim), axes, param_dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None
+              ) -> jax.Array:
+    """Grouped-query attention with a float32 softmax.
+
+    q: [B, T, H, D]; k, v: [B, S, KVH, D] with H a multiple of KVH; mask: boolean, broadcastable to
+    [B, 1, T, S] (True = attend). Returns [B, T, H, D] in q's dtype.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Repeated layers: built stacked along a leading "layers" axis, applied with lax.scan under a remat policy
+# ---------------------------------------------------------------------------------------------------------------
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # no rematerialisation: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Build ``n`` copies of a layer whose parameters are stacked on a new leading ``layers`` axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return make(r)
+
+    return build(rngs)
+
+
+def scan(layers: nnx.Module, x, xs=None, *, remat: str = "none", unroll: int = 1, **shared):
+    """Apply stacked ``layers`` in sequence: ``x, y_i = layer_i(x, xs_i, **shared)``; returns ``(x, ys)``.
+
+    Per-layer inputs/outputs (a KV cache, drop-path rates) ride along as ``xs``/``ys`` with a leading layer
+    axis; ``shared`` values (rotary tables, masks) are the same for every layer.
+    """
+    graphdef, state = nnx.split(layers)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)}")
+
+    def body(carry, inputs):
+        layer_state, xi = inputs
+        return nnx.merge(graphdef, layer_state)(carry, xi, **shared)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, (state, xs), unroll=unroll)
+
+
+def num_layers(layers: nnx.Module) -> int:
+    return jax.tree.leaves(nnx.state(layers))[0].shape[0]
+
+

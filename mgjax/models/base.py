@@ -1,0 +1,41 @@
+"""What every pretrained model shares: a frozen config that round-trips HF ``config.json``, and its key layouts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import jax.numpy as jnp
+
+from mgjax.convert.keymap import HF, KeyLayout
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Base of every model config. ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype, ``remat`` a
+    name from ``layers.REMAT_POLICIES``; ``hf`` keeps the original ``config.json`` so export writes it back."""
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+    hf: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    model_type: ClassVar[str]
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], **overrides) -> "ModelConfig":
+        raise NotImplementedError
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF ``config.json`` for this config: the original one, with this config's fields written over it."""
+        raise NotImplementedError
+
+
+def require(d: Mapping[str, Any], key: str, where: str):
+    if key not in d:
+        raise ValueError(f"{where}: config.json has no {key!r}")
+    return d[key]
+
+
+class Pretrained:
+    """Mixin for models that load from and save to HF checkpoints (see ``mgjax.pretrained``)."""
+    config_class: ClassVar[type[ModelConfig]]
+    key_layouts: ClassVar[dict[str, KeyLayout]] = {"hf": HF}

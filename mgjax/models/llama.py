@@ -1,0 +1,191 @@
+"""The Llama family decoder (Llama-2 / Vicuna, Yi, Llama-3): GQA, rotary scaling, scanned layers, KV cache.
+
+Parameter paths equal ``transformers.LlamaForCausalLM`` state-dict keys; the layers are stacked on a leading
+``layers`` axis and run with ``lax.scan`` (compile time independent of depth).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mgjax import layers, rope
+from mgjax.convert.keymap import KeyLayout
+from mgjax.models.base import ModelConfig, Pretrained, require
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig(ModelConfig):
+    model_type: ClassVar[str] = "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope: rope.Rope = rope.Rope()
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], **overrides) -> "LlamaConfig":
+        where = f"{cls.model_type} config"
+        heads = require(d, "num_attention_heads", where)
+        hidden = require(d, "hidden_size", where)
+        kw = dict(
+            vocab_size=require(d, "vocab_size", where), hidden_size=hidden,
+            intermediate_size=require(d, "intermediate_size", where),
+            num_hidden_layers=require(d, "num_hidden_layers", where), num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or hidden // heads, hidden_act=d.get("hidden_act", "silu"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope=rope.Rope.from_hf(d),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False), hf=dict(d))
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.hf.items() if k not in ("rope_scaling", "rope_theta")}
+        d.update(model_type=self.model_type, architectures=["LlamaForCausalLM"], vocab_size=self.vocab_size,
+                 hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
+                 rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
+                 tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
+                 mlp_bias=self.mlp_bias, **self.rope.to_hf())
+        return d
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer, [L, B, S, KVH, D], and how many positions are filled."""
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+        dtype = dtype or config.dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        kw = dict(bias=c.attention_bias, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.q_proj = layers.Linear(c.hidden_size, q, axes=("heads", "embed"), **kw)
+        self.k_proj = layers.Linear(c.hidden_size, kv, axes=("kv_heads", "embed"), **kw)
+        self.v_proj = layers.Linear(c.hidden_size, kv, axes=("kv_heads", "embed"), **kw)
+        self.o_proj = layers.Linear(q, c.hidden_size, axes=("embed", "heads"), **kw)
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+    def __call__(self, x, cos, sin, mask, cache: tuple[jax.Array, jax.Array] | None, index):
+        b, t, _ = x.shape
+        q = rope.apply(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), cos, sin)
+        k = rope.apply(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+            cache = (k, v)
+        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        kw = dict(bias=c.mlp_bias, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.gate_proj = layers.Linear(c.hidden_size, c.intermediate_size, axes=("mlp", "embed"), **kw)
+        self.up_proj = layers.Linear(c.hidden_size, c.intermediate_size, axes=("mlp", "embed"), **kw)
+        self.down_proj = layers.Linear(c.intermediate_size, c.hidden_size, axes=("embed", "mlp"), **kw)
+        self.act = layers.activation(c.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        norm = dict(eps=c.rms_norm_eps, param_dtype=c.param_dtype, rngs=rngs)
+        self.input_layernorm = layers.RMSNorm(c.hidden_size, **norm)
+        self.self_attn = LlamaAttention(c, rngs)
+        self.post_attention_layernorm = layers.RMSNorm(c.hidden_size, **norm)
+        self.mlp = LlamaMLP(c, rngs)
+
+    def __call__(self, x, cache, *, cos, sin, mask, index):
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+        self.embed_tokens = layers.Embedding(c.vocab_size, c.hidden_size, axes=("vocab", "embed"),
+                                             param_dtype=c.param_dtype, rngs=rngs)
+        self.layers = layers.stack(lambda r: LlamaDecoderLayer(c, r), c.num_hidden_layers, rngs)
+        self.norm = layers.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype, rngs=rngs)
+        self.config = c
+
+    def __call__(self, embeds, positions, mask, cache: KVCache | None):
+        c = self.config
+        cos, sin = c.rope.cos_sin(positions, c.head_dim)
+        index = cache.index if cache is not None else 0
+        x, kv = layers.scan(self.layers, embeds.astype(c.dtype), None if cache is None else (cache.k, cache.v),
+                            remat=c.remat, cos=cos, sin=sin, mask=mask, index=index)
+        if cache is not None:
+            cache = KVCache(kv[0], kv[1], cache.index + embeds.shape[1])
+        return self.norm(x), cache
+
+
+class LlamaForCausalLM(nnx.Module, Pretrained):
+    config_class = LlamaConfig
+    key_layouts = {"hf": KeyLayout(ignore=(r".*rotary_emb\.inv_freq",))}
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, rngs)
+        self.lm_head = None if config.tie_word_embeddings else layers.Linear(
+            config.hidden_size, config.vocab_size, axes=("vocab", "embed"), bias=False, dtype=config.dtype,
+            param_dtype=config.param_dtype, rngs=rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.model.embed_tokens(input_ids).astype(self.config.dtype)
+
+    def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, V] (float32) and the updated cache.
+
+        ``attention_mask`` [B, S] marks real tokens (1) vs padding (0) over the whole key range (S = T without a
+        cache, the cache length with one). With a cache, the T new tokens go at ``cache.index``.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
+        start = 0 if cache is None else cache.index
+        s = t if cache is None else cache.k.shape[2]
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        key_pos = jnp.arange(s, dtype=jnp.int32)
+        mask = key_pos[None, None, None, :] <= (start + jnp.arange(t, dtype=jnp.int32))[None, None, :, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        h, cache = self.model(x, positions, mask, cache)
+        if self.lm_head is None:
+            logits = jnp.einsum("btd,vd->btv", h, self.model.embed_tokens.weight[...].astype(h.dtype))
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32), cache
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        return KVCache.init(self.config, batch, max_len, dtype)
+
+

@@ -1,0 +1,75 @@
+"""``from_pretrained`` / ``save_pretrained``: HF checkpoint directories in, HF checkpoint directories out."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mgjax.convert import hf
+from mgjax.convert.safetensors_io import CheckpointError
+from mgjax.models.base import ModelConfig
+
+# HF ``model_type`` -> the mgjax class that implements it.
+ARCHITECTURES: dict[str, str] = {
+    "llama": "mgjax.models.llama:LlamaForCausalLM",
+    "clip_vision_model": "mgjax.models.clip:CLIPVisionModel",
+    "convnext": "mgjax.models.convnext:ConvNextModel",
+}
+
+
+def model_class(model_type: str):
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    module, name = ARCHITECTURES[model_type].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise CheckpointError(f"{path}: no config.json (pass config= to from_pretrained for bare weight files)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: ModelConfig | None = None,
+                    layout: str = "hf", weights: str | os.PathLike | None = None, **overrides) -> nnx.Module:
+    """Build an mgjax model from an HF checkpoint directory.
+
+    ``dtype`` is used for both parameters and compute (override either with ``param_dtype=`` / ``dtype=`` in a
+    ``config``). ``layout`` picks a key table other than HF's (e.g. ``"timm"`` for ConvNeXt); ``weights`` points
+    at the safetensors file(s) when they live apart from ``config.json``. Every key and shape is checked; a
+    mismatch raises an error naming each offending key.
+    """
+    path = Path(path)
+    if config is None:
+        d = read_config(path)
+        model_type = d.get("model_type")
+        cls = model_class(model_type)
+        config = cls.config_class.from_hf(d, dtype=dtype, param_dtype=dtype, **overrides)
+    cls = model_class(config.model_type)
+    if layout not in cls.key_layouts:
+        raise ValueError(f"{cls.__name__} has no key layout {layout!r}; known: {sorted(cls.key_layouts)}")
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    return hf.load_into(abstract, weights or path, layout=cls.key_layouts[layout])
+
+
+def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None,
+                    max_shard_bytes: int = 4 << 30) -> Path:
+    """Write ``config.json`` and HF-named safetensors (sharded with an index above ``max_shard_bytes``)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    cfg = model.config.to_hf()
+    if dtype is not None:
+        cfg["dtype"] = jnp.dtype(dtype).name
+    tmp = out_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    os.replace(tmp, out_dir / "config.json")
+    return out_dir

@@ -1,0 +1,24 @@
+import os
+
+# Parity tests compare float32 numbers: make XLA's CPU matmuls use full precision, and keep tests single-device.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+@pytest.fixture
+def report(request):
+    """Print a measured error so it shows in the test log (``-rA`` / ``-s``) and in the closing notes."""
+    def _report(name: str, value: float, bound: float):
+        print(f"[parity] {request.node.name}: {name} max-abs {value:.3e} (bound {bound:.0e})")
+        assert value <= bound, f"{name}: max-abs {value:.3e} > {bound:.0e}"
+    return _report

@@ -1,0 +1,197 @@
+"""Llama-family parity against transformers, computed in the test from tiny random models."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+import mgjax
+from mgjax.convert.safetensors_io import CheckpointError
+from tests.conftest import max_abs
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+VARIANTS = {
+    # name: (num_key_value_heads, rope_scaling, tie_word_embeddings)
+    "llama2_mha": (4, None, False),
+    "gqa_llama3_rope": (2, LLAMA3_ROPE, False),
+    "gqa_tied": (1, None, True),
+}
+
+
+def _hf_model(kv_heads, rope_scaling, tied, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=kv_heads, rope_theta=500000.0 if rope_scaling else 10000.0, rope_scaling=rope_scaling,
+        tie_word_embeddings=tied, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # RMSNorm weights start at 1; perturb them so the test sees a wrong norm
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    hf = _hf_model(*VARIANTS[request.param])
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, hf, path, mgjax.from_pretrained(path, dtype=jnp.float32)
+
+
+def _ids(batch=2, length=19, seed=1):
+    return torch.randint(0, 160, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_match_pytorch(pair, report):
+    name, hf, _, model = pair
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits.numpy()
+    logits, _ = model(jnp.asarray(ids.numpy()))
+    report(f"{name} logits", max_abs(logits, ref), 1e-4)
+
+
+def test_padded_batch_matches_pytorch(pair, report):
+    name, hf, _, model = pair
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding on the first row
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask).logits.numpy()
+    logits, _ = model(jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy()))
+    report(f"{name} padded logits", max_abs(np.asarray(logits)[0, 5:], ref[0, 5:]) + max_abs(logits[1], ref[1]), 1e-4)
+
+
+def test_kv_cache_decoding_equals_full_forward(pair, report):
+    name, _, _, model = pair
+    ids = jnp.asarray(_ids(length=16).numpy())
+    full, _ = model(ids)
+    cache = model.init_cache(batch=2, max_len=24)
+    step = jax.jit(lambda m, x, c: m(x, cache=c))  # nnx modules are pytrees: jit traces them directly
+    prefill, cache = model(ids[:, :10], cache=cache)
+    pieces = [prefill]
+    for t in range(10, 16):
+        out, cache = step(model, ids[:, t:t + 1], cache)
+        pieces.append(out)
+    assert int(cache.index) == 16
+    report(f"{name} cached decode", max_abs(jnp.concatenate(pieces, axis=1), full), 1e-5)
+
+
+def test_export_reloads_identically_in_pytorch(pair, tmp_path):
+    name, hf, _, model = pair
+    mgjax.save_pretrained(model, tmp_path)
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    want, got = hf.state_dict(), back.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, back(ids).logits)
+
+
+def test_sharded_checkpoint_and_remat(pair, tmp_path, report):
+    name, hf, _, model = pair
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    sharded = mgjax.from_pretrained(tmp_path, dtype=jnp.float32, remat="full")
+    ids = jnp.asarray(_ids().numpy())
+    a, _ = model(ids)
+    loss = lambda m: m(ids)[0].mean()  # noqa: E731
+    b, _ = sharded(ids)
+    report(f"{name} sharded+remat logits", max_abs(a, b), 0.0)
+    ga = jax.grad(loss)(model)
+    gb = jax.grad(loss)(sharded)
+    report(f"{name} remat grads", max(max_abs(x, y) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb))), 1e-6)
+
+
+def test_bf16_load_is_close_by_kl(pair):
+    name, hf, path, _ = pair
+    model = mgjax.from_pretrained(path, dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(mgjax_params(model)))
+    ids = _ids()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(ids).logits, -1).numpy()
+    logits, _ = model(jnp.asarray(ids.numpy()))
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    kl = float(np.mean(np.sum(np.exp(ref) * (ref - logp), -1)))
+    print(f"[parity] {name} bf16 KL {kl:.2e} (bound 1e-2)")
+    assert kl <= 1e-2
+
+
+def mgjax_params(model):
+    from flax import nnx
+    return nnx.state(model, nnx.Param)
+
+
+def test_every_parameter_has_logical_axes(pair):
+    from flax import nnx
+    _, _, _, model = pair
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == var.ndim, (path, axes)
+
+
+# --- bad checkpoints fail loudly, naming what is wrong ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("small")
+    _hf_model(2, None, False).save_pretrained(path)
+    return path
+
+
+def _rewrite(src, dst, edit):
+    tensors = safetensors.torch.load_file(src / "model.safetensors")
+    edit(tensors)
+    dst.mkdir(exist_ok=True)
+    safetensors.torch.save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    return dst
+
+
+def test_missing_key_is_named(small, tmp_path):
+    path = _rewrite(small, tmp_path / "m", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"1 missing: model\.layers\.1\.mlp\.up_proj\.weight"):
+        mgjax.from_pretrained(path)
+
+
+def test_unexpected_and_misshaped_keys_are_named(small, tmp_path):
+    def edit(t):
+        t["model.extra.weight"] = torch.zeros(3)
+        t["model.norm.weight"] = torch.zeros(65)
+    path = _rewrite(small, tmp_path / "u", edit)
+    with pytest.raises(CheckpointError) as err:
+        mgjax.from_pretrained(path)
+    assert "unexpected: model.extra.weight" in str(err.value)
+    assert "model.norm.weight: checkpoint (65,) vs model (64,)" in str(err.value)
+
+
+def test_truncated_file_and_pickles_are_refused(small, tmp_path):
+    bad = tmp_path / "t"
+    bad.mkdir()
+    data = (small / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (bad / "config.json").write_text((small / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="truncated"):
+        mgjax.from_pretrained(bad)
+    pick = tmp_path / "p"
+    pick.mkdir()
+    (pick / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    (pick / "config.json").write_text((small / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="never loaded"):
+        mgjax.from_pretrained(pick)
+
+
+def test_unsupported_config_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode"}))
+    with pytest.raises(CheckpointError, match="gpt_bigcode"):
+        mgjax.from_pretrained(tmp_path)
