@@ -195,3 +195,16 @@ def test_unsupported_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode"}))
     with pytest.raises(CheckpointError, match="gpt_bigcode"):
         mgjax.from_pretrained(tmp_path)
+
+
+def test_greedy_generation_matches_transformers(pair):
+    name, hf, _, model = pair
+    from mgjax.generate import greedy
+    ids = _ids(batch=2, length=7, seed=3)
+    ref = ids
+    with torch.no_grad():  # torch reference: recompute the whole prefix each step, no cache
+        for _ in range(12):
+            ref = torch.cat([ref, hf(ref).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    ref = ref.numpy()
+    got = np.asarray(greedy(model, jnp.asarray(ids.numpy()), 12))
+    assert (got == ref).all(), (got, ref)
