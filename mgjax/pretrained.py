@@ -17,6 +17,7 @@ from mgjax.models.base import ModelConfig
 ARCHITECTURES: dict[str, str] = {
     "llama": "mgjax.models.llama:LlamaForCausalLM",
     "clip_vision_model": "mgjax.models.clip:CLIPVisionModel",
+    "clip": "mgjax.models.clip:CLIPVisionModel",  # a full CLIP checkpoint: its vision tower
     "convnext": "mgjax.models.convnext:ConvNextModel",
 }
 
@@ -39,11 +40,12 @@ def read_config(path: Path) -> dict:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: ModelConfig | None = None,
-                    layout: str = "hf", weights: str | os.PathLike | None = None, **overrides) -> nnx.Module:
+                    layout: str = "auto", weights: str | os.PathLike | None = None, **overrides) -> nnx.Module:
     """Build an mgjax model from an HF checkpoint directory.
 
     ``dtype`` is used for both parameters and compute (override either with ``param_dtype=`` / ``dtype=`` in a
-    ``config``). ``layout`` picks a key table other than HF's (e.g. ``"timm"`` for ConvNeXt); ``weights`` points
+    ``config``). ``layout`` names a key table (e.g. ``"timm"`` for ConvNeXt); ``"auto"`` takes the one that matches the
+    checkpoint best; ``weights`` points
     at the safetensors file(s) when they live apart from ``config.json``. Every key and shape is checked; a
     mismatch raises an error naming each offending key.
     """
@@ -54,9 +56,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
         cls = model_class(model_type)
         config = cls.config_class.from_hf(d, dtype=dtype, param_dtype=dtype, **overrides)
     cls = model_class(config.model_type)
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    if layout == "auto":
+        layout = hf.pick_layout(abstract, weights or path, cls.key_layouts)
     if layout not in cls.key_layouts:
         raise ValueError(f"{cls.__name__} has no key layout {layout!r}; known: {sorted(cls.key_layouts)}")
-    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     return hf.load_into(abstract, weights or path, layout=cls.key_layouts[layout])
 
 

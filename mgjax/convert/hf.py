@@ -59,6 +59,15 @@ def _to_device(buf: np.ndarray, var: nnx.Variable) -> jax.Array:
     return jax.device_put(buf).block_until_ready()
 
 
+def pick_layout(abstract_model: nnx.Module, path: str | os.PathLike, layouts: dict[str, KeyLayout]) -> str:
+    """The layout under which the checkpoint holds the most of the model's keys (headers only)."""
+    params = _params(nnx.state(abstract_model))
+    with SafetensorsReader(path) as reader:
+        hits = {name: sum(layout.rename(k) in reader for p, v in params for k in hf_keys(p, v))
+                for name, layout in layouts.items()}
+    return max(hits, key=hits.get)
+
+
 def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layout: KeyLayout = HF,
               dtype=None, place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None) -> nnx.Module:
     """Fill ``abstract_model`` (from ``nnx.eval_shape``) with the checkpoint at ``path``.
