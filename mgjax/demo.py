@@ -19,9 +19,9 @@ from flax import nnx
 
 import mgjax
 from mgjax.generate import greedy
-from mgjax.models.clip import CLIPVisionConfig, CLIPVisionModel
-from mgjax.models.convnext import ConvNextConfig, ConvNextModel
-from mgjax.models.llama import LlamaConfig, LlamaForCausalLM
+from mgjax.models.clip import CLIPVisionConfig
+from mgjax.models.convnext import ConvNextConfig
+from mgjax.models.llama import LlamaConfig
 from mgjax.rope import Rope
 
 LLAMA = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
@@ -57,21 +57,20 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    rngs = nnx.Rngs(args.seed)
     print(f"mgjax {mgjax.__version__} on {jax.devices()[0].platform}: tiny random models, no downloads")
     with tempfile.TemporaryDirectory() as tmp:
         print("[1/3] vision towers")
-        clip = roundtrip(CLIPVisionModel(CLIP, rngs=rngs), f"{tmp}/clip")
-        feats = clip.features(synthetic_image(CLIP.image_size), select_layer=-2)
+        clip = roundtrip(mgjax.init(CLIP, seed=args.seed), f"{tmp}/clip")
+        feats = jax.jit(lambda m, x: m.features(x, select_layer=-2))(clip, synthetic_image(CLIP.image_size))
         print(f"  CLIP features (layer -2, CLS dropped): {tuple(feats.shape)}, mean |x| {float(jnp.abs(feats).mean()):.4f}")
-        convnext = roundtrip(ConvNextModel(CONVNEXT, rngs=rngs), f"{tmp}/convnext")
-        stages = convnext(synthetic_image(64)).stages
+        convnext = roundtrip(mgjax.init(CONVNEXT, seed=args.seed), f"{tmp}/convnext")
+        stages = jax.jit(lambda m, x: m(x).hidden_states[1:])(convnext, synthetic_image(64))
         print("  ConvNeXt stage maps (NHWC): " + ", ".join(str(tuple(s.shape)) for s in stages))
 
         print("[2/3] Llama decoder (GQA 8q/2kv, llama3 rope)")
-        llama = roundtrip(LlamaForCausalLM(LLAMA, rngs=rngs), f"{tmp}/llama")
+        llama = roundtrip(mgjax.init(LLAMA, seed=args.seed), f"{tmp}/llama")
         prompt = jax.random.randint(jax.random.key(args.seed), (2, 8), 0, LLAMA.vocab_size)
-        greedy(llama, prompt, 2)  # compile
+        greedy(llama, prompt, args.new_tokens)  # compile the prefill and the step once
         t = time.perf_counter()
         out = jax.block_until_ready(greedy(llama, prompt, args.new_tokens))
         secs = time.perf_counter() - t

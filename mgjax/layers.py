@@ -66,6 +66,26 @@ class Linear(nnx.Module):
         return y
 
 
+class Conv2d(nnx.Module):
+    """2-D convolution on NHWC activations with a ``torch.nn.Conv2d``-layout kernel ``weight: [out, in/groups, kh, kw]``."""
+
+    def __init__(self, d_in: int, d_out: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
+                 bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02):
+        axes = ("conv_out", "conv_in", "conv_kernel", "conv_kernel")
+        self.weight = param(rngs, normal(std), (d_out, d_in // groups, kernel, kernel), axes, param_dtype)
+        self.bias = param(rngs, zeros, (d_out,), ("conv_out",), param_dtype) if bias else None
+        self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.weight[...].astype(self.dtype), window_strides=(self.stride,) * 2,
+            padding=[(self.padding, self.padding)] * 2, feature_group_count=self.groups,
+            dimension_numbers=("NHWC", "OIHW", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, statistics in float32 (as PyTorch computes them for f32/bf16 inputs)."""
 
