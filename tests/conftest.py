@@ -3,6 +3,7 @@ import os
 # Parity tests compare float32 numbers: make XLA's CPU matmuls use full precision, and keep tests single-device.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build their models; nothing may come from a hub
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -2,7 +2,8 @@
 
 Loading starts from the *abstract* model (shapes only), checks every key and shape against the checkpoint
 header before reading a byte, then materialises one parameter at a time: host buffer -> device array -> buffer
-freed. Peak host memory is the model plus its largest (stacked) parameter.
+freed. On CPU the device array adopts the aligned host buffer, so the peak is the model itself; elsewhere at
+most one parameter's host buffer exists at a time.
 """
 from __future__ import annotations
 
