@@ -21,7 +21,7 @@ import mgjax
 from mgjax.generate import greedy
 from mgjax.models.clip import CLIPVisionConfig
 from mgjax.models.convnext import ConvNextConfig
-from mgjax.models.llama import LlamaConfig
+from mgjax.models.decoder import LlamaConfig
 from mgjax.rope import Rope
 
 LLAMA = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,

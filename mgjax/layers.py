@@ -107,16 +107,19 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Llama's RMSNorm: normalise in float32, cast back to the input dtype, then scale (HF order)."""
+    """RMSNorm in the two orders HF uses. ``offset=0`` (Llama): normalise in float32, cast to the input dtype,
+    then scale by ``w``. ``offset=1`` (Gemma, whose ``w`` starts at 0): scale by ``1 + w`` in float32, then cast."""
 
-    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
-        self.weight = param(rngs, ones, (dim,), ("norm",), param_dtype)
-        self.eps = eps
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs, offset: float = 0.0):
+        self.weight = param(rngs, zeros if offset else ones, (dim,), ("norm",), param_dtype)
+        self.eps, self.offset = eps, offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + self.eps)
+        if self.offset:
+            return (h * (self.offset + self.weight[...].astype(jnp.float32))).astype(dtype)
         return self.weight[...].astype(dtype) * h.astype(dtype)
 
 

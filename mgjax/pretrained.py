@@ -16,7 +16,9 @@ from mgjax.models.base import ModelConfig
 
 # HF ``model_type`` -> the mgjax class that implements it.
 ARCHITECTURES: dict[str, str] = {
-    "llama": "mgjax.models.llama:LlamaForCausalLM",
+    "llama": "mgjax.models.decoder:LlamaForCausalLM",
+    "qwen2": "mgjax.models.decoder:Qwen2ForCausalLM",
+    "gemma": "mgjax.models.decoder:GemmaForCausalLM",
     "clip_vision_model": "mgjax.models.clip:CLIPVisionModel",
     "clip": "mgjax.models.clip:CLIPVisionModel",  # a full CLIP checkpoint: its vision tower
     "convnext": "mgjax.models.convnext:ConvNextModel",

@@ -1,4 +1,4 @@
-"""Llama-family parity against transformers, computed in the test from tiny random models."""
+"""Decoder parity (Llama family, Qwen2, Gemma) against transformers, computed in the test from tiny random models."""
 import json
 
 import jax
@@ -16,24 +16,30 @@ from tests.conftest import max_abs
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8}
+FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}
 VARIANTS = {
-    # name: (num_key_value_heads, rope_scaling, tie_word_embeddings)
-    "llama2_mha": (4, None, False),
-    "gqa_llama3_rope": (2, LLAMA3_ROPE, False),
-    "gqa_tied": (1, None, True),
+    # name: (family, num_key_value_heads, rope_scaling, tie_word_embeddings, extra config)
+    "llama2_mha": ("llama", 4, None, False, {}),
+    "gqa_llama3_rope": ("llama", 2, LLAMA3_ROPE, False, {}),
+    "gqa_tied": ("llama", 1, None, True, {}),
+    "qwen2_untied": ("qwen2", 2, None, False, {}),  # InternVL2's Qwen2 head is untied
+    "gemma_mqa": ("gemma", 1, None, True, {"head_dim": 24}),  # head_dim independent of hidden / heads
 }
 
 
-def _hf_model(kv_heads, rope_scaling, tied, seed=0):
+def _hf_model(family, kv_heads, rope_scaling, tied, extra, seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
+    config_cls, model_cls = FAMILIES[family]
+    cfg = config_cls(
         vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=kv_heads, rope_theta=500000.0 if rope_scaling else 10000.0, rope_scaling=rope_scaling,
-        tie_word_embeddings=tied, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # RMSNorm weights start at 1; perturb them so the test sees a wrong norm
+        tie_word_embeddings=tied, max_position_embeddings=64, **extra)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # norms start at 1 (Gemma: 0) and biases at 0: perturb them so a wrong one shows
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):
                 p.add_(0.3 * torch.randn_like(p))
     return model
 
@@ -88,7 +94,7 @@ def test_kv_cache_decoding_equals_full_forward(pair, report):
 def test_export_reloads_identically_in_pytorch(pair, tmp_path):
     name, hf, _, model = pair
     mgjax.save_pretrained(model, tmp_path)
-    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    back = type(hf).from_pretrained(tmp_path).eval()
     want, got = hf.state_dict(), back.state_dict()
     assert want.keys() == got.keys()
     for k in want:
@@ -133,7 +139,7 @@ def test_bf16_load_is_close_by_kl(pair):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     path = tmp_path_factory.mktemp("small")
-    _hf_model(2, None, False).save_pretrained(path)
+    _hf_model("llama", 2, None, False, {}).save_pretrained(path)
     return path
 
 
@@ -179,9 +185,22 @@ def test_truncated_file_and_pickles_are_refused(small, tmp_path):
         mgjax.from_pretrained(pick)
 
 
+def test_family_switches_follow_model_type(pair):
+    name, hf, _, model = pair
+    assert type(model).__name__ == type(hf).__name__
+    c = model.config
+    assert (c.qkv_bias, c.norm_offset, c.scale_embeddings) == {
+        "llama": (False, 0.0, False), "qwen2": (True, 0.0, False), "gemma": (False, 1.0, True)}[c.model_type]
+
+
 def test_unsupported_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode"}))
     with pytest.raises(CheckpointError, match="gpt_bigcode"):
+        mgjax.from_pretrained(tmp_path)
+    cfg = transformers.Qwen2Config(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                   num_attention_heads=2, use_sliding_window=True, sliding_window=4).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_sliding_window"):
         mgjax.from_pretrained(tmp_path)
 
 
@@ -196,3 +215,12 @@ def test_greedy_generation_matches_transformers(pair):
     ref = ref.numpy()
     got = np.asarray(greedy(model, jnp.asarray(ids.numpy()), 12))
     assert (got == ref).all(), (got, ref)
+
+
+def test_inputs_embeds_path_equals_input_ids_path(pair, report):
+    """VLMs splice image embeddings into ``inputs_embeds``; Gemma's sqrt(hidden) scale must reach them too."""
+    name, _, _, model = pair
+    ids = jnp.asarray(_ids().numpy())
+    a, _ = model(ids)
+    b, _ = model(inputs_embeds=model.embed(ids))
+    report(f"{name} inputs_embeds vs input_ids", max_abs(a, b), 0.0)

@@ -1,7 +1,9 @@
-"""The Llama family decoder (Llama-2 / Vicuna, Yi, Llama-3): GQA, rotary scaling, scanned layers, KV cache.
+"""One decoder for every Llama-shaped LLM: Llama-2 / Vicuna, Yi, Llama-3, Qwen2 and Gemma.
 
-Parameter paths equal ``transformers.LlamaForCausalLM`` state-dict keys; the layers are stacked on a leading
-``layers`` axis and run with ``lax.scan`` (compile time independent of depth).
+The families differ only in a few switches on ``DecoderConfig`` (q/k/v biases, Gemma's ``(1 + w)`` RMSNorm and
+scaled embeddings, activation, rotary scaling), so the math is written once. Parameter paths equal the HF
+``*ForCausalLM`` state-dict keys; layers are stacked on a leading ``layers`` axis and run with ``lax.scan``
+(compile time independent of depth), with a functional KV cache for decoding.
 """
 from __future__ import annotations
 
@@ -18,8 +20,13 @@ from mgjax.models.base import ModelConfig, Pretrained, require
 
 
 @dataclass(frozen=True, kw_only=True)
-class LlamaConfig(ModelConfig):
-    model_type: ClassVar[str] = "llama"
+class DecoderConfig(ModelConfig):
+    """``qkv_bias``: biases on q/k/v only (Qwen2); ``attention_bias``: on q/k/v/o (Llama's flag).
+    ``norm_offset``: RMSNorm scales by ``offset + w`` in float32 before casting (Gemma: 1) instead of casting
+    first and scaling by ``w`` (Llama: 0). ``scale_embeddings``: multiply the input sequence by sqrt(hidden)
+    (Gemma) — applied to ``inputs_embeds`` too, since MGM scaled its spliced image+text sequence."""
+    model_type: ClassVar[str]
+    architecture: ClassVar[str]
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -33,10 +40,18 @@ class LlamaConfig(ModelConfig):
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qkv_bias: bool = False
     mlp_bias: bool = False
+    norm_offset: float = 0.0
+    scale_embeddings: bool = False
 
     @classmethod
-    def from_hf(cls, d: Mapping[str, Any], **overrides) -> "LlamaConfig":
+    def family_fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        """What this family reads differently from a Llama config.json."""
+        return {}
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], **overrides) -> "DecoderConfig":
         where = f"{cls.model_type} config"
         heads = require(d, "num_attention_heads", where)
         hidden = require(d, "hidden_size", where)
@@ -50,12 +65,13 @@ class LlamaConfig(ModelConfig):
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False), hf=dict(d))
+        kw.update(cls.family_fields(d))
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
         d = {k: v for k, v in self.hf.items() if k not in ("rope_scaling", "rope_theta")}
-        d.update(model_type=self.model_type, architectures=["LlamaForCausalLM"], vocab_size=self.vocab_size,
+        d.update(model_type=self.model_type, architectures=[self.architecture], vocab_size=self.vocab_size,
                  hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
                  num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
                  num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
@@ -65,6 +81,43 @@ class LlamaConfig(ModelConfig):
         return d
 
 
+@dataclass(frozen=True, kw_only=True)
+class LlamaConfig(DecoderConfig):
+    model_type: ClassVar[str] = "llama"
+    architecture: ClassVar[str] = "LlamaForCausalLM"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Qwen2Config(DecoderConfig):
+    model_type: ClassVar[str] = "qwen2"
+    architecture: ClassVar[str] = "Qwen2ForCausalLM"
+    qkv_bias: bool = True
+
+    @classmethod
+    def family_fields(cls, d):
+        if d.get("use_sliding_window"):
+            raise ValueError("qwen2 config: use_sliding_window=true is not supported (sliding-window attention "
+                             "is not implemented; InternVL2's Qwen2 checkpoints do not use it)")
+        return {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GemmaConfig(DecoderConfig):
+    model_type: ClassVar[str] = "gemma"
+    architecture: ClassVar[str] = "GemmaForCausalLM"
+    hidden_act: str = "gelu_pytorch_tanh"
+    norm_offset: float = 1.0
+    scale_embeddings: bool = True
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def family_fields(cls, d):
+        # Gemma's released configs say "gelu" but mean the tanh approximation (transformers remaps it too).
+        act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+        return {"hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act,
+                "tie_word_embeddings": d.get("tie_word_embeddings", True)}
+
+
 class KVCache(NamedTuple):
     """Keys/values of every layer, [L, B, S, KVH, D], and how many positions are filled."""
     k: jax.Array
@@ -72,20 +125,21 @@ class KVCache(NamedTuple):
     index: jax.Array  # int32 scalar
 
     @classmethod
-    def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def init(cls, config: DecoderConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
         dtype = dtype or config.dtype
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
-class LlamaAttention(nnx.Module):
-    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
-        kw = dict(bias=c.attention_bias, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+class Attention(nnx.Module):
+    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs):
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        qkv_bias = c.attention_bias or c.qkv_bias
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        self.q_proj = layers.Linear(c.hidden_size, q, axes=("heads", "embed"), **kw)
-        self.k_proj = layers.Linear(c.hidden_size, kv, axes=("kv_heads", "embed"), **kw)
-        self.v_proj = layers.Linear(c.hidden_size, kv, axes=("kv_heads", "embed"), **kw)
-        self.o_proj = layers.Linear(q, c.hidden_size, axes=("embed", "heads"), **kw)
+        self.q_proj = layers.Linear(c.hidden_size, q, axes=("heads", "embed"), bias=qkv_bias, **kw)
+        self.k_proj = layers.Linear(c.hidden_size, kv, axes=("kv_heads", "embed"), bias=qkv_bias, **kw)
+        self.v_proj = layers.Linear(c.hidden_size, kv, axes=("kv_heads", "embed"), bias=qkv_bias, **kw)
+        self.o_proj = layers.Linear(q, c.hidden_size, axes=("embed", "heads"), bias=c.attention_bias, **kw)
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
     def __call__(self, x, cos, sin, mask, cache: tuple[jax.Array, jax.Array] | None, index):
@@ -101,8 +155,8 @@ class LlamaAttention(nnx.Module):
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
-class LlamaMLP(nnx.Module):
-    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+class MLP(nnx.Module):
+    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs):
         kw = dict(bias=c.mlp_bias, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.gate_proj = layers.Linear(c.hidden_size, c.intermediate_size, axes=("mlp", "embed"), **kw)
         self.up_proj = layers.Linear(c.hidden_size, c.intermediate_size, axes=("mlp", "embed"), **kw)
@@ -113,13 +167,13 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
-        norm = dict(eps=c.rms_norm_eps, param_dtype=c.param_dtype, rngs=rngs)
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs):
+        norm = dict(eps=c.rms_norm_eps, offset=c.norm_offset, param_dtype=c.param_dtype, rngs=rngs)
         self.input_layernorm = layers.RMSNorm(c.hidden_size, **norm)
-        self.self_attn = LlamaAttention(c, rngs)
+        self.self_attn = Attention(c, rngs)
         self.post_attention_layernorm = layers.RMSNorm(c.hidden_size, **norm)
-        self.mlp = LlamaMLP(c, rngs)
+        self.mlp = MLP(c, rngs)
 
     def __call__(self, x, cache, *, cos, sin, mask, index):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
@@ -127,37 +181,41 @@ class LlamaDecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class LlamaModel(nnx.Module):
-    def __init__(self, c: LlamaConfig, rngs: nnx.Rngs):
+class DecoderModel(nnx.Module):
+    def __init__(self, c: DecoderConfig, rngs: nnx.Rngs):
         self.embed_tokens = layers.Embedding(c.vocab_size, c.hidden_size, axes=("vocab", "embed"),
                                              param_dtype=c.param_dtype, rngs=rngs)
-        self.layers = layers.stack(lambda r: LlamaDecoderLayer(c, r), c.num_hidden_layers, rngs)
-        self.norm = layers.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=c.param_dtype, rngs=rngs)
+        self.layers = layers.stack(lambda r: DecoderLayer(c, r), c.num_hidden_layers, rngs)
+        self.norm = layers.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset,
+                                   param_dtype=c.param_dtype, rngs=rngs)
         self.config = c
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None):
         c = self.config
+        x = embeds.astype(c.dtype)
+        if c.scale_embeddings:  # HF rounds the scale to the compute dtype before multiplying
+            x = x * jnp.asarray(c.hidden_size ** 0.5, c.dtype)
         cos, sin = c.rope.cos_sin(positions, c.head_dim)
         index = cache.index if cache is not None else 0
-        x, kv = layers.scan(self.layers, embeds.astype(c.dtype), None if cache is None else (cache.k, cache.v),
+        x, kv = layers.scan(self.layers, x, None if cache is None else (cache.k, cache.v),
                             remat=c.remat, cos=cos, sin=sin, mask=mask, index=index)
         if cache is not None:
             cache = KVCache(kv[0], kv[1], cache.index + embeds.shape[1])
         return self.norm(x), cache
 
 
-class LlamaForCausalLM(nnx.Module, Pretrained):
-    config_class = LlamaConfig
+class CausalLM(nnx.Module, Pretrained):
     key_layouts = {"hf": KeyLayout(ignore=(r".*rotary_emb\.inv_freq",))}
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.model = LlamaModel(config, rngs)
+        self.model = DecoderModel(config, rngs)
         self.lm_head = None if config.tie_word_embeddings else layers.Linear(
             config.hidden_size, config.vocab_size, axes=("vocab", "embed"), bias=False, dtype=config.dtype,
             param_dtype=config.param_dtype, rngs=rngs)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings as stored (Gemma's sqrt(hidden) scale is applied to the whole input sequence later)."""
         return self.model.embed_tokens(input_ids).astype(self.config.dtype)
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
@@ -189,3 +247,15 @@ class LlamaForCausalLM(nnx.Module, Pretrained):
         return KVCache.init(self.config, batch, max_len, dtype)
 
 
+
+
+class LlamaForCausalLM(CausalLM):
+    config_class = LlamaConfig
+
+
+class Qwen2ForCausalLM(CausalLM):
+    config_class = Qwen2Config
+
+
+class GemmaForCausalLM(CausalLM):
+    config_class = GemmaConfig
