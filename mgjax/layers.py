@@ -183,11 +183,12 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
-def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
-    """Build ``n`` copies of a layer whose parameters are stacked on a new leading ``layers`` axis."""
+def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, axis: str = "layers") -> nnx.Module:
+    """Build ``n`` copies of a module whose parameters are stacked on a new leading logical ``axis``
+    (``layers`` for scanned layers, ``experts`` for a mixture of experts)."""
 
     @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axis})
     def build(r):
         return make(r)
 

@@ -19,6 +19,7 @@ ARCHITECTURES: dict[str, str] = {
     "llama": "mgjax.models.decoder:LlamaForCausalLM",
     "qwen2": "mgjax.models.decoder:Qwen2ForCausalLM",
     "gemma": "mgjax.models.decoder:GemmaForCausalLM",
+    "mixtral": "mgjax.models.decoder:MixtralForCausalLM",
     "clip_vision_model": "mgjax.models.clip:CLIPVisionModel",
     "clip": "mgjax.models.clip:CLIPVisionModel",  # a full CLIP checkpoint: its vision tower
     "convnext": "mgjax.models.convnext:ConvNextModel",

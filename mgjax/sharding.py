@@ -7,6 +7,7 @@ from __future__ import annotations
 # Every logical axis a parameter may carry, and what it means.
 LOGICAL_AXES: dict[str, str] = {
     "layers": "stacked repeat of a scanned layer",
+    "experts": "stacked experts of a mixture-of-experts layer",
     "vocab": "token vocabulary",
     "embed": "model width of a transformer (residual stream)",
     "heads": "query heads x head_dim, flattened",
@@ -23,6 +24,7 @@ LOGICAL_AXES: dict[str, str] = {
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("layers", None),
+    ("experts", "expert"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),

@@ -18,7 +18,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 8}
 FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-            "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}
+            "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+            "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}
 VARIANTS = {
     # name: (family, num_key_value_heads, rope_scaling, tie_word_embeddings, extra config)
     "llama2_mha": ("llama", 4, None, False, {}),
@@ -26,6 +27,7 @@ VARIANTS = {
     "gqa_tied": ("llama", 1, None, True, {}),
     "qwen2_untied": ("qwen2", 2, None, False, {}),  # InternVL2's Qwen2 head is untied
     "gemma_mqa": ("gemma", 1, None, True, {"head_dim": 24}),  # head_dim independent of hidden / heads
+    "mixtral_top2": ("mixtral", 2, None, False, {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
@@ -189,8 +191,25 @@ def test_family_switches_follow_model_type(pair):
     name, hf, _, model = pair
     assert type(model).__name__ == type(hf).__name__
     c = model.config
-    assert (c.qkv_bias, c.norm_offset, c.scale_embeddings) == {
-        "llama": (False, 0.0, False), "qwen2": (True, 0.0, False), "gemma": (False, 1.0, True)}[c.model_type]
+    assert (c.qkv_bias, c.norm_offset, c.scale_embeddings, c.num_local_experts) == {
+        "llama": (False, 0.0, False, 0), "qwen2": (True, 0.0, False, 0), "gemma": (False, 1.0, True, 0),
+        "mixtral": (False, 0.0, False, 4)}[c.model_type]
+
+
+def test_moe_dense_and_grouped_paths_agree(tmp_path, report):
+    name = "mixtral_top2"
+    hf = _hf_model(*VARIANTS[name])
+    hf.save_pretrained(tmp_path)
+    path, model = tmp_path, mgjax.from_pretrained(tmp_path, dtype=jnp.float32)
+    ids = _ids()
+    with torch.no_grad():
+        ref = hf(ids).logits.numpy()
+    dense = mgjax.from_pretrained(path, dtype=jnp.float32, moe_impl="dense")
+    a, _ = dense(jnp.asarray(ids.numpy()))
+    b, _ = model(jnp.asarray(ids.numpy()))
+    assert model.config.moe_impl == "grouped"
+    report(f"{name} dense-dispatch logits vs torch", max_abs(a, ref), 1e-4)
+    report(f"{name} grouped vs dense", max_abs(a, b), 1e-5)
 
 
 def test_unsupported_config_is_named(tmp_path):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mgjax.convert.keymap import HF, KeyLayout, hf_keys, is_stacked, path_name
+from mgjax.convert.keymap import HF, KeyLayout, hf_keys, path_name, stack_depth
 from mgjax.convert.safetensors_io import CheckpointError, SafetensorsReader, TensorSpec, write
 
 
@@ -22,19 +22,21 @@ def _params(state) -> list[tuple[tuple, nnx.Variable]]:
     return [(path, var) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)]
 
 
-def _plan(params, reader: SafetensorsReader, layout: KeyLayout) -> list[list[str]]:
-    """Checkpoint keys for every parameter; raise one error listing every missing, extra or mis-shaped key."""
+def _plan(params, reader: SafetensorsReader, layout: KeyLayout) -> list[list[tuple[tuple[int, ...], str]]]:
+    """``(index, checkpoint key)`` for every parameter; raise one error listing every missing, extra or
+    mis-shaped key."""
     plan, missing, misshaped, used = [], [], [], set()
     for path, var in params:
-        keys = [layout.rename(k) for k in hf_keys(path, var)]
-        want = var.shape[1:] if is_stacked(var) else var.shape
+        entries = [(i, layout.rename(k)) for i, k in hf_keys(path, var)]
+        keys = [k for _, k in entries]
+        want = var.shape[stack_depth(var):]
         for k in keys:
             if k not in reader:
                 missing.append(k)
             elif reader.info(k).shape != tuple(want):
                 misshaped.append(f"{k}: checkpoint {reader.info(k).shape} vs model {tuple(want)} ({path_name(path)})")
         used.update(keys)
-        plan.append(keys)
+        plan.append(entries)
     unexpected = [k for k in reader.keys() if k not in used and not layout.ignored(k)]
     if missing or unexpected or misshaped:
         lines = [f"checkpoint {reader.path} does not match the model:"]
@@ -64,7 +66,7 @@ def pick_layout(abstract_model: nnx.Module, path: str | os.PathLike, layouts: di
     """The layout under which the checkpoint holds the most of the model's keys (headers only)."""
     params = _params(nnx.state(abstract_model))
     with SafetensorsReader(path) as reader:
-        hits = {name: sum(layout.rename(k) in reader for p, v in params for k in hf_keys(p, v))
+        hits = {name: sum(layout.rename(k) in reader for p, v in params for _, k in hf_keys(p, v))
                 for name, layout in layouts.items()}
     return max(hits, key=hits.get)
 
@@ -80,13 +82,10 @@ def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layout: Ke
     params = _params(state)
     with SafetensorsReader(path) as reader:
         plan = _plan(params, reader, layout)
-        for (p, var), keys in zip(params, plan):
+        for (p, var), entries in zip(params, plan):
             buf = host_buffer(var.shape, dtype or var.dtype)
-            if is_stacked(var):
-                for i, k in enumerate(keys):
-                    reader.read(k, out=buf[i])
-            else:
-                reader.read(keys[0], out=buf)
+            for index, k in entries:
+                reader.read(k, out=buf[index])
             var.set_value(place(buf, var))
             del buf
     return nnx.merge(graphdef, state)
@@ -96,14 +95,11 @@ def tensor_specs(model: nnx.Module, *, dtype=None) -> list[TensorSpec]:
     """HF-named tensors of ``model``, each fetched from the device only when written."""
     specs = []
     for path, var in _params(nnx.state(model)):
-        keys = hf_keys(path, var)
         arr = var.get_value()
         out_dtype = np.dtype(dtype or arr.dtype)
-        if is_stacked(var):
-            for i, k in enumerate(keys):
-                specs.append(TensorSpec(k, out_dtype, tuple(arr.shape[1:]), lambda a=arr, i=i: np.asarray(a[i])))
-        else:
-            specs.append(TensorSpec(keys[0], out_dtype, tuple(arr.shape), lambda a=arr: np.asarray(a)))
+        shape = tuple(arr.shape[stack_depth(var):])
+        for index, k in hf_keys(path, var):
+            specs.append(TensorSpec(k, out_dtype, shape, lambda a=arr, i=index: np.asarray(a[i])))
     return specs
 
 

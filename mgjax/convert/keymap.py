@@ -1,18 +1,22 @@
 """How a model's parameters are named in a checkpoint.
 
-An mgjax parameter path *is* its Hugging Face key, with one twist: layers built by ``layers.stack`` hold all
-repeats in one array, so ``model.layers.mlp.up_proj.weight[i]`` is HF's ``model.layers.{i}.mlp.up_proj.weight``
-(the index goes right after the path component ``layers``). Other checkpoint layouts (timm, MGM's prefixed
-towers) are HF names plus an ordered list of regex renames.
+An mgjax parameter path *is* its Hugging Face key, with one twist: repeats built by ``layers.stack`` live in one
+array whose leading logical axes say what was stacked. ``model.layers.mlp.up_proj.weight[i]`` is HF's
+``model.layers.{i}.mlp.up_proj.weight`` (a ``layers`` axis puts its index after the path component ``layers``),
+and a Mixtral expert weight ``[L, E, ...]`` also gets its expert index after ``experts``. Other checkpoint
+layouts (timm, MGM's prefixed towers) are HF names plus an ordered list of regex renames.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from flax import nnx
 
-STACK_COMPONENT = "layers"
+# stacking logical axis -> the path component its index follows in an HF key
+STACK_AXES = {"layers": "layers", "experts": "experts"}
 
 
 @dataclass(frozen=True)
@@ -42,18 +46,34 @@ def path_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def is_stacked(var: nnx.Variable) -> bool:
+def stack_depth(var: nnx.Variable) -> int:
+    """How many leading axes of ``var`` are stacking axes (0 for an ordinary parameter)."""
     axes = var.get_metadata().get("out_sharding") or ()
-    return len(axes) > 0 and axes[0] == "layers"
+    n = 0
+    while n < len(axes) and axes[n] in STACK_AXES:
+        n += 1
+    return n
 
 
-def hf_keys(path: tuple, var: nnx.Variable) -> list[str]:
-    """The HF keys a parameter covers: one, or one per layer for a stacked parameter."""
-    name = path_name(path)
-    if not is_stacked(var):
-        return [name]
+def hf_keys(path: tuple, var: nnx.Variable) -> list[tuple[tuple[int, ...], str]]:
+    """``(index, key)`` for every HF tensor a parameter holds: ``var[index]`` is checkpoint tensor ``key``."""
     parts = [str(p) for p in path]
-    if STACK_COMPONENT not in parts:
-        raise ValueError(f"stacked parameter {name} has no '{STACK_COMPONENT}' component to index")
-    at = len(parts) - 1 - parts[::-1].index(STACK_COMPONENT)
-    return [".".join(parts[: at + 1] + [str(i)] + parts[at + 1:]) for i in range(var.shape[0])]
+    depth = stack_depth(var)
+    if not depth:
+        return [((), ".".join(parts))]
+    axes = var.get_metadata()["out_sharding"][:depth]
+    at, pos = [], -1
+    for axis in axes:
+        try:
+            pos = parts.index(STACK_AXES[axis], pos + 1)
+        except ValueError:
+            raise ValueError(f"stacked parameter {path_name(path)} has no '{STACK_AXES[axis]}' component to "
+                             "index") from None
+        at.append(pos)
+    out = []
+    for index in np.ndindex(*var.shape[:depth]):
+        key = list(parts)
+        for pos, i in sorted(zip(at, index), reverse=True):
+            key.insert(pos + 1, str(i))
+        out.append((index, ".".join(key)))
+    return out

@@ -17,6 +17,7 @@ from flax import nnx
 from mgjax import layers, rope
 from mgjax.convert.keymap import KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
+from mgjax.models.moe import SparseMoeBlock
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +45,9 @@ class DecoderConfig(ModelConfig):
     mlp_bias: bool = False
     norm_offset: float = 0.0
     scale_embeddings: bool = False
+    num_local_experts: int = 0  # > 0: a sparse MoE replaces the MLP (Mixtral)
+    num_experts_per_tok: int = 2
+    moe_impl: str = "grouped"  # "dense" (reference) or "grouped" (ragged_dot; top_k/E of the FLOPs)
 
     @classmethod
     def family_fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,6 +103,25 @@ class Qwen2Config(DecoderConfig):
             raise ValueError("qwen2 config: use_sliding_window=true is not supported (sliding-window attention "
                              "is not implemented; InternVL2's Qwen2 checkpoints do not use it)")
         return {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtralConfig(DecoderConfig):
+    model_type: ClassVar[str] = "mixtral"
+    architecture: ClassVar[str] = "MixtralForCausalLM"
+    num_local_experts: int = 8
+
+    @classmethod
+    def family_fields(cls, d):
+        if d.get("sliding_window") is not None:
+            raise ValueError(f"mixtral config: sliding_window={d['sliding_window']} is not supported "
+                             "(Mixtral-8x7B and MGM-8x7B use none)")
+        return {"num_local_experts": d.get("num_local_experts", 8),
+                "num_experts_per_tok": d.get("num_experts_per_tok", 2)}
+
+    def to_hf(self):
+        return {**super().to_hf(), "num_local_experts": self.num_local_experts,
+                "num_experts_per_tok": self.num_experts_per_tok}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,12 +196,20 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = layers.RMSNorm(c.hidden_size, **norm)
         self.self_attn = Attention(c, rngs)
         self.post_attention_layernorm = layers.RMSNorm(c.hidden_size, **norm)
-        self.mlp = MLP(c, rngs)
+        self.is_moe = c.num_local_experts > 0
+        if self.is_moe:
+            self.block_sparse_moe = SparseMoeBlock(
+                c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, act=c.hidden_act,
+                impl=c.moe_impl, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(c, rngs)
 
     def __call__(self, x, cache, *, cos, sin, mask, index):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        h = self.post_attention_layernorm(x)
+        h = self.block_sparse_moe(h)[0] if self.is_moe else self.mlp(h)
+        return x + h, cache
 
 
 class DecoderModel(nnx.Module):
@@ -259,3 +290,7 @@ class Qwen2ForCausalLM(CausalLM):
 
 class GemmaForCausalLM(CausalLM):
     config_class = GemmaConfig
+
+
+class MixtralForCausalLM(CausalLM):
+    config_class = MixtralConfig
