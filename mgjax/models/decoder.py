@@ -1,7 +1,7 @@
-"""One decoder for every Llama-shaped LLM: Llama-2 / Vicuna, Yi, Llama-3, Qwen2 and Gemma.
+"""One decoder for every Llama-shaped LLM: Llama-2 / Vicuna, Yi, Llama-3, Qwen2, Gemma and Mixtral.
 
 The families differ only in a few switches on ``DecoderConfig`` (q/k/v biases, Gemma's ``(1 + w)`` RMSNorm and
-scaled embeddings, activation, rotary scaling), so the math is written once. Parameter paths equal the HF
+scaled embeddings, activation, rotary scaling, a sparse MoE in place of the MLP), so the math is written once. Parameter paths equal the HF
 ``*ForCausalLM`` state-dict keys; layers are stacked on a leading ``layers`` axis and run with ``lax.scan``
 (compile time independent of depth), with a functional KV cache for decoding.
 """
