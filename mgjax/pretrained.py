@@ -85,8 +85,9 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
     cfg = model.config.to_hf()
-    if dtype is not None:
-        cfg["dtype"] = jnp.dtype(dtype).name
+    # The dtype the tensors were written in, not the one the model was first loaded from.
+    written = dtype or jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
+    cfg["dtype"] = jnp.dtype(written).name
     tmp = out_dir / "config.json.tmp"
     tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     os.replace(tmp, out_dir / "config.json")

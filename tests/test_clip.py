@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -48,7 +49,7 @@ def test_every_hidden_state_matches(pair, report):
     report("pooler_output", max_abs(out.pooler_output, ref.pooler_output), 1e-4)
 
 
-@pytest.mark.parametrize("select_layer", [-2, -1, 1])
+@pytest.mark.parametrize("select_layer", [-2, -1, 0, 1])
 def test_mgm_features(pair, report, select_layer):
     hf, _, model = pair
     x = _pixels(seed=1)
@@ -101,12 +102,17 @@ def test_export_reloads_identically_in_pytorch(pair, tmp_path):
 
 
 def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path, report):
-    """OpenAI's CLIP checkpoints (what MGM loads) are whole CLIPModels: text tower keys are skipped by name."""
+    """OpenAI's CLIP checkpoints (what MGM loads) are whole CLIPModels written by transformers 4: ``vision_model.``
+    prefixes, ``position_ids`` buffers, a text tower; everything but the vision tower is skipped by name."""
     torch.manual_seed(1)
     cfg = transformers.CLIPConfig(vision_config=VISION, text_config=dict(hidden_size=16, intermediate_size=32,
                                   num_hidden_layers=1, num_attention_heads=2, vocab_size=50), projection_dim=8)
     full = _randomize(transformers.CLIPModel(cfg))
     full.save_pretrained(tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    for tower, n in (("vision", 17), ("text", 77)):
+        tensors[f"{tower}_model.embeddings.position_ids"] = torch.arange(n)[None]
+    safetensors.torch.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     model = mgjax.from_pretrained(tmp_path, dtype=jnp.float32)
     x = _pixels(seed=4)
     with torch.no_grad():
@@ -115,7 +121,6 @@ def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path, report):
 
 
 def test_wrong_checkpoint_is_refused_by_name(pair, tmp_path):
-    import safetensors.torch
     _, path, _ = pair
     tensors = safetensors.torch.load_file(path / "model.safetensors")
     tensors.pop("encoder.layers.2.mlp.fc2.bias")

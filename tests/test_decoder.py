@@ -243,3 +243,13 @@ def test_inputs_embeds_path_equals_input_ids_path(pair, report):
     a, _ = model(ids)
     b, _ = model(inputs_embeds=model.embed(ids))
     report(f"{name} inputs_embeds vs input_ids", max_abs(a, b), 0.0)
+
+
+def test_saved_config_states_the_written_dtype(small, tmp_path):
+    model = mgjax.from_pretrained(small, dtype=jnp.bfloat16)
+    mgjax.save_pretrained(model, tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    mgjax.save_pretrained(model, tmp_path / "f32", dtype=jnp.float32)
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert back.model.embed_tokens.weight.dtype == torch.bfloat16

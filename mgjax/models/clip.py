@@ -79,9 +79,8 @@ class CLIPVisionEmbeddings(nnx.Module):
     def __init__(self, c: CLIPVisionConfig, rngs: nnx.Rngs):
         d, p = c.hidden_size, c.patch_size
         self.class_embedding = layers.param(rngs, layers.normal(d ** -0.5), (d,), ("embed",), c.param_dtype)
-        self.patch_embedding = nnx.Module()
-        self.patch_embedding.weight = layers.param(rngs, layers.normal(0.02), (d, c.num_channels, p, p),
-                                                   ("conv_out", "conv_in", "conv_kernel", "conv_kernel"), c.param_dtype)
+        self.patch_embedding = layers.Conv2d(c.num_channels, d, p, stride=p, bias=False, dtype=c.dtype,
+                                             param_dtype=c.param_dtype, rngs=rngs)
         self.position_embedding = layers.Embedding(c.grid ** 2 + 1, d, axes=("positions", "embed"),
                                                    param_dtype=c.param_dtype, rngs=rngs)
         self.config = c
@@ -92,7 +91,9 @@ class CLIPVisionEmbeddings(nnx.Module):
         if (grid_h, grid_w) == (g, g):
             return table
         patches = table[1:].reshape(g, g, -1).astype(jnp.float32)
-        patches = jnp.einsum("hi,ijd,wj->hwd", _bicubic(g, grid_h), patches, _bicubic(g, grid_w))
+        # HIGHEST: a one-off on a small table, and default TPU/GPU precision would round it to bf16/tf32
+        patches = jnp.einsum("hi,ijd,wj->hwd", _bicubic(g, grid_h), patches, _bicubic(g, grid_w),
+                             precision=jax.lax.Precision.HIGHEST)
         return jnp.concatenate([table[:1], patches.reshape(grid_h * grid_w, -1).astype(table.dtype)])
 
     def __call__(self, pixel_values: jax.Array, interpolate_pos_encoding: bool) -> jax.Array:
@@ -101,10 +102,7 @@ class CLIPVisionEmbeddings(nnx.Module):
         if (h, w) != (c.image_size, c.image_size) and not interpolate_pos_encoding:
             raise ValueError(f"image size {h}x{w} differs from the model's {c.image_size}x{c.image_size}; "
                              "pass interpolate_pos_encoding=True to interpolate the position embeddings")
-        x = jax.lax.conv_general_dilated(
-            pixel_values.astype(c.dtype), self.patch_embedding.weight[...].astype(c.dtype),
-            window_strides=(c.patch_size, c.patch_size), padding="VALID",
-            dimension_numbers=("NCHW", "OIHW", "NHWC"))
+        x = self.patch_embedding(pixel_values.transpose(0, 2, 3, 1))  # [B, H/p, W/p, D]
         gh, gw = x.shape[1:3]
         x = x.reshape(b, gh * gw, -1)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(c.dtype), (b, 1, x.shape[-1]))
@@ -148,10 +146,10 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm2 = layers.LayerNorm(c.hidden_size, **norm)
         self.mlp = CLIPMLP(c, rngs)
 
-    def __call__(self, x, _):
+    def __call__(self, x, _, *, keep: bool):
         x = x + self.self_attn(self.layer_norm1(x))
         x = x + self.mlp(self.layer_norm2(x))
-        return x, x
+        return x, (x if keep else None)  # keep: stack every layer's output (HF's output_hidden_states)
 
 
 class CLIPOutput(NamedTuple):
@@ -166,9 +164,11 @@ class CLIPEncoder(nnx.Module):
 
 
 # A full ``CLIPModel`` checkpoint (OpenAI's, which MGM loads) and transformers 4 saves prefix every tower key
-# with ``vision_model.``; the text tower and projections are not ours.
+# with ``vision_model.``; the text tower and projections are not ours, nor the ``position_ids`` buffer that older
+# transformers versions saved.
 PREFIXED = KeyLayout(renames=((r"^", "vision_model."),),
-                     ignore=(r"text_model\..*", r"text_projection\..*", r"visual_projection\..*", r"logit_scale"))
+                     ignore=(r"text_model\..*", r"text_projection\..*", r"visual_projection\..*", r"logit_scale",
+                             r"vision_model\.embeddings\.position_ids"))
 
 
 class CLIPVisionModel(nnx.Module, Pretrained):
@@ -183,28 +183,30 @@ class CLIPVisionModel(nnx.Module, Pretrained):
         self.encoder = CLIPEncoder(config, rngs)
         self.post_layernorm = layers.LayerNorm(config.hidden_size, **norm)
 
-    def _run(self, pixel_values, interpolate_pos_encoding, n_layers):
+    def _run(self, pixel_values, interpolate_pos_encoding, n_layers, keep):
+        """Embeddings (after pre_layrnorm), then the first ``n_layers`` layers: ``(x, last, per_layer)``."""
         x = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        if n_layers == 0:
+            return x, x, None
         stack = self.encoder.layers
-        if n_layers < self.config.num_hidden_layers:  # run only the first n layers
+        if n_layers < self.config.num_hidden_layers:  # slice the stacked weights: later layers are never run
             graphdef, state = nnx.split(stack)
             stack = nnx.merge(graphdef, jax.tree.map(lambda p: p[:n_layers], state))
-        last, per_layer = layers.scan(stack, x, remat=self.config.remat)
+        last, per_layer = layers.scan(stack, x, remat=self.config.remat, keep=keep)
         return x, last, per_layer
 
     def __call__(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False) -> CLIPOutput:
         """``pixel_values``: [B, C, H, W] (NCHW, as HF image processors produce)."""
-        x, last, per_layer = self._run(pixel_values, interpolate_pos_encoding, self.config.num_hidden_layers)
+        x, last, per_layer = self._run(pixel_values, interpolate_pos_encoding, self.config.num_hidden_layers, True)
         pooled = self.post_layernorm(last[:, 0])
-        return CLIPOutput(last, pooled, jnp.concatenate([x[None], per_layer]))
+        hidden = x[None] if per_layer is None else jnp.concatenate([x[None], per_layer])
+        return CLIPOutput(last, pooled, hidden)
 
     def features(self, pixel_values: jax.Array, *, select_layer: int = -2, drop_cls: bool = True,
                  interpolate_pos_encoding: bool = False) -> jax.Array:
         """HF ``hidden_states[select_layer]`` (index 0 = embeddings), CLS dropped: [B, N, D]."""
         n = self.config.num_hidden_layers
-        index = select_layer % (n + 1)
         if not -(n + 1) <= select_layer <= n:
             raise ValueError(f"select_layer {select_layer} out of range for {n} layers")
-        x, last, _ = self._run(pixel_values, interpolate_pos_encoding, index)
-        h = x if index == 0 else last
+        _, h, _ = self._run(pixel_values, interpolate_pos_encoding, select_layer % (n + 1), False)
         return h[:, 1:] if drop_cls else h
