@@ -58,24 +58,18 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
     """Build an mgjax model from an HF checkpoint directory.
 
     ``dtype`` is used for both parameters and compute (override either with ``param_dtype=`` / ``dtype=`` in a
-    ``config``). ``layout`` names a key table (e.g. ``"timm"`` for ConvNeXt); ``"auto"`` takes the one that matches the
-    checkpoint best; ``weights`` points
-    at the safetensors file(s) when they live apart from ``config.json``. Every key and shape is checked; a
-    mismatch raises an error naming each offending key.
+    ``config``). ``layout`` names a key table (e.g. ``"timm"`` for ConvNeXt); ``"auto"`` takes the one that
+    matches the checkpoint best. ``weights`` points at the safetensors file(s) when they live apart from
+    ``config.json``. Every key and shape is checked; a mismatch raises an error naming each offending key.
     """
     path = Path(path)
     if config is None:
         d = read_config(path)
-        model_type = d.get("model_type")
-        cls = model_class(model_type)
-        config = cls.config_class.from_hf(d, dtype=dtype, param_dtype=dtype, **overrides)
+        config = model_class(d.get("model_type")).config_class.from_hf(d, dtype=dtype, param_dtype=dtype,
+                                                                       **overrides)
     cls = model_class(config.model_type)
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    if layout == "auto":
-        layout = hf.pick_layout(abstract, weights or path, cls.key_layouts)
-    if layout not in cls.key_layouts:
-        raise ValueError(f"{cls.__name__} has no key layout {layout!r}; known: {sorted(cls.key_layouts)}")
-    return hf.load_into(abstract, weights or path, layout=cls.key_layouts[layout])
+    return hf.load_into(abstract, weights or path, layouts=cls.key_layouts, layout=layout)
 
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None,

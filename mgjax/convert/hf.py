@@ -62,26 +62,37 @@ def _to_device(buf: np.ndarray, var: nnx.Variable) -> jax.Array:
     return jax.device_put(buf).block_until_ready()
 
 
-def pick_layout(abstract_model: nnx.Module, path: str | os.PathLike, layouts: dict[str, KeyLayout]) -> str:
-    """The layout under which the checkpoint holds the most of the model's keys (headers only)."""
-    params = _params(nnx.state(abstract_model))
-    with SafetensorsReader(path) as reader:
-        hits = {name: sum(layout.rename(k) in reader for p, v in params for _, k in hf_keys(p, v))
-                for name, layout in layouts.items()}
+def _best_layout(params, reader: SafetensorsReader, layouts: dict[str, KeyLayout]) -> str:
+    hits = {name: sum(layout.rename(k) in reader for p, v in params for _, k in hf_keys(p, v))
+            for name, layout in layouts.items()}
     return max(hits, key=hits.get)
 
 
-def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layout: KeyLayout = HF,
-              dtype=None, place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None) -> nnx.Module:
+def pick_layout(abstract_model: nnx.Module, path: str | os.PathLike, layouts: dict[str, KeyLayout]) -> str:
+    """The layout under which the checkpoint holds the most of the model's keys (headers only)."""
+    with SafetensorsReader(path) as reader:
+        return _best_layout(_params(nnx.state(abstract_model)), reader, layouts)
+
+
+def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layouts: dict[str, KeyLayout] | None = None,
+              layout: str = "auto", dtype=None,
+              place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None) -> nnx.Module:
     """Fill ``abstract_model`` (from ``nnx.eval_shape``) with the checkpoint at ``path``.
 
-    ``dtype`` overrides the parameter dtype (default: the abstract model's). ``place`` turns a host buffer into
-    the device array (default: ``jax.device_put``, zero-copy on CPU; a sharded loader passes its own)."""
+    ``layouts`` are the key tables the model knows (default: HF's alone) and ``layout`` names one, or ``"auto"``
+    for the one matching the checkpoint best. ``dtype`` overrides the parameter dtype (default: the abstract
+    model's). ``place`` turns a host buffer into the device array (default: ``jax.device_put``, zero-copy on
+    CPU; a sharded loader passes its own)."""
+    layouts = layouts or {"hf": HF}
+    if layout != "auto" and layout not in layouts:
+        raise ValueError(f"no key layout {layout!r}; known: {sorted(layouts)}")
     place = place or _to_device
     graphdef, state = nnx.split(abstract_model)
     params = _params(state)
     with SafetensorsReader(path) as reader:
-        plan = _plan(params, reader, layout)
+        if layout == "auto":
+            layout = _best_layout(params, reader, layouts)
+        plan = _plan(params, reader, layouts[layout])
         for (p, var), entries in zip(params, plan):
             buf = host_buffer(var.shape, dtype or var.dtype)
             for index, k in entries:
