@@ -26,12 +26,27 @@ def _step(graphdef, state, token, cache):
     return jnp.argmax(logits[:, -1], -1).astype(token.dtype), cache
 
 
+def reencode_length(config) -> int | None:
+    """The sequence length at which cached keys go stale. LongRoPE (Phi-3) rotates *every* position with its long
+    factors once a forward sees more than the original context, so keys cached under the short factors must be
+    recomputed; transformers' ``generate`` re-encodes the whole sequence at that point, and so do we."""
+    rope = getattr(config, "rope", None)
+    if rope is not None and rope.type == "longrope":
+        return rope.original_max_position_embeddings + 1
+    return None
+
+
 def greedy(model: nnx.Module, input_ids: jax.Array, max_new_tokens: int) -> jax.Array:
     """Append ``max_new_tokens`` argmax tokens to ``input_ids`` [B, T]; returns [B, T + max_new_tokens]."""
     graphdef, state = nnx.split(model)
-    token, cache = _prefill(graphdef, state, input_ids, input_ids.shape[1] + max_new_tokens)
+    max_len = input_ids.shape[1] + max_new_tokens
+    token, cache = _prefill(graphdef, state, input_ids, max_len)
     out = [token]
+    restart = reencode_length(model.config)
     for _ in range(max_new_tokens - 1):
-        token, cache = _step(graphdef, state, token, cache)
+        if input_ids.shape[1] + len(out) == restart:
+            token, cache = _prefill(graphdef, state, jnp.concatenate([input_ids, jnp.stack(out, 1)], 1), max_len)
+        else:
+            token, cache = _step(graphdef, state, token, cache)
         out.append(token)
     return jnp.concatenate([input_ids, jnp.stack(out, axis=1)], axis=1)

@@ -20,6 +20,8 @@ ARCHITECTURES: dict[str, str] = {
     "qwen2": "mgjax.models.decoder:Qwen2ForCausalLM",
     "gemma": "mgjax.models.decoder:GemmaForCausalLM",
     "mixtral": "mgjax.models.decoder:MixtralForCausalLM",
+    "phi3": "mgjax.models.decoder:Phi3ForCausalLM",
+    "internlm2": "mgjax.models.decoder:InternLM2ForCausalLM",
     "clip_vision_model": "mgjax.models.clip:CLIPVisionModel",
     "clip": "mgjax.models.clip:CLIPVisionModel",  # a full CLIP checkpoint: its vision tower
     "convnext": "mgjax.models.convnext:ConvNextModel",
@@ -69,15 +71,20 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
                                                                        **overrides)
     cls = model_class(config.model_type)
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    return hf.load_into(abstract, weights or path, layouts=cls.key_layouts, layout=layout)
+    return hf.load_into(abstract, weights or path, layouts=cls.layouts(config), layout=layout)
 
 
-def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None,
+def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None, layout: str | None = None,
                     max_shard_bytes: int = 4 << 30) -> Path:
-    """Write ``config.json`` and HF-named safetensors (sharded with an index above ``max_shard_bytes``)."""
+    """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``) in the model's
+    own checkpoint layout, or the named one of its ``layouts``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save(model, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    layouts = type(model).layouts(model.config)
+    if layout is not None and layout not in layouts:
+        raise ValueError(f"no key layout {layout!r}; known: {sorted(layouts)}")
+    hf.save(model, out_dir, layout=layouts[layout or next(iter(layouts))], dtype=dtype,
+            max_shard_bytes=max_shard_bytes)
     cfg = model.config.to_hf()
     # The dtype the tensors were written in, not the one the model was first loaded from.
     written = dtype or jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype

@@ -1,4 +1,4 @@
-"""Decoder parity (Llama family, Qwen2, Gemma) against transformers, computed in the test from tiny random models."""
+"""Decoder parity (Llama family, Qwen2, Gemma, Mixtral, Phi-3) against transformers, computed in the test from tiny random models."""
 import json
 
 import jax
@@ -19,7 +19,12 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
             "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-            "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}
+            "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+            "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}
+# head_dim 16 -> 8 factors; switch at 16 positions, factor 64 / 16 = 4 -> cos/sin scaled by sqrt(1.5)
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7],
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 12.0]}
+PHI3_IDS = {"pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1}  # Phi-3's defaults lie past a tiny vocab
 VARIANTS = {
     # name: (family, num_key_value_heads, rope_scaling, tie_word_embeddings, extra config)
     "llama2_mha": ("llama", 4, None, False, {}),
@@ -28,6 +33,9 @@ VARIANTS = {
     "qwen2_untied": ("qwen2", 2, None, False, {}),  # InternVL2's Qwen2 head is untied
     "gemma_mqa": ("gemma", 1, None, True, {"head_dim": 24}),  # head_dim independent of hidden / heads
     "mixtral_top2": ("mixtral", 2, None, False, {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # Phi-3: the standard 19-token inputs cross the switch at 16 (long factors); cached decoding stays below it
+    "phi3_longrope": ("phi3", 2, LONGROPE, False, {"original_max_position_embeddings": 16, **PHI3_IDS}),
+    "phi3_sliding": ("phi3", 4, None, False, {"sliding_window": 6, **PHI3_IDS}),
 }
 
 
@@ -193,7 +201,7 @@ def test_family_switches_follow_model_type(pair):
     c = model.config
     assert (c.qkv_bias, c.norm_offset, c.scale_embeddings, c.num_local_experts) == {
         "llama": (False, 0.0, False, 0), "qwen2": (True, 0.0, False, 0), "gemma": (False, 1.0, True, 0),
-        "mixtral": (False, 0.0, False, 4)}[c.model_type]
+        "mixtral": (False, 0.0, False, 4), "phi3": (False, 0.0, False, 0)}[c.model_type]
 
 
 def test_moe_dense_and_grouped_paths_agree(tmp_path, report):
@@ -253,3 +261,33 @@ def test_saved_config_states_the_written_dtype(small, tmp_path):
     assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16")
     assert back.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_phi3_longrope_on_both_sides_of_the_switch(tmp_path, report):
+    """transformers picks short or long factors per forward from max(position) + 1 > original context (16 here)."""
+    hf = _hf_model(*VARIANTS["phi3_longrope"])
+    hf.save_pretrained(tmp_path)
+    model = mgjax.from_pretrained(tmp_path, dtype=jnp.float32)
+    assert model.config.rope.type == "longrope"
+    ids = _ids(length=40)
+    out = {}
+    for n in (16, 17, 40):
+        with torch.no_grad():
+            ref = hf(ids[:, :n]).logits.numpy()
+        out[n], _ = model(jnp.asarray(ids[:, :n].numpy()))
+        report(f"phi3 longrope logits at {n} positions", max_abs(out[n], ref), 1e-4)
+    # the switch really happened: the first 16 positions change when the sequence grows past 16
+    assert max_abs(out[16], out[17][:, :16]) > 1e-3
+    assert max_abs(out[17], out[40][:, :17]) < 1e-4
+
+
+def test_phi3_fused_tensors_split_as_transformers_splits_them(tmp_path):
+    hf = _hf_model(*VARIANTS["phi3_longrope"])
+    hf.save_pretrained(tmp_path)
+    model = mgjax.from_pretrained(tmp_path, dtype=jnp.float32)
+    attn = hf.model.layers[1].self_attn.qkv_proj.weight.detach().numpy()
+    q, k, v = (np.asarray(getattr(model.model.layers.self_attn, f"{p}_proj").weight[1]) for p in "qkv")
+    np.testing.assert_array_equal(np.concatenate([q, k, v]), attn)
+    gate_up = hf.model.layers[2].mlp.gate_up_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(model.model.layers.mlp.gate_proj.weight[2]), gate_up[:112])
+    np.testing.assert_array_equal(np.asarray(model.model.layers.mlp.up_proj.weight[2]), gate_up[112:])

@@ -8,13 +8,14 @@ most one parameter's host buffer exists at a time.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from functools import partial
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
 from flax import nnx
 
-from mgjax.convert.keymap import HF, KeyLayout, hf_keys, path_name, stack_depth
+from mgjax.convert.keymap import HF, KeyLayout, Target, hf_keys, path_name, row_blocks, stack_depth
 from mgjax.convert.safetensors_io import CheckpointError, SafetensorsReader, TensorSpec, write
 
 
@@ -22,29 +23,58 @@ def _params(state) -> list[tuple[tuple, nnx.Variable]]:
     return [(path, var) for path, var in nnx.to_flat_state(state) if isinstance(var, nnx.Param)]
 
 
-def _plan(params, reader: SafetensorsReader, layout: KeyLayout) -> list[list[tuple[tuple[int, ...], str]]]:
-    """``(index, checkpoint key)`` for every parameter; raise one error listing every missing, extra or
-    mis-shaped key."""
-    plan, missing, misshaped, used = [], [], [], set()
-    for path, var in params:
-        entries = [(i, layout.rename(k)) for i, k in hf_keys(path, var)]
-        keys = [k for _, k in entries]
-        want = var.shape[stack_depth(var):]
-        for k in keys:
-            if k not in reader:
-                missing.append(k)
-            elif reader.info(k).shape != tuple(want):
-                misshaped.append(f"{k}: checkpoint {reader.info(k).shape} vs model {tuple(want)} ({path_name(path)})")
-        used.update(keys)
-        plan.append(entries)
-    unexpected = [k for k in reader.keys() if k not in used and not layout.ignored(k)]
+class Piece(NamedTuple):
+    """``var[index]`` of parameter number ``param`` is (rows ``blocks`` of) a checkpoint tensor."""
+    param: int
+    index: tuple[int, ...]
+    blocks: list[tuple[int, int, int]] | None  # (dst, src, n) row copies of a fused tensor; None: all of it
+
+
+def _tensors(params, layout: KeyLayout) -> dict[str, tuple[tuple[int, ...], list[Piece]]]:
+    """Checkpoint key -> (its shape, the parameter pieces it holds), in model order."""
+    found: dict[str, list[tuple[Target, int, tuple, tuple]]] = {}
+    for n, (path, var) in enumerate(params):
+        shape = tuple(var.shape[stack_depth(var):])
+        for index, k in hf_keys(path, var):
+            t = layout.locate(k)
+            found.setdefault(t.key, []).append((t, n, index, shape))
+    out = {}
+    for key, hits in found.items():
+        if not hits[0][0].fused:
+            if len(hits) > 1:
+                raise ValueError(f"layout maps {len(hits)} parameters onto checkpoint key {key!r}")
+            _, n, index, shape = hits[0]
+            out[key] = (shape, [Piece(n, index, None)])
+            continue
+        hits.sort(key=lambda h: h[0].part)
+        t = hits[0][0]
+        if [h[0].part for h in hits] != list(range(t.parts)) or len({h[3][1:] for h in hits}) != 1:
+            raise ValueError(f"fused checkpoint key {key!r}: parts {[h[0].part for h in hits]} of {t.parts} with "
+                             f"shapes {[h[3] for h in hits]} do not stack")
+        sizes = [h[3][0] for h in hits]
+        out[key] = ((sum(sizes), *hits[0][3][1:]),
+                    [Piece(n, index, row_blocks(sizes, t.part, t.groups)) for t, n, index, _ in hits])
+    return out
+
+
+def _plan(params, reader: SafetensorsReader, layout: KeyLayout) -> dict[str, list[Piece]]:
+    """What to read for every parameter; raise one error listing every missing, extra or mis-shaped key."""
+    tensors = _tensors(params, layout)
+    missing, misshaped = [], []
+    for key, (shape, pieces) in tensors.items():
+        if key not in reader:
+            missing.append(key)
+        elif reader.info(key).shape != shape:
+            names = ", ".join(sorted({path_name(params[p.param][0]) for p in pieces}))
+            misshaped.append(f"{key}: checkpoint {reader.info(key).shape} vs model {shape} ({names})")
+    unexpected = [k for k in reader.keys() if k not in tensors and not layout.ignored(k)]
     if missing or unexpected or misshaped:
         lines = [f"checkpoint {reader.path} does not match the model:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshaped)):
             if items:
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
-    return plan
+    return {key: pieces for key, (_, pieces) in tensors.items()}
 
 
 def host_buffer(shape, dtype, align: int = 64) -> np.ndarray:
@@ -63,7 +93,7 @@ def _to_device(buf: np.ndarray, var: nnx.Variable) -> jax.Array:
 
 
 def _best_layout(params, reader: SafetensorsReader, layouts: dict[str, KeyLayout]) -> str:
-    hits = {name: sum(layout.rename(k) in reader for p, v in params for _, k in hf_keys(p, v))
+    hits = {name: sum(layout.locate(k).key in reader for p, v in params for _, k in hf_keys(p, v))
             for name, layout in layouts.items()}
     return max(hits, key=hits.get)
 
@@ -92,27 +122,44 @@ def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layouts: d
     with SafetensorsReader(path) as reader:
         if layout == "auto":
             layout = _best_layout(params, reader, layouts)
-        plan = _plan(params, reader, layouts[layout])
-        for (p, var), entries in zip(params, plan):
+        by_param: list[list[tuple[str, Piece]]] = [[] for _ in params]
+        for key, pieces in _plan(params, reader, layouts[layout]).items():
+            for piece in pieces:
+                by_param[piece.param].append((key, piece))
+        for (_, var), reads in zip(params, by_param):
             buf = host_buffer(var.shape, dtype or var.dtype)
-            for index, k in entries:
-                reader.read(k, out=buf[index])
+            for key, piece in reads:
+                if piece.blocks is None:
+                    reader.read(key, out=buf[piece.index])
+                for dst, src, n in piece.blocks or ():
+                    reader.read(key, out=buf[piece.index][dst:dst + n], rows=(src, src + n))
             var.set_value(place(buf, var))
             del buf
     return nnx.merge(graphdef, state)
 
 
-def tensor_specs(model: nnx.Module, *, dtype=None) -> list[TensorSpec]:
-    """HF-named tensors of ``model``, each fetched from the device only when written."""
+def _assemble(shape, dtype, pieces: list[Piece], arrays) -> np.ndarray:
+    if pieces[0].blocks is None:
+        return np.asarray(arrays[pieces[0].param][pieces[0].index], dtype)
+    out = np.empty(shape, dtype)
+    for p in pieces:
+        part = np.asarray(arrays[p.param][p.index], dtype)
+        for dst, src, n in p.blocks:
+            out[src:src + n] = part[dst:dst + n]
+    return out
+
+
+def tensor_specs(model: nnx.Module, *, layout: KeyLayout = HF, dtype=None) -> list[TensorSpec]:
+    """The checkpoint tensors of ``model`` in ``layout``, each fetched from the device only when written."""
+    params = _params(nnx.state(model))
+    arrays = [var.get_value() for _, var in params]
     specs = []
-    for path, var in _params(nnx.state(model)):
-        arr = var.get_value()
-        out_dtype = np.dtype(dtype or arr.dtype)
-        shape = tuple(arr.shape[stack_depth(var):])
-        for index, k in hf_keys(path, var):
-            specs.append(TensorSpec(k, out_dtype, shape, lambda a=arr, i=index: np.asarray(a[i])))
+    for key, (shape, pieces) in _tensors(params, layout).items():
+        out_dtype = np.dtype(dtype or arrays[pieces[0].param].dtype)
+        specs.append(TensorSpec(key, out_dtype, shape, partial(_assemble, shape, out_dtype, pieces, arrays)))
     return specs
 
 
-def save(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None, max_shard_bytes: int = 4 << 30):
-    return write(out_dir, tensor_specs(model, dtype=dtype), max_shard_bytes=max_shard_bytes)
+def save(model: nnx.Module, out_dir: str | os.PathLike, *, layout: KeyLayout = HF, dtype=None,
+         max_shard_bytes: int = 4 << 30):
+    return write(out_dir, tensor_specs(model, layout=layout, dtype=dtype), max_shard_bytes=max_shard_bytes)

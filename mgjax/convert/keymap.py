@@ -3,13 +3,17 @@
 An mgjax parameter path *is* its Hugging Face key, with one twist: repeats built by ``layers.stack`` live in one
 array whose leading logical axes say what was stacked. ``model.layers.mlp.up_proj.weight[i]`` is HF's
 ``model.layers.{i}.mlp.up_proj.weight`` (a ``layers`` axis puts its index after the path component ``layers``),
-and a Mixtral expert weight ``[L, E, ...]`` also gets its expert index after ``experts``. Other checkpoint
-layouts (timm, MGM's prefixed towers) are HF names plus an ordered list of regex renames.
+and a Mixtral expert weight ``[L, E, ...]`` also gets its expert index after ``experts``.
+
+Other checkpoint layouts are HF names plus a ``KeyLayout``: ordered regex renames, fused tensors (one checkpoint
+tensor whose rows hold several of our parameters, like Phi-3's ``qkv_proj`` or InternLM2's per-KV-head packed
+``wqkv``), and nested layouts for sub-models under a prefix (an InternVL checkpoint holds a ViT and an LLM,
+each in its own naming).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -20,11 +24,39 @@ STACK_AXES = {"layers": "layers", "experts": "experts"}
 
 
 @dataclass(frozen=True)
+class Fused:
+    """Checkpoint tensor ``key`` (a key suffix) holds the parameters ``parts`` (suffixes) stacked along rows.
+
+    With ``groups`` > 1 the rows come in that many equal groups, each holding its share of every part in order
+    (InternLM2: per KV head, that head's queries, then its key, then its value)."""
+    key: str
+    parts: tuple[str, ...]
+    groups: int = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one HF-named tensor lives in a checkpoint: all of ``key``, or part ``part`` of a fused ``key``."""
+    key: str
+    part: int = -1
+    parts: int = 1
+    groups: int = 1
+
+    @property
+    def fused(self) -> bool:
+        return self.part >= 0
+
+
+@dataclass(frozen=True)
 class KeyLayout:
     """``renames``: (pattern, replacement) regexes applied in order to an HF-shaped key to give this layout's key.
-    ``ignore``: regexes of checkpoint keys known to carry nothing the model needs (buffers, unused heads)."""
+    ``ignore``: regexes of checkpoint keys known to carry nothing the model needs (buffers, unused heads).
+    ``fused``: tensors stored fused. ``children``: (model prefix, checkpoint prefix, layout) for sub-models; a
+    key under a model prefix is mapped by that layout alone, then given the checkpoint prefix."""
     renames: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
+    fused: tuple[Fused, ...] = ()
+    children: tuple[tuple[str, str, "KeyLayout"], ...] = ()
     _compiled: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -35,11 +67,34 @@ class KeyLayout:
             hf_key = pattern.sub(repl, hf_key)
         return hf_key
 
+    def locate(self, hf_key: str) -> Target:
+        for model_prefix, ckpt_prefix, child in self.children:
+            if hf_key.startswith(model_prefix):
+                t = child.locate(hf_key[len(model_prefix):])
+                return replace(t, key=ckpt_prefix + t.key)
+        for f in self.fused:
+            for i, part in enumerate(f.parts):
+                if hf_key == part or hf_key.endswith("." + part):
+                    return Target(self.rename(hf_key[:len(hf_key) - len(part)] + f.key), i, len(f.parts), f.groups)
+        return Target(self.rename(hf_key))
+
     def ignored(self, key: str) -> bool:
-        return any(re.fullmatch(p, key) for p in self.ignore)
+        if any(re.fullmatch(p, key) for p in self.ignore):
+            return True
+        return any(key.startswith(ckpt) and child.ignored(key[len(ckpt):]) for _, ckpt, child in self.children)
 
 
 HF = KeyLayout()
+
+
+def row_blocks(sizes: list[int], part: int, groups: int) -> list[tuple[int, int, int]]:
+    """``(dst, src, n)`` row copies that take part ``part`` out of a fused tensor whose parts have ``sizes`` rows:
+    rows ``src:src+n`` of the fused tensor are rows ``dst:dst+n`` of the part."""
+    if any(s % groups for s in sizes):
+        raise ValueError(f"fused parts of {sizes} rows do not split into {groups} groups")
+    share = [s // groups for s in sizes]
+    group = sum(share)
+    return [(g * share[part], g * group + sum(share[:part]), share[part]) for g in range(groups)]
 
 
 def path_name(path: tuple) -> str:

@@ -125,16 +125,24 @@ class SafetensorsReader:
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor {key!r}") from None
 
-    def read(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
-        """Read one tensor; with ``out`` (C-contiguous, right shape) the bytes land in it, cast if needed."""
+    def read(self, key: str, out: np.ndarray | None = None, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Read one tensor, or rows ``start:stop`` of its first axis; with ``out`` (right shape) the bytes land
+        in it, cast if needed."""
         info = self.info(key)
-        if out is not None and out.shape != info.shape:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has shape {info.shape}, expected {out.shape}")
+        shape, start, nbytes = info.shape, info.start, info.nbytes
+        if rows is not None:
+            lo, hi = rows
+            if not (info.shape and 0 <= lo <= hi <= info.shape[0]):
+                raise CheckpointError(f"{self.path}: rows {lo}:{hi} are outside tensor {key!r} of shape {info.shape}")
+            row = nbytes // info.shape[0] if info.shape[0] else 0
+            shape, start, nbytes = (hi - lo, *info.shape[1:]), start + lo * row, (hi - lo) * row
+        if out is not None and out.shape != shape:
+            raise CheckpointError(f"{self.path}: tensor {key!r} has shape {shape}, expected {out.shape}")
         direct = out is not None and out.dtype == info.dtype and out.flags.c_contiguous
-        buf = out if direct else np.empty(info.shape, info.dtype)
+        buf = out if direct else np.empty(shape, info.dtype)
         f = self._handle(info.file)
-        f.seek(info.start)
-        if f.readinto(memoryview(buf.reshape(-1).view(np.uint8))) != info.nbytes:
+        f.seek(start)
+        if f.readinto(memoryview(buf.reshape(-1).view(np.uint8))) != nbytes:
             raise CheckpointError(f"{info.file}: short read for tensor {key!r} (truncated file?)")
         if out is None or direct:
             return buf

@@ -39,3 +39,9 @@ class Pretrained:
     """Mixin for models that load from and save to HF checkpoints (see ``mgjax.pretrained``)."""
     config_class: ClassVar[type[ModelConfig]]
     key_layouts: ClassVar[dict[str, KeyLayout]] = {"hf": HF}
+
+    @classmethod
+    def layouts(cls, config: ModelConfig) -> dict[str, KeyLayout]:
+        """The checkpoint layouts this model reads; it writes the first. Override when a layout depends on the
+        config (e.g. how many KV heads a packed tensor interleaves)."""
+        return cls.key_layouts

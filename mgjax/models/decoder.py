@@ -1,9 +1,12 @@
-"""One decoder for every Llama-shaped LLM: Llama-2 / Vicuna, Yi, Llama-3, Qwen2, Gemma and Mixtral.
+"""One decoder for every Llama-shaped LLM: Llama-2 / Vicuna, Yi, Llama-3, Qwen2, Gemma, Mixtral, Phi-3, InternLM2.
 
 The families differ only in a few switches on ``DecoderConfig`` (q/k/v biases, Gemma's ``(1 + w)`` RMSNorm and
-scaled embeddings, activation, rotary scaling, a sparse MoE in place of the MLP), so the math is written once. Parameter paths equal the HF
-``*ForCausalLM`` state-dict keys; layers are stacked on a leading ``layers`` axis and run with ``lax.scan``
-(compile time independent of depth), with a functional KV cache for decoding.
+scaled embeddings, activation, rotary scaling, a sliding window, a sparse MoE in place of the MLP), so the math is
+written once. Parameter paths equal the HF Llama-style ``*ForCausalLM`` state-dict keys; families that store
+tensors differently (Phi-3's fused ``qkv_proj``/``gate_up_proj``, InternLM2's names and per-KV-head packed
+``wqkv``) convert through their key layout, so sharding rules see separate q/k/v everywhere. Layers are stacked on
+a leading ``layers`` axis and run with ``lax.scan`` (compile time independent of depth), with a functional KV
+cache for decoding.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax import layers, rope
-from mgjax.convert.keymap import KeyLayout
+from mgjax.convert.keymap import Fused, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
 from mgjax.models.moe import SparseMoeBlock
 
@@ -45,6 +48,7 @@ class DecoderConfig(ModelConfig):
     mlp_bias: bool = False
     norm_offset: float = 0.0
     scale_embeddings: bool = False
+    sliding_window: int | None = None  # each query sees only the last ``sliding_window`` positions (itself included)
     num_local_experts: int = 0  # > 0: a sparse MoE replaces the MLP (Mixtral)
     num_experts_per_tok: int = 2
     moe_impl: str = "grouped"  # "dense" (reference) or "grouped" (ragged_dot; top_k/E of the FLOPs)
@@ -81,7 +85,7 @@ class DecoderConfig(ModelConfig):
                  num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
                  rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
                  tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
-                 mlp_bias=self.mlp_bias, **self.rope.to_hf())
+                 mlp_bias=self.mlp_bias, sliding_window=self.sliding_window, **self.rope.to_hf())
         return d
 
 
@@ -113,11 +117,8 @@ class MixtralConfig(DecoderConfig):
 
     @classmethod
     def family_fields(cls, d):
-        if d.get("sliding_window") is not None:
-            raise ValueError(f"mixtral config: sliding_window={d['sliding_window']} is not supported "
-                             "(Mixtral-8x7B and MGM-8x7B use none)")
         return {"num_local_experts": d.get("num_local_experts", 8),
-                "num_experts_per_tok": d.get("num_experts_per_tok", 2)}
+                "num_experts_per_tok": d.get("num_experts_per_tok", 2), "sliding_window": d.get("sliding_window")}
 
     def to_hf(self):
         return {**super().to_hf(), "num_local_experts": self.num_local_experts,
@@ -139,6 +140,42 @@ class GemmaConfig(DecoderConfig):
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
         return {"hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act,
                 "tie_word_embeddings": d.get("tie_word_embeddings", True)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phi3Config(DecoderConfig):
+    """Phi-3 (Mini-InternVL-4B's LLM): LongRoPE, optional sliding window; fused tensors in the checkpoint."""
+    model_type: ClassVar[str] = "phi3"
+    architecture: ClassVar[str] = "Phi3ForCausalLM"
+    rms_norm_eps: float = 1e-5
+
+    @classmethod
+    def family_fields(cls, d):
+        return {"sliding_window": d.get("sliding_window")}
+
+    def to_hf(self):
+        d = super().to_hf()
+        if self.rope.original_max_position_embeddings is not None:
+            d["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+        return d
+
+
+@dataclass(frozen=True, kw_only=True)
+class InternLM2Config(DecoderConfig):
+    """InternLM2 (Mini-InternVL-2B's LLM; remote code on the Hub): Llama math, its own names, ``bias`` for all
+    four attention projections, dynamic NTK rotary scaling past ``max_position_embeddings``."""
+    model_type: ClassVar[str] = "internlm2"
+    architecture: ClassVar[str] = "InternLM2ForCausalLM"
+    rms_norm_eps: float = 1e-5
+
+    @classmethod
+    def family_fields(cls, d):
+        return {"attention_bias": d.get("bias", False)}
+
+    def to_hf(self):
+        d = super().to_hf()
+        d["bias"] = d.pop("attention_bias")
+        return d
 
 
 class KVCache(NamedTuple):
@@ -235,8 +272,11 @@ class DecoderModel(nnx.Module):
         return self.norm(x), cache
 
 
+ROTARY_BUFFERS = (r".*rotary_emb\.inv_freq",)
+
+
 class CausalLM(nnx.Module, Pretrained):
-    key_layouts = {"hf": KeyLayout(ignore=(r".*rotary_emb\.inv_freq",))}
+    key_layouts = {"hf": KeyLayout(ignore=ROTARY_BUFFERS)}
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -264,7 +304,10 @@ class CausalLM(nnx.Module, Pretrained):
         if positions is None:
             positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         key_pos = jnp.arange(s, dtype=jnp.int32)
-        mask = key_pos[None, None, None, :] <= (start + jnp.arange(t, dtype=jnp.int32))[None, None, :, None]
+        query_pos = (start + jnp.arange(t, dtype=jnp.int32))[None, None, :, None]
+        mask = key_pos[None, None, None, :] <= query_pos
+        if self.config.sliding_window is not None:
+            mask = mask & (key_pos[None, None, None, :] > query_pos - self.config.sliding_window)
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         h, cache = self.model(x, positions, mask, cache)
@@ -278,6 +321,25 @@ class CausalLM(nnx.Module, Pretrained):
         return KVCache.init(self.config, batch, max_len, dtype)
 
 
+def _qkv(suffix: str) -> tuple[str, ...]:
+    return tuple(f"self_attn.{p}_proj.{suffix}" for p in "qkv")
+
+
+PHI3 = KeyLayout(ignore=ROTARY_BUFFERS, fused=(
+    Fused("self_attn.qkv_proj.weight", _qkv("weight")),
+    Fused("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"))))
+
+
+def internlm2_layout(kv_heads: int) -> KeyLayout:
+    """InternLM2's names; ``wqkv`` rows are ``[kv_heads, queries per kv head + 2, head_dim]``: each KV head's
+    queries, then its key, then its value."""
+    return KeyLayout(
+        renames=((r"\.embed_tokens\.", ".tok_embeddings."), (r"\.self_attn\.o_proj\.", ".attention.wo."),
+                 (r"\.mlp\.gate_proj\.", ".feed_forward.w1."), (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+                 (r"\.mlp\.down_proj\.", ".feed_forward.w2."), (r"\.input_layernorm\.", ".attention_norm."),
+                 (r"\.post_attention_layernorm\.", ".ffn_norm."), (r"^lm_head\.", "output.")),
+        fused=tuple(Fused(f"attention.wqkv.{s}", _qkv(s), groups=kv_heads) for s in ("weight", "bias")),
+        ignore=ROTARY_BUFFERS)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -294,3 +356,18 @@ class GemmaForCausalLM(CausalLM):
 
 class MixtralForCausalLM(CausalLM):
     config_class = MixtralConfig
+
+
+class Phi3ForCausalLM(CausalLM):
+    config_class = Phi3Config
+    key_layouts = {"hf": PHI3}
+
+
+class InternLM2ForCausalLM(CausalLM):
+    """Loads and writes InternLM2's own layout (``"internlm2"``); ``"llama"`` reads the split, Llama-named
+    conversion of the same weights (what transformers' InternVL converter writes)."""
+    config_class = InternLM2Config
+
+    @classmethod
+    def layouts(cls, config):
+        return {"internlm2": internlm2_layout(config.num_key_value_heads), "llama": CausalLM.key_layouts["hf"]}
