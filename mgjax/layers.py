@@ -171,6 +171,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: j
     return out.reshape(b, t, h, d)
 
 
+def drop_path(y: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
+    """Stochastic depth (timm's): drop the residual branch ``y`` per sample with probability ``rate``, scaling
+    survivors by 1 / (1 - rate). One Bernoulli draw per sample as floor(u + keep), so rate 0 keeps everything."""
+    keep = 1.0 - rate
+    mask = jnp.floor(jax.random.uniform(key, (y.shape[0],) + (1,) * (y.ndim - 1)) + keep) / keep
+    return y * mask.astype(y.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Repeated layers: built stacked along a leading "layers" axis, applied with lax.scan under a remat policy
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ ARCHITECTURES: dict[str, str] = {
     "clip_vision_model": "mgjax.models.clip:CLIPVisionModel",
     "clip": "mgjax.models.clip:CLIPVisionModel",  # a full CLIP checkpoint: its vision tower
     "convnext": "mgjax.models.convnext:ConvNextModel",
+    "internvl_vision": "mgjax.models.internvit:InternVisionModel",
+    "intern_vit_6b": "mgjax.models.internvit:InternVisionModel",  # InternVL's own config for InternViT
 }
 
 

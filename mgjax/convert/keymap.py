@@ -19,8 +19,8 @@ import numpy as np
 
 from flax import nnx
 
-# stacking logical axis -> the path component its index follows in an HF key
-STACK_AXES = {"layers": "layers", "experts": "experts"}
+# stacking logical axis -> the path components its index may follow in an HF key (InternViT names its "layer")
+STACK_AXES = {"layers": ("layers", "layer"), "experts": ("experts",)}
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,9 @@ def hf_keys(path: tuple, var: nnx.Variable) -> list[tuple[tuple[int, ...], str]]
     axes = var.get_metadata()["out_sharding"][:depth]
     at, pos = [], -1
     for axis in axes:
-        try:
-            pos = parts.index(STACK_AXES[axis], pos + 1)
-        except ValueError:
-            raise ValueError(f"stacked parameter {path_name(path)} has no '{STACK_AXES[axis]}' component to "
-                             "index") from None
+        pos = next((i for i in range(pos + 1, len(parts)) if parts[i] in STACK_AXES[axis]), None)
+        if pos is None:
+            raise ValueError(f"stacked parameter {path_name(path)} has no {STACK_AXES[axis]} component to index")
         at.append(pos)
     out = []
     for index in np.ndindex(*var.shape[:depth]):

@@ -6,15 +6,13 @@ state of a chosen layer (MGM: the second to last) with the CLS token dropped, ru
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, ClassVar, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from mgjax import layers
+from mgjax import layers, resize
 from mgjax.convert.keymap import HF, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
 
@@ -52,29 +50,6 @@ class CLIPVisionConfig(ModelConfig):
                 **{k: getattr(self, k) for k in FIELDS}}
 
 
-def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of torch's bicubic resize (A = -0.75, align_corners=False, edge-clamped taps).
-
-    ``jax.image.resize``'s cubic kernel uses A = -0.5, so it cannot reproduce PyTorch; a resize is linear,
-    so two small matrices reproduce it exactly."""
-    a = -0.75
-    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
-    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
-    m = np.zeros((n_out, n_in), np.float64)
-    for i in range(n_out):
-        src = (i + 0.5) * (n_in / n_out) - 0.5
-        base = int(np.floor(src))
-        t = src - base
-        for offset, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
-            m[i, min(max(base + offset, 0), n_in - 1)] += w
-    return m
-
-
-@lru_cache(maxsize=16)
-def _bicubic(n_in: int, n_out: int) -> np.ndarray:
-    return bicubic_matrix(n_in, n_out).astype(np.float32)
-
-
 class CLIPVisionEmbeddings(nnx.Module):
     def __init__(self, c: CLIPVisionConfig, rngs: nnx.Rngs):
         d, p = c.hidden_size, c.patch_size
@@ -90,10 +65,7 @@ class CLIPVisionEmbeddings(nnx.Module):
         g = self.config.grid
         if (grid_h, grid_w) == (g, g):
             return table
-        patches = table[1:].reshape(g, g, -1).astype(jnp.float32)
-        # HIGHEST: a one-off on a small table, and default TPU/GPU precision would round it to bf16/tf32
-        patches = jnp.einsum("hi,ijd,wj->hwd", _bicubic(g, grid_h), patches, _bicubic(g, grid_w),
-                             precision=jax.lax.Precision.HIGHEST)
+        patches = resize.bicubic_grid(table[1:].reshape(g, g, -1), grid_h, grid_w)
         return jnp.concatenate([table[:1], patches.reshape(grid_h * grid_w, -1).astype(table.dtype)])
 
     def __call__(self, pixel_values: jax.Array, interpolate_pos_encoding: bool) -> jax.Array:

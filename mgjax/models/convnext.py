@@ -106,11 +106,7 @@ class ConvNextLayer(nnx.Module):
         if self.layer_scale_parameter is not None:
             y = y * self.layer_scale_parameter[...].astype(y.dtype)
         if drop is not None:
-            rate, key = drop
-            keep = 1.0 - rate
-            # One Bernoulli(keep) draw per sample (floor(u + keep)), survivors scaled by 1/keep; rate 0 keeps all.
-            mask = jnp.floor(jax.random.uniform(key, (x.shape[0], 1, 1, 1)) + keep) / keep
-            y = y * mask.astype(y.dtype)
+            y = layers.drop_path(y, *drop)
         return x + y, None
 
 

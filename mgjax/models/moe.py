@@ -13,6 +13,11 @@ from flax import nnx
 from mgjax import layers
 
 
+# tokens [N, in] x expert weights [E, out, in] (torch layout, contracted in place rather than transposed per call)
+TORCH_LAYOUT = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
 class Expert(nnx.Module):
     def __init__(self, hidden: int, inner: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -63,7 +68,7 @@ class SparseMoeBlock(nnx.Module):
         token = order // k
         sizes = jnp.bincount(experts, length=w1.shape[0]).astype(jnp.int32)
         xs = x[token]
-        mm = lambda a, w: jax.lax.ragged_dot(a, jnp.swapaxes(w, 1, 2), sizes)  # noqa: E731  w: [E, out, in]
+        mm = lambda a, w: jax.lax.ragged_dot_general(a, w, sizes, TORCH_LAYOUT)  # noqa: E731
         y = mm(self.act(mm(xs, w1)) * mm(xs, w3), w2)
         y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
         return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y)
