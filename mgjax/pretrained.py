@@ -27,6 +27,8 @@ ARCHITECTURES: dict[str, str] = {
     "convnext": "mgjax.models.convnext:ConvNextModel",
     "internvl_vision": "mgjax.models.internvit:InternVisionModel",
     "intern_vit_6b": "mgjax.models.internvit:InternVisionModel",  # InternVL's own config for InternViT
+    "internvl_chat": "mgjax.models.internvl:InternVLChatModel",  # InternVL's released checkpoints
+    "internvl": "mgjax.models.internvl:InternVLChatModel",  # transformers' conversion
 }
 
 

@@ -291,3 +291,23 @@ def test_phi3_fused_tensors_split_as_transformers_splits_them(tmp_path):
     gate_up = hf.model.layers[2].mlp.gate_up_proj.weight.detach().numpy()
     np.testing.assert_array_equal(np.asarray(model.model.layers.mlp.gate_proj.weight[2]), gate_up[:112])
     np.testing.assert_array_equal(np.asarray(model.model.layers.mlp.up_proj.weight[2]), gate_up[112:])
+
+
+def test_mixtral_router_aux_loss_is_a_switch(tmp_path, report):
+    """Off by default (MGM trained without it); with ``output_router_logits`` it equals transformers' aux_loss,
+    padding excluded."""
+    hf = _hf_model(*VARIANTS["mixtral_top2"])
+    hf.save_pretrained(tmp_path)
+    off = mgjax.from_pretrained(tmp_path, dtype=jnp.float32)
+    on = mgjax.from_pretrained(tmp_path, dtype=jnp.float32, output_router_logits=True)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    assert off.forward(jnp.asarray(ids.numpy())).aux_loss is None
+    for m in (None, mask):
+        with torch.no_grad():
+            ref = hf(ids, attention_mask=m, output_router_logits=True).aux_loss.item()
+        got = on.forward(jnp.asarray(ids.numpy()), attention_mask=None if m is None else jnp.asarray(m.numpy()))
+        report(f"mixtral aux loss ({'padded' if m is not None else 'full'})", abs(float(got.aux_loss) - ref), 1e-6)
+    grads = jax.grad(lambda model: model.forward(jnp.asarray(ids.numpy())).aux_loss)(on)
+    assert float(jnp.abs(grads.model.layers.block_sparse_moe.gate.weight[...]).max()) > 0  # it trains the router

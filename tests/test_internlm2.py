@@ -109,6 +109,6 @@ def test_llama_named_split_weights_load_too(pair, tmp_path, report):
     """transformers' InternVL converter stores InternLM2 split and Llama-named; the same class reads that."""
     llama, path, model = pair
     llama.save_pretrained(tmp_path)
-    split = mgjax.from_pretrained(tmp_path, config=model.config, layout="llama")
+    split = mgjax.from_pretrained(tmp_path, config=model.config, layout="hf")
     ids = jnp.arange(20, dtype=jnp.int32)[None] % 160
     report("internlm2 llama-layout vs packed", max_abs(split(ids)[0], model(ids)[0]), 0.0)

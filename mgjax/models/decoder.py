@@ -20,7 +20,7 @@ from flax import nnx
 from mgjax import layers, rope
 from mgjax.convert.keymap import Fused, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
-from mgjax.models.moe import SparseMoeBlock
+from mgjax.models.moe import SparseMoeBlock, load_balancing_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +52,8 @@ class DecoderConfig(ModelConfig):
     num_local_experts: int = 0  # > 0: a sparse MoE replaces the MLP (Mixtral)
     num_experts_per_tok: int = 2
     moe_impl: str = "grouped"  # "dense" (reference) or "grouped" (ragged_dot; top_k/E of the FLOPs)
+    output_router_logits: bool = False  # compute the router load-balancing loss (MGM trained without it)
+    router_aux_loss_coef: float = 0.001
 
     @classmethod
     def family_fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,11 +120,14 @@ class MixtralConfig(DecoderConfig):
     @classmethod
     def family_fields(cls, d):
         return {"num_local_experts": d.get("num_local_experts", 8),
-                "num_experts_per_tok": d.get("num_experts_per_tok", 2), "sliding_window": d.get("sliding_window")}
+                "num_experts_per_tok": d.get("num_experts_per_tok", 2), "sliding_window": d.get("sliding_window"),
+                "output_router_logits": d.get("output_router_logits", False),
+                "router_aux_loss_coef": d.get("router_aux_loss_coef", 0.001)}
 
     def to_hf(self):
         return {**super().to_hf(), "num_local_experts": self.num_local_experts,
-                "num_experts_per_tok": self.num_experts_per_tok}
+                "num_experts_per_tok": self.num_experts_per_tok, "output_router_logits": self.output_router_logits,
+                "router_aux_loss_coef": self.router_aux_loss_coef}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,6 +181,12 @@ class InternLM2Config(DecoderConfig):
         d = super().to_hf()
         d["bias"] = d.pop("attention_bias")
         return d
+
+
+class DecoderOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    cache: "KVCache | None"
+    aux_loss: jax.Array | None  # router load-balancing loss (MoE with output_router_logits), else None
 
 
 class KVCache(NamedTuple):
@@ -245,8 +256,8 @@ class DecoderLayer(nnx.Module):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
         x = x + h
         h = self.post_attention_layernorm(x)
-        h = self.block_sparse_moe(h)[0] if self.is_moe else self.mlp(h)
-        return x + h, cache
+        h, router = self.block_sparse_moe(h) if self.is_moe else (self.mlp(h), None)
+        return x + h, (cache, router)
 
 
 class DecoderModel(nnx.Module):
@@ -265,11 +276,11 @@ class DecoderModel(nnx.Module):
             x = x * jnp.asarray(c.hidden_size ** 0.5, c.dtype)
         cos, sin = c.rope.cos_sin(positions, c.head_dim)
         index = cache.index if cache is not None else 0
-        x, kv = layers.scan(self.layers, x, None if cache is None else (cache.k, cache.v),
-                            remat=c.remat, cos=cos, sin=sin, mask=mask, index=index)
+        x, (kv, router) = layers.scan(self.layers, x, None if cache is None else (cache.k, cache.v),
+                                      remat=c.remat, cos=cos, sin=sin, mask=mask, index=index)
         if cache is not None:
             cache = KVCache(kv[0], kv[1], cache.index + embeds.shape[1])
-        return self.norm(x), cache
+        return self.norm(x), cache, router
 
 
 ROTARY_BUFFERS = (r".*rotary_emb\.inv_freq",)
@@ -292,7 +303,14 @@ class CausalLM(nnx.Module, Pretrained):
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Logits [B, T, V] (float32) and the updated cache.
+        """Logits [B, T, V] (float32) and the updated cache; see ``forward``."""
+        return self.forward(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                            positions=positions, cache=cache)[:2]
+
+    def forward(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                cache: KVCache | None = None) -> DecoderOutput:
+        """Logits, cache and (MoE with ``output_router_logits``, cache-free) the router load-balancing loss.
 
         ``attention_mask`` [B, S] marks real tokens (1) vs padding (0) over the whole key range (S = T without a
         cache, the cache length with one). With a cache, the T new tokens go at ``cache.index``.
@@ -310,12 +328,15 @@ class CausalLM(nnx.Module, Pretrained):
             mask = mask & (key_pos[None, None, None, :] > query_pos - self.config.sliding_window)
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        h, cache = self.model(x, positions, mask, cache)
+        h, cache, router = self.model(x, positions, mask, cache)
         if self.lm_head is None:
             logits = jnp.einsum("btd,vd->btv", h, self.model.embed_tokens.weight[...].astype(h.dtype))
         else:
             logits = self.lm_head(h)
-        return logits.astype(jnp.float32), cache
+        aux = None
+        if router is not None and self.config.output_router_logits and s == t:  # a training forward, no cache
+            aux = load_balancing_loss(router, self.config.num_experts_per_tok, attention_mask)
+        return DecoderOutput(logits.astype(jnp.float32), cache, aux)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, max_len, dtype)
@@ -364,10 +385,10 @@ class Phi3ForCausalLM(CausalLM):
 
 
 class InternLM2ForCausalLM(CausalLM):
-    """Loads and writes InternLM2's own layout (``"internlm2"``); ``"llama"`` reads the split, Llama-named
-    conversion of the same weights (what transformers' InternVL converter writes)."""
+    """Loads and writes InternLM2's own layout (``"internlm2"``); ``"hf"`` reads the split, Llama-named
+    conversion of the same weights (transformers has no InternLM2; its InternVL converter writes that)."""
     config_class = InternLM2Config
 
     @classmethod
     def layouts(cls, config):
-        return {"internlm2": internlm2_layout(config.num_key_value_heads), "llama": CausalLM.key_layouts["hf"]}
+        return {"internlm2": internlm2_layout(config.num_key_value_heads), "hf": CausalLM.key_layouts["hf"]}

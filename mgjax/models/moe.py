@@ -72,3 +72,18 @@ class SparseMoeBlock(nnx.Module):
         y = mm(self.act(mm(xs, w1)) * mm(xs, w3), w2)
         y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
         return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y)
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+    """The Switch-Transformer auxiliary loss as transformers' Mixtral computes it: ``E * sum_e f_e * P_e`` over
+    all layers' tokens, with ``f_e`` the top-k assignments to expert e per token and ``P_e`` its mean router
+    probability. ``router_logits`` [L, N, E]; ``mask`` [N] (1 = real token) leaves padding out of both means."""
+    n_layers, n, e = router_logits.shape
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+    _, idx = jax.lax.top_k(probs, top_k)
+    m = jnp.ones((n,), jnp.float32) if mask is None else mask.reshape(n).astype(jnp.float32)
+    counts = jnp.einsum("lnke,n->e", jax.nn.one_hot(idx, e, dtype=jnp.float32), m)
+    prob = jnp.einsum("lne,n->e", probs, m)
+    rows = n_layers * m.sum()
+    return e * jnp.sum((counts / rows) * (prob / rows))
+
