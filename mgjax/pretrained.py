@@ -29,6 +29,10 @@ ARCHITECTURES: dict[str, str] = {
     "intern_vit_6b": "mgjax.models.internvit:InternVisionModel",  # InternVL's own config for InternViT
     "internvl_chat": "mgjax.models.internvl:InternVLChatModel",  # InternVL's released checkpoints
     "internvl": "mgjax.models.internvl:InternVLChatModel",  # transformers' conversion
+    "mgm": "mgjax.models.mgm:MGMForCausalLM",
+    "mgm_gemma": "mgjax.models.mgm:MGMForCausalLM",
+    "mgm_mixtral": "mgjax.models.mgm:MGMForCausalLM",
+    "mini_gemini": "mgjax.models.mgm:MGMForCausalLM",  # MGM's name before its 2024-04 rename
 }
 
 

@@ -23,7 +23,7 @@ class Rope:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
-    max_position_embeddings: int | None = None  # dynamic: where scaling starts; longrope: sets the default factor
+    max_position_embeddings: int | None = None  # dynamic: where the rescaling starts
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float | None = None
@@ -50,7 +50,7 @@ class Rope:
                    low_freq_factor=float(p.get("low_freq_factor", 1.0)),
                    high_freq_factor=float(p.get("high_freq_factor", 4.0)),
                    original_max_position_embeddings=original,
-                   max_position_embeddings=d.get("max_position_embeddings"),
+                   max_position_embeddings=d.get("max_position_embeddings") if kind == "dynamic" else None,
                    short_factor=tuple(p.get("short_factor", ())), long_factor=tuple(p.get("long_factor", ())),
                    attention_factor=p.get("attention_factor"))
 

@@ -51,7 +51,7 @@ class DecoderConfig(ModelConfig):
     sliding_window: int | None = None  # each query sees only the last ``sliding_window`` positions (itself included)
     num_local_experts: int = 0  # > 0: a sparse MoE replaces the MLP (Mixtral)
     num_experts_per_tok: int = 2
-    moe_impl: str = "grouped"  # "dense" (reference) or "grouped" (ragged_dot; top_k/E of the FLOPs)
+    moe_impl: str = "auto"  # "dense", "grouped" (ragged_dot; top_k/E of the FLOPs) or "auto" (see models/moe.py)
     output_router_logits: bool = False  # compute the router load-balancing loss (MGM trained without it)
     router_aux_loss_coef: float = 0.001
 

@@ -2,7 +2,10 @@
 
 ``dense`` runs every expert on every token and weights the results (exact and simple: the reference);
 ``grouped`` sorts the token-expert pairs by expert and runs each expert only on its own tokens with
-``jax.lax.ragged_dot`` (top_k / num_experts of the dense FLOPs). Both give the same outputs.
+``jax.lax.ragged_dot`` (top_k / num_experts of the dense FLOPs). Both give the same outputs. ``auto`` takes
+grouped on TPU, where ``ragged_dot`` has a native grouped-matmul lowering, and dense elsewhere: measured on an
+H100 (jax 0.11.2) and on CPU, XLA's ``ragged_dot`` runs 1.7-1.9x slower than dense dispatch despite 4x fewer
+FLOPs (``bench/moe.py``, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ class SparseMoeBlock(nnx.Module):
 
     def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, *, act: str, impl: str, dtype,
                  param_dtype, rngs: nnx.Rngs):
-        if impl not in ("dense", "grouped"):
-            raise ValueError(f"moe_impl must be 'dense' or 'grouped', not {impl!r}")
+        if impl not in ("auto", "dense", "grouped"):
+            raise ValueError(f"moe_impl must be 'auto', 'dense' or 'grouped', not {impl!r}")
         self.gate = layers.Linear(hidden, num_experts, axes=(None, "embed"), bias=False, dtype=jnp.float32,
                                   param_dtype=param_dtype, rngs=rngs)
         self.experts = layers.stack(lambda r: Expert(hidden, inner, dtype=dtype, param_dtype=param_dtype, rngs=r),
@@ -51,7 +54,8 @@ class SparseMoeBlock(nnx.Module):
         flat = x.reshape(b * t, d).astype(self.dtype)
         logits, weights, idx = self.route(flat)
         w1, w2, w3 = (getattr(self.experts, n).weight[...].astype(self.dtype) for n in ("w1", "w2", "w3"))
-        out = (self._dense if self.impl == "dense" else self._grouped)(flat, weights, idx, w1, w2, w3)
+        impl = self.impl if self.impl != "auto" else ("grouped" if jax.default_backend() == "tpu" else "dense")
+        out = (self._dense if impl == "dense" else self._grouped)(flat, weights, idx, w1, w2, w3)
         return out.astype(x.dtype).reshape(b, t, d), logits
 
     def _dense(self, x, weights, idx, w1, w2, w3):

@@ -1,0 +1,221 @@
+"""Mini-Gemini (MGM): CLIP (low-res) + ConvNeXt (high-res) towers, patch info mining, ``mlp2x_gelu``, a decoder LLM.
+
+Follows MGM's released code (``../shared/specs/mgm.md``): CLIP's second-to-last layer without CLS; the four ConvNeXt
+stage maps bilinearly upsampled to stride 4 and concatenated; mining (``mgjax.mining``); the projector on
+``clip + mined``. HD models (``image_grid`` 2, ``image_global``) see a 2x2 grid of 336 crops plus a global view, the
+ConvNeXt runs once on the 1536 image, crops take quarters of its map and the global view its 2x2 average; tokens
+come global first, then crops row-major.
+
+Our tree nests the LLM whole (``language_model``) and names the projectors; the ``mgm`` key layout maps it onto a
+released MGM checkpoint (LLM keys at the top level, ``model.vision_tower.vision_tower.vision_model.*``,
+``model.vision_tower_aux.vision_stem/vision_stages.*`` in timm names, ``model.mm_projector.{0,2}``,
+``model.vlm_uni_{query,aux,val}_projector.{0,1}``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mgjax import layers, mining, resize
+from mgjax.convert.keymap import KeyLayout
+from mgjax.merge import check_image_tokens, merge_image_embeddings
+from mgjax.models.base import ModelConfig, Pretrained
+from mgjax.models.clip import PREFIXED, CLIPVisionConfig, CLIPVisionModel
+from mgjax.models.convnext import TIMM, ConvNextConfig, ConvNextModel
+from mgjax.models.decoder import DecoderConfig
+
+IMAGE_TOKEN_INDEX = -200  # MGM's placeholder id: never a vocabulary entry
+FAMILIES = {"mgm": "llama", "mini_gemini": "llama", "mgm_gemma": "gemma", "mgm_mixtral": "mixtral"}
+SHARED = ("dtype", "param_dtype", "remat")
+
+# The towers MGM names by local path in config.json (mm_vision_tower / mm_vision_tower_aux), as configs.
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CONVNEXT_TRUNKS = {  # open_clip name fragments -> trunk (MGM drops the head, so no final norm)
+    ("large", "d-320"): dict(hidden_sizes=(192, 384, 768, 1536), depths=(3, 3, 27, 3)),
+    ("base", "w-320"): dict(hidden_sizes=(128, 256, 512, 1024), depths=(3, 3, 27, 3)),
+}
+HR_DROP_PATH = 0.1  # open_clip's timm_drop_path, live unless MGM's config says drop_path: false
+
+
+def _llm_class(model_type: str):
+    from mgjax.pretrained import model_class  # the registry imports model modules lazily
+    return model_class(model_type)
+
+
+def _vision(d: Mapping[str, Any], shared) -> CLIPVisionConfig:
+    if "vision_config" in d:
+        return CLIPVisionConfig.from_hf(d["vision_config"], **shared)
+    tower = d.get("mm_vision_tower", "")
+    if "clip-vit-large-patch14-336" not in tower:
+        raise ValueError(f"mgm config: unknown CLIP tower {tower!r}; add a 'vision_config' with its CLIP config")
+    return CLIPVisionConfig(**CLIP_L_336, **shared)
+
+
+def _vision_aux(d: Mapping[str, Any], shared) -> ConvNextConfig:
+    if "vision_aux_config" in d:
+        return ConvNextConfig.from_hf(d["vision_aux_config"], **shared)
+    tower = d.get("mm_vision_tower_aux", "").replace("_", "-")
+    for parts, trunk in CONVNEXT_TRUNKS.items():
+        if "convnext" in tower and all(p in tower for p in parts):
+            rate = HR_DROP_PATH if d.get("drop_path", True) else 0.0
+            return ConvNextConfig(**trunk, layer_norm_eps=1e-6, drop_path_rate=rate, final_norm=False, **shared)
+    raise ValueError(f"mgm config: unknown ConvNeXt tower {tower!r}; add a 'vision_aux_config' with its config")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MGMConfig(ModelConfig):
+    model_type: ClassVar[str] = "mgm"
+    vision: CLIPVisionConfig
+    vision_aux: ConvNextConfig
+    llm: DecoderConfig
+    select_layer: int = -2
+    image_size_aux: int = 768
+    image_grid: int = 1
+    image_global: bool = False
+
+    @property
+    def views(self) -> int:
+        """336-pixel images per sample: 1, or the grid's crops plus the global view (HD: 5)."""
+        return self.image_grid ** 2 + int(self.image_global) if self.image_grid > 1 else 1
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.views * self.vision.grid ** 2
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], **overrides) -> "MGMConfig":
+        shared = {k: overrides[k] for k in SHARED if k in overrides}
+        kind = d.get("model_type")
+        if kind not in FAMILIES:
+            raise ValueError(f"mgm config: model_type {kind!r} is not one of {sorted(FAMILIES)}")
+        if d.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
+            raise ValueError(f"mgm config: mm_projector_type {d['mm_projector_type']!r} is not mlp2x_gelu")
+        llm_d = {k: v for k, v in d.items() if k not in ("vision_config", "vision_aux_config")}
+        llm_d["model_type"] = FAMILIES[kind]
+        llm = _llm_class(FAMILIES[kind]).config_class.from_hf(llm_d, **shared)
+        kw = dict(vision=_vision(d, shared), vision_aux=_vision_aux(d, shared), llm=llm,
+                  select_layer=d.get("mm_vision_select_layer", -2), image_size_aux=d.get("image_size_aux", 768),
+                  image_grid=d.get("image_grid", 1), image_global=d.get("image_global", False), hf=dict(d))
+        return cls(**{**kw, **{k: v for k, v in overrides.items() if k not in SHARED}}, **shared)
+
+    def to_hf(self) -> dict[str, Any]:
+        kind = next(k for k, fam in FAMILIES.items() if fam == self.llm.model_type)
+        return {**self.hf, **self.llm.to_hf(), "model_type": kind, "mm_vision_select_layer": self.select_layer,
+                "mm_hidden_size": self.vision.hidden_size, "mm_hidden_size_aux": sum(self.vision_aux.hidden_sizes),
+                "mm_projector_type": "mlp2x_gelu", "image_size_aux": self.image_size_aux,
+                "image_grid": self.image_grid, "image_global": self.image_global,
+                "vision_config": self.vision.to_hf(), "vision_aux_config": self.vision_aux.to_hf()}
+
+
+class PreNormLinear(nnx.Module):
+    """MGM's mining projections: ``Sequential(LayerNorm (eps 1e-5), Linear)``."""
+
+    def __init__(self, d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.norm = layers.LayerNorm(d_in, eps=1e-5, param_dtype=param_dtype, rngs=rngs)
+        self.linear = layers.Linear(d_in, d_out, axes=("embed", "mlp"), bias=True, dtype=dtype,
+                                    param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear(self.norm(x))
+
+
+class MLPProjector(nnx.Module):
+    """LLaVA's ``mlp2x_gelu``: Linear -> GELU (exact) -> Linear."""
+
+    def __init__(self, d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_1 = layers.Linear(d_in, d_out, axes=("mlp", "embed"), **kw)
+        self.linear_2 = layers.Linear(d_out, d_out, axes=("embed", "mlp"), **kw)
+
+    def __call__(self, x):
+        return self.linear_2(layers.activation("gelu")(self.linear_1(x)))
+
+
+# MGM keeps open_clip's ConvNeXt trunk as ``vision_stem`` / ``vision_stages`` in timm's block names.
+MGM_CONVNEXT = KeyLayout(renames=TIMM.renames + ((r"^stem\.", "vision_stem."), (r"^stages\.", "vision_stages.")),
+                         ignore=TIMM.ignore)
+
+
+class MGMForCausalLM(nnx.Module, Pretrained):
+    config_class = MGMConfig
+
+    @classmethod
+    def layouts(cls, config: MGMConfig) -> dict[str, KeyLayout]:
+        llm = next(iter(_llm_class(config.llm.model_type).layouts(config.llm).values()))
+        return {"mgm": KeyLayout(
+            renames=((r"^mm_projector\.linear_1\.", "model.mm_projector.0."),
+                     (r"^mm_projector\.linear_2\.", "model.mm_projector.2."),
+                     (r"^(vlm_uni_\w+_projector)\.norm\.", r"model.\1.0."),
+                     (r"^(vlm_uni_\w+_projector)\.linear\.", r"model.\1.1.")),
+            children=(("vision_tower.", "model.vision_tower.vision_tower.", PREFIXED),
+                      ("vision_tower_aux.", "model.vision_tower_aux.", MGM_CONVNEXT),
+                      ("language_model.", "", llm)))}
+
+    def __init__(self, config: MGMConfig, *, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        width, aux = c.vision.hidden_size, sum(c.vision_aux.hidden_sizes)
+        self.config = c
+        self.vision_tower = CLIPVisionModel(c.vision, rngs=rngs)
+        self.vision_tower_aux = ConvNextModel(c.vision_aux, rngs=rngs)
+        self.vlm_uni_query_projector = PreNormLinear(width, width, **kw)
+        self.vlm_uni_aux_projector = PreNormLinear(aux, width, **kw)
+        self.vlm_uni_val_projector = PreNormLinear(aux, width, **kw)
+        self.mm_projector = MLPProjector(width, c.llm.hidden_size, **kw)
+        self.language_model = _llm_class(c.llm.model_type)(c.llm, rngs=rngs)
+
+    def hr_features(self, images_aux: jax.Array, *, deterministic: bool = True,
+                    rngs: nnx.Rngs | None = None) -> jax.Array:
+        """[B, 3, S, S] -> [B, S/4, S/4, sum(stage widths)]: every stage map resized (bilinear, float32) to the
+        first stage's size and concatenated on channels."""
+        stages = self.vision_tower_aux(images_aux, deterministic=deterministic, rngs=rngs).hidden_states[1:]
+        h, w = stages[0].shape[1:3]
+        maps = [stages[0].astype(jnp.float32)] + [resize.bilinear(s, h, w) for s in stages[1:]]
+        return jnp.concatenate(maps, axis=-1).astype(self.config.dtype)
+
+    def mine(self, low: jax.Array, high: jax.Array) -> jax.Array:
+        """Patch info mining: low-res tokens [B, N, C] plus what each finds in its window of ``high``."""
+        n = round(low.shape[1] ** 0.5)
+        q = self.vlm_uni_query_projector(low)
+        k = mining.windows(self.vlm_uni_aux_projector(high), n)
+        v = mining.windows(self.vlm_uni_val_projector(high), n)
+        return low + mining.local_window_attention(q, k, v).astype(low.dtype)
+
+    def image_features(self, images: jax.Array, images_aux: jax.Array, *, deterministic: bool = True,
+                       rngs: nnx.Rngs | None = None) -> jax.Array:
+        """LLM-width image tokens [B, tokens_per_image, D]. ``images``: [B, 3, 336, 336], or HD
+        [B, views, 3, 336, 336] (crops row-major, then the global view); ``images_aux``: [B, 3, S, S]."""
+        c = self.config
+        hr = self.hr_features(images_aux, deterministic=deterministic, rngs=rngs)
+        if c.image_grid == 1:
+            low = self.vision_tower.features(images, select_layer=c.select_layer)
+            return self.mm_projector(self.mine(low, hr))
+        b, g = images.shape[0], c.image_grid
+        low = self.vision_tower.features(images.reshape(-1, *images.shape[2:]), select_layer=c.select_layer)
+        low = low.reshape(b, c.views, *low.shape[1:])
+        _, h, w, ch = hr.shape
+        crops = hr.reshape(b, g, h // g, g, w // g, ch).transpose(0, 1, 3, 2, 4, 5).reshape(-1, h // g, w // g, ch)
+        tokens = self.mine(low[:, :g * g].reshape(b * g * g, *low.shape[2:]), crops).reshape(b, -1, low.shape[-1])
+        if c.image_global:  # the global view pairs with the HR map's 2x2 average, and comes first
+            glob = self.mine(low[:, -1], resize.bilinear(hr, h // g, w // g).astype(hr.dtype))
+            tokens = jnp.concatenate([glob, tokens], axis=1)
+        return self.mm_projector(tokens)
+
+    def __call__(self, input_ids: jax.Array, images: jax.Array | None = None, images_aux: jax.Array | None = None,
+                 *, attention_mask: jax.Array | None = None, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None):
+        """Logits [B, T, V] and the LLM cache. Each image occupies ``tokens_per_image`` consecutive
+        ``IMAGE_TOKEN_INDEX`` (-200) ids, filled in order (static shapes; MGM splices one -200 dynamically)."""
+        is_image = input_ids == IMAGE_TOKEN_INDEX
+        embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
+        if images is not None:
+            feats = self.image_features(images, images_aux, deterministic=deterministic, rngs=rngs)
+            feats = feats.reshape(-1, feats.shape[-1])
+            check_image_tokens(input_ids, IMAGE_TOKEN_INDEX, feats.shape[0])
+            embeds = merge_image_embeddings(embeds, is_image, feats)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)

@@ -1,0 +1,188 @@
+"""Mini-Gemini end to end against a PyTorch reference assembled in the test: transformers' CLIPVisionModel,
+ConvNextModel and LlamaForCausalLM, plus patch info mining and MGM's splicing written in torch from the spec
+(``../shared/specs/mgm.md`` sections 1-3), in standard and HD modes. The mgjax model loads from an MGM-layout
+checkpoint written here by hand."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+import transformers
+
+import mgjax
+from mgjax import mining, resize
+from mgjax.models.mgm import IMAGE_TOKEN_INDEX
+from tests.conftest import max_abs
+from tests.test_convnext import _timm_name
+
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+            patch_size=7, hidden_act="quick_gelu")  # 4x4 = 16 low-res tokens
+CONVNEXT = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], layer_scale_init_value=0.5)  # 80 channels
+LLAMA = dict(vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=False)
+MODES = {"standard": dict(image_grid=1, image_global=False, image_size_aux=64),  # HR 16x16 map: 4x4 windows
+         "hd": dict(image_grid=2, image_global=True, image_size_aux=128)}  # HR 32x32; crops and global 16x16
+
+
+def _perturbed(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "layer_scale" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+class Reference(torch.nn.Module):
+    """MGM's forward as its code runs it, on transformers towers and LM."""
+
+    def __init__(self, mode):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = MODES[mode]
+        self.clip = _perturbed(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)))
+        self.convnext = _perturbed(transformers.ConvNextModel(transformers.ConvNextConfig(**CONVNEXT)))
+        self.llm = _perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)))
+        c, aux, d = CLIP["hidden_size"], sum(CONVNEXT["hidden_sizes"]), LLAMA["hidden_size"]
+        pre_norm = lambda i, o: torch.nn.Sequential(torch.nn.LayerNorm(i), torch.nn.Linear(i, o))  # noqa: E731
+        self.query, self.key, self.val = pre_norm(c, c), pre_norm(aux, c), pre_norm(aux, c)
+        self.mm_projector = torch.nn.Sequential(torch.nn.Linear(c, d), torch.nn.GELU(), torch.nn.Linear(d, d))
+        _perturbed(self)
+
+    def hr_map(self, x):
+        stages = self.convnext(x, output_hidden_states=True).hidden_states[1:]
+        size = stages[0].shape[-2:]
+        return torch.cat([stages[0]] + [F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False)
+                                        for s in stages[1:]], dim=1)
+
+    def mine(self, low, high):
+        b, ch, h, w = high.shape
+        n = int(low.shape[1] ** 0.5)
+        m = w // n
+        win = high.permute(0, 2, 3, 1).reshape(b, n, m, n, m, ch).permute(0, 1, 3, 2, 4, 5).reshape(b, n * n, m * m, ch)
+        q, k, v = self.query(low), self.key(win), self.val(win)
+        s = torch.nan_to_num(q[:, :, None, :] @ (k / k.shape[-1] ** 0.5).transpose(-1, -2))
+        return low + (s.softmax(-1) @ v).mean(2)
+
+    def features(self, images, images_aux):
+        clip = lambda x: self.clip(x, output_hidden_states=True).hidden_states[-2][:, 1:]  # noqa: E731
+        high = self.hr_map(images_aux)
+        if self.mode["image_grid"] == 1:
+            return self.mm_projector(self.mine(clip(images), high))
+        b = images.shape[0]
+        low = clip(torch.cat([images[:, :-1].flatten(0, 1), images[:, -1]]))
+        crops_low, glob_low = low[:4 * b], low[4 * b:]
+        ch, h, w = high.shape[1:]
+        crops = high.reshape(b, ch, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5).reshape(4 * b, ch, h // 2, w // 2)
+        glob = F.interpolate(high, scale_factor=0.5, mode="bilinear", align_corners=False)
+        tokens = torch.cat([self.mine(glob_low, glob), self.mine(crops_low, crops).reshape(b, -1, low.shape[-1])], 1)
+        return self.mm_projector(tokens)
+
+    def logits(self, ids, images, images_aux):
+        """``ids`` hold one -200 per sample, spliced as MGM's prepare_inputs_labels_for_multimodal does."""
+        feats = self.features(images, images_aux)
+        embed = self.llm.get_input_embeddings()
+        rows = []
+        for b in range(ids.shape[0]):
+            at = int((ids[b] == IMAGE_TOKEN_INDEX).nonzero())
+            rows.append(torch.cat([embed(ids[b, :at]), feats[b], embed(ids[b, at + 1:])]))
+        return self.llm(inputs_embeds=torch.stack(rows)).logits
+
+    def checkpoint(self, path):
+        """An MGM-layout checkpoint of these weights and its config.json."""
+        out = {}
+        for k, v in self.clip.state_dict().items():
+            k = k if k.startswith("vision_model.") else "vision_model." + k
+            out["model.vision_tower.vision_tower." + k] = v
+        for k, v in self.convnext.state_dict().items():
+            if not k.startswith("layernorm."):  # MGM keeps the trunk only
+                name = _timm_name(k).replace("stem.", "vision_stem.", 1).replace("stages.", "vision_stages.", 1)
+                out["model.vision_tower_aux." + name] = v
+        for name, seq in (("vlm_uni_query_projector", self.query), ("vlm_uni_aux_projector", self.key),
+                          ("vlm_uni_val_projector", self.val), ("mm_projector", self.mm_projector)):
+            out.update({f"model.{name}.{k}": v for k, v in seq.state_dict().items()})
+        out.update(self.llm.state_dict())
+        safetensors.torch.save_file({k: v.contiguous() for k, v in out.items()}, path / "model.safetensors")
+        config = {**self.llm.config.to_dict(), "model_type": "mgm", "architectures": ["MGMLlamaForCausalLM"],
+                  "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
+                  "mm_hidden_size_aux": 80, **self.mode, "vision_config": self.clip.config.to_dict(),
+                  "vision_aux_config": {**self.convnext.config.to_dict(), "final_norm": False}}
+        (path / "config.json").write_text(json.dumps(config))
+        return out
+
+
+def _inputs(mode, tokens):
+    views = 5 if mode == "hd" else None
+    g = torch.Generator().manual_seed(1)
+    size = MODES[mode]["image_size_aux"]
+    images = torch.randn(2, views, 3, 28, 28, generator=g) if views else torch.randn(2, 3, 28, 28, generator=g)
+    images_aux = torch.randn(2, 3, size, size, generator=g)
+    ids = torch.randint(0, 160, (2, 12), generator=g)
+    ids[0, 2] = ids[1, 5] = IMAGE_TOKEN_INDEX
+    # ours: the placeholder expanded to one id per image token, so every sequence keeps a static length
+    ours = np.stack([np.concatenate([r[:at], np.full(tokens, IMAGE_TOKEN_INDEX), r[at + 1:]])
+                     for r, at in ((ids[0].numpy(), 2), (ids[1].numpy(), 5))])
+    return ids, images, images_aux, ours
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def pair(request, tmp_path_factory):
+    ref = Reference(request.param)
+    path = tmp_path_factory.mktemp(f"mgm_{request.param}")
+    ref.checkpoint(path)
+    return request.param, ref, path, mgjax.from_pretrained(path, dtype=jnp.float32)
+
+
+def test_logits_match_the_pytorch_reference(pair, report):
+    mode, ref, _, model = pair
+    assert model.config.tokens_per_image == {"standard": 16, "hd": 80}[mode]
+    ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
+    with torch.no_grad():
+        want = ref.logits(ids, images, images_aux)
+        feats = ref.features(images, images_aux)
+    got_feats = model.image_features(jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
+    report(f"mgm {mode} image tokens", max_abs(got_feats, feats), 1e-4)
+    logits, _ = model(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
+    assert logits.shape == want.shape  # the expanded placeholders sit where MGM splices its image tokens
+    report(f"mgm {mode} logits", max_abs(logits, want), 1e-4)
+
+
+def test_hr_map_and_mining_pieces(pair, report):
+    mode, ref, _, model = pair
+    _, _, images_aux, _ = _inputs(mode, 0)
+    with torch.no_grad():
+        want = ref.hr_map(images_aux).permute(0, 2, 3, 1).numpy()
+    got = model.hr_features(jnp.asarray(images_aux.numpy()))
+    assert got.shape[-1] == 80
+    report(f"mgm {mode} HR map", max_abs(got, want), 1e-4)
+
+
+def test_export_is_the_same_mgm_checkpoint(pair, tmp_path):
+    _, _, path, model = pair
+    mgjax.save_pretrained(model, tmp_path)
+    want = safetensors.torch.load_file(path / "model.safetensors")
+    got = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    again = mgjax.from_pretrained(tmp_path, dtype=jnp.float32)
+    assert again.config == model.config
+
+
+def test_window_attention_scales_keys_and_cleans_logits():
+    q = jnp.ones((1, 1, 4))
+    k = jnp.stack([jnp.full((4,), 2.0), jnp.full((4,), jnp.inf)])[None, None]
+    v = jnp.arange(8.0).reshape(1, 1, 2, 4)
+    out = mining.local_window_attention(q, k, v)  # the inf logit becomes float32 max: all weight on key 1
+    np.testing.assert_allclose(np.asarray(out)[0, 0], [4, 5, 6, 7])
+    win = mining.windows(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)  # token (0, 1) owns rows 0-1, cols 2-3
+    np.testing.assert_array_equal(np.asarray(win)[0, 1, :, 0], [2, 3, 6, 7])
+
+
+def test_bilinear_matrix_is_torch_bilinear(report):
+    img = torch.randn(1, 1, 9, 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for out in (4, 9, 13, 21):  # shrinking (aliasing, no antialias) and growing
+        want = F.interpolate(img, size=(out, 5), mode="bilinear", align_corners=False)[0, 0].numpy()
+        got = resize.bilinear_matrix(9, out) @ img[0, 0].numpy() @ resize.bilinear_matrix(7, 5).T
+        report(f"bilinear 9x7->{out}x5", max_abs(got, want), 1e-12)
