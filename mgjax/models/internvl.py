@@ -164,20 +164,27 @@ class InternVLChatModel(nnx.Module, Pretrained):
         x = pixel_unshuffle(x.reshape(n, side, side, d), c.unshuffle, c.ps_version)
         return self.multi_modal_projector(x)
 
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, *,
+              image_token_id: int | None = None, deterministic: bool = True,
+              rngs: nnx.Rngs | None = None) -> jax.Array:
+        """The LLM's input embeddings [B, T, D]: every ``image_token_id`` position of ``input_ids`` (row-major over
+        the batch) takes the next image embedding of ``pixel_values``' tiles, in order; text-only batches pass no
+        pixels and run no vision tower."""
+        embeds = self.language_model.embed(input_ids)
+        if pixel_values is None:
+            return embeds
+        token = image_token_id if image_token_id is not None else self.config.image_token_id
+        if token is None:
+            raise ValueError("no image_token_id: pass the tokenizer's <IMG_CONTEXT> id")
+        feats = self.image_features(pixel_values, deterministic=deterministic, rngs=rngs)
+        feats = feats.reshape(-1, feats.shape[-1])
+        check_image_tokens(input_ids, token, feats.shape[0])
+        return merge_image_embeddings(embeds, input_ids == token, feats)
+
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, *,
                  attention_mask: jax.Array | None = None, image_token_id: int | None = None,
                  deterministic: bool = True, rngs: nnx.Rngs | None = None):
-        """Logits [B, T, V] and the LLM cache. Every ``image_token_id`` position of ``input_ids`` (row-major over
-        the batch) takes the next image embedding of ``pixel_values``' tiles, in order; text-only batches pass
-        no pixels and run no vision tower."""
-        embeds = self.language_model.embed(input_ids)
-        if pixel_values is not None:
-            token = image_token_id if image_token_id is not None else self.config.image_token_id
-            if token is None:
-                raise ValueError("no image_token_id: pass the tokenizer's <IMG_CONTEXT> id")
-            feats = self.image_features(pixel_values, deterministic=deterministic, rngs=rngs)
-            feats = feats.reshape(-1, feats.shape[-1])
-            check_image_tokens(input_ids, token, feats.shape[0])
-            embeds = merge_image_embeddings(embeds, input_ids == token, feats)
+        """Logits [B, T, V] and the LLM cache (see ``embed`` for how images enter)."""
+        embeds = self.embed(input_ids, pixel_values, image_token_id=image_token_id, deterministic=deterministic,
+                            rngs=rngs)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
-

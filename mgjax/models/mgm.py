@@ -206,16 +206,22 @@ class MGMForCausalLM(nnx.Module, Pretrained):
             tokens = jnp.concatenate([glob, tokens], axis=1)
         return self.mm_projector(tokens)
 
-    def __call__(self, input_ids: jax.Array, images: jax.Array | None = None, images_aux: jax.Array | None = None,
-                 *, attention_mask: jax.Array | None = None, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None):
-        """Logits [B, T, V] and the LLM cache. Each image occupies ``tokens_per_image`` consecutive
+    def embed(self, input_ids: jax.Array, images: jax.Array | None = None, images_aux: jax.Array | None = None,
+              *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """The LLM's input embeddings [B, T, D]. Each image occupies ``tokens_per_image`` consecutive
         ``IMAGE_TOKEN_INDEX`` (-200) ids, filled in order (static shapes; MGM splices one -200 dynamically)."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
-        if images is not None:
-            feats = self.image_features(images, images_aux, deterministic=deterministic, rngs=rngs)
-            feats = feats.reshape(-1, feats.shape[-1])
-            check_image_tokens(input_ids, IMAGE_TOKEN_INDEX, feats.shape[0])
-            embeds = merge_image_embeddings(embeds, is_image, feats)
+        if images is None:
+            return embeds
+        feats = self.image_features(images, images_aux, deterministic=deterministic, rngs=rngs)
+        feats = feats.reshape(-1, feats.shape[-1])
+        check_image_tokens(input_ids, IMAGE_TOKEN_INDEX, feats.shape[0])
+        return merge_image_embeddings(embeds, is_image, feats)
+
+    def __call__(self, input_ids: jax.Array, images: jax.Array | None = None, images_aux: jax.Array | None = None,
+                 *, attention_mask: jax.Array | None = None, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None):
+        """Logits [B, T, V] and the LLM cache (see ``embed`` for how images enter)."""
+        embeds = self.embed(input_ids, images, images_aux, deterministic=deterministic, rngs=rngs)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
