@@ -186,3 +186,36 @@ def test_bilinear_matrix_is_torch_bilinear(report):
         want = F.interpolate(img, size=(out, 5), mode="bilinear", align_corners=False)[0, 0].numpy()
         got = resize.bilinear_matrix(9, out) @ img[0, 0].numpy() @ resize.bilinear_matrix(7, 5).T
         report(f"bilinear 9x7->{out}x5", max_abs(got, want), 1e-12)
+
+
+def test_greedy_decode_matches_the_reference(pair):
+    """32 greedy tokens, against the torch reference recomputing the whole spliced sequence each step."""
+    from mgjax.generate import greedy
+    mode, ref, _, model = pair
+    ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
+    want = ids
+    with torch.no_grad():
+        for _ in range(32):
+            want = torch.cat([want, ref.logits(want, images, images_aux)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    embeds = model.embed(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
+    got = np.asarray(greedy(model.language_model, jnp.asarray(ours), 32, inputs_embeds=embeds))
+    np.testing.assert_array_equal(got[:, ours.shape[1]:], want[:, ids.shape[1]:].numpy())
+
+
+def test_release_config_names_its_towers():
+    """MGM's own config.json names the towers by local path; their architectures follow from the names."""
+    from mgjax.models.mgm import MGMConfig
+    release = {"model_type": "mgm", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+               "num_hidden_layers": 32, "num_attention_heads": 32, "rms_norm_eps": 1e-5,
+               "mm_vision_tower": "model_zoo/OpenAI/clip-vit-large-patch14-336",
+               "mm_vision_tower_aux": "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup",
+               "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu", "image_size_aux": 1536,
+               "image_grid": 2, "image_global": True}
+    c = MGMConfig.from_hf(release)
+    assert (c.vision.image_size, c.vision.patch_size, c.vision.hidden_size) == (336, 14, 1024)
+    assert c.vision_aux.hidden_sizes == (192, 384, 768, 1536) and c.vision_aux.depths == (3, 3, 27, 3)
+    assert c.vision_aux.drop_path_rate == 0.1 and not c.vision_aux.final_norm  # MGM never turned it off
+    assert c.tokens_per_image == 2880 and c.llm.model_type == "llama"
+    assert MGMConfig.from_hf({**release, "drop_path": False}).vision_aux.drop_path_rate == 0.0
+    with pytest.raises(ValueError, match="unknown ConvNeXt tower"):
+        MGMConfig.from_hf({**release, "mm_vision_tower_aux": "some/other/tower"})
