@@ -64,13 +64,16 @@ def read_config(path: Path) -> dict:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: ModelConfig | None = None,
-                    layout: str = "auto", weights: str | os.PathLike | None = None, **overrides) -> nnx.Module:
+                    layout: str = "auto", weights: str | os.PathLike | None = None,
+                    towers: dict[str, tuple[str | os.PathLike, str]] | None = None, **overrides) -> nnx.Module:
     """Build an mgjax model from an HF checkpoint directory.
 
     ``dtype`` is used for both parameters and compute (override either with ``param_dtype=`` / ``dtype=`` in a
     ``config``). ``layout`` names a key table (e.g. ``"timm"`` for ConvNeXt); ``"auto"`` takes the one that
     matches the checkpoint best. ``weights`` points at the safetensors file(s) when they live apart from
-    ``config.json``. Every key and shape is checked; a mismatch raises an error naming each offending key.
+    ``config.json``. ``towers`` takes submodules from their own files instead, as ``{attribute: (path, layout)}``
+    (MGM: ``{"vision_tower_aux": ("open_clip_model.safetensors", "open_clip")}``, as MGM itself loads the
+    ConvNeXt). Every key and shape is checked; a mismatch raises an error naming each offending key.
     """
     path = Path(path)
     if config is None:
@@ -79,7 +82,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
                                                                        **overrides)
     cls = model_class(config.model_type)
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    return hf.load_into(abstract, weights or path, layouts=cls.layouts(config), layout=layout)
+    towers = towers or {}
+    model = hf.load_into(abstract, weights or path, layouts=cls.layouts(config), layout=layout, skip=tuple(towers))
+    for name, (file, tower_layout) in towers.items():
+        sub = getattr(model, name)
+        setattr(model, name, hf.load_into(sub, file, layouts=type(sub).layouts(sub.config), layout=tower_layout))
+    return model
 
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None, layout: str | None = None,

@@ -219,3 +219,28 @@ def test_release_config_names_its_towers():
     assert MGMConfig.from_hf({**release, "drop_path": False}).vision_aux.drop_path_rate == 0.0
     with pytest.raises(ValueError, match="unknown ConvNeXt tower"):
         MGMConfig.from_hf({**release, "mm_vision_tower_aux": "some/other/tower"})
+
+
+def test_hr_tower_from_an_open_clip_file(pair, tmp_path, report):
+    """MGM loads its ConvNeXt from open_clip's file (``visual.trunk.*``), the rest from its own checkpoint, which
+    may or may not hold a copy of the tower."""
+    mode, _, path, model = pair
+    tensors = safetensors.torch.load_file(path / "model.safetensors")
+    aux = "model.vision_tower_aux."
+    trunk = {"visual.trunk." + k[len(aux):].replace("vision_stem.", "stem.", 1).replace("vision_stages.", "stages.", 1):
+             v for k, v in tensors.items() if k.startswith(aux)}
+    extras = {"visual.trunk.head.norm.weight": torch.zeros(32), "visual.head.mlp.fc1.weight": torch.zeros(4, 32),
+              "text.token_embedding.weight": torch.zeros(5, 4), "logit_scale": torch.zeros(())}
+    safetensors.torch.save_file({**trunk, **extras}, tmp_path / "open_clip_model.safetensors")
+    bare = tmp_path / "mgm"
+    bare.mkdir()
+    safetensors.torch.save_file({k: v for k, v in tensors.items() if not k.startswith(aux)}, bare / "model.safetensors")
+    (bare / "config.json").write_text((path / "config.json").read_text())
+    x = jnp.asarray(_inputs(mode, 0)[2].numpy())
+    want = model.hr_features(x)
+    for src in (bare, path):
+        loaded = mgjax.from_pretrained(src, dtype=jnp.float32, towers={
+            "vision_tower_aux": (tmp_path / "open_clip_model.safetensors", "open_clip")})
+        report(f"mgm {mode} HR tower from open_clip ({src.name})", max_abs(loaded.hr_features(x), want), 0.0)
+    with pytest.raises(mgjax.convert.safetensors_io.CheckpointError, match="missing: model.vision_tower_aux"):
+        mgjax.from_pretrained(bare)

@@ -57,11 +57,15 @@ def _tensors(params, layout: KeyLayout) -> dict[str, tuple[tuple[int, ...], list
     return out
 
 
-def _plan(params, reader: SafetensorsReader, layout: KeyLayout) -> dict[str, list[Piece]]:
-    """What to read for every parameter; raise one error listing every missing, extra or mis-shaped key."""
+def _plan(params, reader: SafetensorsReader, layout: KeyLayout, skip: frozenset[int] = frozenset()
+          ) -> dict[str, list[Piece]]:
+    """What to read for every parameter not in ``skip``; raise one error listing every missing, extra or
+    mis-shaped key. Keys of skipped parameters may be present or not."""
     tensors = _tensors(params, layout)
     missing, misshaped = [], []
     for key, (shape, pieces) in tensors.items():
+        if all(p.param in skip for p in pieces):
+            continue
         if key not in reader:
             missing.append(key)
         elif reader.info(key).shape != shape:
@@ -74,7 +78,7 @@ def _plan(params, reader: SafetensorsReader, layout: KeyLayout) -> dict[str, lis
             if items:
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
-    return {key: pieces for key, (_, pieces) in tensors.items()}
+    return {key: pieces for key, (_, pieces) in tensors.items() if not all(p.param in skip for p in pieces)}
 
 
 def host_buffer(shape, dtype, align: int = 64) -> np.ndarray:
@@ -105,28 +109,32 @@ def pick_layout(abstract_model: nnx.Module, path: str | os.PathLike, layouts: di
 
 
 def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layouts: dict[str, KeyLayout] | None = None,
-              layout: str = "auto", dtype=None,
+              layout: str = "auto", dtype=None, skip: tuple[str, ...] = (),
               place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None) -> nnx.Module:
     """Fill ``abstract_model`` (from ``nnx.eval_shape``) with the checkpoint at ``path``.
 
     ``layouts`` are the key tables the model knows (default: HF's alone) and ``layout`` names one, or ``"auto"``
     for the one matching the checkpoint best. ``dtype`` overrides the parameter dtype (default: the abstract
-    model's). ``place`` turns a host buffer into the device array (default: ``jax.device_put``, zero-copy on
-    CPU; a sharded loader passes its own)."""
+    model's). ``skip`` names top-level submodules left abstract (filled from another file by the caller).
+    ``place`` turns a host buffer into the device array (default: ``jax.device_put``, zero-copy on CPU; a
+    sharded loader passes its own)."""
     layouts = layouts or {"hf": HF}
     if layout != "auto" and layout not in layouts:
         raise ValueError(f"no key layout {layout!r}; known: {sorted(layouts)}")
     place = place or _to_device
     graphdef, state = nnx.split(abstract_model)
     params = _params(state)
+    skipped = frozenset(i for i, (p, _) in enumerate(params) if str(p[0]) in skip)
     with SafetensorsReader(path) as reader:
         if layout == "auto":
             layout = _best_layout(params, reader, layouts)
         by_param: list[list[tuple[str, Piece]]] = [[] for _ in params]
-        for key, pieces in _plan(params, reader, layouts[layout]).items():
+        for key, pieces in _plan(params, reader, layouts[layout], skipped).items():
             for piece in pieces:
                 by_param[piece.param].append((key, piece))
-        for (_, var), reads in zip(params, by_param):
+        for n, ((_, var), reads) in enumerate(zip(params, by_param)):
+            if n in skipped:
+                continue
             buf = host_buffer(var.shape, dtype or var.dtype)
             for key, piece in reads:
                 if piece.blocks is None:

@@ -156,9 +156,14 @@ TIMM = KeyLayout(
 )
 
 
+# A whole open_clip ConvNeXt CLIP checkpoint (what MGM loads its HR tower from): the image trunk is
+# ``visual.trunk.*`` in timm names; the text tower and the image head are not ours.
+OPEN_CLIP = KeyLayout(children=(("", "visual.trunk.", TIMM),), ignore=(r"(?!visual\.trunk\.).*",))
+
+
 class ConvNextModel(nnx.Module, Pretrained):
     config_class = ConvNextConfig
-    key_layouts = {"hf": HF, "timm": TIMM}
+    key_layouts = {"hf": HF, "timm": TIMM, "open_clip": OPEN_CLIP}
 
     def __init__(self, config: ConvNextConfig, *, rngs: nnx.Rngs):
         self.config = config
