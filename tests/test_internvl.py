@@ -187,3 +187,16 @@ def test_internvl2_2b_layout_with_packed_internlm2(tmp_path, report):
         ref = hf(input_ids=ids, pixel_values=pixels).logits
     report("internvl[internlm2] logits", max_abs(model(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy()))[0],
                                                  ref), 1e-4)
+
+
+def test_merged_embeddings_match_masked_scatter(pair, report):
+    """The static gather fills placeholders exactly as transformers' masked_scatter does (row-major order)."""
+    text, hf, _, model = pair
+    ids, pixels = _inputs()
+    with torch.no_grad():
+        embeds = hf.get_input_embeddings()(ids)
+        feats = hf.model.get_image_features(pixel_values=pixels).pooler_output
+        mask = (ids == IMAGE_TOKEN)[..., None].expand_as(embeds)
+        want = embeds.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]))
+    got = model.embed(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy()), image_token_id=IMAGE_TOKEN)
+    report(f"internvl[{text}] merged embeddings", max_abs(got, want), 1e-4)

@@ -244,3 +244,15 @@ def test_hr_tower_from_an_open_clip_file(pair, tmp_path, report):
         report(f"mgm {mode} HR tower from open_clip ({src.name})", max_abs(loaded.hr_features(x), want), 0.0)
     with pytest.raises(mgjax.convert.safetensors_io.CheckpointError, match="missing: model.vision_tower_aux"):
         mgjax.from_pretrained(bare)
+
+
+def test_merged_embeddings_match_mgm_splicing(pair, report):
+    mode, ref, _, model = pair
+    ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
+    with torch.no_grad():
+        feats = ref.features(images, images_aux)
+        embed = ref.llm.get_input_embeddings()
+        want = torch.stack([torch.cat([embed(ids[b, :at]), feats[b], embed(ids[b, at + 1:])])
+                            for b, at in ((0, 2), (1, 5))])
+    got = model.embed(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
+    report(f"mgm {mode} merged embeddings", max_abs(got, want), 1e-4)
