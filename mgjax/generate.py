@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -132,6 +132,19 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], ids, axis=0)
 
 
+class FeedForward(nnx.Module):
+    """A ViT's MLP: ``fc2(act(fc1(x)))`` with biases (CLIP, InternViT)."""
+
+    def __init__(self, dim: int, inner: int, *, act: str, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Linear(dim, inner, axes=("mlp", "embed"), **kw)
+        self.fc2 = Linear(inner, dim, axes=("embed", "mlp"), **kw)
+        self.act = activation(act)
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -220,6 +233,19 @@ def scan(layers: nnx.Module, x, xs=None, *, remat: str = "none", unroll: int = 1
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     return jax.lax.scan(body, x, (state, xs), unroll=unroll)
+
+
+def first_layers(layers: nnx.Module, n: int) -> nnx.Module:
+    """The first ``n`` of stacked ``layers`` (a slice of the stacked weights: later layers are never run)."""
+    graphdef, state = nnx.split(layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda p: p[:n], state))
+
+
+def hidden_state_index(select_layer: int, n_layers: int) -> int:
+    """HF ``hidden_states[select_layer]`` as a count of layers to run (index 0 = the embeddings)."""
+    if not -(n_layers + 1) <= select_layer <= n_layers:
+        raise ValueError(f"select_layer {select_layer} out of range for {n_layers} layers")
+    return select_layer % (n_layers + 1)
 
 
 def num_layers(layers: nnx.Module) -> int:

@@ -99,24 +99,14 @@ class CLIPAttention(nnx.Module):
         return self.out_proj(out.reshape(b, t, d))
 
 
-class CLIPMLP(nnx.Module):
-    def __init__(self, c: CLIPVisionConfig, rngs: nnx.Rngs):
-        kw = dict(bias=True, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.fc1 = layers.Linear(c.hidden_size, c.intermediate_size, axes=("mlp", "embed"), **kw)
-        self.fc2 = layers.Linear(c.intermediate_size, c.hidden_size, axes=("embed", "mlp"), **kw)
-        self.act = layers.activation(c.hidden_act)
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class CLIPEncoderLayer(nnx.Module):
     def __init__(self, c: CLIPVisionConfig, rngs: nnx.Rngs):
         norm = dict(eps=c.layer_norm_eps, param_dtype=c.param_dtype, rngs=rngs)
         self.layer_norm1 = layers.LayerNorm(c.hidden_size, **norm)
         self.self_attn = CLIPAttention(c, rngs)
         self.layer_norm2 = layers.LayerNorm(c.hidden_size, **norm)
-        self.mlp = CLIPMLP(c, rngs)
+        self.mlp = layers.FeedForward(c.hidden_size, c.intermediate_size, act=c.hidden_act, dtype=c.dtype,
+                                       param_dtype=c.param_dtype, rngs=rngs)
 
     def __call__(self, x, _, *, keep: bool):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -161,9 +151,8 @@ class CLIPVisionModel(nnx.Module, Pretrained):
         if n_layers == 0:
             return x, x, None
         stack = self.encoder.layers
-        if n_layers < self.config.num_hidden_layers:  # slice the stacked weights: later layers are never run
-            graphdef, state = nnx.split(stack)
-            stack = nnx.merge(graphdef, jax.tree.map(lambda p: p[:n_layers], state))
+        if n_layers < self.config.num_hidden_layers:
+            stack = layers.first_layers(stack, n_layers)
         last, per_layer = layers.scan(stack, x, remat=self.config.remat, keep=keep)
         return x, last, per_layer
 
@@ -177,8 +166,6 @@ class CLIPVisionModel(nnx.Module, Pretrained):
     def features(self, pixel_values: jax.Array, *, select_layer: int = -2, drop_cls: bool = True,
                  interpolate_pos_encoding: bool = False) -> jax.Array:
         """HF ``hidden_states[select_layer]`` (index 0 = embeddings), CLS dropped: [B, N, D]."""
-        n = self.config.num_hidden_layers
-        if not -(n + 1) <= select_layer <= n:
-            raise ValueError(f"select_layer {select_layer} out of range for {n} layers")
-        _, h, _ = self._run(pixel_values, interpolate_pos_encoding, select_layer % (n + 1), False)
+        n_layers = layers.hidden_state_index(select_layer, self.config.num_hidden_layers)
+        _, h, _ = self._run(pixel_values, interpolate_pos_encoding, n_layers, False)
         return h[:, 1:] if drop_cls else h

@@ -159,17 +159,6 @@ class InternVisionAttention(nnx.Module):
         return self.projection_layer(out.reshape(b, t, d))
 
 
-class InternVisionMLP(nnx.Module):
-    def __init__(self, c: InternVisionConfig, rngs: nnx.Rngs):
-        kw = dict(bias=True, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.fc1 = layers.Linear(c.hidden_size, c.intermediate_size, axes=("mlp", "embed"), **kw)
-        self.fc2 = layers.Linear(c.intermediate_size, c.hidden_size, axes=("embed", "mlp"), **kw)
-        self.act = layers.activation(c.hidden_act)
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class InternVisionLayer(nnx.Module):
     def __init__(self, c: InternVisionConfig, rngs: nnx.Rngs):
         scale = lambda k, s, dt: jnp.full(s, c.layer_scale_init_value, dt)  # noqa: E731
@@ -177,7 +166,8 @@ class InternVisionLayer(nnx.Module):
         self.attention = InternVisionAttention(c, rngs)
         self.lambda_1 = layers.param(rngs, scale, (c.hidden_size,), ("norm",), c.param_dtype)
         self.layernorm_after = _norm(c, rngs)
-        self.mlp = InternVisionMLP(c, rngs)
+        self.mlp = layers.FeedForward(c.hidden_size, c.intermediate_size, act=c.hidden_act, dtype=c.dtype,
+                                       param_dtype=c.param_dtype, rngs=rngs)
         self.lambda_2 = layers.param(rngs, scale, (c.hidden_size,), ("norm",), c.param_dtype)
 
     def __call__(self, x, drop, *, keep: bool):
@@ -246,9 +236,8 @@ class InternVisionModel(nnx.Module, Pretrained):
         if n_layers == 0:
             return x, x, None
         stack = self.encoder.layer
-        if n_layers < self.config.num_hidden_layers:  # slice the stacked weights: later layers are never run
-            graphdef, state = nnx.split(stack)
-            stack = nnx.merge(graphdef, jax.tree.map(lambda p: p[:n_layers], state))
+        if n_layers < self.config.num_hidden_layers:
+            stack = layers.first_layers(stack, n_layers)
             drops = None if drops is None else jax.tree.map(lambda a: a[:n_layers], drops)
         last, per_layer = layers.scan(stack, x, drops, remat=self.config.remat, keep=keep)
         return x, last, per_layer
@@ -267,10 +256,8 @@ class InternVisionModel(nnx.Module, Pretrained):
                  deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
         """What InternVL feeds its connector: HF ``hidden_states[select_layer]`` (-1: the last layer, no norm),
         CLS dropped after the encoder: [B, N, D]."""
-        n = self.config.num_hidden_layers
-        if not -(n + 1) <= select_layer <= n:
-            raise ValueError(f"select_layer {select_layer} out of range for {n} layers")
-        _, h, _ = self._run(pixel_values, select_layer % (n + 1), False, self._drops(deterministic, rngs))
+        n_layers = layers.hidden_state_index(select_layer, self.config.num_hidden_layers)
+        _, h, _ = self._run(pixel_values, n_layers, False, self._drops(deterministic, rngs))
         if select_layer == -1 and self.layernorm is not None:  # HF takes last_hidden_state there
             h = self.layernorm(h)
         return h[:, 1:] if drop_cls else h

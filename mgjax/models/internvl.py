@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mgjax import layers
