@@ -1,5 +1,5 @@
 """Mini-Gemini end to end against a PyTorch reference assembled in the test: transformers' CLIPVisionModel,
-ConvNextModel and LlamaForCausalLM, plus patch info mining and MGM's splicing written in torch from the spec
+ConvNextModel and LlamaForCausalLM / GemmaForCausalLM, plus patch info mining and MGM's splicing written in torch from the spec
 (``../shared/specs/mgm.md`` sections 1-3), in standard and HD modes. The mgjax model loads from an MGM-layout
 checkpoint written here by hand."""
 import json
@@ -24,7 +24,9 @@ CONVNEXT = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], layer_scale_i
 LLAMA = dict(vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=False)
 MODES = {"standard": dict(image_grid=1, image_global=False, image_size_aux=64),  # HR 16x16 map: 4x4 windows
-         "hd": dict(image_grid=2, image_global=True, image_size_aux=128)}  # HR 32x32; crops and global 16x16
+         "hd": dict(image_grid=2, image_global=True, image_size_aux=128),  # HR 32x32; crops and global 16x16
+         "gemma": dict(image_grid=1, image_global=False, image_size_aux=64)}  # MGM-2B: Gemma scales image tokens too
+GEMMA = dict(LLAMA, head_dim=12, tie_word_embeddings=True)
 
 
 def _perturbed(model):
@@ -44,7 +46,9 @@ class Reference(torch.nn.Module):
         self.mode = MODES[mode]
         self.clip = _perturbed(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)))
         self.convnext = _perturbed(transformers.ConvNextModel(transformers.ConvNextConfig(**CONVNEXT)))
-        self.llm = _perturbed(transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)))
+        self.gemma = mode == "gemma"
+        self.llm = _perturbed(transformers.GemmaForCausalLM(transformers.GemmaConfig(**GEMMA)) if self.gemma
+                              else transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)))
         c, aux, d = CLIP["hidden_size"], sum(CONVNEXT["hidden_sizes"]), LLAMA["hidden_size"]
         pre_norm = lambda i, o: torch.nn.Sequential(torch.nn.LayerNorm(i), torch.nn.Linear(i, o))  # noqa: E731
         self.query, self.key, self.val = pre_norm(c, c), pre_norm(aux, c), pre_norm(aux, c)
@@ -80,15 +84,21 @@ class Reference(torch.nn.Module):
         tokens = torch.cat([self.mine(glob_low, glob), self.mine(crops_low, crops).reshape(b, -1, low.shape[-1])], 1)
         return self.mm_projector(tokens)
 
-    def logits(self, ids, images, images_aux):
-        """``ids`` hold one -200 per sample, spliced as MGM's prepare_inputs_labels_for_multimodal does."""
-        feats = self.features(images, images_aux)
-        embed = self.llm.get_input_embeddings()
+    def splice(self, ids, feats):
+        """``ids`` hold one -200 per sample, spliced as MGM's prepare_inputs_labels_for_multimodal does (token
+        embeddings as stored: transformers 5 folds Gemma's scale into its embedding layer, MGM's 4.38 did not)."""
         rows = []
         for b in range(ids.shape[0]):
             at = int((ids[b] == IMAGE_TOKEN_INDEX).nonzero())
+            embed = lambda x: F.embedding(x, self.llm.model.embed_tokens.weight)  # noqa: E731
             rows.append(torch.cat([embed(ids[b, :at]), feats[b], embed(ids[b, at + 1:])]))
-        return self.llm(inputs_embeds=torch.stack(rows)).logits
+        return torch.stack(rows)
+
+    def logits(self, ids, images, images_aux):
+        x = self.splice(ids, self.features(images, images_aux))
+        if self.gemma:  # MGM-2B scaled the whole spliced sequence, image tokens included (spec 4.1)
+            x = x * torch.tensor(self.llm.config.hidden_size ** 0.5, dtype=x.dtype)
+        return self.llm(inputs_embeds=x).logits
 
     def checkpoint(self, path):
         """An MGM-layout checkpoint of these weights and its config.json."""
@@ -103,9 +113,11 @@ class Reference(torch.nn.Module):
         for name, seq in (("vlm_uni_query_projector", self.query), ("vlm_uni_aux_projector", self.key),
                           ("vlm_uni_val_projector", self.val), ("mm_projector", self.mm_projector)):
             out.update({f"model.{name}.{k}": v for k, v in seq.state_dict().items()})
-        out.update(self.llm.state_dict())
+        tied = self.llm.config.tie_word_embeddings
+        out.update({k: v for k, v in self.llm.state_dict().items() if not (tied and k == "lm_head.weight")})
         safetensors.torch.save_file({k: v.contiguous() for k, v in out.items()}, path / "model.safetensors")
-        config = {**self.llm.config.to_dict(), "model_type": "mgm", "architectures": ["MGMLlamaForCausalLM"],
+        kind, arch = ("mgm_gemma", "MGMGemmaForCausalLM") if self.gemma else ("mgm", "MGMLlamaForCausalLM")
+        config = {**self.llm.config.to_dict(), "model_type": kind, "architectures": [arch],
                   "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
                   "mm_hidden_size_aux": 80, **self.mode, "vision_config": self.clip.config.to_dict(),
                   "vision_aux_config": {**self.convnext.config.to_dict(), "final_norm": False}}
@@ -137,7 +149,8 @@ def pair(request, tmp_path_factory):
 
 def test_logits_match_the_pytorch_reference(pair, report):
     mode, ref, _, model = pair
-    assert model.config.tokens_per_image == {"standard": 16, "hd": 80}[mode]
+    assert model.config.tokens_per_image == {"standard": 16, "hd": 80, "gemma": 16}[mode]
+    assert model.config.llm.model_type == ("gemma" if mode == "gemma" else "llama")
     ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
     with torch.no_grad():
         want = ref.logits(ids, images, images_aux)
@@ -250,9 +263,6 @@ def test_merged_embeddings_match_mgm_splicing(pair, report):
     mode, ref, _, model = pair
     ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
     with torch.no_grad():
-        feats = ref.features(images, images_aux)
-        embed = ref.llm.get_input_embeddings()
-        want = torch.stack([torch.cat([embed(ids[b, :at]), feats[b], embed(ids[b, at + 1:])])
-                            for b, at in ((0, 2), (1, 5))])
+        want = ref.splice(ids, ref.features(images, images_aux))
     got = model.embed(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
     report(f"mgm {mode} merged embeddings", max_abs(got, want), 1e-4)

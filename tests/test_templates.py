@@ -9,7 +9,7 @@ from mgjax import templates as T
 
 SPECIALS = ["</s>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>",
-            "<|assistant|>", "<|end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>"]
+            "<|assistant|>", "<|end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>", "<ref>", "</ref>", "<box>", "</box>"]
 CONVERSATION = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A red cat."},
                 {"from": "human", "value": "And its size?"}, {"from": "gpt", "value": "Small."}]
 S = T.INTERNVL_SYSTEM
@@ -117,3 +117,13 @@ def test_malformed_conversations_are_named():
         T.render(T.get("v1"), CONVERSATION[:3], sample="8")
     with pytest.raises(ValueError, match="unknown conversation template 'vicuna'"):
         T.get("vicuna")
+
+
+def test_grounding_answers_train_their_ref_and_box_tokens(tokenizer):
+    answer = "<ref>a red cat</ref><box>[[10, 20, 300, 400]]</box>"
+    conv = [{"from": "human", "value": "<image>\nWhere is the cat?"}, {"from": "gpt", "value": answer}]
+    ids, labels = T.encode(T.render(T.get("Hermes-2"), conv), tokenizer)
+    trained = labels[labels != T.IGNORE_INDEX]
+    assert tokenizer.decode(trained) == answer + "<|im_end|>"
+    for special in ("<ref>", "</ref>", "<box>", "</box>"):  # each one token, trained
+        assert tokenizer.convert_tokens_to_ids(special) in trained
