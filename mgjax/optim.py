@@ -1,0 +1,72 @@
+"""What trains and how: parameters chosen by regex over their HF-style paths, AdamW with HF's warmup+cosine.
+
+Frozen parameters get no optimizer state at all (the optimizer is built over the trainable subset only), which
+is where most of the memory of a frozen tower would otherwise go.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# MGM's stages (spec section 6.1): stage 1 trains the projector and the mining projections; stage 2 adds the LLM.
+MGM_STAGE1 = (r"mm_projector\..*", r"vlm_uni_\w+_projector\..*")
+MGM_STAGE2 = MGM_STAGE1 + (r"language_model\..*",)
+
+
+def path_string(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def trainable(patterns: Sequence[str]):
+    """An nnx filter: ``Param``s whose dotted path fully matches one of ``patterns``."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def select(path, value) -> bool:
+        name = path_string(path)
+        return isinstance(value, nnx.Param) and any(p.fullmatch(name) for p in compiled)
+
+    return select
+
+
+def count_params(model: nnx.Module, which=nnx.Param) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, which)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW as HF Trainer builds it (betas 0.9/0.999, eps 1e-8) with linear warmup over ``ceil(warmup_ratio *
+    steps)`` steps from 0, then a half cosine to 0. ``clip_norm`` 0 disables clipping (MGM ran without)."""
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 0.0
+
+
+def schedule(c: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = math.ceil(total_steps * c.warmup_ratio)  # HF's rounding, float noise included
+    return optax.warmup_cosine_decay_schedule(0.0, c.lr, warmup, max(total_steps, warmup + 1), 0.0)
+
+
+def adamw(c: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    tx = optax.adamw(schedule(c, total_steps), b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(c.clip_norm), tx) if c.clip_norm > 0 else tx
+
+
+def masked_next_token_loss(logits: jax.Array, labels: jax.Array, ignore: int = -100) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy over positions whose *next* label is not ``ignore``, and their count, so
+    a caller can average over the global batch's target tokens (not a mean of per-device means)."""
+    target = labels[:, 1:]
+    valid = target != ignore
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid)
