@@ -2,6 +2,7 @@
 layout (``vision_model.* / mlp1.* / language_model.*``) mapped onto the same model."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -200,3 +201,16 @@ def test_merged_embeddings_match_masked_scatter(pair, report):
         want = embeds.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]))
     got = model.embed(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy()), image_token_id=IMAGE_TOKEN)
     report(f"internvl[{text}] merged embeddings", max_abs(got, want), 1e-4)
+
+
+def test_bf16_is_close_by_kl(pair):
+    text, hf, path, _ = pair
+    model = mgjax.from_pretrained(path, dtype=jnp.bfloat16)
+    ids, pixels = _inputs()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(input_ids=ids, pixel_values=pixels).logits, -1).numpy()
+    logits, _ = model(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy(), jnp.bfloat16))
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    kl = float(np.mean(np.sum(np.exp(ref) * (ref - logp), -1)))
+    print(f"[parity] internvl[{text}] bf16 KL {kl:.2e} (bound 1e-2)")
+    assert kl <= 1e-2

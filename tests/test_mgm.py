@@ -4,6 +4,7 @@ ConvNextModel and LlamaForCausalLM / GemmaForCausalLM, plus patch info mining an
 checkpoint written here by hand."""
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -266,3 +267,17 @@ def test_merged_embeddings_match_mgm_splicing(pair, report):
         want = ref.splice(ids, ref.features(images, images_aux))
     got = model.embed(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
     report(f"mgm {mode} merged embeddings", max_abs(got, want), 1e-4)
+
+
+def test_bf16_is_close_by_kl(pair):
+    mode, ref, path, _ = pair
+    model = mgjax.from_pretrained(path, dtype=jnp.bfloat16)
+    ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
+    with torch.no_grad():
+        want = torch.log_softmax(ref.logits(ids, images, images_aux), -1).numpy()
+    logits, _ = model(jnp.asarray(ours), jnp.asarray(images.numpy(), jnp.bfloat16),
+                      jnp.asarray(images_aux.numpy(), jnp.bfloat16))
+    logp = np.asarray(jax.nn.log_softmax(logits, -1))
+    kl = float(np.mean(np.sum(np.exp(want) * (want - logp), -1)))
+    print(f"[parity] mgm {mode} bf16 KL {kl:.2e} (bound 1e-2)")
+    assert kl <= 1e-2
