@@ -12,19 +12,32 @@ import numpy as np
 
 
 def merge_image_embeddings(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
-    """``embeds`` [B, T, D] with the k-th True position of ``is_image`` [B, T] (row-major over the batch)
-    replaced by ``features[k]`` ([N, D]); the same order as transformers' ``masked_scatter``."""
-    flat = is_image.reshape(-1)
-    index = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1).reshape(is_image.shape)
-    return jnp.where(is_image[..., None], features[index].astype(embeds.dtype), embeds)
+    """``embeds`` [B, T, D] with its image positions (``is_image`` [B, T]) filled from ``features``.
+
+    ``features`` [N, D]: the k-th image position, row-major over the batch, takes row k (transformers'
+    ``masked_scatter`` order; InternVL's tiles of all samples concatenated). ``features`` [B, N, D]: each row's
+    k-th image position takes its own ``features[b, k]`` (MGM: one image per sample; a text-only row has no
+    image positions and ignores its features)."""
+    if features.ndim == 3:
+        index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+        picked = jnp.take_along_axis(features, index[..., None], axis=1)
+    else:
+        index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1).reshape(is_image.shape)
+        picked = features[index]
+    return jnp.where(is_image[..., None], picked.astype(embeds.dtype), embeds)
 
 
-def check_image_tokens(input_ids: jax.Array, token: int, n_features: int) -> None:
-    """Raise if the placeholder count differs from the number of embeddings (checked whenever the ids are
-    concrete; under ``jit`` the data pipeline is responsible)."""
+def check_image_tokens(input_ids: jax.Array, token: int, n_features: int, per_row: bool = False) -> None:
+    """Raise if the placeholder count differs from the number of embeddings (``per_row``: each row holds none or
+    exactly ``n_features``). Checked whenever the ids are concrete; under ``jit`` the data pipeline is
+    responsible."""
     if isinstance(input_ids, jax.core.Tracer):
         return
-    count = int((np.asarray(input_ids) == token).sum())
-    if count != n_features:
-        raise ValueError(f"the prompt holds {count} image placeholder tokens (id {token}) but the images give "
-                         f"{n_features} embeddings")
+    counts = (np.asarray(input_ids) == token).sum(axis=-1)
+    if per_row:
+        bad = [int(c) for c in counts if c not in (0, n_features)]
+        if bad:
+            raise ValueError(f"rows hold {bad} image placeholder tokens (id {token}); each needs 0 or {n_features}")
+    elif int(counts.sum()) != n_features:
+        raise ValueError(f"the prompt holds {int(counts.sum())} image placeholder tokens (id {token}) but the "
+                         f"images give {n_features} embeddings")

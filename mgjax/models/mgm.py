@@ -208,15 +208,15 @@ class MGMForCausalLM(nnx.Module, Pretrained):
 
     def embed(self, input_ids: jax.Array, images: jax.Array | None = None, images_aux: jax.Array | None = None,
               *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """The LLM's input embeddings [B, T, D]. Each image occupies ``tokens_per_image`` consecutive
-        ``IMAGE_TOKEN_INDEX`` (-200) ids, filled in order (static shapes; MGM splices one -200 dynamically)."""
+        """The LLM's input embeddings [B, T, D]. A row's image (``images[b]``) occupies ``tokens_per_image``
+        consecutive ``IMAGE_TOKEN_INDEX`` (-200) ids (static shapes; MGM splices one -200 dynamically); a
+        text-only row has none, and its (zero) image is ignored."""
         is_image = input_ids == IMAGE_TOKEN_INDEX
         embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
         if images is None:
             return embeds
         feats = self.image_features(images, images_aux, deterministic=deterministic, rngs=rngs)
-        feats = feats.reshape(-1, feats.shape[-1])
-        check_image_tokens(input_ids, IMAGE_TOKEN_INDEX, feats.shape[0])
+        check_image_tokens(input_ids, IMAGE_TOKEN_INDEX, feats.shape[1], per_row=True)
         return merge_image_embeddings(embeds, is_image, feats)
 
     def __call__(self, input_ids: jax.Array, images: jax.Array | None = None, images_aux: jax.Array | None = None,

@@ -1,0 +1,168 @@
+"""LLaVA/MGM-format training records -> fixed-length model inputs, with every bad record counted and reported.
+
+A record is ``{"id", "image"?: path, "conversations": [{"from": "human"|"gpt", "value"}, ...]}`` under an image
+root. Both original codebases quietly zero a bad sample's labels and train on it anyway; here a record that cannot
+be used exactly (unreadable JSON line, missing or corrupt image, ``<image>`` count not matching the images, a
+tokenization that straddles a prompt/answer boundary, no trained token left within ``max_length``) becomes a
+``BadSample`` carrying its id and reason, and ``BadSamples`` keeps the tally, writes the report, and stops the run
+when they exceed the allowed fraction.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mgjax import preprocess, templates
+from mgjax.models.mgm import IMAGE_TOKEN_INDEX, MGMConfig
+
+
+class BadSample(ValueError):
+    def __init__(self, sample: str, reason: str, detail: str):
+        super().__init__(f"sample {sample}: {reason}: {detail}")
+        self.sample, self.reason, self.detail = sample, reason, detail
+
+
+def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any] | BadSample]:
+    """Records of a JSON list file or a JSONL file; an unreadable JSONL line yields a ``BadSample`` naming it."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":
+            try:
+                yield from json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                yield BadSample(f"{path.name}:{n}", "unreadable JSON line", str(e))
+
+
+@dataclass
+class BadSamples:
+    """The tally of skipped records. ``check`` raises once they exceed ``max_fraction`` of those seen (mid-run
+    only after ``min_seen`` records, so a bad first record does not end a run on its own)."""
+    max_fraction: float = 0.01
+    min_seen: int = 100
+    seen: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def add(self, bad: BadSample) -> None:
+        self.seen += 1
+        self.reasons[bad.reason] += 1
+        self.examples.setdefault(bad.reason, []).append(f"{bad.sample}: {bad.detail}")
+
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+    def check(self, final: bool = False) -> None:
+        if (final or self.seen >= self.min_seen) and self.count > self.max_fraction * self.seen:
+            raise RuntimeError(f"{self.count} of {self.seen} samples are unusable (> {self.max_fraction:.1%}): "
+                               + "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
+                               + " (see the bad-sample report)")
+
+    def write(self, path: str | os.PathLike) -> None:
+        report = {"seen": self.seen, "skipped": self.count, "by_reason": dict(self.reasons),
+                  "samples": self.examples}
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class MGMSamples:
+    """One record -> ``input_ids``/``labels`` [max_length] (right-padded with ``pad_id`` / -100) and
+    ``images``/``images_aux`` (zeros for text-only records, which still carry a ``has_image`` of 0).
+    ``pad_to_square``: stage 2 and inference (MGM's ``image_aspect_ratio='pad'``); stage 1 centre-crops."""
+    config: MGMConfig
+    tokenizer: Any
+    template: str
+    image_folder: str
+    max_length: int = 2048
+    pad_to_square: bool = True
+    pad_id: int = 0
+
+    def _image(self, record, sample: str):
+        name = record.get("image")
+        if name is None:
+            return None
+        if not isinstance(name, str):
+            raise BadSample(sample, "unsupported image field", f"{name!r} (one image path per sample)")
+        try:
+            return preprocess.load_image(Path(self.image_folder) / name)
+        except preprocess.ImageError as e:
+            raise BadSample(sample, "missing or corrupt image", str(e)) from None
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        sample = str(record.get("id", "?"))
+        c = self.config
+        image = self._image(record, sample)
+        convs = record.get("conversations")
+        if not isinstance(convs, list):
+            raise BadSample(sample, "no conversations", f"{type(convs).__name__} instead of a list")
+        marks = sum(str(t.get("value", "")).count(templates.IMAGE) for t in convs if isinstance(t, dict))
+        if marks != int(image is not None):
+            raise BadSample(sample, "<image> count mismatch", f"{marks} placeholders for "
+                                                              f"{int(image is not None)} image")
+        try:
+            segments = templates.render(templates.get(self.template), convs, sample=sample)
+            ids, labels = templates.encode(segments, self.tokenizer, sample=sample, image_id=IMAGE_TOKEN_INDEX,
+                                           image_tokens=c.tokens_per_image)
+        except templates.TokenizationError as e:
+            raise BadSample(sample, "tokenization mismatch", str(e)) from None
+        ids, labels = ids[:self.max_length], labels[:self.max_length]
+        if image is not None and (ids == IMAGE_TOKEN_INDEX).sum() != c.tokens_per_image:
+            raise BadSample(sample, "over-length", f"the image tokens end past max_length {self.max_length}")
+        if not (labels != templates.IGNORE_INDEX).any():
+            raise BadSample(sample, "over-length", f"no answer token within max_length {self.max_length}")
+        out_ids = np.full(self.max_length, self.pad_id, np.int32)
+        out_labels = np.full(self.max_length, templates.IGNORE_INDEX, np.int32)
+        out_ids[:len(ids)], out_labels[:len(labels)] = ids, labels
+        images, aux = self._pixels(image)
+        return {"input_ids": out_ids, "labels": out_labels, "attention_mask": (np.arange(self.max_length) < len(ids)),
+                "images": images, "images_aux": aux, "has_image": np.int32(image is not None)}
+
+    def _pixels(self, image) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
+        if image is None:
+            s = c.vision.image_size
+            shape = (3, s, s) if c.image_grid == 1 else (c.views, 3, s, s)
+            return np.zeros(shape, np.float32), np.zeros((3, c.image_size_aux, c.image_size_aux), np.float32)
+        return preprocess.mgm_images(image, image_size_aux=c.image_size_aux, image_grid=c.image_grid,
+                                     image_global=c.image_global, image_size=c.vision.image_size,
+                                     pad=self.pad_to_square)
+
+
+def build(records, make, report: BadSamples) -> Iterator[dict[str, np.ndarray]]:
+    """Apply ``make`` to each record, skipping (and tallying) bad ones; ``report.check`` after each and at the
+    end."""
+    for record in records:
+        try:
+            if isinstance(record, BadSample):
+                raise record
+            sample = make(record)
+        except BadSample as bad:
+            report.add(bad)
+        else:
+            report.ok()
+            yield sample
+        report.check()
+    report.check(final=True)
