@@ -1,0 +1,50 @@
+"""Run configs: YAML with base inheritance, --set overrides, and errors that name the key and its source."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from mgjax import config
+from mgjax.optim import OptimConfig
+
+
+@dataclass(frozen=True)
+class Data:
+    path: str = ""
+    max_length: int = 2048
+    templates: tuple[str, ...] = ("v1",)
+
+
+@dataclass(frozen=True)
+class Run:
+    data: Data = field(default_factory=Data)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int | None = field(default=None, metadata={"help": "None: one epoch"})
+
+
+def test_yaml_base_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("data:\n  path: a.json\n  max_length: 4096\noptim:\n  lr: 1.0e-3\n")
+    (tmp_path / "stage2.yaml").write_text("base: base.yaml\noptim:\n  lr: 2.0e-5\nsteps: 10\n")
+    run = config.load(Run, tmp_path / "stage2.yaml", ["optim.clip_norm=1", "data.templates=[gemma, v1]"])
+    assert run == Run(Data("a.json", 4096, ("gemma", "v1")), OptimConfig(lr=2e-5, clip_norm=1.0), 10)
+    assert config.load(Run) == Run()
+
+
+def test_unknown_keys_and_bad_values_name_their_source(tmp_path):
+    (tmp_path / "x.yaml").write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(config.ConfigError, match=r"x.yaml: unknown key optim.learning_rate; known under optim\.: "):
+        config.load(Run, tmp_path / "x.yaml")
+    with pytest.raises(config.ConfigError, match=r"--set data.max_length=long: data.max_length must be int"):
+        config.load(Run, sets=["data.max_length=long"])
+    with pytest.raises(config.ConfigError, match="expected KEY=VALUE"):
+        config.load(Run, sets=["optim.lr"])
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(config.ConfigError, match="cycle"):
+        config.load(Run, tmp_path / "a.yaml")
+
+
+def test_describe_lists_every_field():
+    lines = config.describe(Run)
+    assert "data.max_length: int = 2048" in lines
+    assert "optim.lr: float = 2e-05" in lines
+    assert any(line.startswith("steps: ") and "# None: one epoch" in line for line in lines)
