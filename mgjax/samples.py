@@ -27,6 +27,9 @@ class BadSample(ValueError):
         super().__init__(f"sample {sample}: {reason}: {detail}")
         self.sample, self.reason, self.detail = sample, reason, detail
 
+    def __reduce__(self):  # loader workers send bad samples back to the main process
+        return BadSample, (self.sample, self.reason, self.detail)
+
 
 def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any] | BadSample]:
     """Records of a JSON list file or a JSONL file; an unreadable JSONL line yields a ``BadSample`` naming it."""
