@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgjax import preprocess, templates
+from mgjax import preprocess, samples, templates
+from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 
 
 @partial(jax.jit, static_argnums=(0, 4))
@@ -103,11 +104,10 @@ def _inputs(model, tokenizer, template, prompt: str, image) -> tuple[np.ndarray,
         return np.asarray([tokenizer(prompt)["input_ids"]]), {}
     segments = templates.render(templates.get(template), [{"from": "human", "value": prompt}], generation=True)
     if hasattr(c, "vision_aux"):  # MGM
-        ids, _ = templates.encode(segments, tokenizer, image_id=-200, image_tokens=c.tokens_per_image)
+        ids, _ = templates.encode(segments, tokenizer, image_id=IMAGE_TOKEN_INDEX, image_tokens=c.tokens_per_image)
         if image is None:
             return ids[None], {}
-        images, aux = preprocess.mgm_images(image, image_size_aux=c.image_size_aux, image_grid=c.image_grid,
-                                            image_global=c.image_global, image_size=c.vision.image_size)
+        images, aux = samples.mgm_pixels(c, image)
         return ids[None], {"images": jnp.asarray(images[None]), "images_aux": jnp.asarray(aux[None])}
     text = "".join(s.text for s in segments)
     if image is None:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     stops = {tokenizer.eos_token_id} - {None}
     if template is not None:
         stop = templates.get(template).stop
-        stops |= {i for i in tokenizer(stop, add_special_tokens=False)["input_ids"][-1:]}
+        stops |= set(tokenizer(stop, add_special_tokens=False)["input_ids"][-1:])
     out = np.asarray(greedy(lm, ids, args.max_new_tokens, inputs_embeds=embeds, stop_ids=tuple(stops)))[0]
     new = list(out[ids.shape[1]:])
     cut = next((i for i, t in enumerate(new) if t in stops), len(new))

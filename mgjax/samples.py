@@ -149,9 +149,13 @@ class MGMSamples:
             s = c.vision.image_size
             shape = (3, s, s) if c.image_grid == 1 else (c.views, 3, s, s)
             return np.zeros(shape, np.float32), np.zeros((3, c.image_size_aux, c.image_size_aux), np.float32)
-        return preprocess.mgm_images(image, image_size_aux=c.image_size_aux, image_grid=c.image_grid,
-                                     image_global=c.image_global, image_size=c.vision.image_size,
-                                     pad=self.pad_to_square)
+        return mgm_pixels(c, image, pad=self.pad_to_square)
+
+
+def mgm_pixels(config: MGMConfig, image, *, pad: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, images_aux)`` of one PIL image at the model's own sizes (``preprocess.mgm_images``)."""
+    return preprocess.mgm_images(image, image_size_aux=config.image_size_aux, image_grid=config.image_grid,
+                                 image_global=config.image_global, image_size=config.vision.image_size, pad=pad)
 
 
 def build(records, make, report: BadSamples) -> Iterator[dict[str, np.ndarray]]:

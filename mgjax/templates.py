@@ -165,7 +165,7 @@ def encode(segments: Sequence[Segment], tokenizer, *, sample: str = "?", image_i
             labels += [IGNORE_INDEX] * image_tokens
             at += len(IMAGE)
         enc = tokenizer(chunk, add_special_tokens=i == 0, return_offsets_mapping=True)
-        for n, (tok, (start, end)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
+        for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
             ids.append(tok)
             if start == end:  # specials the tokenizer adds (BOS) cover no text: never trained
                 labels.append(IGNORE_INDEX)

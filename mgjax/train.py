@@ -117,16 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- model, data, optimizer
-    model, tok, data_path, images = _model_and_data(c, out)
-    records = list(samples.read_records(data_path))
-    make = samples.MGMSamples(model.config, tok, c.data.template, str(images), max_length=c.data.max_length,
-                              pad_to_square=c.data.pad_to_square, pad_id=tok.pad_token_id or 0)
-    per_host = c.train.global_batch // jax.process_count()
-    steps = c.train.steps or c.train.epochs * len(records) // c.train.global_batch
-    report = samples.BadSamples(max_fraction=c.data.max_bad_fraction)
-    batches = loader.Batches(records, make, batch=per_host, micro_batches=c.train.micro_batches, seed=c.data.seed,
-                             epochs=c.train.epochs, process_index=jax.process_index(),
-                             process_count=jax.process_count(), workers=c.data.workers, report=report)
+    try:  # a missing model or data file, an unreadable JSON, a batch that does not split: one line, exit 2
+        model, tok, data_path, images = _model_and_data(c, out)
+        records = list(samples.read_records(data_path))
+        make = samples.MGMSamples(model.config, tok, c.data.template, str(images), max_length=c.data.max_length,
+                                  pad_to_square=c.data.pad_to_square, pad_id=tok.pad_token_id or 0)
+        per_host = c.train.global_batch // jax.process_count()
+        steps = c.train.steps or c.train.epochs * len(records) // c.train.global_batch
+        report = samples.BadSamples(max_fraction=c.data.max_bad_fraction)
+        batches = loader.Batches(records, make, batch=per_host, micro_batches=c.train.micro_batches,
+                                 seed=c.data.seed, epochs=c.train.epochs, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), workers=c.data.workers, report=report)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     opt = make_optimizer(model, STAGES[c.train.stage], c.optim, steps)
     lr = optim.schedule(c.optim, steps)
     ckpts = Checkpoints(out / "checkpoints", keep=c.checkpoint.keep)

@@ -35,6 +35,9 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert train.main(["--config", DEMO, "--set", "optim.learnig_rate=1"]) == 2
     assert "unknown key optim.learnig_rate" in capsys.readouterr().err
     assert train.main(["--config", DEMO, "--set", "train.stage=stage3"]) == 2
+    missing = tmp_path / "nowhere.json"
+    assert train.main(["--config", DEMO, "--set", f"data.path={missing}", "--set", f"train.out_dir={tmp_path}"]) == 2
+    assert "nowhere.json" in capsys.readouterr().err
 
 
 def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -132,15 +132,15 @@ def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layouts: d
         for key, pieces in _plan(params, reader, layouts[layout], skipped).items():
             for piece in pieces:
                 by_param[piece.param].append((key, piece))
-        for n, ((_, var), reads) in enumerate(zip(params, by_param)):
-            if n in skipped:
+        for i, ((_, var), reads) in enumerate(zip(params, by_param)):
+            if i in skipped:
                 continue
             buf = host_buffer(var.shape, dtype or var.dtype)
             for key, piece in reads:
                 if piece.blocks is None:
                     reader.read(key, out=buf[piece.index])
-                for dst, src, n in piece.blocks or ():
-                    reader.read(key, out=buf[piece.index][dst:dst + n], rows=(src, src + n))
+                for dst, src, rows in piece.blocks or ():
+                    reader.read(key, out=buf[piece.index][dst:dst + rows], rows=(src, src + rows))
             var.set_value(place(buf, var))
             del buf
     return nnx.merge(graphdef, state)

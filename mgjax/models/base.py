@@ -29,6 +29,22 @@ class ModelConfig:
         raise NotImplementedError
 
 
+# overrides a composite model (MGM, InternVL) passes on to each of its sub-model configs
+SHARED_OVERRIDES = ("dtype", "param_dtype", "remat")
+
+
+def split_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(shared, own)``: the overrides every sub-model takes, and the composite config's own."""
+    shared = {k: v for k, v in overrides.items() if k in SHARED_OVERRIDES}
+    return shared, {k: v for k, v in overrides.items() if k not in SHARED_OVERRIDES}
+
+
+def registered(model_type: str):
+    """The mgjax class registered for an HF ``model_type`` (imported lazily: the registry imports the models)."""
+    from mgjax.pretrained import model_class
+    return model_class(model_type)
+
+
 def require(d: Mapping[str, Any], key: str, where: str):
     if key not in d:
         raise ValueError(f"{where}: config.json has no {key!r}")

@@ -23,16 +23,9 @@ from flax import nnx
 from mgjax import layers
 from mgjax.convert.keymap import HF, KeyLayout
 from mgjax.merge import check_image_tokens, merge_image_embeddings
-from mgjax.models.base import ModelConfig, Pretrained, require
+from mgjax.models.base import ModelConfig, Pretrained, registered, require, split_overrides
 from mgjax.models.decoder import DecoderConfig
 from mgjax.models.internvit import InternVisionConfig, InternVisionModel
-
-SHARED = ("dtype", "param_dtype", "remat")  # overrides that reach both towers
-
-
-def _llm_class(model_type: str):
-    from mgjax.pretrained import model_class  # the registry imports every model module lazily
-    return model_class(model_type)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +55,7 @@ class InternVLConfig(ModelConfig):
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], **overrides) -> "InternVLConfig":
-        shared = {k: overrides[k] for k in SHARED if k in overrides}
+        shared, own = split_overrides(overrides)
         native = d.get("model_type") == "internvl"
         where = f"{d.get('model_type')} config"
         vision = InternVisionConfig.from_hf(require(d, "vision_config", where), **shared)
@@ -71,7 +64,7 @@ class InternVLConfig(ModelConfig):
             text["tie_word_embeddings"] = d.get("tie_word_embeddings", True)
         else:
             text["tie_word_embeddings"] = False
-        llm = _llm_class(text.get("model_type")).config_class.from_hf(text, **shared)
+        llm = registered(text.get("model_type")).config_class.from_hf(text, **shared)
         ps = "v2" if native else d.get("ps_version", "v1")
         if ps not in ("v1", "v2"):
             raise ValueError(f"{where}: ps_version {ps!r} is not v1 or v2")
@@ -81,7 +74,7 @@ class InternVLConfig(ModelConfig):
                   template=d.get("template"), native=native, hf=dict(d))
         if native and d.get("vision_feature_select_strategy", "default") != "default":
             raise ValueError(f"{where}: vision_feature_select_strategy must be 'default' (CLS dropped)")
-        return cls(**{**kw, **{k: v for k, v in overrides.items() if k not in SHARED}}, **shared)
+        return cls(**{**kw, **own}, **shared)
 
     def to_hf(self) -> dict[str, Any]:
         d = {**self.hf, "vision_config": self.vision.to_hf(), "downsample_ratio": self.downsample_ratio}
@@ -125,7 +118,7 @@ class InternVLChatModel(nnx.Module, Pretrained):
 
     @classmethod
     def layouts(cls, config: InternVLConfig) -> dict[str, KeyLayout]:
-        llm = _llm_class(config.llm.model_type).layouts(config.llm)
+        llm = registered(config.llm.model_type).layouts(config.llm)
         vit = InternVisionModel.layouts(config.vision)
         internvl = KeyLayout(
             renames=((r"^multi_modal_projector\.layer_norm\.", "mlp1.0."),
@@ -150,7 +143,7 @@ class InternVLChatModel(nnx.Module, Pretrained):
         self.multi_modal_projector = Projector(
             config.vision.hidden_size * config.unshuffle ** 2, config.llm.hidden_size, act=config.projector_act,
             dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
-        self.language_model = _llm_class(config.llm.model_type)(config.llm, rngs=rngs)
+        self.language_model = registered(config.llm.model_type)(config.llm, rngs=rngs)
 
     def image_features(self, pixel_values: jax.Array, *, deterministic: bool = True,
                        rngs: nnx.Rngs | None = None) -> jax.Array:

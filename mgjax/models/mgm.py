@@ -23,14 +23,13 @@ from flax import nnx
 from mgjax import layers, mining, resize
 from mgjax.convert.keymap import KeyLayout
 from mgjax.merge import check_image_tokens, merge_image_embeddings
-from mgjax.models.base import ModelConfig, Pretrained
+from mgjax.models.base import ModelConfig, Pretrained, registered, split_overrides
 from mgjax.models.clip import PREFIXED, CLIPVisionConfig, CLIPVisionModel
 from mgjax.models.convnext import TIMM, ConvNextConfig, ConvNextModel
 from mgjax.models.decoder import DecoderConfig
 
 IMAGE_TOKEN_INDEX = -200  # MGM's placeholder id: never a vocabulary entry
 FAMILIES = {"mgm": "llama", "mini_gemini": "llama", "mgm_gemma": "gemma", "mgm_mixtral": "mixtral"}
-SHARED = ("dtype", "param_dtype", "remat")
 
 # The towers MGM names by local path in config.json (mm_vision_tower / mm_vision_tower_aux), as configs.
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -40,11 +39,6 @@ CONVNEXT_TRUNKS = {  # open_clip name fragments -> trunk (MGM drops the head, so
     ("base", "w-320"): dict(hidden_sizes=(128, 256, 512, 1024), depths=(3, 3, 27, 3)),
 }
 HR_DROP_PATH = 0.1  # open_clip's timm_drop_path, live unless MGM's config says drop_path: false
-
-
-def _llm_class(model_type: str):
-    from mgjax.pretrained import model_class  # the registry imports model modules lazily
-    return model_class(model_type)
 
 
 def _vision(d: Mapping[str, Any], shared) -> CLIPVisionConfig:
@@ -89,7 +83,7 @@ class MGMConfig(ModelConfig):
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], **overrides) -> "MGMConfig":
-        shared = {k: overrides[k] for k in SHARED if k in overrides}
+        shared, own = split_overrides(overrides)
         kind = d.get("model_type")
         if kind not in FAMILIES:
             raise ValueError(f"mgm config: model_type {kind!r} is not one of {sorted(FAMILIES)}")
@@ -97,11 +91,11 @@ class MGMConfig(ModelConfig):
             raise ValueError(f"mgm config: mm_projector_type {d['mm_projector_type']!r} is not mlp2x_gelu")
         llm_d = {k: v for k, v in d.items() if k not in ("vision_config", "vision_aux_config")}
         llm_d["model_type"] = FAMILIES[kind]
-        llm = _llm_class(FAMILIES[kind]).config_class.from_hf(llm_d, **shared)
+        llm = registered(FAMILIES[kind]).config_class.from_hf(llm_d, **shared)
         kw = dict(vision=_vision(d, shared), vision_aux=_vision_aux(d, shared), llm=llm,
                   select_layer=d.get("mm_vision_select_layer", -2), image_size_aux=d.get("image_size_aux", 768),
                   image_grid=d.get("image_grid", 1), image_global=d.get("image_global", False), hf=dict(d))
-        return cls(**{**kw, **{k: v for k, v in overrides.items() if k not in SHARED}}, **shared)
+        return cls(**{**kw, **own}, **shared)
 
     def to_hf(self) -> dict[str, Any]:
         kind = next(k for k, fam in FAMILIES.items() if fam == self.llm.model_type)
@@ -146,7 +140,7 @@ class MGMForCausalLM(nnx.Module, Pretrained):
 
     @classmethod
     def layouts(cls, config: MGMConfig) -> dict[str, KeyLayout]:
-        llm = next(iter(_llm_class(config.llm.model_type).layouts(config.llm).values()))
+        llm = next(iter(registered(config.llm.model_type).layouts(config.llm).values()))
         return {"mgm": KeyLayout(
             renames=((r"^mm_projector\.linear_1\.", "model.mm_projector.0."),
                      (r"^mm_projector\.linear_2\.", "model.mm_projector.2."),
@@ -167,7 +161,7 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         self.vlm_uni_aux_projector = PreNormLinear(aux, width, **kw)
         self.vlm_uni_val_projector = PreNormLinear(aux, width, **kw)
         self.mm_projector = MLPProjector(width, c.llm.hidden_size, **kw)
-        self.language_model = _llm_class(c.llm.model_type)(c.llm, rngs=rngs)
+        self.language_model = registered(c.llm.model_type)(c.llm, rngs=rngs)
 
     def hr_features(self, images_aux: jax.Array, *, deterministic: bool = True,
                     rngs: nnx.Rngs | None = None) -> jax.Array:
