@@ -248,7 +248,3 @@ def hidden_state_index(select_layer: int, n_layers: int) -> int:
     return select_layer % (n_layers + 1)
 
 
-def num_layers(layers: nnx.Module) -> int:
-    return jax.tree.leaves(nnx.state(layers))[0].shape[0]
-
-

@@ -13,22 +13,7 @@ import grain
 from absl import flags
 import numpy as np
 
-from mgjax.samples import BadSample, BadSamples
-
-
-class _Safe:
-    """``make`` with a bad record turned into its ``BadSample`` value (picklable, so it crosses to workers)."""
-
-    def __init__(self, make: Callable[[dict], dict]):
-        self.make = make
-
-    def __call__(self, record):
-        if isinstance(record, BadSample):
-            return record
-        try:
-            return self.make(record)
-        except BadSample as bad:
-            return bad
+from mgjax.samples import BadSamples, Safe, tally
 
 
 class Batches:
@@ -41,9 +26,8 @@ class Batches:
         if batch % micro_batches:
             raise ValueError(f"a batch of {batch} does not split into {micro_batches} micro-batches")
         ds = grain.MapDataset.source(list(records))
-        ds = grain.MapDataset.concatenate([ds.shuffle(seed=seed + e) for e in range(epochs)]) if epochs > 1 \
-            else ds.shuffle(seed=seed)
-        ds = ds[process_index::process_count].map(_Safe(make))
+        ds = grain.MapDataset.concatenate([ds.shuffle(seed=seed + e) for e in range(epochs)])
+        ds = ds[process_index::process_count].map(Safe(make))
         it = ds.to_iter_dataset()
         if workers:
             if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
@@ -52,24 +36,13 @@ class Batches:
         self._it = iter(it)
         self.batch, self.micro = batch, micro_batches
         self.report = report or BadSamples()
+        self._good = tally(self._it, self.report)  # holds nothing between batches: grain's state is the position
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = []
-        while len(rows) < self.batch:
-            try:
-                item = next(self._it)
-            except StopIteration:
-                self.report.check(final=True)
-                raise  # a last partial batch is dropped, as with drop_last
-            if isinstance(item, BadSample):
-                self.report.add(item)
-            else:
-                self.report.ok()
-                rows.append(item)
-            self.report.check()
+        rows = [next(self._good) for _ in range(self.batch)]  # a last partial batch is dropped (drop_last)
         return {k: np.stack([r[k] for r in rows]).reshape(self.micro, self.batch // self.micro,
                                                           *np.shape(rows[0][k])) for k in rows[0]}
 

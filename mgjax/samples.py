@@ -14,7 +14,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -158,18 +158,34 @@ def mgm_pixels(config: MGMConfig, image, *, pad: bool = True) -> tuple[np.ndarra
                                  image_global=config.image_global, image_size=config.vision.image_size, pad=pad)
 
 
-def build(records, make, report: BadSamples) -> Iterator[dict[str, np.ndarray]]:
-    """Apply ``make`` to each record, skipping (and tallying) bad ones; ``report.check`` after each and at the
-    end."""
-    for record in records:
+class Safe:
+    """``make`` with a bad record turned into its ``BadSample`` value (picklable, so it crosses to loader workers)."""
+
+    def __init__(self, make: Callable[[dict], dict]):
+        self.make = make
+
+    def __call__(self, record):
+        if isinstance(record, BadSample):
+            return record
         try:
-            if isinstance(record, BadSample):
-                raise record
-            sample = make(record)
+            return self.make(record)
         except BadSample as bad:
-            report.add(bad)
+            return bad
+
+
+def tally(items: Iterable, report: BadSamples) -> Iterator[dict[str, np.ndarray]]:
+    """The good items of a stream of samples and ``BadSample`` values; the bad ones go to ``report``, which is
+    checked after each item and at the end."""
+    for item in items:
+        if isinstance(item, BadSample):
+            report.add(item)
         else:
             report.ok()
-            yield sample
+            yield item
         report.check()
     report.check(final=True)
+
+
+def build(records, make, report: BadSamples) -> Iterator[dict[str, np.ndarray]]:
+    """``make`` applied to each record in this process, bad records skipped and tallied."""
+    return tally(map(Safe(make), records), report)
