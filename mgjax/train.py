@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from PIL import Image, ImageDraw
 
 import mgjax
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         batches.set_state(state)
         print(f"resumed from step {start}")
     print(f"{optim.count_params(model):,} parameters, "
-          f"{sum(x.size for x in jax.tree.leaves(nnx.state(model, opt.wrt))):,} trainable ({c.train.stage}); "
+          f"{optim.count_params(model, opt.wrt):,} trainable ({c.train.stage}); "
           f"{steps} steps of {c.train.global_batch}")
 
     # ---------------------------------------------------------------- the loop (metrics fetched one step behind)
