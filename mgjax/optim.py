@@ -24,13 +24,14 @@ def path_string(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def trainable(patterns: Sequence[str]):
-    """An nnx filter: ``Param``s whose dotted path fully matches one of ``patterns``."""
-    compiled = [re.compile(p) for p in patterns]
+def trainable(patterns: Sequence[str], frozen: Sequence[str] = ()):
+    """An nnx filter: ``Param``s whose dotted path fully matches one of ``patterns`` and none of ``frozen``."""
+    compiled, held = [re.compile(p) for p in patterns], [re.compile(p) for p in frozen]
 
     def select(path, value) -> bool:
         name = path_string(path)
-        return isinstance(value, nnx.Param) and any(p.fullmatch(name) for p in compiled)
+        return (isinstance(value, nnx.Param) and any(p.fullmatch(name) for p in compiled)
+                and not any(p.fullmatch(name) for p in held))
 
     return select
 

@@ -76,7 +76,7 @@ def bilinear_pixels(x: np.ndarray, size: int) -> np.ndarray:
     """[..., 3, H, W] -> [..., 3, size, size] like ``F.interpolate(mode='bilinear', align_corners=False)``."""
     rows = bilinear_matrix(x.shape[-2], size).astype(np.float32)
     cols = bilinear_matrix(x.shape[-1], size).astype(np.float32)
-    return np.einsum("hi,...ij,wj->...hw", rows, x, cols).astype(np.float32)
+    return (rows @ x.astype(np.float32) @ cols.T).astype(np.float32)  # matmuls: einsum takes no BLAS path here
 
 
 def mgm_images(img: Image.Image, *, image_size_aux: int = 768, image_grid: int = 1, image_global: bool = False,

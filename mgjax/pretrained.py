@@ -53,6 +53,21 @@ def init(config: ModelConfig, *, seed: int = 0) -> nnx.Module:
     return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()))())
 
 
+def assemble(config: ModelConfig, parts: dict[str, str | os.PathLike], *, seed: int = 0) -> nnx.Module:
+    """A model whose named top-level submodules load from their own HF checkpoints (MGM stage 1: the base LLM and
+    both towers) and whose other parameters (the projectors) are randomly initialised. Only those are computed:
+    the initialisers of the loaded parts are dead code in the compiled program."""
+    cls = model_class(config.model_type)
+    build = lambda: cls(config, rngs=nnx.Rngs(seed))  # noqa: E731
+    model = nnx.eval_shape(build)
+    fresh = lambda path, _: path[0] not in parts  # noqa: E731
+    nnx.update(model, jax.jit(lambda: nnx.state(build(), fresh))())
+    for name, path in parts.items():
+        sub = getattr(model, name)
+        setattr(model, name, hf.load_into(sub, path, layouts=type(sub).layouts(sub.config)))
+    return model
+
+
 def read_config(path: Path) -> dict:
     cfg = path / "config.json"
     if not cfg.exists():
@@ -78,8 +93,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
     path = Path(path)
     if config is None:
         d = read_config(path)
-        config = model_class(d.get("model_type")).config_class.from_hf(d, dtype=dtype, param_dtype=dtype,
-                                                                       **overrides)
+        config = model_class(d.get("model_type")).config_class.from_hf(
+            d, **{"dtype": dtype, "param_dtype": dtype, **overrides})
     cls = model_class(config.model_type)
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     towers = towers or {}

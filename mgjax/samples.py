@@ -54,6 +54,10 @@ def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any] | BadSample
                 yield BadSample(f"{path.name}:{n}", "unreadable JSON line", str(e))
 
 
+class TooManyBadSamples(RuntimeError):
+    pass
+
+
 @dataclass
 class BadSamples:
     """The tally of skipped records. ``check`` raises once they exceed ``max_fraction`` of those seen (mid-run
@@ -78,7 +82,7 @@ class BadSamples:
 
     def check(self, final: bool = False) -> None:
         if (final or self.seen >= self.min_seen) and self.count > self.max_fraction * self.seen:
-            raise RuntimeError(f"{self.count} of {self.seen} samples are unusable (> {self.max_fraction:.1%}): "
+            raise TooManyBadSamples(f"{self.count} of {self.seen} samples are unusable (> {self.max_fraction:.1%}): "
                                + "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
                                + " (see the bad-sample report)")
 

@@ -1,13 +1,16 @@
 """Train an MGM model: ``python -m mgjax.train --config configs/demo.yaml [--set key=value ...] [--resume]``.
 
-``--help`` lists every config field. The demo config (``model.init: demo``) writes a synthetic captioning set and
-trains a tiny MGM on it, on a CPU, in a couple of minutes.
+``--help`` lists every config field. The demo config (``model.init: demo``) writes a synthetic question-answering
+set, trains a tiny MGM on it on a CPU, evaluates it on held-out images and, with ``eval.compare_lr_only``, trains
+the same budget without the high-resolution branch and prints both side by side.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -20,17 +23,31 @@ from PIL import Image, ImageDraw
 
 import mgjax
 from mgjax import config as cfg
-from mgjax import demo_data, loader, optim, samples
+from mgjax import demo_data, flops, heldout, loader, optim, samples
 from mgjax.checkpoint import Checkpoints
 from mgjax.train_step import make_optimizer, train_step
 
-STAGES = {"stage1": optim.MGM_STAGE1, "stage2": optim.MGM_STAGE2}
+STAGES = {"stage1": optim.MGM_STAGE1, "stage2": optim.MGM_STAGE2, "full": (r".*",)}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+INPUTS = ("input_ids", "labels", "images", "images_aux")
 
 
 @dataclass(frozen=True)
 class ModelSection:
-    init: str = field(default="demo", metadata={"help": "'demo' (a tiny random MGM) or 'pretrained'"})
-    path: str = field(default="", metadata={"help": "converted MGM checkpoint directory (with tokenizer files)"})
+    init: str = field(default="demo", metadata={
+        "help": "'demo' (a tiny random MGM), 'pretrained' (a converted MGM checkpoint: path) or 'parts' (stage 1: "
+                "llm + vision + vision_aux checkpoints)"})
+    release: str = field(default="", metadata={
+        "help": "an MGM release (MGM-7B, MGM-7B-HD, ...; mgjax.releases): its architecture, and its MGM fields "
+                "(image_size_aux, image_grid, image_global) over the loaded checkpoints' configs"})
+    path: str = field(default="", metadata={"help": "pretrained: converted MGM checkpoint directory (with tokenizer)"})
+    llm: str = field(default="", metadata={"help": "parts: HF LLM checkpoint directory (with tokenizer files)"})
+    vision: str = field(default="", metadata={"help": "parts: HF CLIP checkpoint directory"})
+    vision_aux: str = field(default="", metadata={"help": "parts: ConvNeXt checkpoint (HF, timm or open_clip keys)"})
+    mining: bool = field(default=True, metadata={"help": "false: the LR-only ablation (no HR tower, no mining)"})
+    compute_dtype: str = field(default="float32", metadata={
+        "help": "float32 | bfloat16: the compute dtype; parameters and optimizer state stay float32"})
+    remat: str = field(default="none", metadata={"help": "remat policy of the scanned layers (layers.REMAT_POLICIES)"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,10 @@ class DataSection:
     template: str = demo_data.TEMPLATE
     max_length: int = 2048
     pad_to_square: bool = field(default=True, metadata={"help": "stage 2 pads to square; stage 1 crops"})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "MGM's group_by_modality_length: global batches of similar length, image and text-only apart"})
+    length_buckets: int = field(default=1, metadata={
+        "help": "> 1: pad each batch only to the shortest of this many lengths up to max_length that holds it"})
     workers: int = 0
     max_bad_fraction: float = 0.01
     seed: int = 42
@@ -47,12 +68,18 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TrainSection:
-    stage: str = field(default="stage2", metadata={"help": "stage1 | stage2: which parameters train"})
+    stage: str = field(default="stage2", metadata={
+        "help": "stage1 | stage2 (MGM's) | full (everything, towers too: training from scratch)"})
+    freeze: tuple[str, ...] = field(default=(), metadata={
+        "help": "regexes of parameter paths kept frozen within the stage's trainable set (the demo: the HR tower)"})
     global_batch: int = 128
     micro_batches: int = 1
     epochs: int = 1
-    steps: int = field(default=0, metadata={"help": "0: as many as the epochs give"})
+    steps: int = field(default=0, metadata={"help": "0: as many as the epochs give; more: the data is cycled"})
     log_every: int = 10
+    progress: bool = field(default=True, metadata={"help": "a progress bar on stderr"})
+    peak_tflops: float = field(default=0.0, metadata={
+        "help": "per-chip peak for MFU; 0: the known peak of the chip (none on CPUs: MFU is then not reported)"})
     out_dir: str = "runs/mgm"
 
 
@@ -63,24 +90,71 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True)
+class EvalSection:
+    enabled: bool = field(default=True, metadata={"help": "false: no held-out evaluation after training"})
+    path: str = field(default="", metadata={
+        "help": "held-out LLaVA-format records, scored by teacher-forced exact answers per 'type' field; "
+                "empty: none (the demo: its own held-out split)"})
+    image_folder: str = ""
+    batch: int = 64
+    compare_lr_only: bool = field(default=False, metadata={
+        "help": "also train the same budget with model.mining false (out_dir/lr_only) and print both evaluations"})
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: optim.OptimConfig = field(default_factory=optim.OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
-def _model_and_data(c: RunConfig, out: Path):
-    if c.model.init == "demo":
-        model, tok = mgjax.init(demo_data.model_config(), seed=0), demo_data.tokenizer()
-        path = Path(c.data.path) if c.data.path else demo_data.write_dataset(out / "data")
-        return model, tok, path, Path(c.data.image_folder or path.parent)
-    if c.model.init != "pretrained":
-        raise cfg.ConfigError(f"model.init must be 'demo' or 'pretrained', not {c.model.init!r}")
+# ---------------------------------------------------------------------------------------------------------- setup
+def _overrides(m: ModelSection) -> dict:
+    if m.compute_dtype not in DTYPES:
+        raise cfg.ConfigError(f"model.compute_dtype must be one of {sorted(DTYPES)}, not {m.compute_dtype!r}")
+    out = dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat)
+    if m.release:
+        from mgjax import releases
+        out.update(releases.mgm_fields(m.release))
+    return out if m.mining else {**out, "mining": False}
+
+
+def build_model(m: ModelSection):
+    """The model and its tokenizer, as the model section says."""
+    from mgjax.pretrained import assemble, read_config
+    over = _overrides(m)
+    if m.init == "demo":
+        return mgjax.init(dataclasses.replace(demo_data.model_config(), **over), seed=0), demo_data.tokenizer()
     from transformers import AutoTokenizer
-    return (mgjax.from_pretrained(c.model.path), AutoTokenizer.from_pretrained(c.model.path), Path(c.data.path),
-            Path(c.data.image_folder))
+    if m.init == "pretrained":
+        return mgjax.from_pretrained(m.path, **over), AutoTokenizer.from_pretrained(m.path)
+    if m.init != "parts":
+        raise cfg.ConfigError(f"model.init must be 'demo', 'pretrained' or 'parts', not {m.init!r}")
+    if not (m.release and m.llm and m.vision and (m.vision_aux or not m.mining)):
+        raise cfg.ConfigError("model.init 'parts' needs model.release, model.llm, model.vision and model.vision_aux")
+    from mgjax import releases
+    from mgjax.pretrained import model_class
+    release = releases.config(m.release, **over)
+    llm_hf = read_config(Path(m.llm))
+    llm = model_class(llm_hf.get("model_type")).config_class.from_hf(llm_hf, **{k: over[k] for k in ("dtype",
+                                                                                  "param_dtype", "remat")})
+    config = dataclasses.replace(release, llm=llm)
+    parts = {"language_model": m.llm, "vision_tower": m.vision, **({"vision_tower_aux": m.vision_aux}
+                                                                   if config.mining else {})}
+    return assemble(config, parts), AutoTokenizer.from_pretrained(m.llm)
+
+
+def _data(c: RunConfig, out: Path) -> tuple[Path, Path, Path | None, Path]:
+    """(train records, their image folder, held-out records or None, their image folder)."""
+    if c.model.init == "demo" and not c.data.path:
+        train, held_out = demo_data.write_dataset(out / "data")
+        return train, train.parent, Path(c.eval.path) if c.eval.path else held_out, train.parent
+    images = Path(c.data.image_folder or Path(c.data.path).parent)
+    return (Path(c.data.path), images, Path(c.eval.path) if c.eval.path else None,
+            Path(c.eval.image_folder) if c.eval.image_folder else images)
 
 
 def _loss_png(path: Path, losses: list[float]) -> None:
@@ -96,6 +170,158 @@ def _loss_png(path: Path, losses: list[float]) -> None:
     img.save(path)
 
 
+class SetupError(Exception):
+    """Input a run cannot start from (or, for bad samples, go on with); the message names the file or sample."""
+
+
+class Metrics:
+    """Per-step metrics, recorded one step behind so fetching them never stalls the device: JSONL, TensorBoard
+    events, a progress bar and a line every ``log_every`` steps."""
+
+    def __init__(self, out: Path, c: RunConfig, steps: int, start: int, lr, step_flops: dict, peak: float | None):
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+        self.c, self.steps, self.lr, self.flops, self.peak = c, steps, lr, step_flops, peak
+        self.log = open(out / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.bar = tqdm(total=steps, initial=start, disable=not c.train.progress, unit="step", dynamic_ncols=True)
+        self.losses: list[float] = []
+        self.last_saved: int | None = None
+        self.where = out / "checkpoints"
+
+    def __call__(self, step_metrics, step: int, seconds: float, seq_len: int) -> None:
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss became {values['loss']} at step {step}; the last good checkpoint is "
+                                     f"step {self.last_saved} in {self.where}")
+        b = self.c.train.global_batch
+        values.update(step=step, lr=float(self.lr(step - 1)), tokens_per_s=b * seq_len / seconds,
+                      samples_per_s=b / seconds, tflops_per_s=self.flops["total"] / seconds / 1e12)
+        if self.peak:
+            values["mfu"] = self.flops["total"] / seconds / (self.peak * jax.device_count())
+        self.log.write(json.dumps(values) + "\n")
+        for k, v in values.items():
+            if k != "step":
+                self.tb.add_scalar(f"train/{k}", v, step)
+        self.losses.append(values["loss"])
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        if step % self.c.train.log_every == 0 or step == self.steps:
+            mfu = f"  MFU {values['mfu']:.1%}" if "mfu" in values else ""
+            self.bar.write(f"step {step:5d}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}  "
+                           f"lr {values['lr']:.2e}  {values['tokens_per_s']:.0f} tok/s{mfu}")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+        self.tb.close()
+
+
+def _print_accuracy(results: dict[str, dict[str, dict]]) -> None:
+    """One column per run: held-out accuracy by question type."""
+    runs = list(results)
+    kinds = sorted({k for r in results.values() for k in r})
+    print("held-out accuracy (teacher-forced exact answer)")
+    print(f"  {'type':10s}" + "".join(f"{r:>16s}" for r in runs))
+    for k in kinds:
+        cells = [results[r].get(k) for r in runs]
+        print(f"  {k:10s}" + "".join(f"{x['accuracy']:10.1%} ({x['total']:3d})" if x else f"{'-':>16s}"
+                                     for x in cells))
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+def run(c: RunConfig, resume: bool) -> dict | None:
+    """One training run (and its held-out evaluation); returns the evaluation, or None without one."""
+    out = Path(c.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- model, data, optimizer
+    try:  # bad input: one line naming the file
+        model, tok = build_model(c.model)
+        train_path, images, eval_path, eval_images = _data(c, out)
+        records = list(samples.read_records(train_path))
+        make = samples.MGMSamples(model.config, tok, c.data.template, str(images), max_length=c.data.max_length,
+                                  pad_to_square=c.data.pad_to_square, pad_id=tok.pad_token_id or 0)
+        per_host = c.train.global_batch // jax.process_count()
+        steps = c.train.steps or c.train.epochs * len(records) // c.train.global_batch
+        # one epoch more than the steps need: skipped bad samples must not run the data out
+        epochs = max(c.train.epochs, -(-steps * c.train.global_batch // max(len(records), 1)) + 1)
+        report = samples.BadSamples(max_fraction=c.data.max_bad_fraction)
+        lengths = ([loader.record_length(r, model.config.tokens_per_image) for r in records]
+                   if c.data.group_by_length else None)
+        batches = loader.Batches(records, make, batch=per_host, micro_batches=c.train.micro_batches,
+                                 seed=c.data.seed, epochs=epochs, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), workers=c.data.workers, report=report,
+                                 lengths=lengths, buckets=c.data.length_buckets)
+        opt = make_optimizer(model, STAGES[c.train.stage], c.optim, steps, frozen=c.train.freeze)
+    except (ValueError, OSError) as e:
+        raise SetupError(str(e)) from None
+    ckpts = Checkpoints(out / "checkpoints", keep=c.checkpoint.keep)
+    if ckpts.latest() is not None and not resume:
+        raise SetupError(f"{out / 'checkpoints'} already holds step {ckpts.latest()}; pass --resume to continue "
+                         "it, or set train.out_dir to a new directory")
+    start = 0
+    if resume and ckpts.latest() is not None:
+        start, state = ckpts.restore(model, opt)
+        batches.set_state(state)
+        print(f"resumed from step {start}")
+    peak = c.train.peak_tflops * 1e12 or flops.peak_flops()
+    print(f"{optim.count_params(model):,} parameters, {optim.count_params(model, opt.wrt):,} trainable "
+          f"({c.train.stage}); {steps} steps of {c.train.global_batch}; compute {c.model.compute_dtype}")
+
+    # ---------------------------------------------------------------- the loop (metrics fetched one step behind)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+    metrics = Metrics(out, c, steps, start, optim.schedule(c.optim, steps),
+                      flops.mgm_step_flops(model, opt.wrt, batch=c.train.global_batch, seq_len=c.data.max_length),
+                      peak)
+    pending, tick, step = None, time.perf_counter(), start
+    try:
+        for step in range(start + 1, steps + 1):
+            batch = {k: jnp.asarray(v) for k, v in next(batches).items() if k in INPUTS}
+            if pending is None or batch["input_ids"].shape[-1] != pending[-1]:  # flops follow a bucket's length
+                metrics.flops = flops.mgm_step_flops(model, opt.wrt, batch=c.train.global_batch,
+                                                     seq_len=batch["input_ids"].shape[-1])
+            step_metrics = train_step(model, opt, batch)
+            now = time.perf_counter()
+            if pending is not None:
+                metrics(*pending)
+            pending, tick = (step_metrics, step, now - tick, batch["input_ids"].shape[-1]), now
+            if step % c.checkpoint.every == 0 or stop:
+                metrics(*pending)  # never checkpoint past a non-finite loss
+                pending = None
+                ckpts.save(step, model, opt, batches.get_state())
+                metrics.last_saved = step
+            if stop:
+                metrics.bar.write(f"{stop[0]}: saved step {step}; resume with --resume")
+                break
+        if pending is not None:
+            metrics(*pending)
+    except samples.TooManyBadSamples as e:
+        raise SetupError(str(e)) from None
+    finally:
+        ckpts.wait()
+        metrics.close()
+        report.write(out / "bad_samples.json")
+
+    # ---------------------------------------------------------------- outputs and held-out evaluation
+    if metrics.losses:
+        _loss_png(out / "loss.png", metrics.losses)
+    print(f"stopped at step {step}: {report.count} bad samples of {report.seen} (report: {out / 'bad_samples.json'})")
+    if stop:
+        return None
+    mgjax.save_pretrained(model, out / "final")
+    tok.save_pretrained(out / "final")
+    print(f"model: {out / 'final'}")
+    if eval_path is None or not c.eval.enabled:
+        return None
+    held_out = [r for r in samples.read_records(eval_path)]
+    score = heldout.accuracy(model, held_out, dataclasses.replace(make, image_folder=str(eval_images)),
+                             batch=c.eval.batch)
+    (out / "eval.json").write_text(json.dumps(score, indent=2))
+    return score
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mgjax.train", description=__doc__.split("\n\n")[0],
                                  epilog="config fields (set with --set key=value):\n  "
@@ -105,101 +331,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     args = ap.parse_args(argv)
-    try:
+    try:  # config errors, missing model or data files, unreadable JSON, too many bad samples: one line, exit 2
         c = cfg.load(RunConfig, args.config, args.set)
         if c.train.stage not in STAGES:
             raise cfg.ConfigError(f"train.stage must be one of {sorted(STAGES)}, not {c.train.stage!r}")
-    except cfg.ConfigError as e:
+        for pattern in c.train.freeze:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise cfg.ConfigError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
+        runs = {"mining": c}
+        if c.eval.compare_lr_only:
+            runs["lr_only"] = dataclasses.replace(
+                c, model=dataclasses.replace(c.model, mining=False),
+                train=dataclasses.replace(c.train, out_dir=str(Path(c.train.out_dir) / "lr_only")))
+        results = {}
+        for name, run_config in runs.items():
+            if len(runs) > 1:
+                print(f"==== {name}: {run_config.train.out_dir}")
+            score = run(run_config, args.resume)
+            if score is not None:
+                results[name] = score
+    except (cfg.ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(c.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # ---------------------------------------------------------------- model, data, optimizer
-    try:  # a missing model or data file, an unreadable JSON, a batch that does not split: one line, exit 2
-        model, tok, data_path, images = _model_and_data(c, out)
-        records = list(samples.read_records(data_path))
-        make = samples.MGMSamples(model.config, tok, c.data.template, str(images), max_length=c.data.max_length,
-                                  pad_to_square=c.data.pad_to_square, pad_id=tok.pad_token_id or 0)
-        per_host = c.train.global_batch // jax.process_count()
-        steps = c.train.steps or c.train.epochs * len(records) // c.train.global_batch
-        report = samples.BadSamples(max_fraction=c.data.max_bad_fraction)
-        batches = loader.Batches(records, make, batch=per_host, micro_batches=c.train.micro_batches,
-                                 seed=c.data.seed, epochs=c.train.epochs, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), workers=c.data.workers, report=report)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    opt = make_optimizer(model, STAGES[c.train.stage], c.optim, steps)
-    lr = optim.schedule(c.optim, steps)
-    ckpts = Checkpoints(out / "checkpoints", keep=c.checkpoint.keep)
-    if ckpts.latest() is not None and not args.resume:
-        print(f"error: {out / 'checkpoints'} already holds step {ckpts.latest()}; pass --resume to continue it, or "
-              "set train.out_dir to a new directory", file=sys.stderr)
-        return 2
-    start = 0
-    if args.resume and ckpts.latest() is not None:
-        start, state = ckpts.restore(model, opt)
-        batches.set_state(state)
-        print(f"resumed from step {start}")
-    print(f"{optim.count_params(model):,} parameters, "
-          f"{optim.count_params(model, opt.wrt):,} trainable ({c.train.stage}); "
-          f"{steps} steps of {c.train.global_batch}")
-
-    # ---------------------------------------------------------------- the loop (metrics fetched one step behind)
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
-    log, losses, pending, last_saved = open(out / "metrics.jsonl", "a"), [], None, None
-    tick = time.perf_counter()
-
-    def record(step_metrics, step, seconds):
-        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss became {values['loss']} at step {step}; the last good checkpoint is "
-                                     f"step {last_saved} in {out / 'checkpoints'}")
-        values.update(step=step, lr=float(lr(step - 1)), tokens_per_s=values["tokens"] / seconds,
-                      samples_per_s=c.train.global_batch / seconds)
-        log.write(json.dumps(values) + "\n")
-        losses.append(values["loss"])
-        if step % c.train.log_every == 0 or step == steps:
-            print(f"step {step:5d}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}  lr {values['lr']:.2e}"
-                  f"  {values['tokens_per_s']:.0f} tok/s", flush=True)
-
-    step = start
-    try:
-        for step in range(start + 1, steps + 1):
-            metrics = train_step(model, opt, {k: jnp.asarray(v) for k, v in next(batches).items()
-                                              if k in ("input_ids", "labels", "images", "images_aux")})
-            now = time.perf_counter()
-            if pending is not None:
-                record(*pending)
-            pending, tick = (metrics, step, now - tick), now
-            if step % c.checkpoint.every == 0 or stop:
-                record(*pending)  # never checkpoint past a non-finite loss
-                pending = None
-                ckpts.save(step, model, opt, batches.get_state())
-                last_saved = step
-            if stop:
-                print(f"{stop[0]}: saved step {step}; resume with --resume", flush=True)
-                break
-        if pending is not None:
-            record(*pending)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    finally:
-        ckpts.wait()
-        log.close()
-        report.write(out / "bad_samples.json")
-
-    # ---------------------------------------------------------------- outputs
-    if not stop:
-        mgjax.save_pretrained(model, out / "final")
-        tok.save_pretrained(out / "final")
-    if losses:
-        _loss_png(out / "loss.png", losses)
-    print(f"done at step {step}: {report.count} bad samples of {report.seen} (report: {out / 'bad_samples.json'}); "
-          f"model: {out / 'final'}")
+    if results:
+        _print_accuracy(results)
     return 0
 
 

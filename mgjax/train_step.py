@@ -11,10 +11,10 @@ from flax import nnx
 from mgjax.optim import OptimConfig, adamw, masked_next_token_loss, trainable
 
 
-def make_optimizer(model: nnx.Module, patterns: Sequence[str], config: OptimConfig, total_steps: int
-                   ) -> nnx.Optimizer:
-    """AdamW over the parameters matching ``patterns`` alone (the rest get no optimizer state)."""
-    return nnx.Optimizer(model, adamw(config, total_steps), wrt=trainable(patterns))
+def make_optimizer(model: nnx.Module, patterns: Sequence[str], config: OptimConfig, total_steps: int,
+                   frozen: Sequence[str] = ()) -> nnx.Optimizer:
+    """AdamW over the parameters matching ``patterns`` and not ``frozen`` (the rest get no optimizer state)."""
+    return nnx.Optimizer(model, adamw(config, total_steps), wrt=trainable(patterns, frozen))
 
 
 def _loss(model, batch: dict[str, Any]):

@@ -1,40 +1,107 @@
-"""``python -m mgjax.train`` on the demo config: outputs, resume, config errors and a non-finite loss."""
+"""``python -m mgjax.train`` on the demo config: outputs, evaluation, resume, SIGKILL/SIGTERM, config errors and a
+non-finite loss."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import mgjax
 from mgjax import train
 
 DEMO = "configs/demo.yaml"
+SMALL = ["--set", "train.global_batch=4", "--set", "checkpoint.every=2", "--set", "eval.compare_lr_only=false",
+         "--set", "train.progress=false"]
 
 
 def _run(tmp_path, *extra, steps=4):
     return train.main(["--config", DEMO, "--set", f"train.out_dir={tmp_path}", "--set", f"train.steps={steps}",
-                       "--set", "train.global_batch=4", "--set", "checkpoint.every=2", *extra])
+                       *SMALL, *extra])
 
 
-def test_demo_trains_writes_everything_and_resumes(tmp_path, capsys):
-    assert _run(tmp_path) == 0
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def _metrics(path):
+    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(jnp.array_equal, nnx.state(a), nnx.state(b))))
+
+
+def test_demo_trains_writes_everything_evaluates_and_resumes(tmp_path, capsys):
+    assert _run(tmp_path, "--set", "eval.compare_lr_only=true") == 0
+    lines = _metrics(tmp_path)
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
-    assert all(k in lines[0] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s"))
+    assert all(k in lines[0] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops_per_s"))
     assert (tmp_path / "loss.png").stat().st_size > 0
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     assert json.loads((tmp_path / "bad_samples.json").read_text())["skipped"] == 0
+    score = json.loads((tmp_path / "eval.json").read_text())
+    assert {k: v["total"] for k, v in score.items()} == {"color": 200, "count": 200, "word": 200}
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "lr_only" in out and "mining" in out
+    lr_only = mgjax.from_pretrained(tmp_path / "lr_only" / "final", dtype=jnp.float32)
+    assert not lr_only.config.mining and not hasattr(lr_only, "vision_tower_aux")
     model = mgjax.from_pretrained(tmp_path / "final", dtype=jnp.float32)
-    assert model.config.tokens_per_image == 16
+    assert model.config.tokens_per_image == 16 and model.config.mining
+    start = mgjax.init(model.config, seed=0)  # the demo's initial weights: train.freeze kept the HR tower there
+    assert _same(model.vision_tower_aux, start.vision_tower_aux) and not _same(model.vision_tower, start.vision_tower)
     assert _run(tmp_path, steps=6) == 2  # a finished run's directory is not silently overwritten
     assert "pass --resume" in capsys.readouterr().err
     assert _run(tmp_path, "--resume", steps=6) == 0
     assert "resumed from step 4" in capsys.readouterr().out
-    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [x["step"] for x in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def _spawn(out, steps, *extra):
+    cmd = [sys.executable, "-m", "mgjax.train", "--config", DEMO, "--set", f"train.out_dir={out}",
+           "--set", f"train.steps={steps}", *SMALL, "--set", "checkpoint.every=1", "--set", "eval.enabled=false",
+           *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _wait_for_step(out, step, proc, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(_metrics(out)) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout}s: {proc.stdout.read() if proc.poll() is not None else ''}")
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_losses_exactly(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert _spawn(whole, 8).wait() == 0
+    proc = _spawn(cut, 8)
+    _wait_for_step(cut, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _spawn(cut, 8, "--resume").wait() == 0
+    losses = {x["step"]: x["loss"] for x in _metrics(cut)}  # steps after the last checkpoint are logged twice
+    assert [losses[s] for s in range(1, 9)] == [x["loss"] for x in _metrics(whole)]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = _spawn(tmp_path, 1000, "--set", "checkpoint.every=1000")
+    _wait_for_step(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2 and f"SIGTERM: saved step {saved[0]}" in out
 
 
 def test_config_errors_exit_2(tmp_path, capsys):
     assert train.main(["--config", DEMO, "--set", "optim.learnig_rate=1"]) == 2
     assert "unknown key optim.learnig_rate" in capsys.readouterr().err
     assert train.main(["--config", DEMO, "--set", "train.stage=stage3"]) == 2
+    assert train.main(["--config", DEMO, "--set", "train.freeze=['vision_tower(']"]) == 2
+    assert "train.freeze: 'vision_tower(' is not a regex" in capsys.readouterr().err
     missing = tmp_path / "nowhere.json"
     assert train.main(["--config", DEMO, "--set", f"data.path={missing}", "--set", f"train.out_dir={tmp_path}"]) == 2
     assert "nowhere.json" in capsys.readouterr().err
@@ -54,3 +121,30 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "loss became nan at step 3; the last good checkpoint is step 2" in err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_every_kind_of_bad_sample_is_reported_and_training_goes_on(tmp_path):
+    from mgjax import demo_data
+    train_json, _ = demo_data.write_dataset(tmp_path, n_train=14, n_eval=0)  # with 6 bad: 20 records, 5 batches
+    good = json.loads(train_json.read_text())
+    turns = good[0]["conversations"]
+    bad = {  # id -> (record, the reason the report gives)
+        "missing": ({**good[0], "image": "images/nowhere.png"}, "missing or corrupt image"),
+        "corrupt": ({**good[0], "image": "broken.png"}, "missing or corrupt image"),
+        "two-marks": ({**good[0], "conversations": [{**turns[0], "value": "<image> <image> " + turns[0]["value"]},
+                                                   *turns[1:]]}, "<image> count mismatch"),
+        "too-long": ({**good[0], "conversations": [{**turns[0], "value": turns[0]["value"] + " the" * 80},
+                                                  *turns[1:]]}, "over-length"),
+        "no-answer": ({**good[0], "conversations": turns[:1]}, "tokenization mismatch"),
+    }
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    lines = [json.dumps(r) for r in good] + ["{not json"] + [json.dumps({**r, "id": k}) for k, (r, _) in bad.items()]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    assert _run(out, "--set", f"data.path={tmp_path / 'data.jsonl'}", "--set", "data.max_bad_fraction=0.5",
+                steps=4) == 0
+    assert [x["step"] for x in _metrics(out)] == [1, 2, 3, 4]  # 16 good samples: all of the first epoch was read
+    report = json.loads((out / "bad_samples.json").read_text())["samples"]
+    for name, (_, reason) in bad.items():
+        assert any(s.startswith(f"{name}: ") for s in report[reason]), (name, report)
+    assert any("data.jsonl:15" in s for s in report["unreadable JSON line"])

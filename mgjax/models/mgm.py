@@ -71,6 +71,7 @@ class MGMConfig(ModelConfig):
     image_size_aux: int = 768
     image_grid: int = 1
     image_global: bool = False
+    mining: bool = True  # False: the LR-only ablation (no HR tower, no mining; images_aux are ignored)
 
     @property
     def views(self) -> int:
@@ -94,7 +95,8 @@ class MGMConfig(ModelConfig):
         llm = registered(FAMILIES[kind]).config_class.from_hf(llm_d, **shared)
         kw = dict(vision=_vision(d, shared), vision_aux=_vision_aux(d, shared), llm=llm,
                   select_layer=d.get("mm_vision_select_layer", -2), image_size_aux=d.get("image_size_aux", 768),
-                  image_grid=d.get("image_grid", 1), image_global=d.get("image_global", False), hf=dict(d))
+                  image_grid=d.get("image_grid", 1), image_global=d.get("image_global", False),
+                  mining=d.get("mining", True), hf=dict(d))
         return cls(**{**kw, **own}, **shared)
 
     def to_hf(self) -> dict[str, Any]:
@@ -103,6 +105,7 @@ class MGMConfig(ModelConfig):
                 "mm_hidden_size": self.vision.hidden_size, "mm_hidden_size_aux": sum(self.vision_aux.hidden_sizes),
                 "mm_projector_type": "mlp2x_gelu", "image_size_aux": self.image_size_aux,
                 "image_grid": self.image_grid, "image_global": self.image_global,
+                **({} if self.mining else {"mining": False}),  # mgjax's LR-only ablation; MGM has no such key
                 "vision_config": self.vision.to_hf(), "vision_aux_config": self.vision_aux.to_hf()}
 
 
@@ -156,10 +159,11 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         width, aux = c.vision.hidden_size, sum(c.vision_aux.hidden_sizes)
         self.config = c
         self.vision_tower = CLIPVisionModel(c.vision, rngs=rngs)
-        self.vision_tower_aux = ConvNextModel(c.vision_aux, rngs=rngs)
-        self.vlm_uni_query_projector = PreNormLinear(width, width, **kw)
-        self.vlm_uni_aux_projector = PreNormLinear(aux, width, **kw)
-        self.vlm_uni_val_projector = PreNormLinear(aux, width, **kw)
+        if c.mining:
+            self.vision_tower_aux = ConvNextModel(c.vision_aux, rngs=rngs)
+            self.vlm_uni_query_projector = PreNormLinear(width, width, **kw)
+            self.vlm_uni_aux_projector = PreNormLinear(aux, width, **kw)
+            self.vlm_uni_val_projector = PreNormLinear(aux, width, **kw)
         self.mm_projector = MLPProjector(width, c.llm.hidden_size, **kw)
         self.language_model = registered(c.llm.model_type)(c.llm, rngs=rngs)
 
@@ -185,12 +189,13 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         """LLM-width image tokens [B, tokens_per_image, D]. ``images``: [B, 3, 336, 336], or HD
         [B, views, 3, 336, 336] (crops row-major, then the global view); ``images_aux``: [B, 3, S, S]."""
         c = self.config
-        hr = self.hr_features(images_aux, deterministic=deterministic, rngs=rngs)
-        if c.image_grid == 1:
-            low = self.vision_tower.features(images, select_layer=c.select_layer)
-            return self.mm_projector(self.mine(low, hr))
         b, g = images.shape[0], c.image_grid
-        low = self.vision_tower.features(images.reshape(-1, *images.shape[2:]), select_layer=c.select_layer)
+        low = self.vision_tower.features(images.reshape(-1, *images.shape[-3:]), select_layer=c.select_layer)
+        if not c.mining:
+            return self.mm_projector(low.reshape(b, -1, low.shape[-1]))
+        hr = self.hr_features(images_aux, deterministic=deterministic, rngs=rngs)
+        if g == 1:
+            return self.mm_projector(self.mine(low, hr))
         low = low.reshape(b, c.views, *low.shape[1:])
         _, h, w, ch = hr.shape
         crops = hr.reshape(b, g, h // g, g, w // g, ch).transpose(0, 1, 3, 2, 4, 5).reshape(-1, h // g, w // g, ch)

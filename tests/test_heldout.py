@@ -1,0 +1,108 @@
+"""Held-out accuracy: exact teacher-forced answers, per-type counts, skipped records, and batch padding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mgjax
+from mgjax import demo_data, heldout, samples
+from mgjax.templates import IGNORE_INDEX
+
+CONFIG = demo_data.model_config(mining=False)  # LR-only: the same inputs, a fraction of the init and compile
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """4 held-out images, one record per question type each: 12 records, 4 per type."""
+    root = tmp_path_factory.mktemp("heldout")
+    _, eval_path = demo_data.write_dataset(root, n_train=0, n_eval=4)
+    records = list(samples.read_records(eval_path))
+    make = samples.MGMSamples(CONFIG, demo_data.tokenizer(), demo_data.TEMPLATE, str(root), max_length=64,
+                              pad_to_square=True, pad_id=0)
+    return records, make
+
+
+class NextToken(nnx.Module):
+    """Predicts each position's next input id: under teacher forcing, a model that never errs."""
+
+    def __call__(self, input_ids, images, images_aux):
+        return jax.nn.one_hot(jnp.maximum(jnp.roll(input_ids, -1, axis=1), 0), len(demo_data.WORDS)), None
+
+
+class Fixed(nnx.Module):
+    """Returns the same logits whatever the inputs."""
+
+    def __init__(self, logits):
+        self.logits = nnx.Variable(jnp.asarray(logits))
+
+    def __call__(self, input_ids, images, images_aux):
+        return self.logits[...], None
+
+
+def _wrong_answer(make, sample_id):
+    """``make`` with one answer token of record ``sample_id`` relabelled: the model's argmax can no longer match."""
+    def corrupt(record):
+        s = make(record)
+        if record["id"] == sample_id:
+            labels = s["labels"].copy()
+            first = np.flatnonzero(labels != IGNORE_INDEX)[0]
+            labels[first] = (labels[first] + 1) % len(demo_data.WORDS)
+            s = {**s, "labels": labels}
+        return s
+    return corrupt
+
+
+def test_exact_answers_scores_every_labelled_token_and_nothing_else():
+    v, x = 10, IGNORE_INDEX
+    labels = jnp.array([[x, 5, 7, x],    # both answer tokens predicted: right
+                        [x, 5, 7, x],    # the second answer token wrong: wrong
+                        [x, x, x, x],    # nothing to answer: never right
+                        [x, x, 7, 2]])   # wrong only where nothing is labelled, and at the last position: right
+    predicted = jnp.array([[5, 7, 0, 0], [5, 8, 0, 0], [0, 0, 0, 0], [3, 7, 2, 9]])
+    ids = jnp.zeros((4, 4), jnp.int32)
+    hits = heldout.exact_answers(Fixed(jax.nn.one_hot(predicted, v)), {"input_ids": ids, "images": None,
+                                                                       "images_aux": None}, labels)
+    assert hits.tolist() == [True, False, False, True]
+
+
+def test_accuracy_is_exact_on_answers(data):
+    records, make = data
+    perfect = heldout.accuracy(NextToken(), records, make, batch=4)
+    assert {k: (r["right"], r["total"], r["accuracy"]) for k, r in perfect.items()} == {
+        k: (4, 4, 1.0) for k in demo_data.QUESTIONS}
+    wrong = next(r for r in records if r["type"] == "count")
+    score = heldout.accuracy(NextToken(), records, _wrong_answer(make, wrong["id"]), batch=4)
+    assert {k: r["right"] for k, r in score.items()} == {"color": 4, "count": 3, "word": 4}
+    assert score["count"]["accuracy"] == 0.75
+    # exactly that record fails: the one relabelled token decides
+    good = [_wrong_answer(make, wrong["id"])(r) for r in records]
+    stacked = {k: jnp.asarray(np.stack([s[k] for s in good])) for k in (*heldout.INPUTS, "labels")}
+    hits = heldout.exact_answers(NextToken(), {k: stacked[k] for k in heldout.INPUTS}, stacked["labels"])
+    assert [r["id"] for r, hit in zip(records, hits.tolist()) if not hit] == [wrong["id"]]
+
+
+def test_padding_copies_are_not_scored(data):
+    records, make = data
+    # the relabelled record comes last, so it is the one copied into the padding of a short last chunk
+    make = _wrong_answer(make, records[-1]["id"])
+    results = [heldout.accuracy(NextToken(), records, make, batch=b) for b in (3, 5, 64)]
+    assert results[0] == results[1] == results[2]
+    assert sum(r["total"] for r in results[0].values()) == len(records)
+    assert sum(r["right"] for r in results[0].values()) == len(records) - 1
+
+
+def test_totals_and_skipped_records_per_type_with_a_real_model(data):
+    records, make = data
+    model = mgjax.init(CONFIG, seed=0)
+    missing = {**records[0], "id": "missing", "image": "images/nowhere.png"}
+    text_only = {"id": "text", "conversations": [{"from": "human", "value": "what color is the square ?"},
+                                                 {"from": "gpt", "value": "red"}]}  # no "type": counted as "all"
+    score = heldout.accuracy(model, [missing, *records, text_only], make, batch=8)
+    kind = records[0]["type"]
+    assert {k: (r["total"], r["skipped"]) for k, r in score.items()} == {
+        **{k: (4, 0) for k in demo_data.QUESTIONS}, kind: (4, 1), "all": (1, 0)}
+    for r in score.values():
+        assert 0 <= r["right"] <= r["total"] and r["accuracy"] == r["right"] / r["total"]
+    only_bad = heldout.accuracy(model, [missing], make, batch=8)
+    assert only_bad[kind]["total"] == 0 and only_bad[kind]["skipped"] == 1 and np.isnan(only_bad[kind]["accuracy"])
