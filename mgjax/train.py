@@ -126,8 +126,9 @@ def build_model(m: ModelSection):
     """The model and its tokenizer, as the model section says."""
     from mgjax.pretrained import assemble, read_config
     over = _overrides(m)
-    if m.init == "demo":
-        return mgjax.init(dataclasses.replace(demo_data.model_config(), **over), seed=0), demo_data.tokenizer()
+    if m.init == "demo":  # through from_hf, so that dtype and remat reach every sub-model's config
+        demo = demo_data.model_config()
+        return mgjax.init(type(demo).from_hf(demo.to_hf(), **over), seed=0), demo_data.tokenizer()
     from transformers import AutoTokenizer
     if m.init == "pretrained":
         return mgjax.from_pretrained(m.path, **over), AutoTokenizer.from_pretrained(m.path)

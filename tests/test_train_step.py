@@ -103,3 +103,21 @@ def test_schedule_is_hf_warmup_cosine(steps):
         hf.step()
     got = [float(optim.schedule(optim.OptimConfig(lr=2e-5), steps)(i)) for i in range(steps)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
+def test_bf16_compute_keeps_float32_weights_and_remat_changes_nothing():
+    """What the release configs run: bf16 compute over f32 parameters and optimizer state, layers rematerialised."""
+    batch = _batch()
+    out = {}
+    for name, over in {"f32": {}, "remat": {"remat": "full"}, "bf16": {"dtype": jnp.bfloat16}}.items():
+        config = MGMConfig.from_hf(CONFIG.to_hf(), param_dtype=jnp.float32, **over)
+        assert config.llm.remat == config.vision_aux.remat == over.get("remat", "none")
+        assert config.llm.dtype == config.vision.dtype == over.get("dtype", jnp.float32)
+        model = mgjax.init(config, seed=0)
+        opt = make_optimizer(model, optim.MGM_STAGE2, optim.OptimConfig(lr=1e-3, warmup_ratio=0.0), 10)
+        out[name] = train_step(model, opt, batch)
+        assert {v.dtype for v in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+        assert {v.dtype for v in jax.tree.leaves(nnx.state(opt, nnx.OptState)) if v.ndim} == {jnp.dtype(jnp.float32)}
+    assert abs(float(out["remat"]["loss"]) - float(out["f32"]["loss"])) < 1e-6
+    assert abs(float(out["remat"]["grad_norm"]) - float(out["f32"]["grad_norm"])) < 1e-5
+    assert abs(float(out["bf16"]["loss"]) - float(out["f32"]["loss"])) < 2e-2 * float(out["f32"]["loss"])
