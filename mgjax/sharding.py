@@ -1,6 +1,5 @@
 """Logical axis names: the one vocabulary every parameter is annotated with, and the default logical->mesh
-rules (data, not code). Meshes and placement arrive with the scale-out work; the names are fixed now so that
-every parameter already says what each of its dimensions is.
+rules (data, not code). ``mgjax.mesh`` turns them into placements on a ``(data, fsdp, tensor, expert)`` mesh.
 """
 from __future__ import annotations
 
