@@ -3,7 +3,9 @@
 A parameter's placement follows from its logical axes (``layers.param``) and the rules in ``mgjax.sharding``: each
 dimension takes the mesh axes its logical name maps to, unless an earlier dimension already took them or their
 size does not divide it (then that dimension is replicated). ``placement`` reports the bytes each device would
-hold, computed from shapes alone, so a plan for MGM-34B on 128 chips runs on a laptop.
+hold, computed from shapes alone, so a plan for MGM-34B on 128 chips runs on a laptop. ``shard`` places a model
+or an optimizer (Adam's moments carry their parameter's axes) and ``batch_sharding`` splits the batch over
+``(data, fsdp)``; XLA's SPMD partitioner does the rest.
 """
 from __future__ import annotations
 
@@ -46,7 +48,9 @@ class MeshConfig:
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = config.sizes(len(devices))
-    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices)
+    # Auto axes: XLA's partitioner places activations, the models carry no per-op sharding annotations
+    return jax.make_mesh(tuple(sizes.values()), MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mapping[str, int],
@@ -56,8 +60,7 @@ def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mapping[str, in
     used: set[str] = set()
     out = []
     for name, dim in zip(axes, shape):
-        target = table.get(name) if name is not None else None
-        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = _targets(table.get(name) if name is not None else None)
         # an axis of size 1 shards nothing, and a mesh axis can split only one dimension of an array
         targets = tuple(t for t in targets if mesh.get(t, 1) > 1 and t not in used)
         if targets and dim % prod(mesh[t] for t in targets) == 0:
@@ -66,6 +69,10 @@ def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mapping[str, in
         else:
             out.append(None)
     return PartitionSpec(*out)
+
+
+def _targets(rule: str | Sequence[str] | None) -> tuple[str, ...]:
+    return (rule,) if isinstance(rule, str) else tuple(rule or ())
 
 
 @dataclass(frozen=True)
@@ -90,3 +97,28 @@ def placement(model: nnx.Module, mesh: Mapping[str, int], rules=DEFAULT_RULES) -
         else:
             whole.append((nbytes, ".".join(map(str, path))))
     return Placement(total, per_device, split / max(total, 1), tuple(name for _, name in sorted(whole, reverse=True)))
+
+
+def shardings(module: nnx.Module, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
+    """A NamedSharding for every variable of ``module`` (an optimizer's state included): parameters and their
+    optimizer moments by their logical axes, everything else (step counts, scalars) replicated."""
+    sizes = dict(mesh.shape)
+
+    def one(var):
+        axes = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
+        s = spec(axes, var.shape, sizes, rules) if axes and len(axes) == len(var.shape) else PartitionSpec()
+        return jax.sharding.NamedSharding(mesh, s)
+
+    return jax.tree.map(one, nnx.state(module), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard(module: nnx.Module, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> None:
+    """Places ``module``'s variables on ``mesh`` in place."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, shardings(module, mesh, rules)))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> jax.sharding.NamedSharding:
+    """Training batches are [micro_batches, batch, ...]: the batch axis is split as the rules' ``batch`` says."""
+    axes = tuple(a for a in _targets(dict(rules).get("batch")) if mesh.shape[a] > 1)
+    return jax.sharding.NamedSharding(mesh, PartitionSpec(None, axes or None, *(None,) * (ndim - 2)))
