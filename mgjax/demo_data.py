@@ -29,6 +29,7 @@ SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<ima
 WORDS = SPECIALS + ["system", "user", "assistant", "Answer", "the", "questions", "."] + sorted(
     {w for q in QUESTIONS.values() for w in q.split()}) + [*COLORS, *TEXTS, *COUNTS]
 TEMPLATE = "chatml_direct"
+TRAIN_FILE, EVAL_FILE = "train.json", "eval.json"  # under write_dataset's root
 
 
 def model_config(*, mining: bool = True) -> MGMConfig:
@@ -104,7 +105,7 @@ def write_dataset(root: str | Path, n_train: int = 2000, n_eval: int = 200, seed
         else:
             held_out += [{"id": f"{i}-{kind}", "type": kind, "image": name, "conversations": _turns([kind], answers)}
                          for kind in QUESTIONS]
-    paths = root / "train.json", root / "eval.json"
+    paths = root / TRAIN_FILE, root / EVAL_FILE
     for path, records in zip(paths, (train, held_out)):
         path.write_text(json.dumps(records))
     return paths

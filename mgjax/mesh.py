@@ -105,7 +105,7 @@ def shardings(module: nnx.Module, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     sizes = dict(mesh.shape)
 
     def one(var):
-        axes = var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
+        axes = var.get_metadata().get("out_sharding")
         s = spec(axes, var.shape, sizes, rules) if axes and len(axes) == len(var.shape) else PartitionSpec()
         return jax.sharding.NamedSharding(mesh, s)
 

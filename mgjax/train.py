@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -179,10 +180,12 @@ class Metrics:
     """Per-step metrics, recorded one step behind so fetching them never stalls the device: JSONL, TensorBoard
     events, a progress bar and a line every ``log_every`` steps."""
 
-    def __init__(self, out: Path, c: RunConfig, steps: int, start: int, lr, step_flops: dict, peak: float | None):
+    def __init__(self, out: Path, c: RunConfig, steps: int, start: int, lr, step_flops, peak: float | None):
+        """``step_flops(seq_len)``: a step's FLOPs by role (computed once per padded length)."""
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
-        self.c, self.steps, self.lr, self.flops, self.peak = c, steps, lr, step_flops, peak
+        self.c, self.steps, self.lr, self.peak = c, steps, lr, peak
+        self.flops = functools.cache(step_flops)
         self.log = open(out / "metrics.jsonl", "a")
         self.tb = SummaryWriter(str(out / "tensorboard"))
         self.bar = tqdm(total=steps, initial=start, disable=not c.train.progress, unit="step", dynamic_ncols=True)
@@ -195,11 +198,11 @@ class Metrics:
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"loss became {values['loss']} at step {step}; the last good checkpoint is "
                                      f"step {self.last_saved} in {self.where}")
-        b = self.c.train.global_batch
+        b, total = self.c.train.global_batch, self.flops(seq_len)["total"]
         values.update(step=step, lr=float(self.lr(step - 1)), tokens_per_s=b * seq_len / seconds,
-                      samples_per_s=b / seconds, tflops_per_s=self.flops["total"] / seconds / 1e12)
+                      samples_per_s=b / seconds, tflops_per_s=total / seconds / 1e12)
         if self.peak:
-            values["mfu"] = self.flops["total"] / seconds / (self.peak * jax.device_count())
+            values["mfu"] = total / seconds / (self.peak * jax.device_count())
         self.log.write(json.dumps(values) + "\n")
         for k, v in values.items():
             if k != "step":
@@ -274,15 +277,12 @@ def run(c: RunConfig, resume: bool) -> dict | None:
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
     metrics = Metrics(out, c, steps, start, optim.schedule(c.optim, steps),
-                      flops.mgm_step_flops(model, opt.wrt, batch=c.train.global_batch, seq_len=c.data.max_length),
-                      peak)
+                      lambda seq_len: flops.mgm_step_flops(model, opt.wrt, batch=c.train.global_batch,
+                                                           seq_len=seq_len), peak)
     pending, tick, step = None, time.perf_counter(), start
     try:
         for step in range(start + 1, steps + 1):
             batch = {k: jnp.asarray(v) for k, v in next(batches).items() if k in INPUTS}
-            if pending is None or batch["input_ids"].shape[-1] != pending[-1]:  # flops follow a bucket's length
-                metrics.flops = flops.mgm_step_flops(model, opt.wrt, batch=c.train.global_batch,
-                                                     seq_len=batch["input_ids"].shape[-1])
             step_metrics = train_step(model, opt, batch)
             now = time.perf_counter()
             if pending is not None:
@@ -343,8 +343,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise cfg.ConfigError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
         runs = {"mining": c}
         if c.eval.compare_lr_only:
+            data, held_out = c.data, c.eval
+            if c.model.init == "demo" and not c.data.path:  # the synthetic set the first run writes, not a copy
+                root = Path(c.train.out_dir) / "data"
+                data = dataclasses.replace(c.data, path=str(root / demo_data.TRAIN_FILE))
+                held_out = dataclasses.replace(c.eval, path=c.eval.path or str(root / demo_data.EVAL_FILE))
             runs["lr_only"] = dataclasses.replace(
-                c, model=dataclasses.replace(c.model, mining=False),
+                c, model=dataclasses.replace(c.model, mining=False), data=data, eval=held_out,
                 train=dataclasses.replace(c.train, out_dir=str(Path(c.train.out_dir) / "lr_only")))
         results = {}
         for name, run_config in runs.items():
