@@ -3,6 +3,7 @@ labelled token of its answer (end-of-turn marker included). That is exactly what
 for the answer, at the cost of one batched forward pass instead of one per token."""
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Callable, Sequence
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.multihost_utils import process_allgather
 
 from mgjax import samples
 from mgjax.templates import IGNORE_INDEX
@@ -26,10 +28,13 @@ def exact_answers(model: nnx.Module, batch: dict[str, jax.Array], labels: jax.Ar
     return jnp.all(hit, axis=-1) & jnp.any(valid, axis=-1)
 
 
-def accuracy(model: nnx.Module, records: Sequence[dict], make: Callable[[dict], dict], *, batch: int = 64
-             ) -> dict[str, dict[str, float]]:
+def accuracy(model: nnx.Module, records: Sequence[dict], make: Callable[[dict], dict], *, batch: int = 64,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, dict[str, float]]:
     """Per ``type`` field of the records (``"all"`` without one): ``{"right", "total", "accuracy"}``, plus
-    ``"skipped"`` for records ``make`` rejects (counted under their type, never scored as wrong or right)."""
+    ``"skipped"`` for records ``make`` rejects (counted under their type, never scored as wrong or right).
+    With the ``mesh`` of a (possibly multi-process) sharded model, every process scores the same records."""
+    put = jnp.asarray if mesh is None else functools.partial(
+        jax.make_array_from_process_local_data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     right, total, skipped = defaultdict(int), defaultdict(int), defaultdict(int)
     made = [(r.get("type", "all"), samples.Safe(make)(r)) for r in records]
     for kind, s in made:
@@ -39,8 +44,8 @@ def accuracy(model: nnx.Module, records: Sequence[dict], make: Callable[[dict], 
     for lo in range(0, len(good), batch):
         chunk = good[lo:lo + batch]
         padded = chunk + [chunk[-1]] * (batch - len(chunk))  # one compiled shape; the copies are not scored
-        stacked = {k: jnp.asarray(np.stack([s[k] for _, s in padded])) for k in (*INPUTS, "labels")}
-        hits = np.asarray(exact_answers(model, {k: stacked[k] for k in INPUTS}, stacked["labels"]))
+        stacked = {k: put(np.stack([s[k] for _, s in padded])) for k in (*INPUTS, "labels")}
+        hits = process_allgather(exact_answers(model, {k: stacked[k] for k in INPUTS}, stacked["labels"]), tiled=True)
         for (kind, _), hit in zip(chunk, hits):
             right[kind] += int(hit)
             total[kind] += 1

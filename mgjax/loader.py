@@ -1,9 +1,11 @@
 """Training batches with grain: a seeded shuffle, this host's slice of the data, samples built in worker processes,
 and bad samples tallied in the main process (so the counts are exact however many workers run).
 
-Batches are [micro_batches, per_micro, ...] numpy arrays of this host's share of the global batch. The iterator's
-state (grain's position) can be saved and restored: a batch is yielded only when complete, so the state between
-batches is the whole truth.
+Batches are [micro_batches, per_micro, ...] numpy arrays of this host's share of the global batch. The state is
+how many records each process has read (good and bad: a host that skipped bad samples has read further than its
+peers) and how many batches were served; a batch is yielded only when complete, so the state between batches is
+the whole truth. Restored with as many processes, every host continues exactly; with another process count,
+every host starts at the next global batch boundary (records read ahead to replace bad samples are read again).
 
 Shapes are static, so grouping by length pays only with ``buckets``: each batch is cut to the shortest of a few
 padded lengths that holds its longest row (a handful of compiled shapes instead of one at ``max_length``).
@@ -15,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 from absl import flags
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mgjax.samples import BadSamples, Safe, tally
 
@@ -75,22 +78,34 @@ class Batches:
                 rng.permutation(len(records)) if lengths is None else grouped_order(lengths, whole, rng)
                 for _ in range(epochs))])
         mine = order.reshape(-1, process_count, batch)[:, process_index]
-        ds = grain.MapDataset.source([records[i] for i in mine.reshape(-1)]).map(Safe(make))
-        it = ds.to_iter_dataset()
-        if workers:
+        self._records = [records[i] for i in mine.reshape(-1)]
+        self._make, self._workers = make, workers
+        self.batch, self.micro, self.buckets = batch, micro_batches, buckets
+        self.process_index, self.process_count = process_index, process_count
+        self.report = report or BadSamples()
+        self._start(0)
+        self.served = 0
+
+    def _start(self, offset: int) -> None:
+        it = grain.MapDataset.source(self._records[offset:]).map(Safe(self._make)).to_iter_dataset()
+        if self._workers:
             if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
                 flags.FLAGS.mark_as_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        self._it = iter(it)
-        self.batch, self.micro, self.buckets = batch, micro_batches, buckets
-        self.report = report or BadSamples()
-        self._good = tally(self._it, self.report)  # holds nothing between batches: grain's state is the position
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+        self.read = offset
+        self._good = tally(self._count(iter(it)), self.report)
+
+    def _count(self, items):
+        for item in items:
+            self.read += 1
+            yield item
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [next(self._good) for _ in range(self.batch)]  # a last partial batch is dropped (drop_last)
+        self.served += 1
         out = {k: np.stack([r[k] for r in rows]).reshape(self.micro, self.batch // self.micro,
                                                          *np.shape(rows[0][k])) for k in rows[0]}
         if self.buckets > 1:
@@ -100,7 +115,13 @@ class Batches:
         return out
 
     def get_state(self) -> dict:
-        return self._it.get_state()
+        """Every process's position: a collective, so all processes call it together."""
+        read = [self.read]
+        if self.process_count > 1:
+            read = multihost_utils.process_allgather(np.array(read, np.int64)).reshape(-1).tolist()
+        return {"read": read, "batches": self.served}
 
     def set_state(self, state: dict) -> None:
-        self._it.set_state(state)
+        read = state["read"]
+        self._start(read[self.process_index] if len(read) == self.process_count else state["batches"] * self.batch)
+        self.served = state["batches"]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgjax import mesh as mesh_lib
 from mgjax.convert import hf
 from mgjax.convert.safetensors_io import CheckpointError
 from mgjax.models.base import ModelConfig
@@ -43,28 +44,33 @@ def model_class(model_type: str):
     return getattr(importlib.import_module(module), name)
 
 
-def init(config: ModelConfig, *, seed: int = 0) -> nnx.Module:
+def init(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
     """A randomly initialised model, built in one compiled program (eager construction compiles every
     initializer separately: seconds per layer type). The structure comes from an abstract trace, the values
-    from ``jit``, which is also where sharded placement attaches."""
+    from ``jit``; with a ``mesh`` each parameter is born in its shards (``mgjax.mesh``)."""
     cls = model_class(config.model_type)
     build = lambda: cls(config, rngs=nnx.Rngs(seed))  # noqa: E731
-    graphdef, _ = nnx.split(nnx.eval_shape(build))
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()))())
+    abstract = nnx.eval_shape(build)
+    graphdef, _ = nnx.split(abstract)
+    out = mesh_lib.shardings(abstract, mesh) if mesh is not None else None
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()), out_shardings=out)())
 
 
-def assemble(config: ModelConfig, parts: dict[str, str | os.PathLike], *, seed: int = 0) -> nnx.Module:
+def assemble(config: ModelConfig, parts: dict[str, str | os.PathLike], *, seed: int = 0,
+             mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
     """A model whose named top-level submodules load from their own HF checkpoints (MGM stage 1: the base LLM and
     both towers) and whose other parameters (the projectors) are randomly initialised. Only those are computed:
-    the initialisers of the loaded parts are dead code in the compiled program."""
+    the initialisers of the loaded parts are dead code in the compiled program. ``mesh``: born sharded."""
     cls = model_class(config.model_type)
     build = lambda: cls(config, rngs=nnx.Rngs(seed))  # noqa: E731
     model = nnx.eval_shape(build)
     fresh = lambda path, _: path[0] not in parts  # noqa: E731
-    nnx.update(model, jax.jit(lambda: nnx.state(build(), fresh))())
+    out = mesh_lib.shardings(nnx.state(model, fresh), mesh) if mesh is not None else None
+    nnx.update(model, jax.jit(lambda: nnx.state(build(), fresh), out_shardings=out)())
+    place = mesh_lib.placer(mesh) if mesh is not None else None
     for name, path in parts.items():
         sub = getattr(model, name)
-        setattr(model, name, hf.load_into(sub, path, layouts=type(sub).layouts(sub.config)))
+        setattr(model, name, hf.load_into(sub, path, layouts=type(sub).layouts(sub.config), place=place))
     return model
 
 
@@ -80,7 +86,8 @@ def read_config(path: Path) -> dict:
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: ModelConfig | None = None,
                     layout: str = "auto", weights: str | os.PathLike | None = None,
-                    towers: dict[str, tuple[str | os.PathLike, str]] | None = None, **overrides) -> nnx.Module:
+                    towers: dict[str, tuple[str | os.PathLike, str]] | None = None,
+                    mesh: jax.sharding.Mesh | None = None, **overrides) -> nnx.Module:
     """Build an mgjax model from an HF checkpoint directory.
 
     ``dtype`` is used for both parameters and compute (override either with ``param_dtype=`` / ``dtype=`` in a
@@ -88,7 +95,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
     matches the checkpoint best. ``weights`` points at the safetensors file(s) when they live apart from
     ``config.json``. ``towers`` takes submodules from their own files instead, as ``{attribute: (path, layout)}``
     (MGM: ``{"vision_tower_aux": ("open_clip_model.safetensors", "open_clip")}``, as MGM itself loads the
-    ConvNeXt). Every key and shape is checked; a mismatch raises an error naming each offending key.
+    ConvNeXt). Every key and shape is checked; a mismatch raises an error naming each offending key. With a
+    ``mesh``, each process reads the checkpoint and keeps only its own shards (``mgjax.mesh.placer``).
     """
     path = Path(path)
     if config is None:
@@ -98,10 +106,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
     cls = model_class(config.model_type)
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     towers = towers or {}
-    model = hf.load_into(abstract, weights or path, layouts=cls.layouts(config), layout=layout, skip=tuple(towers))
+    place = mesh_lib.placer(mesh) if mesh is not None else None
+    model = hf.load_into(abstract, weights or path, layouts=cls.layouts(config), layout=layout, skip=tuple(towers),
+                         place=place)
     for name, (file, tower_layout) in towers.items():
         sub = getattr(model, name)
-        setattr(model, name, hf.load_into(sub, file, layouts=type(sub).layouts(sub.config), layout=tower_layout))
+        setattr(model, name, hf.load_into(sub, file, layouts=type(sub).layouts(sub.config), layout=tower_layout,
+                                          place=place))
     return model
 
 
@@ -120,6 +131,8 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None
     # The dtype the tensors were written in, not the one the model was first loaded from.
     written = dtype or jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
     cfg["dtype"] = jnp.dtype(written).name
+    if jax.process_index() != 0:
+        return out_dir
     tmp = out_dir / "config.json.tmp"
     tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     os.replace(tmp, out_dir / "config.json")

@@ -19,22 +19,29 @@ LOGICAL_AXES: dict[str, str] = {
     "conv_kernel": "spatial extent of a convolution kernel",
 }
 
-# Default rules: ZeRO-3-style FSDP on the model width, tensor parallelism on heads / mlp / vocab.
+# Default rules: ZeRO-3-style FSDP on the model width, tensor parallelism on heads / mlp / vocab, expert parallelism
+# on stacked experts. Outside the experts, the ``expert`` axis acts as more FSDP (the batch and the model width are
+# split over it too), so an expert mesh does not leave attention and embeddings replicated on its devices.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("layers", None),
     ("experts", "expert"),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
     ("positions", None),
-    ("conv_out", "fsdp"),
+    ("conv_out", ("fsdp", "expert")),
     ("conv_in", None),
     ("conv_kernel", None),
 )
+
+# ZeRO-3 splits every parameter: one the rules leave whole on these mesh axes (norm scales, biases, conv kernels,
+# position tables; on `tensor`, the towers' weights the rules give no tensor-parallel axis) is split over them on its
+# largest dimension they divide, and gathered when used like any FSDP weight. Only `data` replicates parameters.
+ZERO3_AXES: tuple[str, ...] = ("fsdp", "expert", "tensor")
 
 
 def check_axes(axes) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import re
@@ -24,9 +25,10 @@ from PIL import Image, ImageDraw
 
 import mgjax
 from mgjax import config as cfg
-from mgjax import demo_data, flops, heldout, loader, optim, samples
+from mgjax import demo_data, distributed, flops, heldout, loader, optim, samples
+from mgjax import mesh as mesh_lib
 from mgjax.checkpoint import Checkpoints
-from mgjax.train_step import make_optimizer, train_step
+from mgjax.train_step import ShardedStep, make_optimizer, memory
 
 STAGES = {"stage1": optim.MGM_STAGE1, "stage2": optim.MGM_STAGE2, "full": (r".*",)}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -103,6 +105,16 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class MeshSection(mesh_lib.MeshConfig):
+    """The (data, fsdp, tensor, expert) axis sizes over all processes' devices, and the checks before step 1."""
+    min_sharded: float = field(default=0.98, metadata={
+        "help": "with fsdp or expert > 1: refuse to start when a smaller fraction of parameter bytes is sharded"})
+    device_memory_gb: float = field(default=0.0, metadata={
+        "help": "refuse to start when the compiled step needs more per device; 0: the device's own limit "
+                "(none known on CPUs)"})
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -110,6 +122,8 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    distributed: distributed.DistributedConfig = field(default_factory=distributed.DistributedConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
@@ -123,16 +137,16 @@ def _overrides(m: ModelSection) -> dict:
     return out if m.mining else {**out, "mining": False}
 
 
-def build_model(m: ModelSection):
-    """The model and its tokenizer, as the model section says."""
+def build_model(m: ModelSection, mesh: jax.sharding.Mesh | None = None):
+    """The model and its tokenizer, as the model section says; with a ``mesh``, born sharded."""
     from mgjax.pretrained import assemble, read_config
     over = _overrides(m)
     if m.init == "demo":  # through from_hf, so that dtype and remat reach every sub-model's config
         demo = demo_data.model_config()
-        return mgjax.init(type(demo).from_hf(demo.to_hf(), **over), seed=0), demo_data.tokenizer()
+        return mgjax.init(type(demo).from_hf(demo.to_hf(), **over), seed=0, mesh=mesh), demo_data.tokenizer()
     from transformers import AutoTokenizer
     if m.init == "pretrained":
-        return mgjax.from_pretrained(m.path, **over), AutoTokenizer.from_pretrained(m.path)
+        return mgjax.from_pretrained(m.path, mesh=mesh, **over), AutoTokenizer.from_pretrained(m.path)
     if m.init != "parts":
         raise cfg.ConfigError(f"model.init must be 'demo', 'pretrained' or 'parts', not {m.init!r}")
     if not (m.release and m.llm and m.vision and (m.vision_aux or not m.mining)):
@@ -146,7 +160,7 @@ def build_model(m: ModelSection):
     config = dataclasses.replace(release, llm=llm)
     parts = {"language_model": m.llm, "vision_tower": m.vision, **({"vision_tower_aux": m.vision_aux}
                                                                    if config.mining else {})}
-    return assemble(config, parts), AutoTokenizer.from_pretrained(m.llm)
+    return assemble(config, parts, mesh=mesh), AutoTokenizer.from_pretrained(m.llm)
 
 
 def _data(c: RunConfig, out: Path) -> tuple[Path, Path, Path | None, Path]:
@@ -178,7 +192,7 @@ class SetupError(Exception):
 
 class Metrics:
     """Per-step metrics, recorded one step behind so fetching them never stalls the device: JSONL, TensorBoard
-    events, a progress bar and a line every ``log_every`` steps."""
+    events, a progress bar and a line every ``log_every`` steps (written by process 0 alone)."""
 
     def __init__(self, out: Path, c: RunConfig, steps: int, start: int, lr, step_flops, peak: float | None):
         """``step_flops(seq_len)``: a step's FLOPs by role (computed once per padded length)."""
@@ -186,9 +200,11 @@ class Metrics:
         from tqdm import tqdm
         self.c, self.steps, self.lr, self.peak = c, steps, lr, peak
         self.flops = functools.cache(step_flops)
-        self.log = open(out / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(out / "tensorboard"))
-        self.bar = tqdm(total=steps, initial=start, disable=not c.train.progress, unit="step", dynamic_ncols=True)
+        self.primary = jax.process_index() == 0
+        self.log = open(out / "metrics.jsonl", "a") if self.primary else None
+        self.tb = SummaryWriter(str(out / "tensorboard")) if self.primary else None
+        self.bar = tqdm(total=steps, initial=start, disable=not (c.train.progress and self.primary), unit="step",
+                        dynamic_ncols=True)
         self.losses: list[float] = []
         self.last_saved: int | None = None
         self.where = out / "checkpoints"
@@ -203,22 +219,48 @@ class Metrics:
                       samples_per_s=b / seconds, tflops_per_s=total / seconds / 1e12)
         if self.peak:
             values["mfu"] = total / seconds / (self.peak * jax.device_count())
-        self.log.write(json.dumps(values) + "\n")
-        for k, v in values.items():
-            if k != "step":
-                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.primary:
+            self.log.write(json.dumps(values) + "\n")
+            for k, v in values.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, step)
         self.losses.append(values["loss"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-        if step % self.c.train.log_every == 0 or step == self.steps:
+        if self.primary and (step % self.c.train.log_every == 0 or step == self.steps):
             mfu = f"  MFU {values['mfu']:.1%}" if "mfu" in values else ""
             self.bar.write(f"step {step:5d}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}  "
                            f"lr {values['lr']:.2e}  {values['tokens_per_s']:.0f} tok/s{mfu}")
 
     def close(self) -> None:
         self.bar.close()
-        self.log.close()
-        self.tb.close()
+        if self.primary:
+            self.log.close()
+            self.tb.close()
+
+
+def _preflight(c: RunConfig, model, opt, step: ShardedStep, mesh: jax.sharding.Mesh, batch: dict) -> None:
+    """Before step 1: refuse a mesh that leaves too much replicated and a step that does not fit in device memory;
+    compile the step for the longest batch and print what it needs per device."""
+    sizes = dict(mesh.shape)
+    p = mesh_lib.placement(model, sizes)
+    print(f"mesh {sizes} on {jax.device_count()} devices, {jax.process_count()} process(es): parameters "
+          f"{p.per_device_bytes / 2**20:,.1f} MiB per device, {p.sharded_fraction:.2%} of "
+          f"{p.total_bytes / 2**20:,.1f} MiB sharded")
+    if sizes["fsdp"] * sizes["expert"] > 1 and p.sharded_fraction < c.mesh.min_sharded:
+        raise SetupError(f"mesh {sizes} shards only {p.sharded_fraction:.2%} of the parameter bytes (mesh.min_sharded "
+                         f"{c.mesh.min_sharded:.0%}); largest replicated: {', '.join(p.replicated[:3])}. Pick fsdp "
+                         "and expert sizes that divide the model's widths, or lower mesh.min_sharded")
+    longest = {k: jax.ShapeDtypeStruct((*v.shape[:-1], c.data.max_length) if k in loader.SEQUENCE_KEYS else v.shape,
+                                       v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    use = memory(step.compile(model, opt, longest))
+    limit = c.mesh.device_memory_gb * 2**30 or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    print("compiled step, per device: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in use.items())
+          + (f" (device limit {limit / 2**30:,.2f} GiB)" if limit else ""))
+    if limit and use["peak"] > limit:
+        raise SetupError(f"the compiled step needs {use['peak'] / 2**30:,.2f} GiB per device, more than the "
+                         f"{limit / 2**30:,.2f} GiB there are: use more devices (mesh.fsdp), more "
+                         "train.micro_batches, model.remat full, or model.compute_dtype bfloat16")
 
 
 def _print_accuracy(results: dict[str, dict[str, dict]]) -> None:
@@ -239,9 +281,15 @@ def run(c: RunConfig, resume: bool) -> dict | None:
     out = Path(c.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # ---------------------------------------------------------------- model, data, optimizer
+    # ---------------------------------------------------------------- mesh, model, data, optimizer
     try:  # bad input: one line naming the file
-        model, tok = build_model(c.model)
+        mesh = mesh_lib.make_mesh(c.mesh)
+        rows, shards = c.train.global_batch // c.train.micro_batches, mesh_lib.batch_shards(dict(mesh.shape))
+        if rows % shards or rows % jax.process_count():
+            raise SetupError(f"train.global_batch {c.train.global_batch} / train.micro_batches "
+                             f"{c.train.micro_batches} = {rows} rows do not split over the batch's {shards} mesh "
+                             f"shards {dict(mesh.shape)} and {jax.process_count()} process(es)")
+        model, tok = build_model(c.model, mesh)
         train_path, images, eval_path, eval_images = _data(c, out)
         records = list(samples.read_records(train_path))
         make = samples.MGMSamples(model.config, tok, c.data.template, str(images), max_length=c.data.max_length,
@@ -258,8 +306,11 @@ def run(c: RunConfig, resume: bool) -> dict | None:
                                  process_count=jax.process_count(), workers=c.data.workers, report=report,
                                  lengths=lengths, buckets=c.data.length_buckets)
         opt = make_optimizer(model, STAGES[c.train.stage], c.optim, steps, frozen=c.train.freeze)
+        mesh_lib.shard(opt, mesh)
     except (ValueError, OSError) as e:
         raise SetupError(str(e)) from None
+    # each process meets its own share of the data, so each reports its own bad samples
+    bad_file = "bad_samples.json" if jax.process_index() == 0 else f"bad_samples.process{jax.process_index()}.json"
     ckpts = Checkpoints(out / "checkpoints", keep=c.checkpoint.keep)
     if ckpts.latest() is not None and not resume:
         raise SetupError(f"{out / 'checkpoints'} already holds step {ckpts.latest()}; pass --resume to continue "
@@ -272,6 +323,14 @@ def run(c: RunConfig, resume: bool) -> dict | None:
     peak = c.train.peak_tflops * 1e12 or flops.peak_flops()
     print(f"{optim.count_params(model):,} parameters, {optim.count_params(model, opt.wrt):,} trainable "
           f"({c.train.stage}); {steps} steps of {c.train.global_batch}; compute {c.model.compute_dtype}")
+    step_fn = ShardedStep(model, opt, mesh)
+    put = lambda local: mesh_lib.global_batch(mesh, {k: v for k, v in local.items() if k in INPUTS})  # noqa: E731
+    try:
+        first = next(batches)
+    except samples.TooManyBadSamples as e:
+        raise SetupError(str(e)) from None
+    _preflight(c, model, opt, step_fn, mesh, put(first))
+    feed = itertools.chain([first], batches)
 
     # ---------------------------------------------------------------- the loop (metrics fetched one step behind)
     stop = []
@@ -282,8 +341,8 @@ def run(c: RunConfig, resume: bool) -> dict | None:
     pending, tick, step = None, time.perf_counter(), start
     try:
         for step in range(start + 1, steps + 1):
-            batch = {k: jnp.asarray(v) for k, v in next(batches).items() if k in INPUTS}
-            step_metrics = train_step(model, opt, batch)
+            batch = put(next(feed))
+            step_metrics = step_fn(model, opt, batch)
             now = time.perf_counter()
             if pending is not None:
                 metrics(*pending)
@@ -303,23 +362,25 @@ def run(c: RunConfig, resume: bool) -> dict | None:
     finally:
         ckpts.wait()
         metrics.close()
-        report.write(out / "bad_samples.json")
+        report.write(out / bad_file)
 
     # ---------------------------------------------------------------- outputs and held-out evaluation
-    if metrics.losses:
+    if metrics.losses and metrics.primary:
         _loss_png(out / "loss.png", metrics.losses)
-    print(f"stopped at step {step}: {report.count} bad samples of {report.seen} (report: {out / 'bad_samples.json'})")
+    print(f"stopped at step {step}: {report.count} bad samples of {report.seen} (report: {out / bad_file})")
     if stop:
         return None
     mgjax.save_pretrained(model, out / "final")
-    tok.save_pretrained(out / "final")
+    if jax.process_index() == 0:
+        tok.save_pretrained(out / "final")
     print(f"model: {out / 'final'}")
     if eval_path is None or not c.eval.enabled:
         return None
     held_out = [r for r in samples.read_records(eval_path)]
     score = heldout.accuracy(model, held_out, dataclasses.replace(make, image_folder=str(eval_images)),
-                             batch=c.eval.batch)
-    (out / "eval.json").write_text(json.dumps(score, indent=2))
+                             batch=c.eval.batch, mesh=mesh)
+    if jax.process_index() == 0:
+        (out / "eval.json").write_text(json.dumps(score, indent=2))
     return score
 
 
@@ -334,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:  # config errors, missing model or data files, unreadable JSON, too many bad samples: one line, exit 2
         c = cfg.load(RunConfig, args.config, args.set)
+        try:
+            distributed.initialize(c.distributed)
+        except ValueError as e:
+            raise cfg.ConfigError(str(e)) from None
         if c.train.stage not in STAGES:
             raise cfg.ConfigError(f"train.stage must be one of {sorted(STAGES)}, not {c.train.stage!r}")
         for pattern in c.train.freeze:

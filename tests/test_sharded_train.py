@@ -1,71 +1,83 @@
 """Training on 8 simulated CPU devices: every mesh gives the single-device losses, with parameters and optimizer
-state split as ``mgjax.mesh`` plans. The devices exist only in a fresh process (XLA reads the flag at start-up)."""
+state split as ``mgjax.mesh`` plans (ZeRO-3: each device holds about 1/shards of both) and kept so by the step.
+The devices exist only in a fresh process (XLA reads the flag at start-up)."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-MESHES = [dict(data=8, fsdp=1), dict(fsdp=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)]
+MESHES = {"llama": [dict(data=8, fsdp=1), dict(fsdp=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],
+          "mixtral": [dict(fsdp=2, expert=4), dict(data=2, fsdp=1, expert=4)]}
 
 WORKER = """
-import json, sys
+import dataclasses, json, sys
 import jax
 from flax import nnx
 import mgjax
 from mgjax import mesh, optim
-from mgjax.train_step import make_optimizer, train_step
+from mgjax.models.decoder import MixtralConfig
+from mgjax.train_step import ShardedStep, make_optimizer, train_step
 from tests.test_train_step import CONFIG, _batch
 
-def run(sizes):
-    model = mgjax.init(CONFIG, seed=0)
+CONFIGS = {"llama": CONFIG, "mixtral": dataclasses.replace(CONFIG, llm=MixtralConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2))}
+
+def run(config, sizes):
     m = mesh.make_mesh(mesh.MeshConfig(**sizes)) if sizes else None
-    if m:
-        mesh.shard(model, m)
+    model = mgjax.init(config, seed=0, mesh=m)  # born sharded
     opt = make_optimizer(model, optim.MGM_STAGE2, optim.OptimConfig(lr=1e-3, warmup_ratio=0.0), 10)
     if m:
         mesh.shard(opt, m)
-    held = held_bytes(model) if m else None
+        step = ShardedStep(model, opt, m)
+        before = held(model), held(opt)
     losses = []
     for i in range(5):
         b = _batch(per=8, seed=i)
         if m:
-            b = {k: jax.device_put(v, mesh.batch_sharding(m, v.ndim)) for k, v in b.items()}
-        losses.append(float(train_step(model, opt, b)["loss"]))
+            losses.append(float(step(model, opt, mesh.global_batch(m, b))["loss"]))
+        else:
+            losses.append(float(train_step(model, opt, b)["loss"]))
     out = {"losses": losses}
     if m:
-        moments = [x for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)) if x.ndim > 1]
-        out.update(held=held, planned=mesh.placement(model, dict(m.shape)).per_device_bytes,
-                   held_after=held_bytes(model),
-                   split_moments=sum(not x.sharding.is_fully_replicated for x in moments), moments=len(moments))
+        out.update(before=before, after=(held(model), held(opt)), total=(total(model), total(opt)),
+                   planned=mesh.placement(model, dict(m.shape)).per_device_bytes)
     return out
 
-def held_bytes(model):
-    held = {}  # bytes of parameters each device holds, from the arrays themselves
-    for x in jax.tree.leaves(nnx.state(model, nnx.Param)):
+def held(tree):  # the most bytes any device holds, from the arrays' shards
+    per = {}
+    for x in jax.tree.leaves(nnx.state(tree, (nnx.Param, nnx.OptState))):
         for s in x.addressable_shards:
-            held[s.device.id] = held.get(s.device.id, 0) + s.data.nbytes
-    return max(held.values())
+            per[s.device.id] = per.get(s.device.id, 0) + s.data.nbytes
+    return max(per.values())
 
-print(json.dumps({"single": run(None), **{json.dumps(s): run(s) for s in json.loads(sys.argv[1])}}))
+def total(tree):
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(tree, (nnx.Param, nnx.OptState))))
+
+out = {}
+for family, meshes in json.loads(sys.argv[1]).items():
+    out[family] = {"single": run(CONFIGS[family], None), **{json.dumps(s): run(CONFIGS[family], s) for s in meshes}}
+print(json.dumps(out))
 """
 
 
-def test_every_mesh_gives_the_single_device_losses_and_the_planned_placement():
+def test_every_mesh_gives_the_single_device_losses_with_zero3_placement():
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(root)}
     run = subprocess.run([sys.executable, "-c", WORKER, json.dumps(MESHES)], capture_output=True, text=True,
-                         env=env, cwd=root, timeout=900)
+                         env=env, cwd=root, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    single = out.pop("single")["losses"]
-    for sizes, got in out.items():
-        assert max(abs(a - b) for a, b in zip(got["losses"], single)) < 1e-5, (sizes, got["losses"], single)
-        assert got["held"] == got["planned"], sizes  # what mgjax.mesh.placement reports is what devices hold
-        print("sharded train", sizes, "parameter bytes per device before/after 5 steps:", got["held"],
-              got["held_after"])
-        if json.loads(sizes).get("fsdp", 1) == 1:
-            assert got["split_moments"] == 0, sizes  # pure data parallelism replicates
-    fsdp = out[json.dumps(dict(fsdp=8))]
-    assert fsdp["split_moments"] > 0.9 * fsdp["moments"]  # ZeRO: Adam's moments live in shards too
+    for family, results in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        single = results.pop("single")["losses"]
+        for key, got in results.items():
+            sizes = json.loads(key)
+            assert max(abs(a - b) for a, b in zip(got["losses"], single)) < 1e-5, (family, sizes, got, single)
+            shards = sizes.get("fsdp", 1) * sizes.get("tensor", 1) * sizes.get("expert", 1)
+            ratios = [h / (t / shards) for h, t in zip(got["after"], got["total"])]
+            print(f"{family} {sizes}: max |loss - single| {max(abs(a - b) for a, b in zip(got['losses'], single)):.1e}"
+                  f"; bytes per device / (total / {shards}): parameters {ratios[0]:.3f}, optimizer {ratios[1]:.3f}")
+            assert got["before"][0] == got["planned"], (family, sizes)  # mgjax.mesh.placement is what devices hold
+            assert got["after"] == got["before"], (family, sizes)  # the step keeps the planned layout
+            assert max(ratios) <= 1.05, (family, sizes, ratios)

@@ -107,16 +107,23 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "nowhere.json" in capsys.readouterr().err
 
 
+def test_a_step_that_does_not_fit_in_device_memory_is_refused(tmp_path, capsys):
+    assert _run(tmp_path, "--set", "mesh.device_memory_gb=0.001") == 2
+    err = capsys.readouterr().err
+    assert "the compiled step needs" in err and "more than the 0.00 GiB there are" in err, err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    real = train.train_step
+    real = train.ShardedStep.__call__
     calls = []
 
-    def flaky(model, opt, batch):
+    def flaky(self, model, opt, batch):
         calls.append(1)
-        metrics = real(model, opt, batch)
+        metrics = real(self, model, opt, batch)
         return {**metrics, "loss": jnp.float32("nan")} if len(calls) == 3 else metrics
 
-    monkeypatch.setattr(train, "train_step", flaky)
+    monkeypatch.setattr(train.ShardedStep, "__call__", flaky)
     assert _run(tmp_path, steps=6) == 3
     err = capsys.readouterr().err
     assert "loss became nan at step 3; the last good checkpoint is step 2" in err

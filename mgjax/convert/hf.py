@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental.multihost_utils import process_allgather
 
 from mgjax.convert.keymap import HF, KeyLayout, Target, hf_keys, path_name, row_blocks, stack_depth
 from mgjax.convert.safetensors_io import CheckpointError, SafetensorsReader, TensorSpec, write
@@ -146,12 +147,17 @@ def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layouts: d
     return nnx.merge(graphdef, state)
 
 
+def _host(x: jax.Array) -> np.ndarray:
+    # a parameter split over several processes' devices is gathered (every process takes part)
+    return np.asarray(x if x.is_fully_addressable else process_allgather(x, tiled=True))
+
+
 def _assemble(shape, dtype, pieces: list[Piece], arrays) -> np.ndarray:
     if pieces[0].blocks is None:
-        return np.asarray(arrays[pieces[0].param][pieces[0].index], dtype)
+        return np.asarray(_host(arrays[pieces[0].param])[pieces[0].index], dtype)
     out = np.empty(shape, dtype)
     for p in pieces:
-        part = np.asarray(arrays[p.param][p.index], dtype)
+        part = np.asarray(_host(arrays[p.param])[p.index], dtype)
         for dst, src, n in p.blocks:
             out[src:src + n] = part[dst:dst + n]
     return out
@@ -169,5 +175,11 @@ def tensor_specs(model: nnx.Module, *, layout: KeyLayout = HF, dtype=None) -> li
 
 
 def save(model: nnx.Module, out_dir: str | os.PathLike, *, layout: KeyLayout = HF, dtype=None,
-         max_shard_bytes: int = 4 << 30):
-    return write(out_dir, tensor_specs(model, layout=layout, dtype=dtype), max_shard_bytes=max_shard_bytes)
+         max_shard_bytes: int = 4 << 30) -> list:
+    """Writes the checkpoint (process 0 of a multi-process run; the others only help gather each tensor)."""
+    specs = tensor_specs(model, layout=layout, dtype=dtype)
+    if jax.process_index() != 0:
+        for spec in specs:  # the same gathers in the same order as process 0's writer
+            spec.fetch()
+        return []
+    return write(out_dir, specs, max_shard_bytes=max_shard_bytes)

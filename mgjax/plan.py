@@ -1,0 +1,382 @@
+"""Plan a training run before renting the chips: per-device memory, step FLOPs and step time of a run config on a
+named topology. ``python -m mgjax.plan --config configs/mgm/MGM-7B/stage2.yaml --topology 8xH100
+[--mesh data=1,fsdp=-1,tensor=1,expert=1] [--set key=value ...] [--batch N] [--seq-len L] [--mfu 0.4] [--json]``
+
+Everything comes from shapes: the model is built with ``nnx.eval_shape`` from ``model.release`` (or the demo
+config), never from the checkpoint paths the config names, so MGM-34B plans in seconds on a laptop.
+
+Memory per device, as ``mgjax.train`` lays it out (parameters and optimizer state float32, ``mgjax.mesh``'s
+placement from the logical axes; the device holding the most is reported):
+
+* parameters: ``mesh.placement``.
+* gradients: the trainable parameters in float32, placed like them. With more than one micro-batch the
+  accumulator of ``train_step``'s scan and the micro-batch's own gradients are both live: twice that (XLA:CPU's
+  compiled step grows by 10.4 GiB for MGM-2B's 9.4 GiB of gradients).
+* optimizer: AdamW's two float32 moments of every trainable parameter, placed like it.
+* activations, an estimate for one micro-batch of ``global_batch / micro_batches / batch shards`` samples (the
+  batch shards: the product of the mesh axes ``mgjax.sharding`` splits the batch over) at ``seq_len`` positions,
+  the sum of
+  - what the forward keeps for the backward: the residuals of ``jax.vjp`` of the loss with respect to the
+    trainable parameters, traced on shapes through this code (parameters it refers to are left out). Depth is
+    linear, so the model is traced with one and with two LLM layers and extrapolated; the rest comes from a trace
+    under full remat, as without remat a one-layer model also keeps the attention's mask and fill value
+    broadcast to the scores' shape, which XLA never materialises. The remat policy decides what a layer keeps:
+    ``full`` its input (2·s·b·h bytes at bf16), ``dots`` / ``dots_no_batch`` also its matmul outputs, ``none``
+    everything. The usual formula for ``none``, Korthikanti et al. 2022's 34·s·b·h + 5·a·s²·b bytes at 16 bits,
+    undercounts this code: MGM-7B at s 2048 keeps 1.25 GiB per layer and sample, not 0.89 (the float32 softmax
+    and its bf16 cast, six MLP-wide values, float32 copies in the RMSNorms), and each layer's weights once more
+    in bf16. Frozen towers before every trainable parameter keep only what the projectors need (the mining
+    projections keep float32 copies of the whole HR feature map);
+  - under remat, the layer being recomputed: what a layer keeps without remat beyond what the policy kept;
+  - the logits' float32 gradient the backward starts from (the kept log-softmax is among the residuals);
+  - the inputs: the local batch, every micro-batch, as the loader hands it over.
+  Tensor parallelism is planned Megatron-style: a device traces the LLM with its share of the heads, the MLP and
+  the vocabulary; h-wide values stay whole (no sequence parallelism). Expert parallelism is not reflected; MoE
+  dispatch is what ``moe_impl: auto`` picks on the target (grouped on TPU, dense elsewhere).
+  Not counted: transient buffers (an FSDP layer's gathered weights, the optimizer's update, a layer's gradients
+  in the backward, XLA's workspaces) and allocator overhead; leave headroom. Against XLA:CPU's compiled
+  ``train_step`` for MGM-7B stage 2 on one device at s 2048 (``memory_analysis``), gradients plus activations
+  came within 1.3 of its 89.2 GiB without remat (float32); under full remat (bf16) they grew by 3.7 GiB per
+  sample where XLA's grew by 3.5, and stayed 5 to 6 GiB of transients below it.
+
+HBM per chip is the vendor's capacity, taken as GiB; runtimes report a little less. Step time is the step's model
+FLOPs (``mgjax.flops.mgm_step_flops``, global batch) over chips x peak x the assumed MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from math import prod
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mgjax import config as cfg
+from mgjax import demo_data, flops, mesh, optim, releases
+from mgjax.layers import REMAT_POLICIES
+from mgjax.pretrained import model_class
+from mgjax.train import DTYPES, STAGES, ModelSection, RunConfig
+from mgjax.train_step import ShardedStep, make_optimizer, memory
+
+GiB = 1 << 30
+F32 = 4
+
+
+@dataclass(frozen=True)
+class Topology:
+    chips: int
+    hbm_bytes: int  # per chip
+    peak_flops: float | None  # dense bf16 FLOP/s per chip; None: unknown (CPUs)
+    chips_per_host: int
+    platform: str  # gpu | tpu | cpu: picks the MoE dispatch that 'auto' would
+
+
+TOPOLOGIES: dict[str, Topology] = {
+    "8xH100": Topology(8, 80 * GiB, flops.PEAK_FLOPS["H100"], 8, "gpu"),
+    "4x8xH100": Topology(32, 80 * GiB, flops.PEAK_FLOPS["H100"], 8, "gpu"),
+    "8xH200": Topology(8, 141 * GiB, flops.PEAK_FLOPS["H200"], 8, "gpu"),
+    # TPU slice names count TensorCores: two per v4 / v5p chip, one per v5e chip (Cloud TPU docs)
+    "v5p-128": Topology(64, 95 * GiB, flops.PEAK_FLOPS["TPU v5p"], 4, "tpu"),
+    "v5e-256": Topology(256, 16 * GiB, flops.PEAK_FLOPS["TPU v5e"], 8, "tpu"),
+    "v4-128": Topology(64, 32 * GiB, flops.PEAK_FLOPS["TPU v4"], 4, "tpu"),
+}
+LOCAL = "local"  # this process's devices, whatever they are
+
+
+class PlanError(ValueError):
+    """An input the plan cannot be made from; the message names it."""
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def topology(name: str) -> Topology:
+    if name == LOCAL:
+        return _local()
+    if name not in TOPOLOGIES:
+        raise PlanError(f"unknown topology {name!r}; known: {', '.join([*TOPOLOGIES, LOCAL])}")
+    return TOPOLOGIES[name]
+
+
+def _local() -> Topology:
+    device, per_host = jax.devices()[0], jax.local_device_count()
+    # CPU devices report no memory stats: they share the host's RAM
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // per_host
+    hbm = (device.memory_stats() or {}).get("bytes_limit", ram)
+    return Topology(jax.device_count(), hbm, flops.peak_flops(device), per_host, device.platform)
+
+
+def parse_mesh(text: str, default: mesh.MeshConfig) -> mesh.MeshConfig:
+    """``data=2,fsdp=-1`` over ``default``: the axes it names replace the default's."""
+    sizes = {}
+    for item in filter(None, text.split(",")):
+        axis, eq, value = item.partition("=")
+        if not eq or axis.strip() not in mesh.MESH_AXES or not value.strip().removeprefix("-").isdigit():
+            raise PlanError(f"--mesh {text!r}: expected AXIS=SIZE,... with axes {', '.join(mesh.MESH_AXES)}")
+        sizes[axis.strip()] = int(value)
+    return dataclasses.replace(default, **sizes)
+
+
+def check(c: RunConfig, global_batch: int, seq_len: int) -> None:
+    """The values the plan takes from the config as names or counts, checked before anything is built."""
+    for key, value, known in (("train.stage", c.train.stage, STAGES), ("model.remat", c.model.remat, REMAT_POLICIES),
+                              ("model.compute_dtype", c.model.compute_dtype, DTYPES)):
+        if value not in known:
+            raise PlanError(f"{key} must be one of {sorted(known)}, not {value!r}")
+    for key, value in (("the global batch", global_batch), ("seq_len", seq_len),
+                       ("train.micro_batches", c.train.micro_batches)):
+        if value < 1:
+            raise PlanError(f"{key} must be positive, not {value}")
+    for pattern in c.train.freeze:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise PlanError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
+
+
+def abstract_model(m: ModelSection) -> nnx.Module:
+    """The model the run would train, as shapes: parameters float32, compute and remat as configured."""
+    return nnx.eval_shape(_builder(m))
+
+
+def _builder(m: ModelSection):
+    over = dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat,
+                **({} if m.mining else {"mining": False}))
+    if m.init == "demo":
+        demo = demo_data.model_config()
+        config = type(demo).from_hf(demo.to_hf(), **over)
+    elif m.release:
+        config = releases.config(m.release, **over)
+    else:
+        raise PlanError(f"model.init {m.init!r} plans from model.release (the architecture), which is not set")
+    return lambda: model_class(config.model_type)(config, rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+def float32_bytes(model: nnx.Module, which, sizes: dict[str, int]) -> int:
+    """Per-device bytes of the parameters ``which`` selects, in float32, placed as ``mesh.placement`` places them."""
+    total = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, which)):
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        total += var.size * F32 // mesh.shards(mesh.spec(axes, var.shape, sizes), sizes)
+    return total
+
+
+def _moe_impl(llm, platform: str) -> str:
+    """What ``moe_impl: auto`` picks on the target platform (the trace runs here, where it would pick dense)."""
+    return llm.moe_impl if llm.moe_impl != "auto" else ("grouped" if platform == "tpu" else "dense")
+
+
+def _tensor_shard(llm, tensor: int):
+    """The LLM one device computes under tensor parallelism, Megatron-style: heads, MLP and vocabulary split where
+    they divide (``mesh.spec`` replicates what does not); key/value heads fewer than ``tensor`` are repeated."""
+    split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731
+    a, kv = llm.num_attention_heads, llm.num_key_value_heads
+    heads = {}
+    if a % tensor == 0 and (kv % tensor == 0 or tensor % kv == 0):
+        heads = dict(num_attention_heads=a // tensor, num_key_value_heads=max(kv // tensor, 1))
+    return dataclasses.replace(llm, **heads, intermediate_size=split(llm.intermediate_size),
+                               vocab_size=split(llm.vocab_size))
+
+
+def _inputs(c, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """One micro-batch as ``mgjax.train`` feeds it: int32 ids and labels, float32 images."""
+    side = c.vision.image_size
+    images = (batch, c.views, 3, side, side) if c.views > 1 else (batch, 3, side, side)
+    out = {"input_ids": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
+           "labels": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
+           "images": jax.ShapeDtypeStruct(images, jnp.float32)}
+    if c.mining:
+        out["images_aux"] = jax.ShapeDtypeStruct((batch, 3, c.image_size_aux, c.image_size_aux), jnp.float32)
+    return out
+
+
+def _nbytes(shapes) -> int:
+    return sum(prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+
+
+def kept_for_backward(config, trainable, *, batch: int, seq_len: int) -> int:
+    """Bytes JAX keeps from the forward of one micro-batch's loss for its backward: the residuals of ``jax.vjp``
+    with respect to the trainable parameters, traced on shapes. Residuals that are parameters (same shape and
+    dtype) are left out: they are held anyway."""
+    model = nnx.eval_shape(lambda: model_class(config.model_type)(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, trainable, ...)
+
+    def loss(p, frozen, inputs):
+        logits, _ = nnx.merge(graphdef, p, frozen)(**{k: v for k, v in inputs.items() if k != "labels"})
+        return optim.masked_next_token_loss(logits, inputs["labels"])[0]
+
+    residuals = jax.eval_shape(lambda p, frozen, inputs: jax.vjp(lambda q: loss(q, frozen, inputs), p)[1],
+                               params, rest, _inputs(config, batch, seq_len))
+    weights = {(v.shape, v.dtype) for v in jax.tree.leaves(nnx.state(model))}
+    return _nbytes([a for a in jax.tree.leaves(residuals) if (a.shape, a.dtype) not in weights])
+
+
+def activations(config, remat: str, trainable, *, batch: int, micro: int, seq_len: int, tensor: int,
+                platform: str) -> dict[str, int]:
+    """Per-device activation bytes (an estimate, see the module docstring) of one micro-batch of ``micro``
+    samples; ``batch``: the local batch, every micro-batch, as the loader hands it over."""
+    llm = _tensor_shard(config.llm, tensor)
+
+    @functools.cache
+    def kept(layers: int, policy: str) -> int:
+        cut = dataclasses.replace(llm, num_hidden_layers=layers, remat=policy, moe_impl=_moe_impl(llm, platform))
+        return kept_for_backward(dataclasses.replace(config, llm=cut), trainable, batch=micro, seq_len=seq_len)
+
+    def per_layer(policy: str) -> int:  # residuals grow linearly with depth
+        return kept(2, policy) - kept(1, policy)
+
+    # The rest (towers, projectors, logits) from a trace under full remat: without remat a one-layer model also
+    # keeps the attention's mask and fill value broadcast to the scores' shape, which XLA never materialises.
+    rest = kept(1, "full") - per_layer("full")
+    return {"kept_for_backward": rest + llm.num_hidden_layers * per_layer(remat),
+            "recomputed_layer": 0 if remat == "none" else per_layer("none") - per_layer(remat),
+            "logits_gradient": micro * seq_len * llm.vocab_size * F32 if kept(1, remat) else 0,  # or no backward
+            "inputs": _nbytes(_inputs(config, batch, seq_len))}
+
+
+def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, seq_len: int) -> dict[str, int]:
+    """XLA's own memory analysis of the training step, compiled ahead of time for this process's devices from
+    shapes alone (nothing is materialised): what ``mgjax.train`` prints and checks before step 1."""
+    m = mesh.make_mesh(mesh_config)
+    build = _builder(c.model)
+
+    def with_optimizer():
+        model = build()
+        return model, make_optimizer(model, STAGES[c.train.stage], c.optim, 1, frozen=c.train.freeze)
+
+    model, opt = nnx.eval_shape(with_optimizer)
+    rows = global_batch // c.train.micro_batches
+    batch = {k: jax.ShapeDtypeStruct((c.train.micro_batches, rows, *v.shape[1:]), v.dtype,
+                                     sharding=mesh.batch_sharding(m, v.ndim + 1))
+             for k, v in _inputs(model.config, rows, seq_len).items()}
+    return memory(ShardedStep(model, opt, m).compile(model, opt, batch))
+
+
+# ------------------------------------------------------------------------------------------------------ the plan
+def _local_batch(global_batch: int, micro_batches: int, sizes: dict[str, int]) -> int:
+    shards = mesh.batch_shards(sizes)
+    if global_batch % (micro_batches * shards):
+        raise PlanError(f"global batch {global_batch} does not split into {micro_batches} micro-batch(es) x "
+                        f"{shards} batch shards ({' x '.join(mesh.batch_axes())}); change --batch, "
+                        "train.micro_batches or the mesh")
+    return global_batch // shards
+
+
+def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None = None, *, mfu: float = 0.4,
+           batch: int | None = None, seq_len: int | None = None, compile: bool = False) -> dict:
+    """The plan of run config ``c`` on a topology, as a JSON-able dict (bytes per device, FLOPs per step); with
+    ``compile`` (local devices only) also XLA's memory analysis of the compiled step."""
+    global_batch = c.train.global_batch if batch is None else batch
+    seq_len = c.data.max_length if seq_len is None else seq_len
+    check(c, global_batch, seq_len)
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1], not {mfu}")
+    topo = topology(topology_name)
+    if compile and topology_name != LOCAL:
+        raise PlanError(f"--compile needs the devices it compiles for: run it on them with --topology {LOCAL} "
+                        f"(here, {topology_name} is planned by arithmetic)")
+    try:
+        sizes = (mesh_config or c.mesh).sizes(topo.chips)
+    except ValueError as e:
+        raise PlanError(f"{topology_name} has {topo.chips} chips: {e}") from None
+    local = _local_batch(global_batch, c.train.micro_batches, sizes)
+    model = abstract_model(c.model)
+    trainable = optim.trainable(STAGES[c.train.stage], c.train.freeze)
+    placed = mesh.placement(model, sizes)
+    weights = float32_bytes(model, trainable, sizes)
+    acts = activations(model.config, c.model.remat, trainable, batch=local, micro=local // c.train.micro_batches,
+                       seq_len=seq_len, tensor=sizes["tensor"], platform=topo.platform)
+    memory = {"parameters": placed.per_device_bytes, "gradients": weights * (2 if c.train.micro_batches > 1 else 1),
+              "optimizer": 2 * weights, "activations": sum(acts.values())}
+    memory["total"] = sum(memory.values())
+    step = flops.mgm_step_flops(model, trainable, batch=global_batch, seq_len=seq_len)
+    seconds = step["total"] / (topo.chips * topo.peak_flops * mfu) if topo.peak_flops else None
+    return {
+        "release": c.model.release or c.model.init, "stage": c.train.stage,
+        "topology": {"name": topology_name, "chips": topo.chips, "hosts": -(-topo.chips // topo.chips_per_host),
+                     "hbm_bytes": topo.hbm_bytes, "peak_flops": topo.peak_flops},
+        "mesh": sizes,
+        "batch": {"global": global_batch, "micro_batches": c.train.micro_batches,
+                  "per_device": local // c.train.micro_batches, "seq_len": seq_len},
+        "compute_dtype": c.model.compute_dtype, "remat": c.model.remat,
+        "parameters": {"count": optim.count_params(model), "trainable": optim.count_params(model, trainable),
+                       "total_bytes": placed.total_bytes, "sharded_fraction": placed.sharded_fraction,
+                       "largest_replicated": list(placed.replicated[:3])},
+        "bytes_per_device": memory, "activation_bytes": acts,
+        "fits": memory["total"] <= topo.hbm_bytes,
+        "step_flops": step, "mfu": mfu, "seconds_per_step": seconds,
+        "tokens_per_s": global_batch * seq_len / seconds if seconds else None,
+        "compiled_bytes_per_device": compiled(c, mesh_config or c.mesh, global_batch=global_batch,
+                                              seq_len=seq_len) if compile else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def render(r: dict) -> str:
+    t, b, m, p = r["topology"], r["batch"], r["bytes_per_device"], r["parameters"]
+    acts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in r["activation_bytes"].items())
+    step = ", ".join(f"{k.replace('_', ' ')} {v:.3e}" for k, v in r["step_flops"].items() if k != "total")
+    lines = [
+        f"{r['release']} {r['stage']} on {t['name']}: {t['chips']} chips on {t['hosts']} host(s), "
+        f"{_gib(t['hbm_bytes'])} GiB each",
+        "mesh: " + " ".join(f"{a}={n}" for a, n in r["mesh"].items()),
+        f"batch: global {b['global']} in {b['micro_batches']} micro-batch(es), {b['per_device']} per device each; "
+        f"seq_len {b['seq_len']}; compute {r['compute_dtype']}, remat {r['remat']}",
+        f"parameters: {p['count']:,}, {p['trainable']:,} trainable",
+        "",
+        f"{'per device':22s}{'GiB':>8s}",
+        *(f"  {k:20s}{_gib(m[k]):>8s}" for k in ("parameters", "gradients", "optimizer")),
+        f"  {'activations (est.)':20s}{_gib(m['activations']):>8s}  ({acts})",
+        f"  {'total':20s}{_gib(m['total']):>8s}",
+        f"fits: {'yes' if r['fits'] else 'no'} ({_gib(m['total'])} of {_gib(t['hbm_bytes'])} GiB)",
+        f"parameter bytes sharded: {p['sharded_fraction']:.2%}; largest replicated: "
+        + (", ".join(p["largest_replicated"]) or "none"),
+        f"step FLOPs: {r['step_flops']['total']:.3e} ({step})",
+    ]
+    if r["compiled_bytes_per_device"]:
+        lines.append("compiled step (XLA), per device: " + ", ".join(
+            f"{k} {_gib(v)}" for k, v in r["compiled_bytes_per_device"].items()) + " GiB")
+    if r["seconds_per_step"] is None:
+        lines.append(f"time per step: unknown (no peak FLOP/s known for {t['name']})")
+    else:
+        lines.append(f"at MFU {r['mfu']:.0%}: {r['seconds_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mgjax.plan", description=__doc__.split("\n\n")[0],
+                                 epilog="topologies: " + ", ".join([*TOPOLOGIES, LOCAL]))
+    ap.add_argument("--config", help="a YAML run config (as mgjax.train reads it)")
+    ap.add_argument("--topology", required=True)
+    ap.add_argument("--mesh", default="", metavar="AXIS=SIZE,...", help="over the config's mesh (default fsdp=-1)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--batch", type=int, help="global batch (default train.global_batch)")
+    ap.add_argument("--seq-len", type=int, help="positions per sample (default data.max_length)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
+    ap.add_argument("--compile", action="store_true",
+                    help=f"with --topology {LOCAL}: also compile the step for these devices and print XLA's memory")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        c = cfg.load(RunConfig, args.config, args.set)
+        r = report(c, args.topology, parse_mesh(args.mesh, c.mesh), mfu=args.mfu, batch=args.batch,
+                   seq_len=args.seq_len, compile=args.compile)
+    except ValueError as e:  # config, topology, mesh and release errors alike
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2) if args.json else render(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

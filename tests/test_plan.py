@@ -1,0 +1,159 @@
+"""The training plan: per-device memory and step time from shapes alone, consistent with the placement and FLOPs
+modules it builds on, and one-line errors for what it cannot plan."""
+import functools
+import json
+import re
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+from mgjax import config as cfg
+from mgjax import flops, mesh, optim, plan
+from mgjax.train import STAGES, RunConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mgm"
+MGM_2B_PROJECTORS = 13_259_008  # configs/README.md's table
+
+
+def run_config(release: str = "MGM-2B", stage: str = "stage2", sets: tuple[str, ...] = ()) -> RunConfig:
+    return cfg.load(RunConfig, CONFIGS / release / f"{stage}.yaml", list(sets))
+
+
+@functools.cache
+def planned(release="MGM-2B", stage="stage2", mesh="", sets=(), topology="8xH100", **kw) -> dict:
+    c = run_config(release, stage, sets)
+    return plan.report(c, topology, plan.parse_mesh(mesh, c.mesh), **kw)
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = plan.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_parameter_bytes_per_device_are_the_sharded_share_plus_the_replicated_rest():
+    r = planned()
+    p, per_device = r["parameters"], r["bytes_per_device"]["parameters"]
+    f = p["sharded_fraction"]
+    assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}
+    assert per_device == pytest.approx(p["total_bytes"] * (f / 8 + (1 - f)), rel=1e-6)
+    assert p["total_bytes"] <= 8 * per_device <= 1.01 * p["total_bytes"]
+
+
+def test_doubling_fsdp_halves_the_state_but_not_the_activations_of_the_same_local_batch():
+    half, full = planned(mesh="data=2,fsdp=4"), planned()
+    for key in ("parameters", "gradients", "optimizer"):
+        assert half["bytes_per_device"][key] / full["bytes_per_device"][key] == pytest.approx(2, rel=0.01), key
+    assert half["batch"]["per_device"] == full["batch"]["per_device"] == 16
+    assert half["bytes_per_device"]["activations"] == full["bytes_per_device"]["activations"]
+
+
+def test_stage1_keeps_optimizer_state_for_the_projectors_only():
+    one, two = planned(stage="stage1"), planned()
+    assert one["parameters"]["trainable"] == MGM_2B_PROJECTORS
+    # two float32 moments per projector parameter, split 8 ways (any width 8 does not divide stays whole)
+    assert one["bytes_per_device"]["optimizer"] == pytest.approx(2 * 4 * MGM_2B_PROJECTORS / 8, rel=0.01)
+    assert one["bytes_per_device"]["gradients"] * 2 == one["bytes_per_device"]["optimizer"]
+    assert two["parameters"]["trainable"] > 100 * MGM_2B_PROJECTORS
+    assert two["bytes_per_device"]["optimizer"] > 100 * one["bytes_per_device"]["optimizer"]
+
+
+def test_nothing_trainable_means_no_gradients_no_optimizer_state_and_no_backward():
+    r = planned(sets=('train.freeze=[".*"]',))
+    assert r["parameters"]["trainable"] == 0
+    assert r["bytes_per_device"]["gradients"] == r["bytes_per_device"]["optimizer"] == 0
+    assert r["bytes_per_device"]["activations"] == r["activation_bytes"]["inputs"] > 0
+
+
+@pytest.mark.parametrize("sizes", [dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)])
+def test_float32_bytes_of_every_parameter_are_their_placement(sizes):
+    model = plan.abstract_model(run_config().model)
+    sizes = {**{a: 1 for a in mesh.MESH_AXES}, **sizes}
+    assert plan.float32_bytes(model, nnx.Param, sizes) == mesh.placement(model, sizes).per_device_bytes
+
+
+def test_gradients_double_with_accumulation():
+    once, twice = planned(), planned(sets=("train.micro_batches=4",))
+    assert twice["bytes_per_device"]["gradients"] == 2 * once["bytes_per_device"]["gradients"]
+    assert twice["batch"]["per_device"] == once["batch"]["per_device"] // 4
+
+
+def test_remat_policies_order_the_activations():
+    acts = {p: planned(sets=(f"model.remat={p}",))["activation_bytes"] for p in ("none", "dots", "full")}
+    total = {p: sum(a.values()) for p, a in acts.items()}
+    assert total["none"] > total["dots"] > total["full"]
+    assert acts["none"]["recomputed_layer"] == 0 < acts["full"]["recomputed_layer"]
+    # full remat keeps each layer's bf16 input (2·s·b·h bytes), a small part of what a layer keeps without
+    assert acts["full"]["kept_for_backward"] < acts["none"]["kept_for_backward"] / 4
+
+
+def test_tensor_parallelism_splits_activations_that_data_parallelism_does_not():
+    tensor, data = planned(mesh="fsdp=4,tensor=2", batch=64), planned(mesh="data=2,fsdp=4")
+    assert tensor["batch"]["per_device"] == data["batch"]["per_device"] == 16
+    assert tensor["bytes_per_device"]["activations"] < 0.8 * data["bytes_per_device"]["activations"]
+    assert tensor["bytes_per_device"]["parameters"] < 0.6 * data["bytes_per_device"]["parameters"]
+
+
+def test_step_flops_and_time_follow_the_flops_module():
+    c = run_config()
+    r = planned(batch=64, seq_len=1024, mfu=0.5)
+    model = plan.abstract_model(c.model)
+    want = flops.mgm_step_flops(model, optim.trainable(STAGES["stage2"]), batch=64, seq_len=1024)
+    assert r["step_flops"] == want
+    assert r["seconds_per_step"] == pytest.approx(want["total"] / (8 * flops.PEAK_FLOPS["H100"] * 0.5))
+    assert r["tokens_per_s"] == pytest.approx(64 * 1024 / r["seconds_per_step"])
+    assert r["batch"] == {"global": 64, "micro_batches": 1, "per_device": 8, "seq_len": 1024}
+
+
+def test_local_devices_plan_without_a_step_time(capsys):
+    n = jax.device_count()
+    code, out, _ = cli(capsys, "--config", str(CONFIGS / "MGM-2B" / "stage2.yaml"), "--topology", "local",
+                       "--batch", str(2 * n))
+    assert code == 0
+    assert "time per step: unknown" in out and f"mesh: data=1 fsdp={n} tensor=1 expert=1" in out
+
+
+def test_mgm_7b_stage2_on_8xh100_text_and_json(capsys):
+    args = ("--config", str(CONFIGS / "MGM-7B" / "stage2.yaml"), "--topology", "8xH100")
+    code, out, _ = cli(capsys, *args)
+    assert code == 0
+    assert re.search(r"^fits: (yes|no) \(\d+\.\d\d of 80\.00 GiB\)$", out, re.M), out
+    code, out, _ = cli(capsys, *args, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["release"] == "MGM-7B" and r["mesh"]["fsdp"] == 8
+    memory = r["bytes_per_device"]
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    assert r["fits"] == (memory["total"] <= 80 * 2 ** 30)
+    assert r["parameters"]["count"] == 7_266_093_504  # configs/README.md's table
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--topology", "v9-1"), r"unknown topology 'v9-1'; known: 8xH100, .*v5p-128.*, local"),
+    (("--topology", "8xH100", "--mesh", "fsdp=3"), r"8xH100 has 8 chips: mesh .* needs 3 devices, not 8"),
+    (("--topology", "8xH100", "--mesh", "fsdp=8,pipeline=2"), r"--mesh 'fsdp=8,pipeline=2': expected AXIS=SIZE"),
+    (("--topology", "8xH100", "--set", "model.bogus=1"), r"unknown key model\.bogus"),
+    (("--topology", "8xH100", "--set", "model.remat=most"), r"model\.remat must be one of"),
+    (("--topology", "8xH100", "--batch", "12"), r"global batch 12 does not split into 1 micro-batch\(es\) x 8"),
+    (("--topology", "8xH100", "--mfu", "1.5"), r"--mfu must be in \(0, 1\]"),
+    (("--topology", "8xH100", "--batch", "0"), r"the global batch must be positive, not 0"),
+    (("--topology", "8xH100", "--set", "train.freeze=['(']"), r"train\.freeze: '\(' is not a regex"),
+])
+def test_errors_are_one_line_and_exit_2(capsys, args, message):
+    code, out, err = cli(capsys, "--config", str(CONFIGS / "MGM-2B" / "stage2.yaml"), *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_compiled_on_local_devices_from_shapes(capsys):
+    code, out, _ = cli(capsys, "--config", "configs/demo.yaml", "--topology", "local", "--compile", "--json")
+    r = json.loads(out)
+    assert code == 0, out
+    xla, mine = r["compiled_bytes_per_device"], r["bytes_per_device"]
+    # the step's arguments are the state (parameters and Adam's moments, float32, and the step count) and a batch
+    state = mine["parameters"] + mine["optimizer"]
+    assert state < xla["arguments"] <= state + r["activation_bytes"]["inputs"] + 64, (xla, mine)
+    assert xla["peak"] >= xla["arguments"] + xla["temporaries"]
+    code, _, err = cli(capsys, "--config", "configs/demo.yaml", "--topology", "8xH100", "--compile")
+    assert code == 2 and "--compile needs the devices" in err
