@@ -6,11 +6,24 @@ nan_to_num; a float32 softmax over the M^2 window positions; the result added to
 
 The windows partition the map, so projecting the whole map once and cutting windows afterwards equals projecting
 each window (MGM's order) with nothing duplicated.
+
+``local_window_attention`` has two implementations behind one switch: ``reference`` (jnp; XLA fuses it) and the
+Pallas kernel of ``mgjax.mining_kernel`` (TPU; anywhere in interpret mode). ``auto`` takes the kernel on TPUs and
+the reference elsewhere: on CPUs the kernel only runs interpreted, and on GPUs the reference has not yet been
+measured against the copy bandwidth that would justify a Mosaic GPU kernel (issue 7; no GPU was available).
 """
 from __future__ import annotations
 
+from math import prod
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from mgjax import mining_kernel
+from mgjax.sharding import DEFAULT_RULES
+
+BACKENDS = ("auto", "xla", "pallas")
 
 
 def windows(x: jax.Array, n: int) -> jax.Array:
@@ -23,11 +36,47 @@ def windows(x: jax.Array, n: int) -> jax.Array:
     return x.reshape(b, n, m_h, n, m_w, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, n * n, m_h * m_w, c)
 
 
-def local_window_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Single-head attention of each query over its own window: q [B, N, C], k/v [B, N, W, C] -> [B, N, C].
+def local_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto",
+                           interpret=None) -> jax.Array:
+    """Single-head attention of each query over its own window: q [B, N, C], k/v [B, N, W, C] -> [B, N, C] in
+    v's dtype. ``backend``: auto | xla (``reference``) | pallas (``interpret``: None = on CPUs, or True /
+    ``pltpu.InterpretParams``). Inside a mesh context (``jax.set_mesh``) the kernel runs per batch shard."""
+    if backend not in BACKENDS:
+        raise ValueError(f"mining backend must be one of {BACKENDS}, not {backend!r}")
+    platform = jax.devices()[0].platform
+    if backend == "xla" or (backend == "auto" and platform != "tpu"):
+        return reference(q, k, v)
+    if interpret is None:
+        interpret = platform == "cpu"
+    elif platform == "gpu" and not interpret:
+        raise ValueError("the mining kernel is written for TPUs; on GPUs use backend 'xla' (or interpret mode)")
 
-    Scale 1/sqrt(C) on the keys, nan_to_num on the logits (NaN -> 0, +-inf -> the dtype's extremes), float32
-    softmax over the W positions; the output is in v's dtype."""
+    def kernel(q, k, v):
+        b, n, w, c = k.shape
+        block = mining_kernel.block_tokens(w, c, k.dtype.itemsize)
+        out = mining_kernel.attention(q.reshape(b * n, c), k.reshape(b * n, w, c), v.reshape(b * n, w, c), block,
+                                      interpret)
+        return out.reshape(b, n, c)
+
+    return _per_batch_shard(kernel, q, k, v)
+
+
+def _per_batch_shard(fn, q, k, v):
+    """``fn`` on each device's rows of the batch: XLA's partitioner cannot see into a kernel, and would gather
+    the whole batch onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rule = dict(DEFAULT_RULES)["batch"]
+    axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule)
+                 if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or q.shape[0] % prod(mesh.shape[a] for a in axes):
+        return fn(q, k, v)
+    spec = PartitionSpec(axes)
+    return jax.shard_map(fn, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The jnp form, as MGM computes it: scale 1/sqrt(C) on the keys, nan_to_num on the logits (NaN -> 0, +-inf
+    -> the dtype's extremes), float32 softmax over the W positions; the output is in v's dtype."""
     c = q.shape[-1]
     k = k / jnp.asarray(c ** 0.5, k.dtype)
     logits = jnp.einsum("bnc,bnwc->bnw", q, k, preferred_element_type=jnp.float32).astype(q.dtype)

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 import mgjax
 from mgjax import config as cfg
-from mgjax import demo_data, distributed, flops, heldout, loader, optim, samples
+from mgjax import demo_data, distributed, flops, heldout, loader, mining, optim, samples
 from mgjax import mesh as mesh_lib
 from mgjax.checkpoint import Checkpoints
 from mgjax.train_step import ShardedStep, make_optimizer, memory
@@ -51,6 +51,8 @@ class ModelSection:
     compute_dtype: str = field(default="float32", metadata={
         "help": "float32 | bfloat16: the compute dtype; parameters and optimizer state stay float32"})
     remat: str = field(default="none", metadata={"help": "remat policy of the scanned layers (layers.REMAT_POLICIES)"})
+    mining_backend: str = field(default="auto", metadata={
+        "help": "auto | xla | pallas: patch info mining's window attention (auto: the Pallas kernel on TPUs)"})
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,10 @@ class RunConfig:
 def _overrides(m: ModelSection) -> dict:
     if m.compute_dtype not in DTYPES:
         raise cfg.ConfigError(f"model.compute_dtype must be one of {sorted(DTYPES)}, not {m.compute_dtype!r}")
-    out = dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat)
+    if m.mining_backend not in mining.BACKENDS:
+        raise cfg.ConfigError(f"model.mining_backend must be one of {mining.BACKENDS}, not {m.mining_backend!r}")
+    out = dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat,
+               mining_backend=m.mining_backend)
     if m.release:
         from mgjax import releases
         out.update(releases.mgm_fields(m.release))

@@ -59,6 +59,7 @@ class ShardedStep:
     def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, mesh: jax.sharding.Mesh):
         from mgjax.mesh import shardings
         self.graphdef, _ = nnx.split((model, optimizer))
+        self.mesh = mesh
         self.state_shardings = shardings((model, optimizer), mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._jit = jax.jit(self._pure, out_shardings=(self.state_shardings, replicated), donate_argnums=0)
@@ -77,7 +78,8 @@ class ShardedStep:
             leaves, tree = jax.tree.flatten(nnx.state((model, optimizer)))  # one array per variable
             state = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
                                               zip(leaves, jax.tree.leaves(self.state_shardings), strict=True)])
-            self._compiled[key] = self._jit.lower(state, batch).compile()
+            with jax.set_mesh(self.mesh):  # kernels (mining's) find the mesh and run per batch shard
+                self._compiled[key] = self._jit.lower(state, batch).compile()
         return self._compiled[key]
 
     def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any]) -> dict[str, jax.Array]:

@@ -163,6 +163,16 @@ def test_logits_match_the_pytorch_reference(pair, report):
     report(f"mgm {mode} logits", max_abs(logits, want), 1e-4)
 
 
+def test_the_pallas_mining_kernel_gives_the_same_logits(pair, report):
+    mode, ref, path, _ = pair  # in Pallas's interpreter here; compiled on TPUs
+    model = mgjax.from_pretrained(path, dtype=jnp.float32, mining_backend="pallas")
+    ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
+    with torch.no_grad():
+        want = ref.logits(ids, images, images_aux)
+    logits, _ = model(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
+    report(f"mgm {mode} logits, pallas mining", max_abs(logits, want), 1e-4)
+
+
 def test_hr_map_and_mining_pieces(pair, report):
     mode, ref, _, model = pair
     _, _, images_aux, _ = _inputs(mode, 0)
@@ -184,11 +194,12 @@ def test_export_is_the_same_mgm_checkpoint(pair, tmp_path):
     assert again.config == model.config
 
 
-def test_window_attention_scales_keys_and_cleans_logits():
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_window_attention_scales_keys_and_cleans_logits(backend):
     q = jnp.ones((1, 1, 4))
     k = jnp.stack([jnp.full((4,), 2.0), jnp.full((4,), jnp.inf)])[None, None]
     v = jnp.arange(8.0).reshape(1, 1, 2, 4)
-    out = mining.local_window_attention(q, k, v)  # the inf logit becomes float32 max: all weight on key 1
+    out = mining.local_window_attention(q, k, v, backend=backend)  # the inf logit -> float32 max: all on key 1
     np.testing.assert_allclose(np.asarray(out)[0, 0], [4, 5, 6, 7])
     win = mining.windows(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)  # token (0, 1) owns rows 0-1, cols 2-3
     np.testing.assert_array_equal(np.asarray(win)[0, 1, :, 0], [2, 3, 6, 7])

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 MESHES = {"llama": [dict(data=8, fsdp=1), dict(fsdp=8), dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],
-          "mixtral": [dict(fsdp=2, expert=4), dict(data=2, fsdp=1, expert=4)]}
+          "mixtral": [dict(fsdp=2, expert=4), dict(data=2, fsdp=1, expert=4)],
+          "pallas_mining": [dict(data=2, fsdp=4)]}  # the kernel (interpreted here) runs per batch shard
 
 WORKER = """
 import dataclasses, json, sys
@@ -22,7 +23,8 @@ from tests.test_train_step import CONFIG, _batch
 
 CONFIGS = {"llama": CONFIG, "mixtral": dataclasses.replace(CONFIG, llm=MixtralConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2))}
+    num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2)),
+    "pallas_mining": dataclasses.replace(CONFIG, mining_backend="pallas")}
 
 def run(config, sizes):
     m = mesh.make_mesh(mesh.MeshConfig(**sizes)) if sizes else None

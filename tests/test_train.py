@@ -100,6 +100,9 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert train.main(["--config", DEMO, "--set", "optim.learnig_rate=1"]) == 2
     assert "unknown key optim.learnig_rate" in capsys.readouterr().err
     assert train.main(["--config", DEMO, "--set", "train.stage=stage3"]) == 2
+    assert train.main(["--config", DEMO, "--set", "model.mining_backend=cuda", "--set",
+                       f"train.out_dir={tmp_path}"]) == 2
+    assert "model.mining_backend must be one of" in capsys.readouterr().err
     assert train.main(["--config", DEMO, "--set", "train.freeze=['vision_tower(']"]) == 2
     assert "train.freeze: 'vision_tower(' is not a regex" in capsys.readouterr().err
     missing = tmp_path / "nowhere.json"

@@ -72,6 +72,7 @@ class MGMConfig(ModelConfig):
     image_grid: int = 1
     image_global: bool = False
     mining: bool = True  # False: the LR-only ablation (no HR tower, no mining; images_aux are ignored)
+    mining_backend: str = "auto"  # mining.local_window_attention's: auto | xla | pallas (a run-time choice)
 
     @property
     def views(self) -> int:
@@ -119,6 +120,23 @@ class PreNormLinear(nnx.Module):
 
     def __call__(self, x):
         return self.linear(self.norm(x))
+
+
+def shared_norm_projections(x: jax.Array, *heads: PreNormLinear) -> list[jax.Array]:
+    """``[h(x) for h in heads]`` in one pass over ``x``: the heads' LayerNorms share x's statistics, so each
+    norm's scale and shift fold into its Linear (W' = W diag(g), b' = W b_norm + b) and one GEMM against the
+    stacked W' reads the HR map once instead of once per head. The trainable parameters stay MGM's."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    normed = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + heads[0].norm.eps)
+    f32 = lambda p: p[...].astype(jnp.float32)  # noqa: E731
+    weights = [f32(h.linear.weight) * f32(h.norm.weight) for h in heads]
+    biases = [f32(h.linear.weight) @ f32(h.norm.bias) + f32(h.linear.bias) for h in heads]
+    dtype = heads[0].linear.dtype
+    y = jax.lax.dot_general(normed.astype(dtype), jnp.concatenate(weights).astype(dtype), (((x.ndim - 1,), (1,)),
+                                                                                           ((), ())))
+    y = y + jnp.concatenate(biases).astype(dtype)
+    return jnp.split(y, len(heads), axis=-1)
 
 
 class MLPProjector(nnx.Module):
@@ -180,9 +198,9 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         """Patch info mining: low-res tokens [B, N, C] plus what each finds in its window of ``high``."""
         n = round(low.shape[1] ** 0.5)
         q = self.vlm_uni_query_projector(low)
-        k = mining.windows(self.vlm_uni_aux_projector(high), n)
-        v = mining.windows(self.vlm_uni_val_projector(high), n)
-        return low + mining.local_window_attention(q, k, v).astype(low.dtype)
+        k, v = (mining.windows(x, n) for x in shared_norm_projections(high, self.vlm_uni_aux_projector,
+                                                                       self.vlm_uni_val_projector))
+        return low + mining.local_window_attention(q, k, v, backend=self.config.mining_backend).astype(low.dtype)
 
     def image_features(self, images: jax.Array, images_aux: jax.Array, *, deterministic: bool = True,
                        rngs: nnx.Rngs | None = None) -> jax.Array:
