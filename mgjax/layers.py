@@ -51,17 +51,24 @@ def normal(std: float) -> Callable:
 # ---------------------------------------------------------------------------------------------------------------
 
 class Linear(nnx.Module):
-    """``y = x @ weight.T + bias`` with ``weight: [out, in]`` exactly as ``torch.nn.Linear`` stores it."""
+    """``y = x @ weight.T + bias`` with ``weight: [out, in]`` exactly as ``torch.nn.Linear`` stores it; plus
+    ``lora_scale * (x @ lora_a.T) @ lora_b.T`` once ``mgjax.lora`` has given it a low-rank adapter."""
 
     def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], bias: bool, dtype, param_dtype,
                  rngs: nnx.Rngs, std: float = 0.02):
         self.weight = param(rngs, normal(std), (d_out, d_in), axes, param_dtype)
         self.bias = param(rngs, zeros, (d_out,), (axes[0],), param_dtype) if bias else None
         self.dtype = dtype
+        self.lora_a = self.lora_b = nnx.data(None)  # [rank, in], [out, rank]: data, so adapters can join later
+        self.lora_scale = 1.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jax.lax.dot_general(x, self.weight[...].astype(self.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+        contract = (((x.ndim - 1,), (1,)), ((), ()))
+        y = jax.lax.dot_general(x, self.weight[...].astype(self.dtype), contract)
+        if self.lora_a is not None:
+            low = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), contract)
+            y = y + self.lora_scale * jax.lax.dot_general(low, self.lora_b[...].astype(self.dtype), contract)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

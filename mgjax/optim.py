@@ -71,3 +71,26 @@ def masked_next_token_loss(logits: jax.Array, labels: jax.Array, ignore: int = -
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.where(valid, target, 0)[..., None], axis=-1)[..., 0]
     return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid)
+
+
+LOSS_WEIGHTS = ("token", "sample", "square")
+
+
+def packed_next_token_loss(logits: jax.Array, labels: jax.Array, segment_ids: jax.Array, weighting: str = "token",
+                           ignore: int = -100) -> tuple[jax.Array, jax.Array]:
+    """For packed rows: the summed weighted next-token cross-entropy and the summed weights (so a caller can
+    average over the global batch as ``sum / weights``). A target across a segment boundary never counts. Each
+    sample's supervised tokens weigh 1 (``token``), 1/n (``sample``) or 1/sqrt(n) (``square``, InternVL's
+    ``loss_reduction square``), n = that sample's supervised token count."""
+    if weighting not in LOSS_WEIGHTS:
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTS}, not {weighting!r}")
+    seg = segment_ids[:, 1:]
+    valid = (labels[:, 1:] != ignore) & (seg == segment_ids[:, :-1])
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp, jnp.where(valid, labels[:, 1:], 0)[..., None], axis=-1)[..., 0]
+    # each token's sample size: the count of valid targets sharing its segment id in its row
+    n = jnp.sum(valid[:, None, :] & (seg[:, :, None] == seg[:, None, :]), axis=-1)
+    w = {"token": jnp.ones_like(ce), "sample": 1.0 / jnp.maximum(n, 1),
+         "square": jax.lax.rsqrt(jnp.maximum(n, 1).astype(jnp.float32))}[weighting]
+    w = jnp.where(valid, w, 0.0)
+    return jnp.sum(w * ce), jnp.sum(w)

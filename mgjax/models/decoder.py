@@ -302,25 +302,31 @@ class CausalLM(nnx.Module, Pretrained):
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
         """Logits [B, T, V] (float32) and the updated cache; see ``forward``."""
         return self.forward(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            positions=positions, cache=cache)[:2]
+                            positions=positions, cache=cache, segment_ids=segment_ids)[:2]
 
     def forward(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                cache: KVCache | None = None) -> DecoderOutput:
+                cache: KVCache | None = None, segment_ids: jax.Array | None = None) -> DecoderOutput:
         """Logits, cache and (MoE with ``output_router_logits``, cache-free) the router load-balancing loss.
 
         ``attention_mask`` [B, S] marks real tokens (1) vs padding (0) over the whole key range (S = T without a
         cache, the cache length with one). With a cache, the T new tokens go at ``cache.index``.
+        ``segment_ids`` [B, T] (packed samples, no cache): a token attends only within its own segment, and
+        positions restart at 0 in each.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         start = 0 if cache is None else cache.index
         s = t if cache is None else cache.k.shape[2]
+        if segment_ids is not None and cache is not None:
+            raise ValueError("packed samples (segment_ids) are for training forwards, without a cache")
         if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            positions = (segment_positions(segment_ids) if segment_ids is not None else
+                         jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t)))
         key_pos = jnp.arange(s, dtype=jnp.int32)
         query_pos = (start + jnp.arange(t, dtype=jnp.int32))[None, None, :, None]
         mask = key_pos[None, None, None, :] <= query_pos
@@ -328,6 +334,8 @@ class CausalLM(nnx.Module, Pretrained):
             mask = mask & (key_pos[None, None, None, :] > query_pos - self.config.sliding_window)
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         h, cache, router = self.model(x, positions, mask, cache)
         if self.lm_head is None:
             logits = jnp.einsum("btd,vd->btv", h, self.model.embed_tokens.weight[...].astype(h.dtype))
@@ -340,6 +348,13 @@ class CausalLM(nnx.Module, Pretrained):
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, max_len, dtype)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] positions that restart at 0 wherever the segment id changes."""
+    idx = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
 def _qkv(suffix: str) -> tuple[str, ...]:

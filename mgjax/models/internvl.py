@@ -175,8 +175,9 @@ class InternVLChatModel(nnx.Module, Pretrained):
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, *,
                  attention_mask: jax.Array | None = None, image_token_id: int | None = None,
-                 deterministic: bool = True, rngs: nnx.Rngs | None = None):
-        """Logits [B, T, V] and the LLM cache (see ``embed`` for how images enter)."""
+                 segment_ids: jax.Array | None = None, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+        """Logits [B, T, V] and the LLM cache (see ``embed`` for how images enter; ``segment_ids``: packed
+        samples, see the decoder's ``forward``)."""
         embeds = self.embed(input_ids, pixel_values, image_token_id=image_token_id, deterministic=deterministic,
                             rngs=rngs)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, segment_ids=segment_ids)

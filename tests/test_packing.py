@@ -1,0 +1,69 @@
+"""Packed rows (several samples in one sequence, segment ids): each sample's loss equals its loss unpacked, and
+InternVL's loss weightings (token, sample, square) follow from the per-sample sums."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mgjax
+from mgjax import optim
+from mgjax.models.decoder import Qwen2Config, segment_positions
+
+CONFIG = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8)
+LENGTHS = (7, 9, 5)
+
+
+def _samples(seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in LENGTHS:
+        ids = rng.integers(0, 64, n)
+        labels = ids.copy()
+        labels[: n // 3] = -100  # a prompt that is not trained
+        out.append((ids, labels))
+    return out
+
+
+def _packed(samples, pad=3):
+    ids = np.concatenate([s[0] for s in samples] + [np.zeros(pad, int)])
+    labels = np.concatenate([s[1] for s in samples] + [np.full(pad, -100)])
+    seg = np.concatenate([np.full(len(s[0]), i + 1) for i, s in enumerate(samples)] + [np.zeros(pad, int)])
+    return (jnp.asarray(ids[None], jnp.int32), jnp.asarray(labels[None], jnp.int32), jnp.asarray(seg[None], jnp.int32))
+
+
+def test_segment_positions_restart_per_sample():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 3, 0, 0]])
+    assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
+
+
+def test_each_packed_sample_has_its_unpacked_loss():
+    model = mgjax.init(CONFIG, seed=0)
+    samples = _samples()
+    ids, labels, seg = _packed(samples)
+    logits, _ = model(ids, segment_ids=seg)
+    for i, (s_ids, s_labels) in enumerate(samples):
+        alone, _ = model(jnp.asarray(s_ids[None], jnp.int32))
+        want, n = optim.masked_next_token_loss(alone, jnp.asarray(s_labels[None], jnp.int32))
+        got, m = optim.packed_next_token_loss(logits, jnp.where(seg == i + 1, labels, -100), seg)  # sample i alone
+        assert int(m) == int(n) > 0
+        assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want))), (i, float(got), float(want))
+
+
+@pytest.mark.parametrize("weighting", ["token", "sample", "square"])
+def test_loss_weightings_follow_the_per_sample_sums(weighting):
+    model = mgjax.init(CONFIG, seed=0)
+    samples = _samples(seed=1)
+    sums, counts = [], []
+    for s_ids, s_labels in samples:
+        alone, _ = model(jnp.asarray(s_ids[None], jnp.int32))
+        total, n = optim.masked_next_token_loss(alone, jnp.asarray(s_labels[None], jnp.int32))
+        sums.append(float(total))
+        counts.append(int(n))
+    w = {"token": [1.0] * 3, "sample": [1 / n for n in counts], "square": [n ** -0.5 for n in counts]}[weighting]
+    want = sum(wi * si for wi, si in zip(w, sums)) / sum(wi * n for wi, n in zip(w, counts))
+    ids, labels, seg = _packed(samples)
+    logits, _ = model(ids, segment_ids=seg)
+    total, weights = optim.packed_next_token_loss(logits, labels, seg, weighting)
+    assert abs(float(total / weights) - want) <= 1e-5 * max(1.0, want)
+    with pytest.raises(ValueError, match="loss weighting must be one of"):
+        optim.packed_next_token_loss(logits, labels, seg, "mean")
