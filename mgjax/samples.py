@@ -156,6 +156,82 @@ class MGMSamples:
         return mgm_pixels(c, image, pad=self.pad_to_square)
 
 
+@dataclass(frozen=True)
+class InternVLSamples:
+    """One InternVL annotation record (spec internvl.md 5.1: single image, ``image`` as a list for several, none
+    for text) -> ``input_ids``/``labels`` [max_length] and ``pixel_values`` [tile_slots, 3, S, S] (the record's
+    tiles first, zeros after; ``tiles`` counts them). Each image is tiled dynamically with at most
+    ``max_dynamic_patch`` tiles, or ``max_dynamic_patch // images`` each when a record has several (InternVL's
+    per-image budget), a thumbnail added; ``<image>`` is prepended to the first human turn of a one-image
+    record that lacks it, as InternVL's loader does."""
+    config: Any  # InternVLConfig
+    tokenizer: Any
+    template: str
+    image_folder: str
+    max_length: int = 4096
+    max_dynamic_patch: int = 12
+    tile_slots: int = 13
+    pad_id: int = 0
+
+    def _images(self, record, sample: str) -> list:
+        names = record.get("image")
+        names = [] if names is None else [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadSample(sample, "unsupported image field", f"{record.get('image')!r}")
+        try:
+            return [preprocess.load_image(Path(self.image_folder) / n) for n in names]
+        except preprocess.ImageError as e:
+            raise BadSample(sample, "missing or corrupt image", str(e)) from None
+
+    def _conversations(self, record, sample: str, images: int) -> list:
+        convs = record.get("conversations")
+        if not isinstance(convs, list) or not convs or not all(isinstance(t, dict) for t in convs):
+            raise BadSample(sample, "no conversations", f"{type(convs).__name__} instead of a list of turns")
+        marks = sum(str(t.get("value", "")).count(templates.IMAGE) for t in convs)
+        if images == 1 and marks == 0:
+            convs = [{**convs[0], "value": templates.IMAGE + "\n" + str(convs[0].get("value", ""))}, *convs[1:]]
+            marks = 1
+        if marks != images:
+            raise BadSample(sample, "<image> count mismatch", f"{marks} placeholders for {images} images")
+        return convs
+
+    def _tiles(self, images: list, sample: str) -> list[np.ndarray]:
+        budget = max(1, self.max_dynamic_patch // max(len(images), 1))
+        tiles = [preprocess.internvl_pixels(img, max_num=budget, image_size=self.config.vision.image_size)
+                 for img in images]
+        if sum(len(t) for t in tiles) > self.tile_slots:
+            raise BadSample(sample, "too many tiles", f"{sum(len(t) for t in tiles)} tiles for {self.tile_slots} "
+                                                      "slots")
+        return tiles
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        sample = str(record.get("id", "?"))
+        images = self._images(record, sample)
+        convs = self._conversations(record, sample, len(images))
+        tiles = self._tiles(images, sample)
+        counts = iter([len(t) for t in tiles])
+        try:
+            segments = [templates.Segment(templates.expand_internvl_images(
+                seg.text, [next(counts) for _ in range(seg.text.count(templates.IMAGE))],
+                self.config.tokens_per_tile), seg.trained)
+                for seg in templates.render(templates.get(self.template), convs, sample=sample)]
+            ids, labels = templates.encode(segments, self.tokenizer, sample=sample)
+        except templates.TokenizationError as e:
+            raise BadSample(sample, "tokenization mismatch", str(e)) from None
+        if len(ids) > self.max_length:
+            raise BadSample(sample, "over-length", f"{len(ids)} tokens for max_length {self.max_length}")
+        out_ids = np.full(self.max_length, self.pad_id, np.int32)
+        out_labels = np.full(self.max_length, templates.IGNORE_INDEX, np.int32)
+        out_ids[:len(ids)], out_labels[:len(labels)] = ids, labels
+        s = self.config.vision.image_size
+        pixels = np.zeros((self.tile_slots, 3, s, s), np.float32)
+        if tiles:
+            stacked = np.concatenate(tiles)
+            pixels[:len(stacked)] = stacked
+        return {"input_ids": out_ids, "labels": out_labels, "attention_mask": np.arange(self.max_length) < len(ids),
+                "pixel_values": pixels, "tiles": np.int32(sum(len(t) for t in tiles))}
+
+
 def mgm_pixels(config: MGMConfig, image, *, pad: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``(images, images_aux)`` of one PIL image at the model's own sizes (``preprocess.mgm_images``)."""
     return preprocess.mgm_images(image, image_size_aux=config.image_size_aux, image_grid=config.image_grid,

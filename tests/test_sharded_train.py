@@ -57,7 +57,19 @@ def held(tree):  # the most bytes any device holds, from the arrays' shards
 def total(tree):
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(tree, (nnx.Param, nnx.OptState))))
 
-out = {}
+def loaded_in_shards(sizes):  # an HF checkpoint read straight into shards: placed as planned, values unchanged
+    import tempfile
+    import numpy as np
+    m = mesh.make_mesh(mesh.MeshConfig(**sizes))
+    model = mgjax.init(CONFIG, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        mgjax.save_pretrained(model, tmp)
+        loaded = mgjax.from_pretrained(tmp, mesh=m)
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                                                    jax.tree.leaves(nnx.state(loaded, nnx.Param))))
+    return {"same": same, "held": held(loaded), "planned": mesh.placement(loaded, dict(m.shape)).per_device_bytes}
+
+out = {"loaded": loaded_in_shards({"data": 2, "fsdp": 4})}
 for family, meshes in json.loads(sys.argv[1]).items():
     out[family] = {"single": run(CONFIGS[family], None), **{json.dumps(s): run(CONFIGS[family], s) for s in meshes}}
 print(json.dumps(out))
@@ -71,7 +83,10 @@ def test_every_mesh_gives_the_single_device_losses_with_zero3_placement():
     run = subprocess.run([sys.executable, "-c", WORKER, json.dumps(MESHES)], capture_output=True, text=True,
                          env=env, cwd=root, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
-    for family, results in json.loads(run.stdout.strip().splitlines()[-1]).items():
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    loaded = out.pop("loaded")
+    assert loaded["same"] and loaded["held"] == loaded["planned"], loaded
+    for family, results in out.items():
         single = results.pop("single")["losses"]
         for key, got in results.items():
             sizes = json.loads(key)

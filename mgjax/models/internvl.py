@@ -160,17 +160,25 @@ class InternVLChatModel(nnx.Module, Pretrained):
               image_token_id: int | None = None, deterministic: bool = True,
               rngs: nnx.Rngs | None = None) -> jax.Array:
         """The LLM's input embeddings [B, T, D]: every ``image_token_id`` position of ``input_ids`` (row-major over
-        the batch) takes the next image embedding of ``pixel_values``' tiles, in order; text-only batches pass no
-        pixels and run no vision tower."""
+        the batch) takes the next image embedding of ``pixel_values``' tiles [N, 3, H, W], in order; text-only
+        batches pass no pixels and run no vision tower. Training batches (static shapes) give each row its own tile
+        slots, ``pixel_values`` [B, slots, 3, H, W]: a row's image positions take its own tiles in order, and the
+        slots it does not fill are computed but unused."""
         embeds = self.language_model.embed(input_ids)
         if pixel_values is None:
             return embeds
         token = image_token_id if image_token_id is not None else self.config.image_token_id
         if token is None:
             raise ValueError("no image_token_id: pass the tokenizer's <IMG_CONTEXT> id")
-        feats = self.image_features(pixel_values, deterministic=deterministic, rngs=rngs)
-        feats = feats.reshape(-1, feats.shape[-1])
-        check_image_tokens(input_ids, token, feats.shape[0])
+        slots = pixel_values.shape[:-4]
+        feats = self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:]), deterministic=deterministic,
+                                    rngs=rngs)
+        if slots:  # [B, slots]: per row
+            feats = feats.reshape(slots[0], -1, feats.shape[-1])
+            check_image_tokens(input_ids, token, feats.shape[1], up_to=True)
+        else:
+            feats = feats.reshape(-1, feats.shape[-1])
+            check_image_tokens(input_ids, token, feats.shape[0])
         return merge_image_embeddings(embeds, input_ids == token, feats)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, *,
