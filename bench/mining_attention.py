@@ -15,7 +15,6 @@ achieved GB/s, the percentage of the chip's datasheet bandwidth and of a copy me
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +23,11 @@ from flax import nnx
 
 from mgjax import mining
 from mgjax.models.mgm import PreNormLinear, shared_norm_projections
+from timing import median_seconds  # bench/timing.py: the script's folder is on sys.path
 
 DATASHEET_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.04e12, "TPU v4": 1.2e12, "TPU v5 lite": 0.82e12,
                        "TPU v5e": 0.82e12, "TPU v5p": 2.76e12, "TPU v5": 2.76e12, "TPU v6 lite": 1.64e12}
 TOKENS_PER_IMAGE = 576
-
-
-def median_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def datasheet() -> float | None:

@@ -10,7 +10,6 @@ grouped path is also timed with JAX's Pallas/Triton lowering of ``ragged_dot``
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +17,7 @@ import numpy as np
 from flax import nnx
 
 from mgjax.models.moe import SparseMoeBlock
-
-
-def median_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+from timing import median_seconds  # bench/timing.py: the script's folder is on sys.path
 
 
 def main() -> None:
@@ -58,8 +48,8 @@ def main() -> None:
         g = jax.jit(jax.grad(lambda s, x: nnx.merge(graphdef, s)(x)[0].astype(jnp.float32).sum(), argnums=(0, 1)))
         try:
             outs[name] = np.asarray(f(state, x), np.float32)
-            fwd[name] = median_time(f, state, x, repeats=args.repeats)
-            bwd[name] = median_time(g, state, x, repeats=args.repeats)
+            fwd[name] = median_seconds(f, state, x, repeats=args.repeats)
+            bwd[name] = median_seconds(g, state, x, repeats=args.repeats)
         except Exception as e:  # a lowering that cannot handle this shape: say so and keep the others
             print(f"  {name:15s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             continue
