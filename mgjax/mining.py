@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from mgjax import mesh as mesh_lib
 from mgjax import mining_kernel
-from mgjax.sharding import DEFAULT_RULES
 
 BACKENDS = ("auto", "xla", "pallas")
 
@@ -65,9 +65,7 @@ def _per_batch_shard(fn, q, k, v):
     """``fn`` on each device's rows of the batch: XLA's partitioner cannot see into a kernel, and would gather
     the whole batch onto every device."""
     mesh = jax.sharding.get_abstract_mesh()
-    rule = dict(DEFAULT_RULES)["batch"]
-    axes = tuple(a for a in ((rule,) if isinstance(rule, str) else rule)
-                 if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
+    axes = tuple(a for a in mesh_lib.batch_axes() if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
     if not axes or q.shape[0] % prod(mesh.shape[a] for a in axes):
         return fn(q, k, v)
     spec = PartitionSpec(axes)

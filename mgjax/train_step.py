@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgjax.mesh import shardings
 from mgjax.optim import OptimConfig, adamw, masked_next_token_loss, trainable
 
 
@@ -57,7 +58,6 @@ class ShardedStep:
     ``mgjax.mesh`` and the batch by ``mesh.global_batch``."""
 
     def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, mesh: jax.sharding.Mesh):
-        from mgjax.mesh import shardings
         self.graphdef, _ = nnx.split((model, optimizer))
         self.mesh = mesh
         self.state_shardings = shardings((model, optimizer), mesh)
