@@ -1,4 +1,4 @@
-"""Model FLOPs of an MGM training step, counted by role, and MFU against the chip's peak.
+"""Model FLOPs of an MGM or InternVL training step, counted by role, and MFU against the chip's peak.
 
 A component's forward costs F. Backward adds F again when the gradient has to pass through it (it holds, or sits
 after, a trainable parameter) and F times its trainable fraction for the weight gradients. So a trainable matmul
@@ -81,10 +81,34 @@ def mgm_step_flops(model: nnx.Module, trainable, *, batch: int, seq_len: int) ->
                     (("vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"),
                      2 * lr_tokens * v.hidden_size ** 2 + 2 * 2 * hr * aux * v.hidden_size
                      + 4 * lr_tokens * window * v.hidden_size)]
-    lm = model.language_model
     forward += [(("mm_projector",), 2 * lr_tokens * _count(model.mm_projector)),
-                (("language_model",), 2 * seq_len * _llm_matmul_params(lm)
-                 + c.llm.num_hidden_layers * 4 * seq_len ** 2 * c.llm.num_attention_heads * c.llm.head_dim / 2)]
+                (("language_model",), _llm_forward(model.language_model, seq_len))]
+    return _by_role(model, trainable, forward, batch)
+
+
+def internvl_step_flops(model: nnx.Module, trainable, *, batch: int, seq_len: int, tiles: int) -> dict[str, float]:
+    """``mgm_step_flops`` for an InternVL model whose samples carry ``tiles`` tiles each (every slot of a
+    static-shape batch is computed, filled or not)."""
+    c = model.config
+    v = c.vision
+    tokens = v.grid ** 2 + 1
+    forward = [(("vision_tower",), tiles * (2 * _count(model.vision_tower) * tokens
+                                            + v.num_hidden_layers * 4 * tokens ** 2 * v.hidden_size)),
+               (("multi_modal_projector",), 2 * tiles * c.tokens_per_tile * _count(model.multi_modal_projector)),
+               (("language_model",), _llm_forward(model.language_model, seq_len))]
+    return _by_role(model, trainable, forward, batch)
+
+
+def _llm_forward(lm: nnx.Module, seq_len: int) -> float:
+    c = lm.config
+    return (2 * seq_len * _llm_matmul_params(lm)
+            + c.num_hidden_layers * 4 * seq_len ** 2 * c.num_attention_heads * c.head_dim / 2)
+
+
+def _by_role(model: nnx.Module, trainable, forward: list[tuple[tuple[str, ...], float]],
+             batch: int) -> dict[str, float]:
+    """Step FLOPs by role of components given as (module names in compute order, forward FLOPs per sample). A
+    component's trainable share is its trainable parameters' share (LoRA adapters: a small share of the LLM)."""
     out = {"trainable": 0.0, "frozen_on_gradient_path": 0.0, "frozen": 0.0}
     totals, trained = _by_top_module(model, nnx.Param), _by_top_module(model, trainable)
     on_path = False

@@ -119,6 +119,14 @@ def _inputs(model, tokenizer, template, prompt: str, image) -> tuple[np.ndarray,
     return ids[None], {"pixel_values": jnp.asarray(pixels), "image_token_id": token}
 
 
+def stop_ids(tokenizer, template: str | None) -> tuple[int, ...]:
+    """The tokens that end an answer: the tokenizer's EOS and the last token of the template's stop string."""
+    stops = {tokenizer.eos_token_id} - {None}
+    if template is not None:
+        stops |= set(tokenizer(templates.get(template).stop, add_special_tokens=False)["input_ids"][-1:])
+    return tuple(sorted(stops))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mgjax.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a converted checkpoint directory (config.json, safetensors, "
@@ -150,11 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = jnp.asarray(ids, jnp.int32)
     lm = getattr(model, "language_model", model)
     embeds = model.embed(ids, **image_args) if image_args else None
-    stops = {tokenizer.eos_token_id} - {None}
-    if template is not None:
-        stop = templates.get(template).stop
-        stops |= set(tokenizer(stop, add_special_tokens=False)["input_ids"][-1:])
-    out = np.asarray(greedy(lm, ids, args.max_new_tokens, inputs_embeds=embeds, stop_ids=tuple(stops)))[0]
+    stops = stop_ids(tokenizer, template)
+    out = np.asarray(greedy(lm, ids, args.max_new_tokens, inputs_embeds=embeds, stop_ids=stops))[0]
     new = list(out[ids.shape[1]:])
     cut = next((i for i, t in enumerate(new) if t in stops), len(new))
     print(tokenizer.decode(new[:cut], skip_special_tokens=True))

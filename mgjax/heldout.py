@@ -1,6 +1,7 @@
-"""Held-out answer accuracy by teacher forcing: a record counts as right when the model's argmax reproduces every
-labelled token of its answer (end-of-turn marker included). That is exactly what greedy decoding would produce
-for the answer, at the cost of one batched forward pass instead of one per token."""
+"""Held-out evaluation. ``accuracy``: answer accuracy by teacher forcing, a record counting as right when the model's
+argmax reproduces every labelled token of its answer (end-of-turn marker included); that is exactly what greedy
+decoding would produce for the answer, at the cost of one batched forward pass instead of one per token.
+``answers``: greedy answers of a VLM to prompts, for scores that parse free text (boxes, option letters)."""
 from __future__ import annotations
 
 import functools
@@ -14,6 +15,7 @@ from flax import nnx
 from jax.experimental.multihost_utils import process_allgather
 
 from mgjax import samples
+from mgjax.generate import greedy
 from mgjax.templates import IGNORE_INDEX
 
 INPUTS = ("input_ids", "images", "images_aux")
@@ -52,3 +54,31 @@ def accuracy(model: nnx.Module, records: Sequence[dict], make: Callable[[dict], 
     kinds = sorted(set(total) | set(skipped))
     return {k: {"right": right[k], "total": total[k], "skipped": skipped[k],
                 "accuracy": right[k] / total[k] if total[k] else float("nan")} for k in kinds}
+
+
+@nnx.jit
+def _embed(model: nnx.Module, input_ids: jax.Array, pixel_values: jax.Array) -> jax.Array:
+    return model.embed(input_ids, pixel_values)
+
+
+def answers(model: nnx.Module, prompts: Sequence[dict[str, np.ndarray]], *, max_new_tokens: int,
+            stop_ids: Sequence[int], batch: int = 16) -> list[list[int]]:
+    """Greedy answer token ids (cut before the first of ``stop_ids``) of an InternVL model to ``prompts``
+    (``InternVLSamples.prompt``: ``input_ids`` [T], ``pixel_values`` [slots, 3, S, S]). Prompts of one length
+    decode together, so no row is padded and a batch decodes exactly as its rows would one by one."""
+    out: list[list[int]] = [[] for _ in prompts]
+    by_length = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_length[len(p["input_ids"])].append(i)
+    stops = tuple(stop_ids)
+    for length, rows in sorted(by_length.items()):
+        for lo in range(0, len(rows), batch):
+            chunk = rows[lo:lo + batch]
+            filled = chunk + [chunk[-1]] * (batch - len(chunk))  # one compiled shape per length
+            ids = jnp.asarray(np.stack([prompts[i]["input_ids"] for i in filled]))
+            pixels = jnp.asarray(np.stack([prompts[i]["pixel_values"] for i in filled]))
+            new = np.asarray(greedy(model.language_model, ids, max_new_tokens,
+                                    inputs_embeds=_embed(model, ids, pixels), stop_ids=stops))[:, length:]
+            for i, row in zip(chunk, new.tolist()):
+                out[i] = row[:next((k for k, t in enumerate(row) if t in stops), len(row))]
+    return out

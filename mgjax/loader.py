@@ -2,10 +2,11 @@
 and bad samples tallied in the main process (so the counts are exact however many workers run).
 
 Batches are [micro_batches, per_micro, ...] numpy arrays of this host's share of the global batch. The state is
-how many records each process has read (good and bad: a host that skipped bad samples has read further than its
-peers) and how many batches were served; a batch is yielded only when complete, so the state between batches is
-the whole truth. Restored with as many processes, every host continues exactly; with another process count,
-every host starts at the next global batch boundary (records read ahead to replace bad samples are read again).
+how many records each process has read (good and bad: a host that skipped bad samples, or packed shorter samples,
+has read further than its peers) and how many batches were served; a batch is yielded only when complete, so the
+state between batches is the whole truth. Restored with as many processes, every host continues exactly; with
+another process count, every host starts at the next global batch boundary (records read ahead to replace bad
+samples are read again), or with packing past the records the slowest host had covered.
 
 Shapes are static, so grouping by length pays only with ``buckets``: each batch is cut to the shortest of a few
 padded lengths that holds its longest row (a handful of compiled shapes instead of one at ``max_length``).
@@ -19,10 +20,11 @@ from absl import flags
 import numpy as np
 from jax.experimental import multihost_utils
 
+from mgjax.packing import Packer
 from mgjax.samples import BadSamples, Safe, tally
 
 
-SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask")
+SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids")
 
 
 def record_length(record: Any, image_tokens: int) -> int:
@@ -62,12 +64,15 @@ def bucket(length: int, max_length: int, buckets: int) -> int:
 class Batches:
     def __init__(self, records: Sequence[Any], make: Callable[[dict], dict], *, batch: int, micro_batches: int = 1,
                  seed: int = 0, epochs: int = 1, process_index: int = 0, process_count: int = 1, workers: int = 0,
-                 report: BadSamples | None = None, lengths: Sequence[int] | None = None, buckets: int = 1):
+                 report: BadSamples | None = None, lengths: Sequence[int] | None = None, buckets: int = 1,
+                 pack: dict | None = None):
         """``batch``: this host's examples per step (global batch / process_count), split into
         ``micro_batches`` for accumulation. Records are shuffled with ``seed`` (a fresh order each epoch), or
         grouped by ``lengths`` (``record_length``) when given; host ``process_index`` takes its contiguous share
         of every global batch; each epoch's order ends on a whole global batch (the records past it wait for
-        the next epoch's shuffle). ``buckets`` > 1 cuts each batch's padding (see the module docstring)."""
+        the next epoch's shuffle). ``buckets`` > 1 cuts each batch's padding (see the module docstring).
+        ``pack``: ``packing.Packer``'s keywords (``length``, ``tiles``, ``pad_id``): rows of several samples each
+        (a batch is then ``batch`` packed rows)."""
         if batch % micro_batches:
             raise ValueError(f"a batch of {batch} does not split into {micro_batches} micro-batches")
         records = list(records)
@@ -80,7 +85,7 @@ class Batches:
         mine = order.reshape(-1, process_count, batch)[:, process_index]
         self._records = [records[i] for i in mine.reshape(-1)]
         self._make, self._workers = make, workers
-        self.batch, self.micro, self.buckets = batch, micro_batches, buckets
+        self.batch, self.micro, self.buckets, self.pack = batch, micro_batches, buckets, pack
         self.process_index, self.process_count = process_index, process_count
         self.report = report or BadSamples()
         self._start(0)
@@ -94,6 +99,7 @@ class Batches:
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
         self.read = offset
         self._good = tally(self._count(iter(it)), self.report)
+        self._rows = Packer(self._good, **self.pack) if self.pack else self._good
 
     def _count(self, items):
         for item in items:
@@ -104,24 +110,31 @@ class Batches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rows = [next(self._good) for _ in range(self.batch)]  # a last partial batch is dropped (drop_last)
+        rows = [next(self._rows) for _ in range(self.batch)]  # a last partial batch is dropped (drop_last)
         self.served += 1
         out = {k: np.stack([r[k] for r in rows]).reshape(self.micro, self.batch // self.micro,
                                                          *np.shape(rows[0][k])) for k in rows[0]}
         if self.buckets > 1:
             full = out["input_ids"].shape[-1]
             keep = bucket(int(out["attention_mask"].sum(-1).max()), full, self.buckets)
-            out.update({k: out[k][..., :keep] for k in SEQUENCE_KEYS})
+            out.update({k: out[k][..., :keep] for k in SEQUENCE_KEYS if k in out})
         return out
 
     def get_state(self) -> dict:
-        """Every process's position: a collective, so all processes call it together."""
-        read = [self.read]
+        """Every process's position: a collective, so all processes call it together. A sample the packer holds
+        for its next row counts as unread."""
+        read = [self.read - (self.pack is not None and self._rows.pending is not None)]
         if self.process_count > 1:
             read = multihost_utils.process_allgather(np.array(read, np.int64)).reshape(-1).tolist()
         return {"read": read, "batches": self.served}
 
     def set_state(self, state: dict) -> None:
         read = state["read"]
-        self._start(read[self.process_index] if len(read) == self.process_count else state["batches"] * self.batch)
+        if len(read) == self.process_count:
+            offset = read[self.process_index]
+        elif self.pack:  # hosts packed at their own pace: restart past what the slowest one had covered
+            offset = min(read) * len(read) // self.process_count
+        else:
+            offset = state["batches"] * self.batch
+        self._start(offset)
         self.served = state["batches"]

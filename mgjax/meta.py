@@ -129,6 +129,17 @@ def _parse_line(where: str, annotation: Path, n: int, line: str) -> dict:
     return record
 
 
+def rooted(record: dict, root: str | os.PathLike) -> dict:
+    """A copy of ``record`` with its image path(s) under its source's ``root``, so that records of several sources
+    can share one loader (anything that is not a path is left for the loader to reject)."""
+    image = record.get("image")
+    if isinstance(image, str):
+        return {**record, "image": str(Path(root) / image)}
+    if isinstance(image, list):
+        return {**record, "image": [str(Path(root) / i) if isinstance(i, str) else i for i in image]}
+    return record
+
+
 def mix(domain: Sequence[Source], general: Sequence[Source], ratio: float, seed: int = 0) -> list[dict]:
     """Domain data plus general data at ``general : domain = ratio : 1`` (the paper's 1:4 is ``ratio=0.25``, its
     1:1 is ``ratio=1``), shuffled, every record a copy tagged ``"source": <source name>`` (look its image root up

@@ -62,7 +62,8 @@ from mgjax import config as cfg
 from mgjax import demo_data, flops, mesh, optim, releases
 from mgjax.layers import REMAT_POLICIES
 from mgjax.pretrained import model_class
-from mgjax.train import DTYPES, STAGES, ModelSection, RunConfig
+from mgjax.families import DTYPES
+from mgjax.train import STAGES, ModelSection, RunConfig
 from mgjax.train_step import ShardedStep, make_optimizer, memory
 
 GiB = 1 << 30
@@ -124,6 +125,9 @@ def parse_mesh(text: str, default: mesh.MeshConfig) -> mesh.MeshConfig:
 
 def check(c: RunConfig, global_batch: int, seq_len: int) -> None:
     """The values the plan takes from the config as names or counts, checked before anything is built."""
+    if c.model.family != "mgm":
+        raise PlanError(f"model.family {c.model.family}: the plan covers MGM runs; for InternVL2, "
+                        "bench/adapt_memory.py measures each adaptation mode's compiled step")
     for key, value, known in (("train.stage", c.train.stage, STAGES), ("model.remat", c.model.remat, REMAT_POLICIES),
                               ("model.compute_dtype", c.model.compute_dtype, DTYPES)):
         if value not in known:

@@ -204,32 +204,47 @@ class InternVLSamples:
                                                       "slots")
         return tiles
 
-    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _encode(self, record: dict[str, Any], generation: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(ids, labels, pixel_values [tile_slots, 3, S, S], tiles used); ``generation``: the prompt alone, up to
+        the assistant prefix of the last answer (which is left out)."""
         sample = str(record.get("id", "?"))
         images = self._images(record, sample)
         convs = self._conversations(record, sample, len(images))
+        if generation:
+            convs = convs[:-1] if len(convs) % 2 == 0 else convs
         tiles = self._tiles(images, sample)
         counts = iter([len(t) for t in tiles])
         try:
             segments = [templates.Segment(templates.expand_internvl_images(
                 seg.text, [next(counts) for _ in range(seg.text.count(templates.IMAGE))],
                 self.config.tokens_per_tile), seg.trained)
-                for seg in templates.render(templates.get(self.template), convs, sample=sample)]
+                for seg in templates.render(templates.get(self.template), convs, sample=sample,
+                                            generation=generation)]
             ids, labels = templates.encode(segments, self.tokenizer, sample=sample)
         except templates.TokenizationError as e:
             raise BadSample(sample, "tokenization mismatch", str(e)) from None
         if len(ids) > self.max_length:
             raise BadSample(sample, "over-length", f"{len(ids)} tokens for max_length {self.max_length}")
-        out_ids = np.full(self.max_length, self.pad_id, np.int32)
-        out_labels = np.full(self.max_length, templates.IGNORE_INDEX, np.int32)
-        out_ids[:len(ids)], out_labels[:len(labels)] = ids, labels
         s = self.config.vision.image_size
         pixels = np.zeros((self.tile_slots, 3, s, s), np.float32)
         if tiles:
             stacked = np.concatenate(tiles)
             pixels[:len(stacked)] = stacked
+        return ids, labels, pixels, sum(len(t) for t in tiles)
+
+    def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        ids, labels, pixels, tiles = self._encode(record, generation=False)
+        out_ids = np.full(self.max_length, self.pad_id, np.int32)
+        out_labels = np.full(self.max_length, templates.IGNORE_INDEX, np.int32)
+        out_ids[:len(ids)], out_labels[:len(labels)] = ids, labels
         return {"input_ids": out_ids, "labels": out_labels, "attention_mask": np.arange(self.max_length) < len(ids),
-                "pixel_values": pixels, "tiles": np.int32(sum(len(t) for t in tiles))}
+                "pixel_values": pixels, "tiles": np.int32(tiles)}
+
+    def prompt(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The record's generation prompt (its last answer left out): unpadded ``input_ids`` [T] and
+        ``pixel_values`` [tile_slots, 3, S, S]."""
+        ids, _, pixels, _ = self._encode(record, generation=True)
+        return {"input_ids": ids.astype(np.int32), "pixel_values": pixels}
 
 
 def mgm_pixels(config: MGMConfig, image, *, pad: bool = True) -> tuple[np.ndarray, np.ndarray]:

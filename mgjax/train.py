@@ -1,8 +1,12 @@
-"""Train an MGM model: ``python -m mgjax.train --config configs/demo.yaml [--set key=value ...] [--resume]``.
+"""Train an MGM or InternVL model: ``python -m mgjax.train --config configs/demo.yaml [--set key=value ...]
+[--resume]``.
 
-``--help`` lists every config field. The demo config (``model.init: demo``) writes a synthetic question-answering
-set, trains a tiny MGM on it on a CPU, evaluates it on held-out images and, with ``eval.compare_lr_only``, trains
-the same budget without the high-resolution branch and prints both side by side.
+``--help`` lists every config field. ``model.family`` picks what the run does (``mgjax.families``): MGM's stages,
+or Mini-InternVL's domain adaptation (full / frozen_vit / lora). The MGM demo config (``model.init: demo``) writes a
+synthetic question-answering set, trains a tiny MGM on it on a CPU, evaluates it on held-out images and, with
+``eval.compare_lr_only``, trains the same budget without the high-resolution branch and prints both side by side;
+``configs/internvl/demo_general.yaml`` then ``demo.yaml`` train a tiny InternVL2 on general data and adapt it to a
+synthetic grounding domain.
 """
 from __future__ import annotations
 
@@ -20,30 +24,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
+from flax import nnx
 from PIL import Image, ImageDraw
 
 import mgjax
 from mgjax import config as cfg
-from mgjax import demo_data, distributed, flops, heldout, loader, mining, optim, samples
+from mgjax import demo_data, distributed, families, flops, loader, optim, samples
 from mgjax import mesh as mesh_lib
 from mgjax.checkpoint import Checkpoints
 from mgjax.train_step import ShardedStep, make_optimizer, memory
 
-STAGES = {"stage1": optim.MGM_STAGE1, "stage2": optim.MGM_STAGE2, "full": (r".*",)}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-INPUTS = ("input_ids", "labels", "images", "images_aux")
+STAGES = families.MGM.stages
 
 
 @dataclass(frozen=True)
 class ModelSection:
+    family: str = field(default="mgm", metadata={
+        "help": "mgm | internvl: MGM's stages, or Mini-InternVL's domain adaptation (mgjax.families)"})
     init: str = field(default="demo", metadata={
-        "help": "'demo' (a tiny random MGM), 'pretrained' (a converted MGM checkpoint: path) or 'parts' (stage 1: "
-                "llm + vision + vision_aux checkpoints)"})
+        "help": "'demo' (a tiny random model of the family), 'pretrained' (a converted checkpoint: path) or "
+                "'parts' (MGM stage 1: llm + vision + vision_aux checkpoints)"})
     release: str = field(default="", metadata={
         "help": "an MGM release (MGM-7B, MGM-7B-HD, ...; mgjax.releases): its architecture, and its MGM fields "
                 "(image_size_aux, image_grid, image_global) over the loaded checkpoints' configs"})
-    path: str = field(default="", metadata={"help": "pretrained: converted MGM checkpoint directory (with tokenizer)"})
+    path: str = field(default="", metadata={"help": "pretrained: checkpoint directory (with tokenizer files)"})
     llm: str = field(default="", metadata={"help": "parts: HF LLM checkpoint directory (with tokenizer files)"})
     vision: str = field(default="", metadata={"help": "parts: HF CLIP checkpoint directory"})
     vision_aux: str = field(default="", metadata={"help": "parts: ConvNeXt checkpoint (HF, timm or open_clip keys)"})
@@ -59,7 +63,21 @@ class ModelSection:
 class DataSection:
     path: str = field(default="", metadata={"help": "LLaVA-format JSON/JSONL; empty with the demo: synthetic"})
     image_folder: str = ""
-    template: str = demo_data.TEMPLATE
+    meta: str = field(default="", metadata={
+        "help": "InternVL: a meta file ({name: {root, annotation, repeat_time}}) of the domain data (not with path)"})
+    general_meta: str = field(default="", metadata={"help": "InternVL: a meta file of general data to mix in"})
+    general_ratio: float = field(default=0.0, metadata={
+        "help": "InternVL: general records per domain record (the paper's 1:4 is 0.25, its 1:1 is 1)"})
+    max_dynamic_patch: int = field(default=12, metadata={"help": "InternVL: most tiles per sample (a thumbnail "
+                                                                 "added); several images share them"})
+    tile_slots: int = field(default=0, metadata={
+        "help": "InternVL: tile slots per row of a batch (static shapes); 0: max_dynamic_patch + 1"})
+    pack_length: int = field(default=0, metadata={
+        "help": "InternVL: > 0 packs consecutive samples into rows of this many tokens (needs train.steps)"})
+    pack_tiles: int = field(default=0, metadata={
+        "help": "InternVL: tile slots of a packed row; 0: a sample's tiles for every max_length of the row"})
+    template: str = field(default="", metadata={
+        "help": "conversation template (mgjax.templates); empty: the model's own (MGM demo: chatml_direct)"})
     max_length: int = 2048
     pad_to_square: bool = field(default=True, metadata={"help": "stage 2 pads to square; stage 1 crops"})
     group_by_length: bool = field(default=False, metadata={
@@ -74,7 +92,12 @@ class DataSection:
 @dataclass(frozen=True)
 class TrainSection:
     stage: str = field(default="stage2", metadata={
-        "help": "stage1 | stage2 (MGM's) | full (everything, towers too: training from scratch)"})
+        "help": "what trains: MGM stage1 | stage2 | full (towers too); InternVL full | frozen_vit | lora"})
+    lora_rank: int = field(default=16, metadata={"help": "stage lora: the adapters' rank"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "stage lora: adapters scaled by alpha / rank"})
+    loss_weighting: str = field(default="token", metadata={
+        "help": "token | sample | square: each sample's target tokens weigh 1, 1/n or 1/sqrt(n) (InternVL's "
+                "loss_reduction)"})
     freeze: tuple[str, ...] = field(default=(), metadata={
         "help": "regexes of parameter paths kept frozen within the stage's trainable set (the demo: the HR tower)"})
     global_batch: int = 128
@@ -98,10 +121,12 @@ class CheckpointSection:
 class EvalSection:
     enabled: bool = field(default=True, metadata={"help": "false: no held-out evaluation after training"})
     path: str = field(default="", metadata={
-        "help": "held-out LLaVA-format records, scored by teacher-forced exact answers per 'type' field; "
-                "empty: none (the demo: its own held-out split)"})
+        "help": "held-out records, scored per 'type' field (MGM: teacher-forced exact answers; InternVL: greedy "
+                "answers, boxes by IoU); empty: none (the demos: their own held-out split)"})
     image_folder: str = ""
     batch: int = 64
+    at_start: bool = field(default=False, metadata={"help": "also evaluate before step 1 (the starting value)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "InternVL: the longest generated answer"})
     compare_lr_only: bool = field(default=False, metadata={
         "help": "also train the same budget with model.mining false (out_dir/lr_only) and print both evaluations"})
 
@@ -129,55 +154,6 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
-def _overrides(m: ModelSection) -> dict:
-    if m.compute_dtype not in DTYPES:
-        raise cfg.ConfigError(f"model.compute_dtype must be one of {sorted(DTYPES)}, not {m.compute_dtype!r}")
-    if m.mining_backend not in mining.BACKENDS:
-        raise cfg.ConfigError(f"model.mining_backend must be one of {mining.BACKENDS}, not {m.mining_backend!r}")
-    out = dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat,
-               mining_backend=m.mining_backend)
-    if m.release:
-        from mgjax import releases
-        out.update(releases.mgm_fields(m.release))
-    return out if m.mining else {**out, "mining": False}
-
-
-def build_model(m: ModelSection, mesh: jax.sharding.Mesh | None = None):
-    """The model and its tokenizer, as the model section says; with a ``mesh``, born sharded."""
-    from mgjax.pretrained import assemble, read_config
-    over = _overrides(m)
-    if m.init == "demo":  # through from_hf, so that dtype and remat reach every sub-model's config
-        demo = demo_data.model_config()
-        return mgjax.init(type(demo).from_hf(demo.to_hf(), **over), seed=0, mesh=mesh), demo_data.tokenizer()
-    from transformers import AutoTokenizer
-    if m.init == "pretrained":
-        return mgjax.from_pretrained(m.path, mesh=mesh, **over), AutoTokenizer.from_pretrained(m.path)
-    if m.init != "parts":
-        raise cfg.ConfigError(f"model.init must be 'demo', 'pretrained' or 'parts', not {m.init!r}")
-    if not (m.release and m.llm and m.vision and (m.vision_aux or not m.mining)):
-        raise cfg.ConfigError("model.init 'parts' needs model.release, model.llm, model.vision and model.vision_aux")
-    from mgjax import releases
-    from mgjax.pretrained import model_class
-    release = releases.config(m.release, **over)
-    llm_hf = read_config(Path(m.llm))
-    llm = model_class(llm_hf.get("model_type")).config_class.from_hf(llm_hf, **{k: over[k] for k in ("dtype",
-                                                                                  "param_dtype", "remat")})
-    config = dataclasses.replace(release, llm=llm)
-    parts = {"language_model": m.llm, "vision_tower": m.vision, **({"vision_tower_aux": m.vision_aux}
-                                                                   if config.mining else {})}
-    return assemble(config, parts, mesh=mesh), AutoTokenizer.from_pretrained(m.llm)
-
-
-def _data(c: RunConfig, out: Path) -> tuple[Path, Path, Path | None, Path]:
-    """(train records, their image folder, held-out records or None, their image folder)."""
-    if c.model.init == "demo" and not c.data.path:
-        train, held_out = demo_data.write_dataset(out / "data")
-        return train, train.parent, Path(c.eval.path) if c.eval.path else held_out, train.parent
-    images = Path(c.data.image_folder or Path(c.data.path).parent)
-    return (Path(c.data.path), images, Path(c.eval.path) if c.eval.path else None,
-            Path(c.eval.image_folder) if c.eval.image_folder else images)
-
-
 def _loss_png(path: Path, losses: list[float]) -> None:
     w, h, pad = 640, 360, 40
     img = Image.new("RGB", (w, h), "white")
@@ -244,9 +220,10 @@ class Metrics:
             self.tb.close()
 
 
-def _preflight(c: RunConfig, model, opt, step: ShardedStep, mesh: jax.sharding.Mesh, batch: dict) -> None:
+def _preflight(c: RunConfig, model, opt, step: ShardedStep, mesh: jax.sharding.Mesh, batch: dict, out: Path) -> None:
     """Before step 1: refuse a mesh that leaves too much replicated and a step that does not fit in device memory;
-    compile the step for the longest batch and print what it needs per device."""
+    compile the step for the longest batch and print what it needs per device (also into ``out/memory.json``,
+    with the bytes of the parameters and of the optimizer state)."""
     sizes = dict(mesh.shape)
     p = mesh_lib.placement(model, sizes)
     print(f"mesh {sizes} on {jax.device_count()} devices, {jax.process_count()} process(es): parameters "
@@ -256,35 +233,41 @@ def _preflight(c: RunConfig, model, opt, step: ShardedStep, mesh: jax.sharding.M
         raise SetupError(f"mesh {sizes} shards only {p.sharded_fraction:.2%} of the parameter bytes (mesh.min_sharded "
                          f"{c.mesh.min_sharded:.0%}); largest replicated: {', '.join(p.replicated[:3])}. Pick fsdp "
                          "and expert sizes that divide the model's widths, or lower mesh.min_sharded")
-    longest = {k: jax.ShapeDtypeStruct((*v.shape[:-1], c.data.max_length) if k in loader.SEQUENCE_KEYS else v.shape,
+    length = c.data.pack_length or c.data.max_length
+    longest = {k: jax.ShapeDtypeStruct((*v.shape[:-1], length) if k in loader.SEQUENCE_KEYS else v.shape,
                                        v.dtype, sharding=v.sharding) for k, v in batch.items()}
     use = memory(step.compile(model, opt, longest))
     limit = c.mesh.device_memory_gb * 2**30 or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
     print("compiled step, per device: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in use.items())
           + (f" (device limit {limit / 2**30:,.2f} GiB)" if limit else ""))
+    if jax.process_index() == 0:
+        state = {"parameter_bytes": p.total_bytes,
+                 "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)))}
+        (out / "memory.json").write_text(json.dumps({"compiled_step_per_device": use, **state}, indent=2))
     if limit and use["peak"] > limit:
         raise SetupError(f"the compiled step needs {use['peak'] / 2**30:,.2f} GiB per device, more than the "
                          f"{limit / 2**30:,.2f} GiB there are: use more devices (mesh.fsdp), more "
                          "train.micro_batches, model.remat full, or model.compute_dtype bfloat16")
 
 
-def _print_accuracy(results: dict[str, dict[str, dict]]) -> None:
-    """One column per run: held-out accuracy by question type."""
+def _print_accuracy(title: str, results: dict[str, dict[str, dict]]) -> None:
+    """One column per evaluation: held-out accuracy by question type."""
     runs = list(results)
     kinds = sorted({k for r in results.values() for k in r})
-    print("held-out accuracy (teacher-forced exact answer)")
-    print(f"  {'type':10s}" + "".join(f"{r:>16s}" for r in runs))
+    print(title)
+    print(f"  {'type':10s}" + "".join(f"{r:>18s}" for r in runs))
     for k in kinds:
         cells = [results[r].get(k) for r in runs]
-        print(f"  {k:10s}" + "".join(f"{x['accuracy']:10.1%} ({x['total']:3d})" if x else f"{'-':>16s}"
+        print(f"  {k:10s}" + "".join(f"{x['accuracy']:12.1%} ({x['total']:3d})" if x else f"{'-':>18s}"
                                      for x in cells))
 
 
 # ------------------------------------------------------------------------------------------------------------ run
-def run(c: RunConfig, resume: bool) -> dict | None:
-    """One training run (and its held-out evaluation); returns the evaluation, or None without one."""
+def run(c: RunConfig, resume: bool) -> dict[str, dict]:
+    """One training run; returns its held-out evaluations (``start`` with ``eval.at_start``, ``end``), or none."""
     out = Path(c.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    family = families.family(c.model.family)
 
     # ---------------------------------------------------------------- mesh, model, data, optimizer
     try:  # bad input: one line naming the file
@@ -294,24 +277,21 @@ def run(c: RunConfig, resume: bool) -> dict | None:
             raise SetupError(f"train.global_batch {c.train.global_batch} / train.micro_batches "
                              f"{c.train.micro_batches} = {rows} rows do not split over the batch's {shards} mesh "
                              f"shards {dict(mesh.shape)} and {jax.process_count()} process(es)")
-        model, tok = build_model(c.model, mesh)
-        train_path, images, eval_path, eval_images = _data(c, out)
-        records = list(samples.read_records(train_path))
-        make = samples.MGMSamples(model.config, tok, c.data.template, str(images), max_length=c.data.max_length,
-                                  pad_to_square=c.data.pad_to_square, pad_id=tok.pad_token_id or 0)
+        model, tok = family.build(c.model, mesh)
+        data = family.data(c, model, tok, out)
         per_host = c.train.global_batch // jax.process_count()
-        steps = c.train.steps or c.train.epochs * len(records) // c.train.global_batch
+        steps = c.train.steps or c.train.epochs * len(data.records) // c.train.global_batch
         # one epoch more than the steps need: skipped bad samples must not run the data out
-        epochs = max(c.train.epochs, -(-steps * c.train.global_batch // max(len(records), 1)) + 1)
+        epochs = max(c.train.epochs, -(-steps * c.train.global_batch // max(len(data.records), 1)) + 1)
         report = samples.BadSamples(max_fraction=c.data.max_bad_fraction)
-        lengths = ([loader.record_length(r, model.config.tokens_per_image) for r in records]
-                   if c.data.group_by_length else None)
-        batches = loader.Batches(records, make, batch=per_host, micro_batches=c.train.micro_batches,
+        batches = loader.Batches(data.records, data.make, batch=per_host, micro_batches=c.train.micro_batches,
                                  seed=c.data.seed, epochs=epochs, process_index=jax.process_index(),
                                  process_count=jax.process_count(), workers=c.data.workers, report=report,
-                                 lengths=lengths, buckets=c.data.length_buckets)
-        opt = make_optimizer(model, STAGES[c.train.stage], c.optim, steps, frozen=c.train.freeze)
+                                 lengths=data.lengths, buckets=c.data.length_buckets, pack=data.pack)
+        trainable, frozen = family.trainable(c, model, mesh)
+        opt = make_optimizer(model, trainable, c.optim, steps, frozen=frozen)
         mesh_lib.shard(opt, mesh)
+        step_fn = ShardedStep(model, opt, mesh, c.train.loss_weighting)
     except (ValueError, OSError) as e:
         raise SetupError(str(e)) from None
     # each process meets its own share of the data, so each reports its own bad samples
@@ -320,29 +300,30 @@ def run(c: RunConfig, resume: bool) -> dict | None:
     if ckpts.latest() is not None and not resume:
         raise SetupError(f"{out / 'checkpoints'} already holds step {ckpts.latest()}; pass --resume to continue "
                          "it, or set train.out_dir to a new directory")
-    start = 0
+    scores, start = {}, 0
     if resume and ckpts.latest() is not None:
         start, state = ckpts.restore(model, opt)
         batches.set_state(state)
         print(f"resumed from step {start}")
+    elif c.eval.at_start and data.eval_records is not None:
+        scores["start"] = family.evaluate(c, model, tok, data, mesh, out)
     peak = c.train.peak_tflops * 1e12 or flops.peak_flops()
     print(f"{optim.count_params(model):,} parameters, {optim.count_params(model, opt.wrt):,} trainable "
           f"({c.train.stage}); {steps} steps of {c.train.global_batch}; compute {c.model.compute_dtype}")
-    step_fn = ShardedStep(model, opt, mesh)
-    put = lambda local: mesh_lib.global_batch(mesh, {k: v for k, v in local.items() if k in INPUTS})  # noqa: E731
+    put = lambda local: mesh_lib.global_batch(mesh, {k: v for k, v in local.items()  # noqa: E731
+                                                     if k in family.inputs(c)})
     try:
         first = next(batches)
     except samples.TooManyBadSamples as e:
         raise SetupError(str(e)) from None
-    _preflight(c, model, opt, step_fn, mesh, put(first))
+    _preflight(c, model, opt, step_fn, mesh, put(first), out)
     feed = itertools.chain([first], batches)
 
     # ---------------------------------------------------------------- the loop (metrics fetched one step behind)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
-    metrics = Metrics(out, c, steps, start, optim.schedule(c.optim, steps),
-                      lambda seq_len: flops.mgm_step_flops(model, opt.wrt, batch=c.train.global_batch,
-                                                           seq_len=seq_len), peak)
+    metrics = Metrics(out, c, steps, start, optim.schedule(c.optim, steps), family.step_flops(c, model, opt.wrt),
+                      peak)
     pending, tick, step = None, time.perf_counter(), start
     try:
         for step in range(start + 1, steps + 1):
@@ -374,19 +355,18 @@ def run(c: RunConfig, resume: bool) -> dict | None:
         _loss_png(out / "loss.png", metrics.losses)
     print(f"stopped at step {step}: {report.count} bad samples of {report.seen} (report: {out / bad_file})")
     if stop:
-        return None
+        return {}
+    family.export(c, model)
     mgjax.save_pretrained(model, out / "final")
     if jax.process_index() == 0:
         tok.save_pretrained(out / "final")
     print(f"model: {out / 'final'}")
-    if eval_path is None or not c.eval.enabled:
-        return None
-    held_out = [r for r in samples.read_records(eval_path)]
-    score = heldout.accuracy(model, held_out, dataclasses.replace(make, image_folder=str(eval_images)),
-                             batch=c.eval.batch, mesh=mesh)
+    if data.eval_records is None:
+        return scores
+    scores["end"] = family.evaluate(c, model, tok, data, mesh, out)
     if jax.process_index() == 0:
-        (out / "eval.json").write_text(json.dumps(score, indent=2))
-    return score
+        (out / "eval.json").write_text(json.dumps(scores if "start" in scores else scores["end"], indent=2))
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,15 +384,19 @@ def main(argv: list[str] | None = None) -> int:
             distributed.initialize(c.distributed)
         except ValueError as e:
             raise cfg.ConfigError(str(e)) from None
-        if c.train.stage not in STAGES:
-            raise cfg.ConfigError(f"train.stage must be one of {sorted(STAGES)}, not {c.train.stage!r}")
+        family = families.family(c.model.family)
+        if c.train.stage not in family.stages:
+            raise cfg.ConfigError(f"train.stage must be one of {sorted(family.stages)} for model.family "
+                                  f"{c.model.family}, not {c.train.stage!r}")
         for pattern in c.train.freeze:
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise cfg.ConfigError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
-        runs = {"mining": c}
+        runs = {"mining" if c.model.family == "mgm" else c.train.stage: c}
         if c.eval.compare_lr_only:
+            if c.model.family != "mgm":
+                raise cfg.ConfigError("eval.compare_lr_only compares MGM with and without mining (model.family mgm)")
             data, held_out = c.data, c.eval
             if c.model.init == "demo" and not c.data.path:  # the synthetic set the first run writes, not a copy
                 root = Path(c.train.out_dir) / "data"
@@ -425,9 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, run_config in runs.items():
             if len(runs) > 1:
                 print(f"==== {name}: {run_config.train.out_dir}")
-            score = run(run_config, args.resume)
-            if score is not None:
-                results[name] = score
+            for when, score in run(run_config, args.resume).items():
+                results[name if when == "end" else f"{name} ({when})"] = score
     except (cfg.ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -435,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     if results:
-        _print_accuracy(results)
+        _print_accuracy(family.eval_title, results)
     return 0
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax.mesh import shardings
-from mgjax.optim import OptimConfig, adamw, masked_next_token_loss, trainable
+from mgjax.optim import LOSS_WEIGHTS, OptimConfig, adamw, masked_next_token_loss, packed_next_token_loss, trainable
 
 
 def make_optimizer(model: nnx.Module, patterns: Sequence[str], config: OptimConfig, total_steps: int,
@@ -24,18 +24,25 @@ def make_optimizer(model: nnx.Module, patterns: Sequence[str], config: OptimConf
     return nnx.Optimizer(model, adamw(config, total_steps), wrt=trainable(patterns, frozen))
 
 
-def _loss(model, batch: dict[str, Any]):
+def _loss(model, batch: dict[str, Any], weighting: str):
+    """Summed loss and summed weights; ``weighting`` other than ``token`` weighs each sample's tokens by its size
+    (``packed_next_token_loss``), a row being one sample unless the batch carries ``segment_ids`` (packed rows)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits, _ = model(**inputs)
-    return masked_next_token_loss(logits, batch["labels"])
+    if weighting == "token" and "segment_ids" not in batch:
+        return masked_next_token_loss(logits, batch["labels"])
+    segments = batch.get("segment_ids", jnp.ones_like(batch["labels"]))
+    return packed_next_token_loss(logits, batch["labels"], segments, weighting)
 
 
-def _update(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any]) -> dict[str, jax.Array]:
+def _update(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any],
+            weighting: str = "token") -> dict[str, jax.Array]:
     """``batch``: the model's keyword inputs plus ``labels``, each with a leading micro-batch axis [A, B, ...].
-    Returns the mean loss over target tokens, the token count and the gradient norm."""
+    Returns the (weighted) mean loss over target tokens, the total weight (the token count when ``weighting`` is
+    ``token``) and the gradient norm."""
     # Functional inside the scan: nnx modules may not be closed over by a raw JAX transform.
     graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
-    grad_fn = jax.value_and_grad(lambda p, mb: _loss(nnx.merge(graphdef, p, rest), mb), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, mb: _loss(nnx.merge(graphdef, p, rest), mb, weighting), has_aux=True)
 
     def micro(carry, mb):
         grads, loss, count = carry
@@ -50,16 +57,18 @@ def _update(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any]) 
     return {"loss": loss / jnp.maximum(count, 1), "tokens": count, "grad_norm": norm}
 
 
-train_step = nnx.jit(_update, donate_argnums=(0, 1))
+train_step = nnx.jit(_update, donate_argnums=(0, 1), static_argnames="weighting")
 
 
 class ShardedStep:
     """``train_step`` on ``mesh``: call it as ``step(model, optimizer, batch)`` with the state placed by
     ``mgjax.mesh`` and the batch by ``mesh.global_batch``."""
 
-    def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, mesh: jax.sharding.Mesh):
+    def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, mesh: jax.sharding.Mesh, weighting: str = "token"):
+        if weighting not in LOSS_WEIGHTS:
+            raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTS}, not {weighting!r}")
         self.graphdef, _ = nnx.split((model, optimizer))
-        self.mesh = mesh
+        self.mesh, self.weighting = mesh, weighting
         self.state_shardings = shardings((model, optimizer), mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._jit = jax.jit(self._pure, out_shardings=(self.state_shardings, replicated), donate_argnums=0)
@@ -67,7 +76,7 @@ class ShardedStep:
 
     def _pure(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state)
-        metrics = _update(model, optimizer, batch)
+        metrics = _update(model, optimizer, batch, self.weighting)
         return nnx.state((model, optimizer)), metrics
 
     def compile(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any]):

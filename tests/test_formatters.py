@@ -362,3 +362,11 @@ def test_cli_bad_multiview_row_writes_no_canvas(tmp_path):
     assert F.main(["multiview", "--input", str(_csv(tmp_path / "drive.csv", [row, bad])), "--image-root",
                    str(root), "--out", str(out)]) == 2
     assert not out.exists() and not (root / "stitch").exists()
+
+
+def test_rooted_puts_image_paths_under_their_source_root():
+    record = {"id": "a", "image": "x/1.png", "conversations": []}
+    assert meta_lib.rooted(record, "/data/drive") == {**record, "image": "/data/drive/x/1.png"}
+    assert meta_lib.rooted({"image": ["1.png", "2.png"]}, "r")["image"] == ["r/1.png", "r/2.png"]
+    assert meta_lib.rooted({"id": "text-only"}, "r") == {"id": "text-only"}
+    assert record["image"] == "x/1.png"  # a copy: the source's records stay as read

@@ -106,3 +106,19 @@ def test_totals_and_skipped_records_per_type_with_a_real_model(data):
         assert 0 <= r["right"] <= r["total"] and r["accuracy"] == r["right"] / r["total"]
     only_bad = heldout.accuracy(model, [missing], make, batch=8)
     assert only_bad[kind]["total"] == 0 and only_bad[kind]["skipped"] == 1 and np.isnan(only_bad[kind]["accuracy"])
+
+
+def test_greedy_answers_batched_equal_one_by_one(tmp_path):
+    """``answers`` decodes prompts of one length together: each row's tokens equal its decoding alone."""
+    from mgjax import demo_grounding
+    _, _, eval_path = demo_grounding.write_dataset(tmp_path, n_train=0, n_eval=6)
+    tok = demo_grounding.tokenizer()
+    model = mgjax.init(demo_grounding.model_config(tok.convert_tokens_to_ids("<IMG_CONTEXT>")), seed=1)
+    make = samples.InternVLSamples(model.config, tok, demo_grounding.TEMPLATE, str(tmp_path), max_length=128,
+                                   max_dynamic_patch=demo_grounding.MAX_DYNAMIC_PATCH, tile_slots=5)
+    prompts = [make.prompt(r) for r in samples.read_records(eval_path)]
+    assert len({len(p["input_ids"]) for p in prompts}) < len(prompts)  # some lengths shared: real batches
+    stops = (tok.convert_tokens_to_ids("<|im_end|>"),)
+    together = heldout.answers(model, prompts, max_new_tokens=6, stop_ids=stops, batch=4)
+    alone = [heldout.answers(model, [p], max_new_tokens=6, stop_ids=stops, batch=1)[0] for p in prompts]
+    assert together == alone and any(alone)

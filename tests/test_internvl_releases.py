@@ -3,12 +3,15 @@ them, parameter counts against transformers' own InternVL (InternLM2, which tran
 and the memory table's trainable sets, all from abstract shapes."""
 import dataclasses
 import functools
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, InternVLVisionModel
 
+from mgjax import config as cfg
 from mgjax import internvl_releases as releases
+from mgjax import train
 
 # Spec section 5.4, one row per mode: (lr, global batch, max tiles, max length, drop path, packed tokens,
 # loss reduction, LoRA rank, LoRA alpha, weight decay, warmup, clip).
@@ -135,3 +138,25 @@ def test_memory_table_is_consistent():
             assert r["gradient_bytes"] == 4 * r["trainable"] and r["optimizer_bytes"] == 8 * r["trainable"]
             assert r["bytes"] == r["gradient_bytes"] + r["optimizer_bytes"]
             assert r["saving_bytes"] == by_mode["full"]["bytes"] - r["bytes"]
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "internvl"
+
+
+@pytest.mark.parametrize("mode", releases.MODES)
+@pytest.mark.parametrize("name", releases.NAMES)
+def test_run_configs_follow_the_recipes(name, mode):
+    """configs/internvl/<release>/<mode>.yaml: the recipe's numbers and the release's template, loadable."""
+    c = cfg.load(train.RunConfig, CONFIGS / name / f"{mode}.yaml", [])
+    r = releases.recipe(mode)
+    assert (c.model.family, c.model.init, c.model.path) == ("internvl", "pretrained", f"checkpoints/{name}")
+    assert (c.model.compute_dtype, c.model.remat, c.train.stage) == ("bfloat16", "full", mode)
+    assert c.data.template == releases.release(name).template
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.warmup_ratio, c.optim.clip_norm) == (
+        r.lr, r.weight_decay, r.warmup_ratio, r.clip_norm)
+    assert (c.train.global_batch, c.data.max_dynamic_patch, c.data.max_length, c.data.pack_length) == (
+        r.global_batch, r.max_tiles, r.max_length, r.packed_tokens)
+    assert c.train.loss_weighting == r.loss_reduction
+    if r.lora_rank:
+        assert (c.train.lora_rank, c.train.lora_alpha) == (r.lora_rank, r.lora_alpha)
+    assert c.train.out_dir == f"runs/{name}/{mode}"

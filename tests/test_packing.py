@@ -1,11 +1,13 @@
 """Packed rows (several samples in one sequence, segment ids): each sample's loss equals its loss unpacked, and
 InternVL's loss weightings (token, sample, square) follow from the per-sample sums."""
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import mgjax
-from mgjax import optim
+from mgjax import optim, packing
 from mgjax.models.decoder import Qwen2Config, segment_positions
 
 CONFIG = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -67,3 +69,47 @@ def test_loss_weightings_follow_the_per_sample_sums(weighting):
     assert abs(float(total / weights) - want) <= 1e-5 * max(1.0, want)
     with pytest.raises(ValueError, match="loss weighting must be one of"):
         optim.packed_next_token_loss(logits, labels, seg, "mean")
+
+
+@pytest.fixture(scope="module")
+def grounding(tmp_path_factory):
+    """Tiny InternVL demo samples (images as dynamic tiles) and a random model to run them."""
+    from mgjax import demo_grounding, samples
+    root = tmp_path_factory.mktemp("grounding")
+    domain, _, _ = demo_grounding.write_dataset(root, n_train=8, n_eval=1)
+    tok = demo_grounding.tokenizer()
+    model = mgjax.init(demo_grounding.model_config(tok.convert_tokens_to_ids("<IMG_CONTEXT>")), seed=0)
+    make = samples.InternVLSamples(model.config, tok, demo_grounding.TEMPLATE, str(root), max_length=128,
+                                   max_dynamic_patch=demo_grounding.MAX_DYNAMIC_PATCH, tile_slots=5)
+    records = [json.loads(line) for line in (root / "domain.jsonl").read_text().splitlines()]
+    return model, [make(r) for r in records[:3]]
+
+
+def test_packed_internvl_samples_keep_their_tiles_and_losses(grounding):
+    """Three samples with their images in one packed row: each sample's loss equals its loss alone (<= 1e-5)."""
+    model, built = grounding
+    row = next(packing.Packer(iter(built), length=384, tiles=15))
+    assert int(row["samples"]) == 3 and int(row["tiles"]) == 15
+    lengths = [int(s["attention_mask"].sum()) for s in built]
+    assert np.bincount(row["segment_ids"])[1:].tolist() == lengths
+    logits, _ = model(jnp.asarray(row["input_ids"][None]), jnp.asarray(row["pixel_values"][None]),
+                      segment_ids=jnp.asarray(row["segment_ids"][None]))
+    for k, s in enumerate(built, 1):
+        alone, _ = model(jnp.asarray(s["input_ids"][None]), jnp.asarray(s["pixel_values"][None]))
+        want, n = optim.masked_next_token_loss(alone, jnp.asarray(s["labels"][None]))
+        mine = jnp.where(jnp.asarray(row["segment_ids"][None]) == k, jnp.asarray(row["labels"][None]), -100)
+        got, m = optim.packed_next_token_loss(logits, mine, jnp.asarray(row["segment_ids"][None]))
+        assert int(m) == int(n) > 0
+        assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want))), (k, float(got), float(want))
+
+
+def test_packer_closes_a_row_at_the_token_or_tile_limit(grounding):
+    _, built = grounding
+    n = int(built[0]["attention_mask"].sum())
+    by_tokens = packing.Packer(iter(built), length=2 * n + 1, tiles=99)
+    assert [int(r["samples"]) for r in by_tokens] == [2, 1]
+    by_tiles = packing.Packer(iter(built), length=1000, tiles=10)  # 5 tiles a sample
+    first = next(by_tiles)
+    assert int(first["samples"]) == 2 and by_tiles.pending is built[2]
+    with pytest.raises(ValueError, match="cannot fit a packed row"):
+        next(packing.Packer(iter(built), length=n - 1, tiles=99))

@@ -157,3 +157,9 @@ def test_compiled_on_local_devices_from_shapes(capsys):
     assert xla["peak"] >= xla["arguments"] + xla["temporaries"]
     code, _, err = cli(capsys, "--config", "configs/demo.yaml", "--topology", "8xH100", "--compile")
     assert code == 2 and "--compile needs the devices" in err
+
+
+def test_internvl_configs_are_pointed_elsewhere(capsys):
+    internvl = CONFIGS.parent / "internvl" / "InternVL2-1B" / "lora.yaml"
+    code, _, err = cli(capsys, "--config", str(internvl), "--topology", "8xH100")
+    assert code == 2 and "bench/adapt_memory.py" in err

@@ -122,3 +122,28 @@ def test_bf16_compute_keeps_float32_weights_and_remat_changes_nothing():
     assert abs(float(out["remat"]["loss"]) - float(out["f32"]["loss"])) < 1e-6
     assert abs(float(out["remat"]["grad_norm"]) - float(out["f32"]["grad_norm"])) < 1e-5
     assert abs(float(out["bf16"]["loss"]) - float(out["f32"]["loss"])) < 2e-2 * float(out["f32"]["loss"])
+
+
+@pytest.mark.parametrize("weighting", ["sample", "square"])
+def test_sample_weighted_loss_over_micro_batches(weighting):
+    """InternVL's loss_reduction: each row (one sample) weighs its tokens by 1/n or 1/sqrt(n), and the step's loss
+    is sum(w * ce) / sum(w) over every micro-batch, as the per-row sums give it."""
+    model = mgjax.init(CONFIG, seed=0)
+    batch = _batch(micro=2, per=2, seed=3)
+    labels = np.array(batch["labels"])
+    labels[0, 0, 18:21] = -100  # rows with different target counts
+    labels[1, 1, 18:23] = -100
+    batch["labels"] = jnp.asarray(labels)
+    sums, counts = [], []
+    for a in range(2):
+        for b in range(2):
+            row = {k: v[a, b:b + 1] for k, v in batch.items()}
+            logits, _ = model(**{k: v for k, v in row.items() if k != "labels"})
+            total, n = optim.masked_next_token_loss(logits, row["labels"])
+            sums.append(float(total))
+            counts.append(int(n))
+    w = [1 / n if weighting == "sample" else n ** -0.5 for n in counts]
+    want = sum(wi * si for wi, si in zip(w, sums)) / sum(wi * n for wi, n in zip(w, counts))
+    opt = make_optimizer(model, (r".*",), optim.OptimConfig(lr=0.0), total_steps=10)
+    got = float(train_step(model, opt, batch, weighting=weighting)["loss"])
+    assert abs(got - want) <= 1e-5 * want, (got, want)

@@ -1,0 +1,281 @@
+"""What training does per model family, for ``mgjax.train`` to drive either: the model and tokenizer a run starts
+from, which parameters train, how records become batches, how the trained model is scored and exported.
+
+- ``MGM``: MGM's stage 1 / stage 2 (or everything) on LLaVA-format records; held-out answers scored by teacher
+  forcing (``heldout.accuracy``).
+- ``InternVL``: Mini-InternVL's domain adaptation (``train.stage``: one of ``adapt.MODES``, full / frozen_vit /
+  lora) on InternVL meta files, general data mixed into the domain's at ``data.general_ratio``; held-out grounding,
+  multiple-choice and short answers scored on greedy generations (``domain_eval``); LoRA adapters merged into the
+  exported weights, so ``final/`` is a plain checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+import mgjax
+from mgjax import adapt, demo_data, demo_grounding, domain_eval, flops, heldout, lora, meta, mining, optim, samples
+from mgjax import config as cfg
+from mgjax import mesh as mesh_lib
+from mgjax.generate import stop_ids
+from mgjax.loader import record_length
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass
+class Data:
+    """Training records and how each becomes a sample; held-out records (None: no evaluation) and their maker."""
+    records: list
+    make: Callable[[dict], dict]
+    eval_records: list | None
+    eval_make: Any
+    lengths: list[int] | None = None
+    pack: dict | None = None  # loader.Batches' packing keywords
+
+
+def _dtypes(m) -> dict:
+    if m.compute_dtype not in DTYPES:
+        raise cfg.ConfigError(f"model.compute_dtype must be one of {sorted(DTYPES)}, not {m.compute_dtype!r}")
+    return dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat)
+
+
+def _held_out(c, default: Path | None) -> tuple[list | None, Path | None]:
+    """The held-out records (``eval.path``, else the demo's ``default``) and their file."""
+    path = Path(c.eval.path) if c.eval.path else default
+    if path is None or not c.eval.enabled:
+        return None, None
+    return list(samples.read_records(path)), path
+
+
+# ----------------------------------------------------------------------------------------------------------- MGM
+class MGM:
+    stages = {"stage1": optim.MGM_STAGE1, "stage2": optim.MGM_STAGE2, "full": (r".*",)}
+    eval_title = "held-out accuracy (teacher-forced exact answer)"
+
+    def inputs(self, c) -> tuple[str, ...]:
+        return "input_ids", "labels", "images", "images_aux"
+
+    def overrides(self, m) -> dict:
+        if m.mining_backend not in mining.BACKENDS:
+            raise cfg.ConfigError(f"model.mining_backend must be one of {mining.BACKENDS}, not {m.mining_backend!r}")
+        out = dict(_dtypes(m), mining_backend=m.mining_backend)
+        if m.release:
+            from mgjax import releases
+            out.update(releases.mgm_fields(m.release))
+        return out if m.mining else {**out, "mining": False}
+
+    def build(self, m, mesh: jax.sharding.Mesh | None = None):
+        """The model and its tokenizer, as the model section says; with a ``mesh``, born sharded."""
+        from mgjax.pretrained import assemble, model_class, read_config
+        over = self.overrides(m)
+        if m.init == "demo":  # through from_hf, so that dtype and remat reach every sub-model's config
+            demo = demo_data.model_config()
+            return mgjax.init(type(demo).from_hf(demo.to_hf(), **over), seed=0, mesh=mesh), demo_data.tokenizer()
+        from transformers import AutoTokenizer
+        if m.init == "pretrained":
+            return mgjax.from_pretrained(m.path, mesh=mesh, **over), AutoTokenizer.from_pretrained(m.path)
+        if m.init != "parts":
+            raise cfg.ConfigError(f"model.init must be 'demo', 'pretrained' or 'parts', not {m.init!r}")
+        if not (m.release and m.llm and m.vision and (m.vision_aux or not m.mining)):
+            raise cfg.ConfigError("model.init 'parts' needs model.release, model.llm, model.vision and "
+                                  "model.vision_aux")
+        from mgjax import releases
+        release = releases.config(m.release, **over)
+        llm_hf = read_config(Path(m.llm))
+        llm = model_class(llm_hf.get("model_type")).config_class.from_hf(llm_hf, **_dtypes(m))
+        config = dataclasses.replace(release, llm=llm)
+        parts = {"language_model": m.llm, "vision_tower": m.vision,
+                 **({"vision_tower_aux": m.vision_aux} if config.mining else {})}
+        return assemble(config, parts, mesh=mesh), AutoTokenizer.from_pretrained(m.llm)
+
+    def trainable(self, c, model, mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return self.stages[c.train.stage], tuple(c.train.freeze)
+
+    def data(self, c, model, tok, out: Path) -> Data:
+        d, held_out = c.data, None
+        if d.pack_length:
+            raise cfg.ConfigError("data.pack_length: packing is for InternVL models (model.family internvl)")
+        if c.model.init == "demo" and not d.path:
+            train, held_out = demo_data.write_dataset(out / "data")
+            d = dataclasses.replace(d, path=str(train), image_folder=str(train.parent))
+        images = d.image_folder or str(Path(d.path).parent)
+        make = samples.MGMSamples(model.config, tok, d.template or demo_data.TEMPLATE, images,
+                                  max_length=d.max_length, pad_to_square=d.pad_to_square, pad_id=tok.pad_token_id or 0)
+        records = list(samples.read_records(d.path))
+        lengths = ([record_length(r, model.config.tokens_per_image) for r in records] if d.group_by_length
+                   else None)
+        eval_records, _ = _held_out(c, held_out)
+        return Data(records, make, eval_records, dataclasses.replace(make, image_folder=c.eval.image_folder or images),
+                    lengths)
+
+    def step_flops(self, c, model, wrt) -> Callable[[int], dict]:
+        return lambda seq_len: flops.mgm_step_flops(model, wrt, batch=c.train.global_batch, seq_len=seq_len)
+
+    def evaluate(self, c, model, tok, data: Data, mesh, out: Path) -> dict:
+        return heldout.accuracy(model, data.eval_records, data.eval_make, batch=c.eval.batch, mesh=mesh)
+
+    def export(self, c, model) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------------ InternVL
+class InternVL:
+    stages = {name: mode.trainable for name, mode in adapt.MODES.items()}
+    eval_title = "held-out accuracy (greedy answers: grounding IoU >= 0.5, choice letter, exact text)"
+
+    def inputs(self, c) -> tuple[str, ...]:
+        return ("input_ids", "labels", "pixel_values") + (("segment_ids",) if c.data.pack_length else ())
+
+    def build(self, m, mesh: jax.sharding.Mesh | None = None):
+        over = _dtypes(m)
+        if m.init == "demo":
+            tok = demo_grounding.tokenizer()
+            demo = demo_grounding.model_config(tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+            return mgjax.init(type(demo).from_hf(demo.to_hf(), **over), seed=0, mesh=mesh), tok
+        if m.init != "pretrained":
+            raise cfg.ConfigError(f"model.init must be 'demo' or 'pretrained' for an InternVL model, not {m.init!r}")
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(m.path, trust_remote_code=False)
+        token = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+        if token is None or token == tok.unk_token_id:
+            raise cfg.ConfigError(f"{m.path}: the tokenizer has no <IMG_CONTEXT> token")
+        return mgjax.from_pretrained(m.path, mesh=mesh, image_token_id=token, **over), tok
+
+    def trainable(self, c, model, mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        mode = adapt.prepare(model, c.train.stage, rank=c.train.lora_rank, alpha=c.train.lora_alpha)
+        if mode.lora:  # the new adapters start on the default device
+            mesh_lib.shard(model, mesh)
+        return mode.trainable, (*mode.frozen, *c.train.freeze)
+
+    def _template(self, c, model) -> str:
+        return c.data.template or model.config.template or "Hermes-2"
+
+    def _make(self, c, model, tok, image_folder: str) -> samples.InternVLSamples:
+        d = c.data
+        return samples.InternVLSamples(model.config, tok, self._template(c, model), image_folder,
+                                       max_length=d.max_length, max_dynamic_patch=d.max_dynamic_patch,
+                                       tile_slots=d.tile_slots or d.max_dynamic_patch + 1,
+                                       pad_id=tok.pad_token_id or 0)
+
+    def data(self, c, model, tok, out: Path) -> Data:
+        d, held_out = c.data, None
+        if c.model.init == "demo" and not (d.meta or d.path):  # the demo's general stage
+            _, general, held_out = demo_grounding.write_dataset(out / "data")
+            d = dataclasses.replace(d, meta=str(general), general_meta="", general_ratio=0.0)
+        if d.meta:
+            records, images = _meta_records(d), ""  # image paths joined to their source's root
+        elif d.path:
+            records, images = list(samples.read_records(d.path)), d.image_folder or str(Path(d.path).parent)
+        else:
+            raise cfg.ConfigError("an InternVL run needs data.meta (an InternVL meta file) or data.path (JSONL)")
+        eval_records, eval_path = _held_out(c, held_out)
+        eval_images = c.eval.image_folder or (str(eval_path.parent) if eval_path else "")
+        lengths = ([record_length(r, model.config.tokens_per_tile * (d.max_dynamic_patch + 1)) for r in records]
+                   if d.group_by_length else None)
+        return Data(records, self._make(c, model, tok, images), eval_records,
+                    self._make(c, model, tok, eval_images), lengths, _packing(c, tok))
+
+    def step_flops(self, c, model, wrt) -> Callable[[int], dict]:
+        tiles = _packing(c, None)["tiles"] if c.data.pack_length else c.data.tile_slots or c.data.max_dynamic_patch + 1
+        return lambda seq_len: flops.internvl_step_flops(model, wrt, batch=c.train.global_batch, seq_len=seq_len,
+                                                         tiles=tiles)
+
+    def evaluate(self, c, model, tok, data: Data, mesh, out: Path) -> dict:
+        """Greedy answers to the held-out records, scored by kind (a record's ``type``, else ``choice`` with
+        ``options``, ``grounding`` when the reference holds a box, ``exact`` otherwise); every answer goes to
+        ``out/eval_answers.jsonl``."""
+        if jax.process_count() > 1:
+            print("held-out generation runs in one process: evaluate final/ with a single-process run")
+            return {}
+        prompts, rows, skipped = [], [], defaultdict(int)
+        for i, record in enumerate(data.eval_records):
+            kind, reference = _kind(record)
+            try:
+                prompts.append(data.eval_make.prompt(record))
+            except samples.BadSample as bad:
+                print(f"held-out {bad}: skipped")
+                skipped[kind] += 1
+                continue
+            rows.append({"id": str(record.get("id", i)), "kind": kind, "reference": reference,
+                         **({"options": record["options"]} if kind == "choice" else {})})
+        tokens = heldout.answers(model, prompts, max_new_tokens=c.eval.max_new_tokens,
+                                 stop_ids=stop_ids(tok, self._template(c, model)), batch=c.eval.batch)
+        for row, answer in zip(rows, tokens):
+            row["answer"] = tok.decode(answer, skip_special_tokens=False)
+        scores = _score(rows, skipped)
+        if jax.process_index() == 0:
+            (out / "eval_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return scores
+
+    def export(self, c, model) -> None:
+        if adapt.MODES[c.train.stage].lora:
+            print(f"merged {lora.merge(model)} LoRA adapters into the exported weights")
+
+
+def _packing(c, tok) -> dict | None:
+    """``loader.Batches``' packing keywords: rows of ``data.pack_length`` tokens and ``data.pack_tiles`` tiles
+    (default: a full sample's tiles for every ``max_length`` of the row)."""
+    d = c.data
+    if not d.pack_length:
+        return None
+    if d.pack_length < d.max_length:
+        raise cfg.ConfigError(f"data.pack_length {d.pack_length} must hold a whole sample (data.max_length "
+                              f"{d.max_length})")
+    if not c.train.steps:
+        raise cfg.ConfigError("data.pack_length: set train.steps (how many samples a packed row holds is only "
+                              "known as the data is read, so epochs do not give a step count)")
+    sample_tiles = d.tile_slots or d.max_dynamic_patch + 1
+    tiles = d.pack_tiles or sample_tiles * -(-d.pack_length // d.max_length)
+    if tiles < sample_tiles:
+        raise cfg.ConfigError(f"data.pack_tiles {tiles} must hold a whole sample's {sample_tiles} tiles")
+    return {"length": d.pack_length, "tiles": tiles, "pad_id": (tok.pad_token_id or 0) if tok is not None else 0}
+
+
+def _meta_records(d) -> list[dict]:
+    domain = meta.read_meta(d.meta)
+    general = meta.read_meta(d.general_meta) if d.general_meta else []
+    if d.general_ratio and not general:
+        raise cfg.ConfigError(f"data.general_ratio {d.general_ratio} needs data.general_meta")
+    for source in (*domain, *general):
+        source.records = [meta.rooted(r, source.root) for r in source.records]
+    return meta.mix(domain, general, d.general_ratio, seed=d.seed)
+
+
+def _kind(record: dict) -> tuple[str, str]:
+    turns = record.get("conversations") or [{}]
+    reference = str(turns[-1].get("value", "")) if isinstance(turns[-1], dict) else ""
+    kind = record.get("type") or ("choice" if "options" in record else
+                                  "grounding" if domain_eval.parse_boxes(reference) else "exact")
+    return kind, reference
+
+
+def _score(rows: list[dict], skipped: dict[str, int]) -> dict[str, dict]:
+    out = {}
+    for kind in sorted({r["kind"] for r in rows} | set(skipped)):
+        mine = [r for r in rows if r["kind"] == kind]
+        if kind in domain_eval.JUDGES:
+            summary = domain_eval.score(kind, mine)["summary"] if mine else {"right": 0, "total": 0}
+        else:
+            right = sum(r["answer"].strip() == r["reference"].strip() for r in mine)
+            summary = {"right": right, "total": len(mine)}
+        total = summary["total"]
+        out[kind] = {**summary, "skipped": skipped[kind],
+                     "accuracy": summary["right"] / total if total else float("nan")}
+    return out
+
+
+FAMILIES = {"mgm": MGM(), "internvl": InternVL()}
+
+
+def family(name: str):
+    if name not in FAMILIES:
+        raise cfg.ConfigError(f"model.family must be one of {sorted(FAMILIES)}, not {name!r}")
+    return FAMILIES[name]
