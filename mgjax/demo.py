@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 import mgjax
-from mgjax.generate import greedy
+from mgjax.decoding import greedy
 from mgjax.models.clip import CLIPVisionConfig
 from mgjax.models.convnext import ConvNextConfig
 from mgjax.models.decoder import LlamaConfig

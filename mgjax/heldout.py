@@ -15,7 +15,7 @@ from flax import nnx
 from jax.experimental.multihost_utils import process_allgather
 
 from mgjax import samples
-from mgjax.generate import greedy
+from mgjax.decoding import cut, greedy
 from mgjax.templates import IGNORE_INDEX
 
 INPUTS = ("input_ids", "images", "images_aux")
@@ -80,5 +80,5 @@ def answers(model: nnx.Module, prompts: Sequence[dict[str, np.ndarray]], *, max_
             new = np.asarray(greedy(model.language_model, ids, max_new_tokens,
                                     inputs_embeds=_embed(model, ids, pixels), stop_ids=stops))[:, length:]
             for i, row in zip(chunk, new.tolist()):
-                out[i] = row[:next((k for k, t in enumerate(row) if t in stops), len(row))]
+                out[i] = cut(row, stops)
     return out

@@ -23,3 +23,18 @@ def report(request):
         print(f"[parity] {request.node.name}: {name} max-abs {value:.3e} (bound {bound:.0e})")
         assert value <= bound, f"{name}: max-abs {value:.3e} > {bound:.0e}"
     return _report
+
+
+@pytest.fixture(scope="module")
+def internvl_dir(tmp_path_factory):
+    """A tiny InternVL2 checkpoint (Qwen2) with a word-level tokenizer and a 70x30 ``cat.png``: (hf model, path)."""
+    from PIL import Image
+
+    from tests import test_generate, test_internvl
+    path = tmp_path_factory.mktemp("internvl_cli")
+    hf = test_internvl._hf_model("qwen2")
+    hf.config.image_token_id = test_generate.WORDS.index("<IMG_CONTEXT>")
+    hf.save_pretrained(path)
+    test_generate._tokenizer().save_pretrained(path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 70, 3), dtype=np.uint8)).save(path / "cat.png")
+    return hf, path

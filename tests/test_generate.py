@@ -4,15 +4,14 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 import transformers
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import mgjax
-from mgjax import generate, preprocess
-from tests import test_internvl, test_mgm
+from mgjax import decoding, generate, preprocess
+from tests import test_mgm
 
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>"]
 WORDS = ["[UNK]", *SPECIALS, "user", "assistant", "system", "what", "is", "this", "?", "a", "red", "cat", ".", "\n"]
@@ -26,17 +25,6 @@ def _tokenizer():
                                                 unk_token="[UNK]", additional_special_tokens=SPECIALS[2:])
 
 
-@pytest.fixture(scope="module")
-def internvl_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("internvl_cli")
-    hf = test_internvl._hf_model("qwen2")
-    hf.config.image_token_id = WORDS.index("<IMG_CONTEXT>")
-    hf.save_pretrained(path)
-    _tokenizer().save_pretrained(path)
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 70, 3), dtype=np.uint8)).save(path / "cat.png")
-    return hf, path
-
-
 def test_greedy_with_an_image_matches_transformers_generate(internvl_dir):
     hf, path = internvl_dir
     model = mgjax.from_pretrained(path, dtype=jnp.float32)
@@ -44,7 +32,7 @@ def test_greedy_with_an_image_matches_transformers_generate(internvl_dir):
     image = preprocess.load_image(path / "cat.png")
     ids, image_args = generate._inputs(model, tokenizer, "Hermes-2", "what is this ?", image)
     assert image_args["pixel_values"].shape == (11, 3, 28, 28)  # a 5x2 grid for a 70x30 image, plus the thumbnail
-    ours = np.asarray(generate.greedy(model.language_model, jnp.asarray(ids), 32,
+    ours = np.asarray(decoding.greedy(model.language_model, jnp.asarray(ids), 32,
                                       inputs_embeds=model.embed(jnp.asarray(ids), **image_args)))
     # torch reference: recompute the whole sequence each step (transformers' cached generate can flip near-ties
     # of this random model: at one step here its top-2 logits differ by less than its cache-vs-full noise)
@@ -74,7 +62,7 @@ def test_bad_inputs_exit_with_a_clear_message(internvl_dir, tmp_path, capsys):
     assert "broken.png: cannot read image" in capsys.readouterr().err
     prompt = "<image> and <image> ?"
     assert generate.main(["--model", str(path), "--image", str(path / "cat.png"), "--prompt", prompt]) == 2
-    assert "the prompt has 2 <image> placeholders but 1 image was given" in capsys.readouterr().err
+    assert "the conversation has 2 <image> placeholders but 1 image was given" in capsys.readouterr().err
     assert generate.main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
     assert "no config.json" in capsys.readouterr().err
 

@@ -227,7 +227,7 @@ def test_bilinear_matrix_is_torch_bilinear(report):
 
 def test_greedy_decode_matches_the_reference(pair):
     """32 greedy tokens, against the torch reference recomputing the whole spliced sequence each step."""
-    from mgjax.generate import greedy
+    from mgjax.decoding import greedy
     mode, ref, _, model = pair
     ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
     want = ids

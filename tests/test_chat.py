@@ -1,0 +1,59 @@
+"""``mgjax.chat``: multi-turn conversations with images attached mid-way, streamed answers equal to plain greedy
+decoding of the same prompt, and the terminal command."""
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+import mgjax
+from mgjax import decoding, preprocess
+from mgjax.chat import Chat
+from mgjax.generate import conversation_inputs, stop_ids
+
+
+@pytest.fixture(scope="module")
+def chat_parts(internvl_dir):
+    _, path = internvl_dir
+    model = mgjax.from_pretrained(path, dtype=jnp.float32)
+    return model, transformers.AutoTokenizer.from_pretrained(path), path
+
+
+def _greedy_answer(model, tok, turns, images, n):
+    ids, image_args = conversation_inputs(model, tok, "Hermes-2", turns, images)
+    ids = jnp.asarray(ids, jnp.int32)
+    stops = stop_ids(tok, "Hermes-2")
+    out = np.asarray(decoding.greedy(model.language_model, ids, n, inputs_embeds=model.embed(ids, **image_args),
+                                     stop_ids=stops))[0, ids.shape[1]:]
+    return tok.decode(decoding.cut(out.tolist(), stops), skip_special_tokens=True)
+
+
+def test_turns_stream_the_greedy_answer_and_keep_the_history(chat_parts):
+    model, tok, path = chat_parts
+    chat = Chat(model, tok, "Hermes-2", max_new_tokens=6)
+    first = "".join(chat.say("what is this ?"))
+    assert first == _greedy_answer(model, tok, [{"from": "human", "value": "what is this ?"}], [], 6)
+    chat.attach(str(path / "cat.png"))  # an image mid-conversation
+    second = "".join(chat.say("what is this ?"))
+    image = preprocess.load_image(path / "cat.png")
+    turns = [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": first},
+             {"from": "human", "value": "<image>\nwhat is this ?"}]
+    assert second == _greedy_answer(model, tok, turns, [image], 6)
+    chat.attach(str(path / "cat.png"))  # InternVL: a second image in the same conversation
+    "".join(chat.say("and this ?"))
+    assert len(chat.turns) == 6 and len(chat.images) == 2
+    chat.reset()
+    assert chat.turns == [] and chat.images == []
+
+
+def test_command_line_session(chat_parts, tmp_path):
+    _, _, path = chat_parts
+    session = (f"what is this ?\n/image {path / 'cat.png'}\nwhat ?\n/reset\n/image {tmp_path / 'missing.png'}\n"
+               "hi\n/quit\n")
+    run = subprocess.run([sys.executable, "-m", "mgjax.chat", "--model", str(path), "--max-new-tokens", "4"],
+                         input=session, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("model> ") == 3 and "(new conversation)" in run.stdout
+    assert "missing.png" in run.stderr  # a bad image is reported and the chat goes on
