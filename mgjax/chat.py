@@ -2,7 +2,9 @@
 streamed as they decode.
 
 Commands at the prompt: ``/image PATH`` attaches an image to your next message (InternVL takes any number in a
-conversation, MGM one), ``/reset`` starts a new conversation, ``/quit`` (or end of input) leaves.
+conversation, MGM one), ``/reset`` starts a new conversation, ``/quit`` (or end of input) leaves. ``--gen`` asks
+an MGM model for an image with every message (MGM's `` <GEN>``); with ``--sd-model DIR`` (a local diffusers
+pipeline) the prompt it writes inside ``<h>…</h>`` is drawn and saved under ``--image-dir``.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Iterator
 
 import jax.numpy as jnp
 
-from mgjax import decoding, preprocess, templates
+from mgjax import decoding, imagegen, preprocess, templates
 from mgjax.generate import conversation_inputs, default_template, stop_ids
 
 
@@ -28,6 +30,10 @@ class Chat:
     turns: list[dict] = field(default_factory=list)
     images: list = field(default_factory=list)
     pending: list = field(default_factory=list)  # images attached to the next message
+    gen: bool = False  # ask for an image with every message (MGM)
+    draw: imagegen.TextToImage | None = None
+    image_dir: str = "runs/chat_images"
+    last_image: Any = None  # the path of the image drawn for the last answer, if any
 
     def attach(self, path: str) -> None:
         self.pending.append(preprocess.load_image(path))
@@ -38,6 +44,7 @@ class Chat:
     def say(self, text: str) -> Iterator[str]:
         """The answer's new text, piece by piece. The turn is kept only once the answer is complete."""
         text = templates.IMAGE + "\n" + text if self.pending and templates.IMAGE not in text else text
+        text = imagegen.ask_for_image(text) if self.gen else text
         turns, images = [*self.turns, {"from": "human", "value": text}], [*self.images, *self.pending]
         ids, image_args = conversation_inputs(self.model, self.tokenizer, self.template, turns, images)
         ids = jnp.asarray(ids, jnp.int32)
@@ -56,6 +63,8 @@ class Chat:
                 break
         self.turns = [*turns, {"from": "gpt", "value": shown}]
         self.images, self.pending = images, []
+        self.last_image = (imagegen.imagine(shown, self.draw, self.image_dir, f"{len(self.turns) // 2:03d}")
+                           if self.draw is not None else None)
 
 
 def _lines() -> Iterator[str]:
@@ -80,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--gen", action="store_true", help="ask for an image with every message (MGM's <GEN>)")
+    ap.add_argument("--sd-model", help="a local diffusers pipeline directory that draws the <h>...</h> prompts")
+    ap.add_argument("--sd-steps", type=int, default=50)
+    ap.add_argument("--image-dir", default="runs/chat_images")
     args = ap.parse_args(argv)
 
     import transformers  # noqa: PLC0415  (slow imports only the command line needs)
@@ -89,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
         chat = Chat(model, tokenizer, args.template or default_template(model, tokenizer), args.max_new_tokens,
-                    decoding.Sampling(temperature=args.temperature, top_p=args.top_p))
+                    decoding.Sampling(temperature=args.temperature, top_p=args.top_p), gen=args.gen,
+                    draw=imagegen.DiffusersBackend(args.sd_model, steps=args.sd_steps) if args.sd_model else None,
+                    image_dir=args.image_dir)
         if args.image:
             chat.attach(args.image)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in _lines():
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("model> ", end="", flush=True)
                 for piece in chat.say(line):
                     print(piece, end="", flush=True)
-                print()
+                print(f"\n(image: {chat.last_image})" if chat.last_image else "")
         except (ValueError, OSError) as e:  # a bad image or an image too many: say so, keep the conversation
             print(f"error: {e}", file=sys.stderr)
     return 0

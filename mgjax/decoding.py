@@ -63,13 +63,10 @@ def choose(logits: jax.Array, s: Sampling, key: jax.Array) -> jax.Array:
     return jax.random.categorical(key, warp(logits, s), axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [B, L] padded on the left with ``pad_id`` and their mask (1 = real), L = ``length`` or the
-    longest prompt."""
-    longest = max(len(p) for p in prompts)
-    length = length or longest
-    if length < longest:
-        raise ValueError(f"a prompt of {longest} tokens does not fit a bucket of {length}")
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids [B, L] padded on the left with ``pad_id`` and their mask (1 = real). L is the longest prompt
+    rounded up to a multiple of ``bucket``, so that batches of similar lengths share one compiled shape."""
+    length = -(-max(len(p) for p in prompts) // bucket) * bucket
     ids = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for i, p in enumerate(prompts):

@@ -37,7 +37,8 @@ def _prompts(seed=0):
 def test_left_padded_batch_decodes_each_row_as_alone(pair):
     _, model = pair
     prompts = _prompts()
-    ids, mask = decoding.left_pad(prompts, pad_id=0)
+    ids, mask = decoding.left_pad(prompts, pad_id=0, bucket=16)
+    assert ids.shape == (3, 16) and mask.sum(1).tolist() == [5, 9, 2]
     together = np.asarray(decoding.generate(model, jnp.asarray(ids), 10, attention_mask=jnp.asarray(mask)))
     for i, p in enumerate(prompts):
         alone = np.asarray(decoding.greedy(model, jnp.asarray([p]), 10))[0, len(p):]
