@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgjax import decoding, preprocess, samples, scoring, templates
-from mgjax.generate import conversation_inputs, default_template, stop_ids
+from mgjax.generate import batch_embeds, conversation_inputs, default_template, stop_ids
 
 # Answer budgets of the papers' scripts: MGM's 128 for short answers and 1024 for reasoning (MathVista; MMBench's
 # 1024 is cut to 64: a letter is asked for), InternVL's 100 for documents and charts.
@@ -52,16 +52,6 @@ def _inputs(model, tokenizer, template: str | None, record: dict, data: Path):
     return ids[0], args
 
 
-def _batch_args(rows: list[dict]) -> dict:
-    """The image arguments of a batch: MGM's stacked per row, InternVL's tiles concatenated in row order."""
-    if not rows[0]:
-        return {}
-    if "pixel_values" in rows[0]:
-        return {"pixel_values": jnp.concatenate([r["pixel_values"] for r in rows]),
-                "image_token_id": rows[0]["image_token_id"]}
-    return {k: jnp.concatenate([r[k] for r in rows]) for k in ("images", "images_aux")}
-
-
 def answer(model, tokenizer, template: str | None, records: list[dict], data: Path, *, max_new_tokens: int,
            sampling: decoding.Sampling, batch: int) -> list[str]:
     """The model's answers to ``records``, decoded ``batch`` at a time (left-padded; questions with and without an
@@ -77,8 +67,7 @@ def answer(model, tokenizer, template: str | None, records: list[dict], data: Pa
             ids, mask = decoding.left_pad([prepared[i][0] for i in chunk], tokenizer.pad_token_id or 0,
                                           bucket=BUCKET)
             ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-            args = _batch_args([prepared[i][1] for i in chunk])
-            embeds = model.embed(ids, **args) if args else None
+            embeds = batch_embeds(model, ids, [prepared[i][1] for i in chunk])
             if sampling.num_beams > 1:
                 new = decoding.beam_search(lm, ids, max_new_tokens, sampling=sampling, attention_mask=mask,
                                            inputs_embeds=embeds, stop_ids=stops)

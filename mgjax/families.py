@@ -162,7 +162,7 @@ class InternVL:
         d = c.data
         return samples.InternVLSamples(model.config, tok, self._template(c, model), image_folder,
                                        max_length=d.max_length, max_dynamic_patch=d.max_dynamic_patch,
-                                       tile_slots=d.tile_slots or d.max_dynamic_patch + 1,
+                                       tile_slots=_sample_tiles(d),
                                        pad_id=tok.pad_token_id or 0)
 
     def data(self, c, model, tok, out: Path) -> Data:
@@ -184,7 +184,7 @@ class InternVL:
                     self._make(c, model, tok, eval_images), lengths, _packing(c, tok))
 
     def step_flops(self, c, model, wrt) -> Callable[[int], dict]:
-        tiles = _packing(c, None)["tiles"] if c.data.pack_length else c.data.tile_slots or c.data.max_dynamic_patch + 1
+        tiles = _row_tiles(c.data)
         return lambda seq_len: flops.internvl_step_flops(model, wrt, batch=c.train.global_batch, seq_len=seq_len,
                                                          tiles=tiles)
 
@@ -220,9 +220,21 @@ class InternVL:
             print(f"merged {lora.merge(model)} LoRA adapters into the exported weights")
 
 
+def _sample_tiles(d) -> int:
+    """Tile slots of one sample."""
+    return d.tile_slots or d.max_dynamic_patch + 1
+
+
+def _row_tiles(d) -> int:
+    """Tile slots of one batch row: a sample's, or a packed row's (``data.pack_tiles``, by default a sample's for
+    every ``max_length`` of the row)."""
+    if not d.pack_length:
+        return _sample_tiles(d)
+    return d.pack_tiles or _sample_tiles(d) * -(-d.pack_length // d.max_length)
+
+
 def _packing(c, tok) -> dict | None:
-    """``loader.Batches``' packing keywords: rows of ``data.pack_length`` tokens and ``data.pack_tiles`` tiles
-    (default: a full sample's tiles for every ``max_length`` of the row)."""
+    """``loader.Batches``' packing keywords: rows of ``data.pack_length`` tokens and ``_row_tiles`` tiles."""
     d = c.data
     if not d.pack_length:
         return None
@@ -232,11 +244,10 @@ def _packing(c, tok) -> dict | None:
     if not c.train.steps:
         raise cfg.ConfigError("data.pack_length: set train.steps (how many samples a packed row holds is only "
                               "known as the data is read, so epochs do not give a step count)")
-    sample_tiles = d.tile_slots or d.max_dynamic_patch + 1
-    tiles = d.pack_tiles or sample_tiles * -(-d.pack_length // d.max_length)
-    if tiles < sample_tiles:
-        raise cfg.ConfigError(f"data.pack_tiles {tiles} must hold a whole sample's {sample_tiles} tiles")
-    return {"length": d.pack_length, "tiles": tiles, "pad_id": (tok.pad_token_id or 0) if tok is not None else 0}
+    tiles = _row_tiles(d)
+    if tiles < _sample_tiles(d):
+        raise cfg.ConfigError(f"data.pack_tiles {tiles} must hold a whole sample's {_sample_tiles(d)} tiles")
+    return {"length": d.pack_length, "tiles": tiles, "pad_id": tok.pad_token_id or 0}
 
 
 def _meta_records(d) -> list[dict]:

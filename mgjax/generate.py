@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -67,6 +68,19 @@ def conversation_inputs(model, tokenizer, template: str | None, conversation: li
     ids = templates.encode([templates.Segment(text, False)], tokenizer)[0]
     token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     return ids[None], {"pixel_values": jnp.asarray(np.concatenate(pixels)), "image_token_id": token}
+
+
+def batch_embeds(model, ids: jax.Array, image_args: list[dict]) -> jax.Array | None:
+    """The input embeddings of a left-padded batch ``ids`` [B, T] whose rows had ``conversation_inputs``' image
+    arguments ``image_args`` (one dict per row, empty for a text-only row); None when no row has an image.
+    InternVL rows may mix (their tiles are concatenated in row order); MGM's ``embed`` wants all rows or none."""
+    rows = [a for a in image_args if a]
+    if not rows:
+        return None
+    if "pixel_values" in rows[0]:
+        return model.embed(ids, jnp.concatenate([a["pixel_values"] for a in rows]),
+                           image_token_id=rows[0]["image_token_id"])
+    return model.embed(ids, **{k: jnp.concatenate([a[k] for a in rows]) for k in ("images", "images_aux")})
 
 
 def _inputs(model, tokenizer, template, prompt: str, image) -> tuple[np.ndarray, dict]:

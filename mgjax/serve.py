@@ -17,6 +17,7 @@ import binascii
 import io
 import json
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -29,7 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mgjax import decoding, templates
-from mgjax.generate import conversation_inputs, default_template, stop_ids
+from mgjax.generate import batch_embeds, conversation_inputs, default_template, stop_ids
 
 
 BUCKET = 64  # prompts padded to a multiple of this: a handful of compiled shapes serve every request
@@ -157,13 +158,7 @@ class Batcher:
         ids, mask = decoding.left_pad([j.ids for j in batch], self.tokenizer.pad_token_id or 0,
                                      bucket=BUCKET)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-        args = [j.image_args for j in batch if j.image_args]
-        embeds = None
-        if args and "pixel_values" in args[0]:
-            embeds = self.model.embed(ids, jnp.concatenate([a["pixel_values"] for a in args]),
-                                      image_token_id=args[0]["image_token_id"])
-        elif args:
-            embeds = self.model.embed(ids, **{k: jnp.concatenate([a[k] for a in args]) for k in args[0]})
+        embeds = batch_embeds(self.model, ids, [j.image_args for j in batch])
         lm = getattr(self.model, "language_model", self.model)
         return decoding.stream(lm, ids, max(j.max_tokens for j in batch), attention_mask=mask,
                                inputs_embeds=embeds, sampling=batch[0].sampling, stop_ids=self.stop_ids)
@@ -339,8 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     import transformers  # noqa: PLC0415
 
     import mgjax  # noqa: PLC0415
-    model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    try:
+        model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (ValueError, OSError) as e:  # no config, a bad checkpoint, no tokenizer files: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     service = Service(model, tokenizer, args.name or Path(args.model).resolve().name, template=args.template,
                       max_batch=args.max_batch, wait=args.batch_wait, max_prompt_tokens=args.max_prompt_tokens,
                       max_tokens=args.max_tokens)

@@ -310,8 +310,8 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     peak = c.train.peak_tflops * 1e12 or flops.peak_flops()
     print(f"{optim.count_params(model):,} parameters, {optim.count_params(model, opt.wrt):,} trainable "
           f"({c.train.stage}); {steps} steps of {c.train.global_batch}; compute {c.model.compute_dtype}")
-    put = lambda local: mesh_lib.global_batch(mesh, {k: v for k, v in local.items()  # noqa: E731
-                                                     if k in family.inputs(c)})
+    inputs = family.inputs(c)
+    put = lambda local: mesh_lib.global_batch(mesh, {k: v for k, v in local.items() if k in inputs})  # noqa: E731
     try:
         first = next(batches)
     except samples.TooManyBadSamples as e:

@@ -113,3 +113,8 @@ def test_command_line_server(internvl_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_command_line_refuses_a_directory_without_a_model(tmp_path, capsys):
+    assert serve.main(["--model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
