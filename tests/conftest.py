@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build their models; nothing may come from a hub
+# PyTorch references run on its scalar CPU kernels: the AVX2 and AVX-512 ones round pow differently from each
+# other (see mgjax/rope.py), so a reference would otherwise depend on the CPU CI lands on. Set before torch loads.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

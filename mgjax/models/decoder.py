@@ -168,14 +168,15 @@ class Phi3Config(DecoderConfig):
 @dataclass(frozen=True, kw_only=True)
 class InternLM2Config(DecoderConfig):
     """InternLM2 (Mini-InternVL-2B's LLM; remote code on the Hub): Llama math, its own names, ``bias`` for all
-    four attention projections, dynamic NTK rotary scaling past ``max_position_embeddings``."""
+    four attention projections, dynamic NTK rotary scaling past ``max_position_embeddings`` with the rescaled
+    base computed in Python floats as its remote code does (``Rope.dynamic_base``)."""
     model_type: ClassVar[str] = "internlm2"
     architecture: ClassVar[str] = "InternLM2ForCausalLM"
     rms_norm_eps: float = 1e-5
 
     @classmethod
     def family_fields(cls, d):
-        return {"attention_bias": d.get("bias", False)}
+        return {"attention_bias": d.get("bias", False), "rope": rope.Rope.from_hf(d, dynamic_base="float64")}
 
     def to_hf(self):
         d = super().to_hf()
