@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import jax.numpy as jnp
 
 from mgjax import decoding, imagegen, preprocess, templates
-from mgjax.generate import conversation_inputs, default_template, stop_ids
+from mgjax.generate import add_model_arguments, conversation_inputs, default_template, load_model, stop_ids
 
 
 @dataclass
@@ -33,10 +33,11 @@ class Chat:
     gen: bool = False  # ask for an image with every message (MGM)
     draw: imagegen.TextToImage | None = None
     image_dir: str = "runs/chat_images"
+    exif_transpose: bool = False
     last_image: Any = None  # the path of the image drawn for the last answer, if any
 
     def attach(self, path: str) -> None:
-        self.pending.append(preprocess.load_image(path))
+        self.pending.append(preprocess.load_image(path, exif_transpose=self.exif_transpose))
 
     def reset(self) -> None:
         self.turns, self.images, self.pending = [], [], []
@@ -88,23 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_arguments(ap)
     ap.add_argument("--gen", action="store_true", help="ask for an image with every message (MGM's <GEN>)")
     ap.add_argument("--sd-model", help="a local diffusers pipeline directory that draws the <h>...</h> prompts")
     ap.add_argument("--sd-steps", type=int, default=50)
     ap.add_argument("--image-dir", default="runs/chat_images")
     args = ap.parse_args(argv)
-
-    import transformers  # noqa: PLC0415  (slow imports only the command line needs)
-
-    import mgjax  # noqa: PLC0415
     try:
-        model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        model, tokenizer = load_model(args)
         chat = Chat(model, tokenizer, args.template or default_template(model, tokenizer), args.max_new_tokens,
                     decoding.Sampling(temperature=args.temperature, top_p=args.top_p), gen=args.gen,
                     draw=imagegen.DiffusersBackend(args.sd_model, steps=args.sd_steps) if args.sd_model else None,
-                    image_dir=args.image_dir)
+                    image_dir=args.image_dir, exif_transpose=args.exif_transpose)
         if args.image:
             chat.attach(args.image)
     except (ValueError, OSError, ImportError) as e:

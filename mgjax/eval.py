@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mgjax import decoding, preprocess, samples, scoring, templates
-from mgjax.generate import batch_embeds, conversation_inputs, default_template, stop_ids
+from mgjax.generate import add_model_arguments, batch_embeds, conversation_inputs, default_template, load_model, stop_ids
 
 # Answer budgets of the papers' scripts: MGM's 128 for short answers and 1024 for reasoning (MathVista; MMBench's
 # 1024 is cut to 64: a letter is asked for), InternVL's 100 for documents and charts.
@@ -41,10 +41,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _inputs(model, tokenizer, template: str | None, record: dict, data: Path):
+def _inputs(model, tokenizer, template: str | None, record: dict, data: Path, exif_transpose: bool):
     """(prompt ids [T], image arguments) of one question."""
     image = record.get("image")
-    images = [preprocess.load_image(data / image)] if image else []
+    images = [preprocess.load_image(data / image, exif_transpose=exif_transpose)] if image else []
     text = str(record.get("text", ""))
     if image and templates.IMAGE not in text:
         text = templates.IMAGE + "\n" + text
@@ -53,12 +53,12 @@ def _inputs(model, tokenizer, template: str | None, record: dict, data: Path):
 
 
 def answer(model, tokenizer, template: str | None, records: list[dict], data: Path, *, max_new_tokens: int,
-           sampling: decoding.Sampling, batch: int) -> list[str]:
+           sampling: decoding.Sampling, batch: int, exif_transpose: bool = False) -> list[str]:
     """The model's answers to ``records``, decoded ``batch`` at a time (left-padded; questions with and without an
     image in separate batches)."""
     stops = stop_ids(tokenizer, template)
     lm = getattr(model, "language_model", model)
-    prepared = [_inputs(model, tokenizer, template, r, data) for r in records]
+    prepared = [_inputs(model, tokenizer, template, r, data, exif_transpose) for r in records]
     out: list[str] = [""] * len(records)
     for has_image in (True, False):
         order = [i for i, (_, args) in enumerate(prepared) if bool(args) == has_image]
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, help="default: the task's (MAX_NEW_TOKENS)")
     ap.add_argument("--num-beams", type=int, help="default: the task's (MMMU: 5, beam-sampled)")
     ap.add_argument("--temperature", type=float, help="default: the task's (0: greedy)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_arguments(ap)
     args = ap.parse_args(argv)
     data, out = Path(args.data), Path(args.out or f"runs/eval/{args.task}")
     try:
@@ -133,17 +133,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, records: list[dict], data: Path, out: Path) -> dict[Any, str]:
     """Answers to every record, those of an earlier run of ``out`` reused; new ones appended as each batch ends."""
-    import transformers  # noqa: PLC0415  (slow imports only a model run needs)
-
-    import mgjax  # noqa: PLC0415
     out.mkdir(parents=True, exist_ok=True)
     done = _done(out / "answers.jsonl")
     todo = [r for r in records if r["question_id"] not in done]
     print(f"{args.task}: {len(records)} questions, {len(done)} answered before, {len(todo)} to answer")
     if not todo:
         return done
-    model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_model(args)
     template = args.template or default_template(model, tokenizer)
     s = SAMPLING.get(args.task, decoding.Sampling())
     sampling = decoding.Sampling(num_beams=args.num_beams or s.num_beams, seed=s.seed,
@@ -153,7 +149,7 @@ def _run(args, records: list[dict], data: Path, out: Path) -> dict[Any, str]:
         for lo in range(0, len(todo), args.batch):
             chunk = todo[lo:lo + args.batch]
             texts = answer(model, tokenizer, template, chunk, data, max_new_tokens=budget, sampling=sampling,
-                           batch=args.batch)
+                           batch=args.batch, exif_transpose=args.exif_transpose)
             for record, text in zip(chunk, texts):
                 f.write(json.dumps({"question_id": record["question_id"], "answer": text}, ensure_ascii=False)
                         + "\n")

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 import mgjax
-from mgjax import adapt, demo_data, demo_grounding, domain_eval, flops, heldout, lora, meta, mining, optim, samples
+from mgjax import (adapt, demo_data, demo_grounding, domain_eval, flops, heldout, lora, meta, mgm_towers, mining, optim,
+                   samples)
 from mgjax import config as cfg
 from mgjax import mesh as mesh_lib
 from mgjax.generate import stop_ids
@@ -66,6 +67,8 @@ class MGM:
     def overrides(self, m) -> dict:
         if m.mining_backend not in mining.BACKENDS:
             raise cfg.ConfigError(f"model.mining_backend must be one of {mining.BACKENDS}, not {m.mining_backend!r}")
+        if m.towers not in mgm_towers.SOURCES:
+            raise cfg.ConfigError(f"model.towers must be one of {mgm_towers.SOURCES}, not {m.towers!r}")
         out = dict(_dtypes(m), mining_backend=m.mining_backend)
         if m.release:
             from mgjax import releases
@@ -81,7 +84,8 @@ class MGM:
             return mgjax.init(type(demo).from_hf(demo.to_hf(), **over), seed=0, mesh=mesh), demo_data.tokenizer()
         from transformers import AutoTokenizer
         if m.init == "pretrained":
-            return mgjax.from_pretrained(m.path, mesh=mesh, **over), AutoTokenizer.from_pretrained(m.path)
+            return (mgjax.from_pretrained(m.path, mesh=mesh, towers_root=m.towers_root or None, tower_source=m.towers,
+                                          **over), AutoTokenizer.from_pretrained(m.path))
         if m.init != "parts":
             raise cfg.ConfigError(f"model.init must be 'demo', 'pretrained' or 'parts', not {m.init!r}")
         if not (m.release and m.llm and m.vision and (m.vision_aux or not m.mining)):
@@ -108,7 +112,8 @@ class MGM:
             d = dataclasses.replace(d, path=str(train), image_folder=str(train.parent))
         images = d.image_folder or str(Path(d.path).parent)
         make = samples.MGMSamples(model.config, tok, d.template or demo_data.TEMPLATE, images,
-                                  max_length=d.max_length, pad_to_square=d.pad_to_square, pad_id=tok.pad_token_id or 0)
+                                  max_length=d.max_length, pad_to_square=d.pad_to_square, pad_id=tok.pad_token_id or 0,
+                                  exif_transpose=d.exif_transpose)
         records = list(samples.read_records(d.path))
         lengths = ([record_length(r, model.config.tokens_per_image) for r in records] if d.group_by_length
                    else None)
@@ -162,8 +167,8 @@ class InternVL:
         d = c.data
         return samples.InternVLSamples(model.config, tok, self._template(c, model), image_folder,
                                        max_length=d.max_length, max_dynamic_patch=d.max_dynamic_patch,
-                                       tile_slots=_sample_tiles(d),
-                                       pad_id=tok.pad_token_id or 0)
+                                       tile_slots=_sample_tiles(d), pad_id=tok.pad_token_id or 0,
+                                       exif_transpose=d.exif_transpose)
 
     def data(self, c, model, tok, out: Path) -> Data:
         d, held_out = c.data, None

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgjax import preprocess, samples, templates
+from mgjax import mgm_towers, preprocess, samples, templates
 from mgjax.decoding import Sampling, beam_search, cut, generate
 from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 
@@ -20,6 +20,33 @@ from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every command that loads a model shares (generate, chat, serve, eval)."""
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--towers-root", help="MGM: the directory holding the model_zoo/ that the checkpoint's "
+                                          "config.json names its towers in (searched after it: the working "
+                                          "directory, then beside the checkpoint)")
+    ap.add_argument("--towers", default="mgm", choices=mgm_towers.SOURCES,
+                    help="MGM: 'mgm' loads the towers as MGM does (CLIP from its OpenAI directory, ConvNeXt from "
+                         "open_clip's file); 'checkpoint' uses the copies inside the checkpoint")
+    ap.add_argument("--exif-transpose", action="store_true",
+                    help="turn images upright by their EXIF orientation first (MGM and InternVL do not)")
+
+
+def load_model(args: argparse.Namespace):
+    """The model and tokenizer ``add_model_arguments``' options name."""
+    import transformers  # noqa: PLC0415  (slow imports only a model run needs)
+
+    import mgjax  # noqa: PLC0415
+    model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root,
+                                  tower_source=args.towers)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{args.model}: no usable tokenizer files ({e})") from None
+    return model, tokenizer
+
 
 def default_template(model, tokenizer) -> str | None:
     """The conversation template a model was trained with (None: a plain LM, prompts sent as they are)."""
@@ -109,24 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}); default: the "
                                        "model's own; 'none' sends the prompt as is")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_arguments(ap)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--num-beams", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-
-    import transformers  # noqa: PLC0415  (a slow import only the command line needs)
-
-    import mgjax  # noqa: PLC0415
     try:
-        model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{args.model}: no usable tokenizer files ({e})") from None
-        image = preprocess.load_image(args.image) if args.image else None
+        model, tokenizer = load_model(args)
+        image = preprocess.load_image(args.image, exif_transpose=args.exif_transpose) if args.image else None
         template = default_template(model, tokenizer) if args.template is None else (
             None if args.template == "none" else args.template)
         ids, image_args = _inputs(model, tokenizer, template, args.prompt, image)

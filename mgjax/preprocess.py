@@ -8,14 +8,15 @@ tensor* by bilinear resizing without antialiasing (aliasing included, as MGM doe
 InternVL: dynamic tiling (closest aspect-ratio grid of 448 tiles with InternVL's tie-break, tiles row-major,
 a whole-image thumbnail last when there is more than one tile), ImageNet mean/std.
 
-Outputs are float32 NCHW numpy arrays, ready for ``jax.device_put`` or a data loader.
+Outputs are float32 NCHW numpy arrays, ready for ``jax.device_put`` or a data loader. Every entry point takes any
+PIL image and makes it RGB as both codebases do (``rgb``), with one deliberate deviation: 16-bit greyscale.
 """
 from __future__ import annotations
 
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mgjax.resize import bilinear_matrix
 
@@ -29,12 +30,38 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the reason."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as RGB, or raise ``ImageError`` naming the file."""
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb(img: Image.Image, *, exif_transpose: bool = False, where: str = "image") -> Image.Image:
+    """``img`` as the RGB image MGM's and InternVL's loaders make of it (PIL's ``convert('RGB')``: palettes
+    expanded, alpha dropped, greyscale repeated), or ``ImageError`` naming ``where`` and the mode.
+
+    Deliberate deviation: 16-bit greyscale (PIL modes ``I;16*``, and ``I`` as 16-bit files open) is scaled to 8
+    bits (x / 257, rounded), where ``convert('RGB')`` — and so MGM and InternVL — clips every value above 255 and
+    the image comes out nearly all white. ``exif_transpose``: turn the image upright by its EXIF orientation
+    first; neither codebase does, so it is off by default."""
+    if exif_transpose:
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "RGB":
+        return img
+    if img.mode in SIXTEEN_BIT:
+        levels = np.clip(np.asarray(img, np.float64), 0, 65535) / 257
+        return Image.fromarray(np.rint(levels).astype(np.uint8), "L").convert("RGB")
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ImageError(f"{where}: PIL image mode {img.mode!r} has no RGB conversion ({e})") from None
+
+
+def load_image(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.Image:
+    """Open an image as RGB (``rgb``), or raise ``ImageError`` naming the file."""
+    try:
+        with Image.open(path) as img:  # a copy: the opened image dies with its file
+            return rgb(img, exif_transpose=exif_transpose, where=str(path)).copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if isinstance(e, ImageError):
+            raise
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
@@ -84,6 +111,7 @@ def mgm_images(img: Image.Image, *, image_size_aux: int = 768, image_grid: int =
     """``(images, images_aux)`` for one image: images [3, 336, 336] (HD: [views, 3, 336, 336], crops row-major,
     global view last), images_aux [3, S, S]. ``pad``: MGM's ``image_aspect_ratio='pad'`` (stage 2, inference);
     False centre-crops (stage 1's default)."""
+    img = rgb(img)
     if pad:
         img = expand_to_square(img, tuple(int(m * 255) for m in OPENAI_CLIP_MEAN))
     high = clip_pixels(img, image_size_aux)
@@ -121,6 +149,7 @@ def closest_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12
 def dynamic_tiles(img: Image.Image, *, min_num: int = 1, max_num: int = 12, image_size: int = 448,
                   use_thumbnail: bool = True) -> list[Image.Image]:
     """InternVL's ``dynamic_preprocess``: resize to the chosen grid, cut tiles row-major, thumbnail last."""
+    img = rgb(img)
     cols, rows = closest_grid(*img.size, min_num=min_num, max_num=max_num, image_size=image_size)
     resized = img.resize((cols * image_size, rows * image_size), Image.BICUBIC)
     tiles = [resized.crop(((k % cols) * image_size, (k // cols) * image_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -11,9 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax import mesh as mesh_lib
+from mgjax import mgm_towers
 from mgjax.convert import hf
-from mgjax.convert.safetensors_io import CheckpointError
+from mgjax.convert.safetensors_io import CheckpointError, KeyMismatch
 from mgjax.models.base import ModelConfig
+from mgjax.models.mgm import FAMILIES as MGM_TYPES
 
 # HF ``model_type`` -> the mgjax class that implements it.
 ARCHITECTURES: dict[str, str] = {
@@ -87,28 +90,42 @@ def read_config(path: Path) -> dict:
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: ModelConfig | None = None,
                     layout: str = "auto", weights: str | os.PathLike | None = None,
                     towers: dict[str, tuple[str | os.PathLike, str]] | None = None,
+                    towers_root: str | os.PathLike | None = None, tower_source: str = "mgm",
                     mesh: jax.sharding.Mesh | None = None, **overrides) -> nnx.Module:
     """Build an mgjax model from an HF checkpoint directory.
 
     ``dtype`` is used for both parameters and compute (override either with ``param_dtype=`` / ``dtype=`` in a
     ``config``). ``layout`` names a key table (e.g. ``"timm"`` for ConvNeXt); ``"auto"`` takes the one that
     matches the checkpoint best. ``weights`` points at the safetensors file(s) when they live apart from
-    ``config.json``. ``towers`` takes submodules from their own files instead, as ``{attribute: (path, layout)}``
-    (MGM: ``{"vision_tower_aux": ("open_clip_model.safetensors", "open_clip")}``, as MGM itself loads the
-    ConvNeXt). Every key and shape is checked; a mismatch raises an error naming each offending key. With a
-    ``mesh``, each process reads the checkpoint and keeps only its own shards (``mgjax.mesh.placer``).
+    ``config.json``. ``towers`` takes submodules from their own files instead, as ``{attribute: (path, layout)}``.
+    Every key and shape is checked; a mismatch raises an error naming each offending key. With a ``mesh``, each
+    process reads the checkpoint and keeps only its own shards (``mgjax.mesh.placer``).
+
+    An MGM checkpoint that names its towers by directory (MGM's own) loads them as MGM does
+    (``mgjax.mgm_towers``): from the directories found under ``towers_root``, the working directory or beside the
+    checkpoint, printing where each came from; ``tower_source="checkpoint"`` uses the checkpoint's copies.
     """
     path = Path(path)
+    towers = dict(towers or {})
+    d = None
     if config is None:
         d = read_config(path)
+        if d.get("model_type") in MGM_TYPES:
+            plan = mgm_towers.resolve({**d, **{k: overrides[k] for k in ("mining",) if k in overrides}},
+                                      weights or path, root=towers_root, source=tower_source)
+            d, towers = plan.config, {**plan.towers, **towers}
+            if plan.sources:
+                print(plan.line(), file=sys.stderr)
         config = model_class(d.get("model_type")).config_class.from_hf(
             d, **{"dtype": dtype, "param_dtype": dtype, **overrides})
     cls = model_class(config.model_type)
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    towers = towers or {}
     place = mesh_lib.placer(mesh) if mesh is not None else None
-    model = hf.load_into(abstract, weights or path, layouts=cls.layouts(config), layout=layout, skip=tuple(towers),
-                         place=place)
+    try:
+        model = hf.load_into(abstract, weights or path, layouts=cls.layouts(config), layout=layout,
+                             skip=tuple(towers), place=place)
+    except KeyMismatch as e:
+        raise mgm_towers.explain(e, d or {}) if config.model_type == "mgm" else e from None
     for name, (file, tower_layout) in towers.items():
         sub = getattr(model, name)
         setattr(model, name, hf.load_into(sub, file, layouts=type(sub).layouts(sub.config), layout=tower_layout,

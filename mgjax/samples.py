@@ -106,6 +106,7 @@ class MGMSamples:
     max_length: int = 2048
     pad_to_square: bool = True
     pad_id: int = 0
+    exif_transpose: bool = False  # preprocess.rgb's option; MGM does not turn images upright
 
     def _image(self, record, sample: str):
         name = record.get("image")
@@ -114,7 +115,7 @@ class MGMSamples:
         if not isinstance(name, str):
             raise BadSample(sample, "unsupported image field", f"{name!r} (one image path per sample)")
         try:
-            return preprocess.load_image(Path(self.image_folder) / name)
+            return preprocess.load_image(Path(self.image_folder) / name, exif_transpose=self.exif_transpose)
         except preprocess.ImageError as e:
             raise BadSample(sample, "missing or corrupt image", str(e)) from None
 
@@ -172,6 +173,7 @@ class InternVLSamples:
     max_dynamic_patch: int = 12
     tile_slots: int = 13
     pad_id: int = 0
+    exif_transpose: bool = False  # preprocess.rgb's option; InternVL does not turn images upright
 
     def _images(self, record, sample: str) -> list:
         names = record.get("image")
@@ -179,7 +181,8 @@ class InternVLSamples:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise BadSample(sample, "unsupported image field", f"{record.get('image')!r}")
         try:
-            return [preprocess.load_image(Path(self.image_folder) / n) for n in names]
+            return [preprocess.load_image(Path(self.image_folder) / n, exif_transpose=self.exif_transpose)
+                    for n in names]
         except preprocess.ImageError as e:
             raise BadSample(sample, "missing or corrupt image", str(e)) from None
 

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mgjax import decoding, templates
-from mgjax.generate import batch_embeds, conversation_inputs, default_template, stop_ids
+from mgjax import decoding, preprocess, templates
+from mgjax.generate import add_model_arguments, batch_embeds, conversation_inputs, default_template, load_model, stop_ids
 
 
 BUCKET = 64  # prompts padded to a multiple of this: a handful of compiled shapes serve every request
@@ -57,7 +57,7 @@ class Job:
     finished: str | None = None
 
 
-def _image(url: str, where: str) -> Image.Image:
+def _image(url: str, where: str, exif_transpose: bool) -> Image.Image:
     if not url.startswith("data:"):
         raise RequestError(400, f"{where}: only data: URIs are accepted (the server downloads nothing)", param=where)
     head, _, payload = url.partition(",")
@@ -65,12 +65,12 @@ def _image(url: str, where: str) -> Image.Image:
         data = base64.b64decode(payload, validate=True) if head.endswith(";base64") else payload.encode()
         img = Image.open(io.BytesIO(data))
         img.load()
-        return img.convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
+        return preprocess.rgb(img, exif_transpose=exif_transpose, where=where)
+    except (binascii.Error, UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise RequestError(400, f"{where}: the image does not decode ({e})", param=where) from None
 
 
-def conversation(messages: Any) -> tuple[list[dict], list]:
+def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict], list]:
     """OpenAI messages -> (template turns, images in order). Text parts keep their order; each image part becomes
     an ``<image>`` placeholder where it stands."""
     if not isinstance(messages, list) or not messages:
@@ -90,7 +90,7 @@ def conversation(messages: Any) -> tuple[list[dict], list]:
             elif kind == "image_url" and role == "user":
                 url = part.get("image_url", {})
                 images.append(_image(url.get("url", "") if isinstance(url, dict) else str(url),
-                                     f"messages[{i}].content[{j}]"))
+                                     f"messages[{i}].content[{j}]", exif_transpose))
                 text.append(templates.IMAGE + "\n")
             else:
                 raise RequestError(400, f"messages[{i}].content[{j}]: unsupported part", param=f"messages[{i}]")
@@ -183,8 +183,10 @@ class Service:
     """Requests -> jobs: validation, prompts, and the OpenAI response shapes."""
 
     def __init__(self, model, tokenizer, name: str, *, template: str | None = None, max_batch: int = 8,
-                 wait: float = 0.05, max_prompt_tokens: int = 4096, max_tokens: int = 512):
+                 wait: float = 0.05, max_prompt_tokens: int = 4096, max_tokens: int = 512,
+                 exif_transpose: bool = False):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.exif_transpose = exif_transpose
         self.template = template or default_template(model, tokenizer)
         self.max_prompt_tokens, self.default_max_tokens = max_prompt_tokens, max_tokens
         self.batcher = Batcher(model, tokenizer, self.template, max_batch=max_batch, wait=wait)
@@ -195,7 +197,7 @@ class Service:
         if body.get("model") != self.name:
             raise RequestError(404, f"model {body.get('model')!r} does not exist; this server has {self.name!r}",
                                code="model_not_found", param="model")
-        turns, images = conversation(body.get("messages"))
+        turns, images = conversation(body.get("messages"), self.exif_transpose)
         try:
             ids, image_args = conversation_inputs(self.model, self.tokenizer, self.template, turns, images)
             sampling = decoding.Sampling(temperature=float(body.get("temperature") or 0.0),
@@ -326,23 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-wait", type=float, default=0.05, help="seconds a request waits for others")
     ap.add_argument("--max-prompt-tokens", type=int, default=4096)
     ap.add_argument("--max-tokens", type=int, default=512, help="a request's default answer budget")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_arguments(ap)
     args = ap.parse_args(argv)
 
     from pathlib import Path  # noqa: PLC0415
-
-    import transformers  # noqa: PLC0415
-
-    import mgjax  # noqa: PLC0415
     try:
-        model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+        model, tokenizer = load_model(args)
     except (ValueError, OSError) as e:  # no config, a bad checkpoint, no tokenizer files: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     service = Service(model, tokenizer, args.name or Path(args.model).resolve().name, template=args.template,
                       max_batch=args.max_batch, wait=args.batch_wait, max_prompt_tokens=args.max_prompt_tokens,
-                      max_tokens=args.max_tokens)
+                      max_tokens=args.max_tokens, exif_transpose=args.exif_transpose)
     httpd = server(service, args.host, args.port)
     print(f"serving {service.name} on http://{args.host}:{httpd.server_address[1]}/v1", flush=True)
     try:

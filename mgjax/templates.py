@@ -125,8 +125,10 @@ def render(template: Template, conversation: Sequence[dict[str, Any]], *, sample
     return out
 
 
-def expand_internvl_images(text: str, tiles: Sequence[int], tokens_per_tile: int = 256) -> str:
-    """Each ``<image>`` in order becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile x its tiles) + ``</img>``."""
+def expand_internvl_images(text: str, tiles: Sequence[int], tokens_per_tile: int) -> str:
+    """Each ``<image>`` in order becomes ``<img>`` + ``<IMG_CONTEXT>`` x (tokens_per_tile x its tiles) + ``</img>``.
+    ``tokens_per_tile`` is the model's (``InternVLConfig.tokens_per_tile``: 256 at 448 pixels): no default, so a
+    model of another tile size cannot get a wrong count."""
     parts = text.split(IMAGE)
     if len(parts) - 1 != len(tiles):
         raise ValueError(f"{len(parts) - 1} <image> placeholders for {len(tiles)} images")

@@ -51,6 +51,12 @@ class ModelSection:
     llm: str = field(default="", metadata={"help": "parts: HF LLM checkpoint directory (with tokenizer files)"})
     vision: str = field(default="", metadata={"help": "parts: HF CLIP checkpoint directory"})
     vision_aux: str = field(default="", metadata={"help": "parts: ConvNeXt checkpoint (HF, timm or open_clip keys)"})
+    towers_root: str = field(default="", metadata={
+        "help": "pretrained MGM: the directory holding the model_zoo/ its config.json names the towers in "
+                "(searched after it: the working directory, then beside the checkpoint)"})
+    towers: str = field(default="mgm", metadata={
+        "help": "pretrained MGM: 'mgm' loads the towers as MGM does (CLIP from its OpenAI directory, ConvNeXt from "
+                "open_clip's file); 'checkpoint' uses the copies inside the checkpoint"})
     mining: bool = field(default=True, metadata={"help": "false: the LR-only ablation (no HR tower, no mining)"})
     compute_dtype: str = field(default="float32", metadata={
         "help": "float32 | bfloat16: the compute dtype; parameters and optimizer state stay float32"})
@@ -80,6 +86,8 @@ class DataSection:
         "help": "conversation template (mgjax.templates); empty: the model's own (MGM demo: chatml_direct)"})
     max_length: int = 2048
     pad_to_square: bool = field(default=True, metadata={"help": "stage 2 pads to square; stage 1 crops"})
+    exif_transpose: bool = field(default=False, metadata={
+        "help": "turn images upright by their EXIF orientation first (MGM and InternVL do not)"})
     group_by_length: bool = field(default=False, metadata={
         "help": "MGM's group_by_modality_length: global batches of similar length, image and text-only apart"})
     length_buckets: int = field(default=1, metadata={
@@ -377,13 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="a YAML run config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    ap.add_argument("--check", action="store_true",
+                    help="read and check the run config (fields, values, stage, freeze patterns), then exit")
     args = ap.parse_args(argv)
     try:  # config errors, missing model or data files, unreadable JSON, too many bad samples: one line, exit 2
         c = cfg.load(RunConfig, args.config, args.set)
-        try:
-            distributed.initialize(c.distributed)
-        except ValueError as e:
-            raise cfg.ConfigError(str(e)) from None
         family = families.family(c.model.family)
         if c.train.stage not in family.stages:
             raise cfg.ConfigError(f"train.stage must be one of {sorted(family.stages)} for model.family "
@@ -393,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
                 re.compile(pattern)
             except re.error as e:
                 raise cfg.ConfigError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
+        if args.check:
+            print(f"{args.config or 'defaults'}: a valid {c.model.family} run config (stage {c.train.stage})")
+            return 0
+        try:
+            distributed.initialize(c.distributed)
+        except ValueError as e:
+            raise cfg.ConfigError(str(e)) from None
         runs = {"mining" if c.model.family == "mgm" else c.train.stage: c}
         if c.eval.compare_lr_only:
             if c.model.family != "mgm":

@@ -41,3 +41,11 @@ def internvl_dir(tmp_path_factory):
     test_generate._tokenizer().save_pretrained(path)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 70, 3), dtype=np.uint8)).save(path / "cat.png")
     return hf, path
+
+
+@pytest.fixture(scope="session")
+def mgm_zoo(tmp_path_factory):
+    """An MGM checkpoint in MGM's own layout with its towers in a ``model_zoo/`` beside it
+    (``tests/test_mgm_towers.make_zoo``): (root, PyTorch reference)."""
+    from tests import test_mgm_towers
+    return test_mgm_towers.make_zoo(tmp_path_factory.mktemp("mgm_zoo"))

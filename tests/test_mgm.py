@@ -42,16 +42,16 @@ def _perturbed(model):
 class Reference(torch.nn.Module):
     """MGM's forward as its code runs it, on transformers towers and LM."""
 
-    def __init__(self, mode):
+    def __init__(self, mode, convnext=CONVNEXT):
         super().__init__()
         torch.manual_seed(0)
         self.mode = MODES[mode]
         self.clip = _perturbed(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)))
-        self.convnext = _perturbed(transformers.ConvNextModel(transformers.ConvNextConfig(**CONVNEXT)))
+        self.convnext = _perturbed(transformers.ConvNextModel(transformers.ConvNextConfig(**convnext)))
         self.gemma = mode == "gemma"
         self.llm = _perturbed(transformers.GemmaForCausalLM(transformers.GemmaConfig(**GEMMA)) if self.gemma
                               else transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)))
-        c, aux, d = CLIP["hidden_size"], sum(CONVNEXT["hidden_sizes"]), LLAMA["hidden_size"]
+        c, aux, d = CLIP["hidden_size"], sum(convnext["hidden_sizes"]), LLAMA["hidden_size"]
         pre_norm = lambda i, o: torch.nn.Sequential(torch.nn.LayerNorm(i), torch.nn.Linear(i, o))  # noqa: E731
         self.query, self.key, self.val = pre_norm(c, c), pre_norm(aux, c), pre_norm(aux, c)
         self.mm_projector = torch.nn.Sequential(torch.nn.Linear(c, d), torch.nn.GELU(), torch.nn.Linear(d, d))
@@ -121,7 +121,7 @@ class Reference(torch.nn.Module):
         kind, arch = ("mgm_gemma", "MGMGemmaForCausalLM") if self.gemma else ("mgm", "MGMLlamaForCausalLM")
         config = {**self.llm.config.to_dict(), "model_type": kind, "architectures": [arch],
                   "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
-                  "mm_hidden_size_aux": 80, **self.mode, "vision_config": self.clip.config.to_dict(),
+                  "mm_hidden_size_aux": sum(self.convnext.config.hidden_sizes), **self.mode, "vision_config": self.clip.config.to_dict(),
                   "vision_aux_config": {**self.convnext.config.to_dict(), "final_norm": False}}
         (path / "config.json").write_text(json.dumps(config))
         return out
@@ -254,7 +254,7 @@ def test_release_config_names_its_towers():
     assert c.vision_aux.drop_path_rate == 0.1 and not c.vision_aux.final_norm  # MGM never turned it off
     assert c.tokens_per_image == 2880 and c.llm.model_type == "llama"
     assert MGMConfig.from_hf({**release, "drop_path": False}).vision_aux.drop_path_rate == 0.0
-    with pytest.raises(ValueError, match="unknown ConvNeXt tower"):
+    with pytest.raises(ValueError, match="is not a ConvNeXt MGM knows by name"):
         MGMConfig.from_hf({**release, "mm_vision_tower_aux": "some/other/tower"})
 
 

@@ -82,3 +82,56 @@ def test_unreadable_image_names_the_file(tmp_path):
         P.load_image(bad)
     with pytest.raises(P.ImageError, match="missing.png"):
         P.load_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "1", "CMYK"])
+def test_any_pil_mode_is_converted_as_the_loaders_do(mode):
+    """A PIL image of any common mode gives what its ``convert('RGB')`` gives (both codebases load that way)."""
+    img = _image(37, 29, seed=3).convert(mode)
+    rgb = img.convert("RGB")
+    for got, want in ((P.mgm_images(img, image_size_aux=32, image_size=16), P.mgm_images(rgb, image_size_aux=32,
+                                                                                      image_size=16)),
+                      ((P.internvl_pixels(img, image_size=28),), (P.internvl_pixels(rgb, image_size=28),))):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """Deliberate deviation: PIL's convert('RGB') (MGM's and InternVL's) clips 16-bit levels above 255 to white."""
+    levels = np.random.default_rng(4).integers(0, 256, (24, 40), dtype=np.uint16)
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")  # 16-bit PNG: opens as mode I;16
+    with Image.open(tmp_path / "deep.png") as raw:
+        assert raw.mode == "I;16"
+        assert np.asarray(raw.convert("RGB")).mean() > 250  # what the original loaders see: nearly all white
+    got = np.asarray(P.load_image(tmp_path / "deep.png"))
+    np.testing.assert_array_equal(got, np.repeat(levels[..., None], 3, axis=2))
+    wide = Image.fromarray((levels * 257).astype(np.int32), "I")  # 16-bit files as older Pillow opens them
+    np.testing.assert_array_equal(np.asarray(P.rgb(wide)), got)
+
+
+def test_exif_orientation_is_kept_unless_asked(tmp_path):
+    img = _image(40, 20, seed=5)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    assert P.load_image(tmp_path / "phone.jpg").size == (40, 20)  # MGM and InternVL ignore the tag
+    assert P.load_image(tmp_path / "phone.jpg", exif_transpose=True).size == (20, 40)
+
+
+def test_an_unconvertible_mode_is_named():
+    with pytest.raises(P.ImageError, match="scan.png: PIL image mode 'La' has no RGB conversion"):
+        P.rgb(Image.new("La", (4, 4)), where="scan.png")
+
+
+def test_the_server_turns_images_upright_on_request(tmp_path):
+    import base64
+    import io
+
+    from mgjax import serve
+    exif = Image.Exif()
+    exif[0x0112] = 8  # "rotate 90 counter-clockwise to view"
+    buf = io.BytesIO()
+    _image(40, 20, seed=6).save(buf, "JPEG", exif=exif)
+    uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert serve._image(uri, "messages[0].content[1]", False).size == (40, 20)
+    assert serve._image(uri, "messages[0].content[1]", True).size == (20, 40)

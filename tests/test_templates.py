@@ -101,7 +101,7 @@ def test_internlm2_strips_and_internvl_expands_images(tokenizer):
     context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     assert (ids == context).sum() == 12 and (labels == T.IGNORE_INDEX).all()
     with pytest.raises(ValueError, match="1 <image> placeholders for 2 images"):
-        T.expand_internvl_images(text, [1, 2])
+        T.expand_internvl_images(text, [1, 2], tokens_per_tile=4)
 
 
 def test_a_straddling_token_is_an_error_naming_the_sample(tokenizer):

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.experimental.multihost_utils import process_allgather
 
 from mgjax.convert.keymap import HF, KeyLayout, Target, hf_keys, path_name, row_blocks, stack_depth
-from mgjax.convert.safetensors_io import CheckpointError, SafetensorsReader, TensorSpec, write
+from mgjax.convert.safetensors_io import KeyMismatch, SafetensorsReader, TensorSpec, write
 
 
 def _params(state) -> list[tuple[tuple, nnx.Variable]]:
@@ -78,7 +78,7 @@ def _plan(params, reader: SafetensorsReader, layout: KeyLayout, skip: frozenset[
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", misshaped)):
             if items:
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError("\n".join(lines))
+        raise KeyMismatch("\n".join(lines), missing, unexpected, misshaped)
     return {key: pieces for key, (_, pieces) in tensors.items() if not all(p.param in skip for p in pieces)}
 
 
@@ -109,10 +109,13 @@ def pick_layout(abstract_model: nnx.Module, path: str | os.PathLike, layouts: di
         return _best_layout(_params(nnx.state(abstract_model)), reader, layouts)
 
 
-def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layouts: dict[str, KeyLayout] | None = None,
+Source = str | os.PathLike | SafetensorsReader
+
+
+def load_into(abstract_model: nnx.Module, path: Source, *, layouts: dict[str, KeyLayout] | None = None,
               layout: str = "auto", dtype=None, skip: tuple[str, ...] = (),
               place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None) -> nnx.Module:
-    """Fill ``abstract_model`` (from ``nnx.eval_shape``) with the checkpoint at ``path``.
+    """Fill ``abstract_model`` (from ``nnx.eval_shape``) with the checkpoint at ``path`` (or an open reader).
 
     ``layouts`` are the key tables the model knows (default: HF's alone) and ``layout`` names one, or ``"auto"``
     for the one matching the checkpoint best. ``dtype`` overrides the parameter dtype (default: the abstract
@@ -126,7 +129,7 @@ def load_into(abstract_model: nnx.Module, path: str | os.PathLike, *, layouts: d
     graphdef, state = nnx.split(abstract_model)
     params = _params(state)
     skipped = frozenset(i for i, (p, _) in enumerate(params) if str(p[0]) in skip)
-    with SafetensorsReader(path) as reader:
+    with path if isinstance(path, SafetensorsReader) else SafetensorsReader(path) as reader:
         if layout == "auto":
             layout = _best_layout(params, reader, layouts)
         by_param: list[list[tuple[str, Piece]]] = [[] for _ in params]

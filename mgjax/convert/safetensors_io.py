@@ -32,6 +32,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message names the file and the keys."""
 
 
+class KeyMismatch(CheckpointError):
+    """The checkpoint's tensors are not the model's: the keys each way, for callers that can say more."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str], misshaped: list[str]):
+        super().__init__(message)
+        self.missing, self.unexpected, self.misshaped = missing, unexpected, misshaped
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
@@ -79,11 +87,13 @@ class SafetensorsReader:
     """Lazy access to a checkpoint: one ``.safetensors`` file, or a directory holding either
     ``model.safetensors`` or a sharded set described by ``model.safetensors.index.json``."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, tensors: dict[str, TensorInfo] | None = None):
+        """``tensors``: a view assembled from other readers' tensors (each still read from its own file);
+        ``path`` then only names the view in messages."""
         path = Path(path)
         self.path = path
-        self.tensors: dict[str, TensorInfo] = {}
-        for file in self._files(path):
+        self.tensors: dict[str, TensorInfo] = dict(tensors or {})
+        for file in self._files(path) if tensors is None else ():
             for name, info in _scan_file(file).items():
                 if name in self.tensors:
                     raise CheckpointError(f"{path}: tensor {name!r} appears in both {self.tensors[name].file.name} "

@@ -20,16 +20,15 @@ from mgjax.convert.keymap import HF, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
 
 FIELDS = ("num_channels", "patch_size", "hidden_sizes", "depths", "hidden_act", "layer_norm_eps",
-          "layer_scale_init_value", "drop_path_rate", "final_norm")
-
-# HF hard-codes this eps for the stem, downsampling and block norms; ``layer_norm_eps`` is the final norm's only.
-BLOCK_EPS = 1e-6
+          "layer_scale_init_value", "drop_path_rate", "final_norm", "block_norm_eps")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ConvNextConfig(ModelConfig):
     """``final_norm``: whether the LayerNorm applied to the pooled output exists (HF: yes; the timm trunk MGM
-    keeps: no). It is not an HF field; ``to_hf`` writes it anyway so an exported trunk reloads as one."""
+    keeps: no). ``block_norm_eps``: the eps of the stem, downsampling and block norms (HF hard-codes 1e-6, timm's
+    ``convnext_xxlarge`` uses 1e-5); ``layer_norm_eps`` is the final norm's only. Neither is an HF field; ``to_hf``
+    writes them anyway so an exported trunk reloads as one."""
     model_type: ClassVar[str] = "convnext"
     num_channels: int = 3
     patch_size: int = 4
@@ -40,6 +39,7 @@ class ConvNextConfig(ModelConfig):
     layer_scale_init_value: float = 1e-6
     drop_path_rate: float = 0.0
     final_norm: bool = True
+    block_norm_eps: float = 1e-6
 
     def __post_init__(self):
         # Lists from config.json would make the frozen config unhashable.
@@ -69,8 +69,8 @@ class ConvNextConfig(ModelConfig):
         return out
 
 
-def _norm(dim: int, c: ConvNextConfig, rngs: nnx.Rngs, eps: float = BLOCK_EPS) -> layers.LayerNorm:
-    return layers.LayerNorm(dim, eps=eps, param_dtype=c.param_dtype, rngs=rngs)
+def _norm(dim: int, c: ConvNextConfig, rngs: nnx.Rngs, eps: float | None = None) -> layers.LayerNorm:
+    return layers.LayerNorm(dim, eps=c.block_norm_eps if eps is None else eps, param_dtype=c.param_dtype, rngs=rngs)
 
 
 class ConvNextEmbeddings(nnx.Module):

@@ -34,11 +34,31 @@ FAMILIES = {"mgm": "llama", "mini_gemini": "llama", "mgm_gemma": "gemma", "mgm_m
 # The towers MGM names by local path in config.json (mm_vision_tower / mm_vision_tower_aux), as configs.
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-CONVNEXT_TRUNKS = {  # open_clip name fragments -> trunk (MGM drops the head, so no final norm)
-    ("large", "d-320"): dict(hidden_sizes=(192, 384, 768, 1536), depths=(3, 3, 27, 3)),
-    ("base", "w-320"): dict(hidden_sizes=(128, 256, 512, 1024), depths=(3, 3, 27, 3)),
+# The timm ConvNeXt trunks open_clip builds MGM's HR tower from (MGM drops the head, so no final norm); tiny and
+# small are open_clip trunks too (no MGM release uses them).
+TIMM_TRUNKS = {
+    "convnext_tiny": dict(hidden_sizes=(96, 192, 384, 768), depths=(3, 3, 9, 3), block_norm_eps=1e-6),
+    "convnext_small": dict(hidden_sizes=(96, 192, 384, 768), depths=(3, 3, 27, 3), block_norm_eps=1e-6),
+    "convnext_base": dict(hidden_sizes=(128, 256, 512, 1024), depths=(3, 3, 27, 3), block_norm_eps=1e-6),
+    "convnext_large": dict(hidden_sizes=(192, 384, 768, 1536), depths=(3, 3, 27, 3), block_norm_eps=1e-6),
+    "convnext_xxlarge": dict(hidden_sizes=(384, 768, 1536, 3072), depths=(3, 4, 30, 3), block_norm_eps=1e-5),
 }
+# MGM's routing of an HR tower path (spec 1.3): name fragments -> trunk, checked in MGM's order.
+CONVNEXT_NAMES = ((("large", "d-320"), "convnext_large"), (("base", "w-320"), "convnext_base"),
+                  (("xxlarge",), "convnext_xxlarge"))
 HR_DROP_PATH = 0.1  # open_clip's timm_drop_path, live unless MGM's config says drop_path: false
+
+
+def convnext_trunk(timm_name: str, drop_path_rate: float, **shared) -> ConvNextConfig:
+    return ConvNextConfig(**TIMM_TRUNKS[timm_name], layer_norm_eps=1e-6, drop_path_rate=drop_path_rate,
+                          final_norm=False, **shared)
+
+
+def convnext_by_name(tower: str) -> str | None:
+    """The timm trunk MGM builds for an HR tower path, or None if MGM would not recognise it."""
+    name = tower.replace("_", "-")
+    return next((trunk for parts, trunk in CONVNEXT_NAMES
+                 if "convnext" in name and all(p in name for p in parts)), None)
 
 
 def _vision(d: Mapping[str, Any], shared) -> CLIPVisionConfig:
@@ -46,19 +66,23 @@ def _vision(d: Mapping[str, Any], shared) -> CLIPVisionConfig:
         return CLIPVisionConfig.from_hf(d["vision_config"], **shared)
     tower = d.get("mm_vision_tower", "")
     if "clip-vit-large-patch14-336" not in tower:
-        raise ValueError(f"mgm config: unknown CLIP tower {tower!r}; add a 'vision_config' with its CLIP config")
+        raise ValueError(f"mgm config: mm_vision_tower {tower!r} is not a CLIP MGM's releases use; load the "
+                         "checkpoint with its tower directory in reach (towers_root) so its config.json is read, "
+                         "or add a 'vision_config'")
     return CLIPVisionConfig(**CLIP_L_336, **shared)
 
 
 def _vision_aux(d: Mapping[str, Any], shared) -> ConvNextConfig:
     if "vision_aux_config" in d:
         return ConvNextConfig.from_hf(d["vision_aux_config"], **shared)
-    tower = d.get("mm_vision_tower_aux", "").replace("_", "-")
-    for parts, trunk in CONVNEXT_TRUNKS.items():
-        if "convnext" in tower and all(p in tower for p in parts):
-            rate = HR_DROP_PATH if d.get("drop_path", True) else 0.0
-            return ConvNextConfig(**trunk, layer_norm_eps=1e-6, drop_path_rate=rate, final_norm=False, **shared)
-    raise ValueError(f"mgm config: unknown ConvNeXt tower {tower!r}; add a 'vision_aux_config' with its config")
+    tower = d.get("mm_vision_tower_aux", "")
+    trunk = convnext_by_name(tower)
+    if trunk is None:
+        raise ValueError(f"mgm config: mm_vision_tower_aux {tower!r} is not a ConvNeXt MGM knows by name "
+                         "(convnext + large + d-320, base + w-320, or xxlarge); load the checkpoint with its tower "
+                         "directory in reach (towers_root) so its open_clip_config.json is read, or add a "
+                         "'vision_aux_config'")
+    return convnext_trunk(trunk, HR_DROP_PATH if d.get("drop_path", True) else 0.0, **shared)
 
 
 @dataclass(frozen=True, kw_only=True)
