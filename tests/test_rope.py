@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -208,6 +209,11 @@ def late(request, tmp_path_factory):
     return name, hf, mgjax.from_pretrained(path, dtype=jnp.float32)
 
 
+@jax.jit
+def _forward(model, ids, positions, cache=None):
+    return model(ids, positions=positions, cache=cache)
+
+
 def _fresh(hf):
     """The reference with a freshly built rotary module: transformers' dynamic and LongRoPE modules keep the
     frequencies of the longest sequence they have seen, which a shorter one after it would reuse."""
@@ -226,7 +232,7 @@ def test_logits_at_the_end_of_the_context(late, report):
     ids, positions = _tokens(48), torch.arange(end - 48, end)[None]
     with torch.no_grad():
         ref = _fresh(hf)(ids, position_ids=positions).logits.numpy()
-    logits, _ = model(jnp.asarray(ids.numpy()), positions=jnp.asarray(positions.numpy()))
+    logits, _ = _forward(model, jnp.asarray(ids.numpy()), jnp.asarray(positions.numpy()))
     print(f"[rope] {name}: logits magnitude {np.abs(ref).max():.2f}")
     report(f"{name} logits at positions {end - 48}..{end - 1}", max_abs(logits, ref), 1e-4)
     assert (np.asarray(logits).argmax(-1) == ref.argmax(-1)).all()
@@ -242,8 +248,8 @@ def test_cached_decoding_at_the_end_of_the_context(late, report):
     hf = _fresh(hf)
     with torch.no_grad():
         out = hf(prompt, position_ids=torch.arange(start, start + 64)[None], past_key_values=cache, use_cache=True)
-    ours, kv = model(jnp.asarray(prompt.numpy()), positions=jnp.arange(start, start + 64)[None],
-                     cache=model.init_cache(1, 80))
+    ours, kv = _forward(model, jnp.asarray(prompt.numpy()), jnp.arange(start, start + 64)[None],
+                        model.init_cache(1, 80))
     worst = max_abs(ours, out.logits.numpy())
     ref_tokens, tokens = [], []
     ref_next, next_ = out.logits[:, -1].argmax(-1), int(np.asarray(ours)[0, -1].argmax())
@@ -251,7 +257,7 @@ def test_cached_decoding_at_the_end_of_the_context(late, report):
         pos = start + 64 + step
         with torch.no_grad():
             out = hf(ref_next[:, None], position_ids=torch.tensor([[pos]]), past_key_values=cache, use_cache=True)
-        ours, kv = model(jnp.asarray([[next_]]), positions=jnp.asarray([[pos]]), cache=kv)
+        ours, kv = _forward(model, jnp.asarray([[next_]]), jnp.asarray([[pos]]), kv)
         worst = max(worst, max_abs(ours, out.logits.numpy()))
         ref_tokens.append(int(ref_next)), tokens.append(next_)
         ref_next, next_ = out.logits[:, -1].argmax(-1), int(np.asarray(ours)[0, -1].argmax())
