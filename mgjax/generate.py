@@ -24,12 +24,8 @@ from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares (generate, chat, serve, eval)."""
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--towers-root", help="MGM: the directory holding the model_zoo/ that the checkpoint's "
-                                          "config.json names its towers in (searched after it: the working "
-                                          "directory, then beside the checkpoint)")
-    ap.add_argument("--towers", default="mgm", choices=mgm_towers.SOURCES,
-                    help="MGM: 'mgm' loads the towers as MGM does (CLIP from its OpenAI directory, ConvNeXt from "
-                         "open_clip's file); 'checkpoint' uses the copies inside the checkpoint")
+    ap.add_argument("--towers-root", help=mgm_towers.ROOT_HELP)
+    ap.add_argument("--towers", default="mgm", choices=mgm_towers.SOURCES, help=mgm_towers.SOURCE_HELP)
     ap.add_argument("--exif-transpose", action="store_true",
                     help="turn images upright by their EXIF orientation first (MGM and InternVL do not)")
 

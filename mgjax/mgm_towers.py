@@ -33,6 +33,10 @@ CONFIG_KEYS = {"vision_tower": "vision_config", "vision_tower_aux": "vision_aux_
 SOURCES = ("mgm", "checkpoint")
 PROJECTOR_SHARD_MARKS = ("vlm_uni", "vision_fpn", "vision_stages")  # what makes MGM read a shard
 FIX = "pass towers_root= (--towers-root, model.towers_root) naming the directory that holds model_zoo/"
+ROOT_HELP = ("MGM: the directory holding the model_zoo/ that the checkpoint's config.json names its towers in "
+             "(searched after it: the working directory, then beside the checkpoint)")
+SOURCE_HELP = ("MGM: 'mgm' loads the towers as MGM does (CLIP from its OpenAI directory, ConvNeXt from open_clip's "
+               "file); 'checkpoint' uses the copies inside the checkpoint")
 
 
 class TowerNotFound(CheckpointError):

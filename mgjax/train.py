@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 import mgjax
 from mgjax import config as cfg
-from mgjax import demo_data, distributed, families, flops, loader, optim, samples
+from mgjax import demo_data, distributed, families, flops, loader, mgm_towers, optim, samples
 from mgjax import mesh as mesh_lib
 from mgjax.checkpoint import Checkpoints
 from mgjax.train_step import ShardedStep, make_optimizer, memory
@@ -51,12 +51,8 @@ class ModelSection:
     llm: str = field(default="", metadata={"help": "parts: HF LLM checkpoint directory (with tokenizer files)"})
     vision: str = field(default="", metadata={"help": "parts: HF CLIP checkpoint directory"})
     vision_aux: str = field(default="", metadata={"help": "parts: ConvNeXt checkpoint (HF, timm or open_clip keys)"})
-    towers_root: str = field(default="", metadata={
-        "help": "pretrained MGM: the directory holding the model_zoo/ its config.json names the towers in "
-                "(searched after it: the working directory, then beside the checkpoint)"})
-    towers: str = field(default="mgm", metadata={
-        "help": "pretrained MGM: 'mgm' loads the towers as MGM does (CLIP from its OpenAI directory, ConvNeXt from "
-                "open_clip's file); 'checkpoint' uses the copies inside the checkpoint"})
+    towers_root: str = field(default="", metadata={"help": "pretrained " + mgm_towers.ROOT_HELP})
+    towers: str = field(default="mgm", metadata={"help": "pretrained " + mgm_towers.SOURCE_HELP})
     mining: bool = field(default=True, metadata={"help": "false: the LR-only ablation (no HR tower, no mining)"})
     compute_dtype: str = field(default="float32", metadata={
         "help": "float32 | bfloat16: the compute dtype; parameters and optimizer state stay float32"})
