@@ -60,7 +60,7 @@ def bench_attention(m: int, c: int, dtype, tokens: int, repeats: int, peak, copy
     w, s = m * m, jnp.dtype(dtype).itemsize
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(1, tokens, c)), dtype)
-    k, v = (jnp.asarray(rng.normal(size=(1, tokens, w, c)), dtype) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(1, w, tokens, c)), dtype) for _ in range(2))  # slot-major
     forward, backward = (2 + 2 * w) * c * s * tokens, (5 + 6 * w) * c * s * tokens
     print(f"M={m} (W={w}) C={c} {jnp.dtype(dtype).name} T={tokens:,} ({tokens / TOKENS_PER_IMAGE:.0f} images)")
     for backend in ("xla", "pallas"):

@@ -23,7 +23,12 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v6": 918e12, 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
     """The chip's peak, or None where unknown (CPUs): MFU is then not reported unless a peak is configured."""
-    kind = (device or jax.devices()[0]).device_kind.lower()
+    return kind_peak_flops((device or jax.devices()[0]).device_kind)
+
+
+def kind_peak_flops(device_kind: str) -> float | None:
+    """``peak_flops`` by ``device_kind`` ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...)."""
+    kind = device_kind.lower()
     known = [k for k in PEAK_FLOPS if k.lower() in kind]  # the most specific name: "TPU v5 lite" over "TPU v5"
     return PEAK_FLOPS[max(known, key=len)] if known else None
 

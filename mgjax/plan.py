@@ -60,6 +60,7 @@ from flax import nnx
 
 from mgjax import config as cfg
 from mgjax import demo_data, flops, mesh, optim, releases
+from mgjax import topology as tpu_topology
 from mgjax.layers import REMAT_POLICIES
 from mgjax.pretrained import model_class
 from mgjax.families import DTYPES
@@ -77,17 +78,15 @@ class Topology:
     peak_flops: float | None  # dense bf16 FLOP/s per chip; None: unknown (CPUs)
     chips_per_host: int
     platform: str  # gpu | tpu | cpu: picks the MoE dispatch that 'auto' would
+    tpu_slice: str | None = None  # a TPU slice name: XLA's TPU compiler compiles for it here (deviceless)
 
 
 TOPOLOGIES: dict[str, Topology] = {
     "8xH100": Topology(8, 80 * GiB, flops.PEAK_FLOPS["H100"], 8, "gpu"),
     "4x8xH100": Topology(32, 80 * GiB, flops.PEAK_FLOPS["H100"], 8, "gpu"),
     "8xH200": Topology(8, 141 * GiB, flops.PEAK_FLOPS["H200"], 8, "gpu"),
-    # TPU slice names count TensorCores: two per v4 / v5p chip, one per v5e chip (Cloud TPU docs)
-    "v5p-128": Topology(64, 95 * GiB, flops.PEAK_FLOPS["TPU v5p"], 4, "tpu"),
-    "v5e-256": Topology(256, 16 * GiB, flops.PEAK_FLOPS["TPU v5e"], 8, "tpu"),
-    "v4-128": Topology(64, 32 * GiB, flops.PEAK_FLOPS["TPU v4"], 4, "tpu"),
 }
+TPU_SLICES = "TPU slices GEN-N or KxGEN-N (GEN: v4, v5e, v5p, v6e; e.g. v5p-128, v5e-256, 2xv5p-128)"
 LOCAL = "local"  # this process's devices, whatever they are
 
 
@@ -99,9 +98,17 @@ class PlanError(ValueError):
 def topology(name: str) -> Topology:
     if name == LOCAL:
         return _local()
-    if name not in TOPOLOGIES:
-        raise PlanError(f"unknown topology {name!r}; known: {', '.join([*TOPOLOGIES, LOCAL])}")
-    return TOPOLOGIES[name]
+    if name in TOPOLOGIES:
+        return TOPOLOGIES[name]
+    if not tpu_topology.NAME.match(name):
+        raise PlanError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}, {TPU_SLICES}, {LOCAL}")
+    try:
+        s = tpu_topology.parse(name)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    chips = s.chips * s.slices
+    per_host = s.chips if s.chips <= 8 and not s.generation.megacore else 4  # one v5e / v6e host drives 8
+    return Topology(chips, s.hbm_bytes, flops.kind_peak_flops(s.generation.kind), per_host, "tpu", name)
 
 
 def _local() -> Topology:
@@ -244,10 +251,12 @@ def activations(config, remat: str, trainable, *, batch: int, micro: int, seq_le
             "inputs": _nbytes(_inputs(config, batch, seq_len))}
 
 
-def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, seq_len: int) -> dict[str, int]:
-    """XLA's own memory analysis of the training step, compiled ahead of time for this process's devices from
-    shapes alone (nothing is materialised): what ``mgjax.train`` prints and checks before step 1."""
-    m = mesh.make_mesh(mesh_config)
+def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, seq_len: int,
+             devices=None) -> dict[str, int]:
+    """XLA's own memory analysis of the training step, compiled ahead of time from shapes alone (nothing is
+    materialised) for ``devices`` (deviceless TPU devices, ``mgjax.topology``) or this process's: the program
+    ``mgjax.train`` compiles, prints and checks before step 1."""
+    m = mesh.make_mesh(mesh_config, devices)
     build = _builder(c.model)
 
     def with_optimizer():
@@ -275,16 +284,18 @@ def _local_batch(global_batch: int, micro_batches: int, sizes: dict[str, int]) -
 def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None = None, *, mfu: float = 0.4,
            batch: int | None = None, seq_len: int | None = None, compile: bool = False) -> dict:
     """The plan of run config ``c`` on a topology, as a JSON-able dict (bytes per device, FLOPs per step); with
-    ``compile`` (local devices only) also XLA's memory analysis of the compiled step."""
+    ``compile`` (local devices or a TPU slice) also XLA's memory analysis of the compiled step, which then
+    decides ``fits``. Without it ``fits`` is None wherever a compile is possible: the estimate leaves out
+    transients and is no answer where the compiler can give one."""
     global_batch = c.train.global_batch if batch is None else batch
     seq_len = c.data.max_length if seq_len is None else seq_len
     check(c, global_batch, seq_len)
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], not {mfu}")
     topo = topology(topology_name)
-    if compile and topology_name != LOCAL:
+    if compile and topology_name != LOCAL and topo.tpu_slice is None:
         raise PlanError(f"--compile needs the devices it compiles for: run it on them with --topology {LOCAL} "
-                        f"(here, {topology_name} is planned by arithmetic)")
+                        f"(here, {topology_name} is planned by arithmetic; TPU slices compile anywhere)")
     try:
         sizes = (mesh_config or c.mesh).sizes(topo.chips)
     except ValueError as e:
@@ -299,6 +310,15 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
     memory = {"parameters": placed.per_device_bytes, "gradients": weights * (2 if c.train.micro_batches > 1 else 1),
               "optimizer": 2 * weights, "activations": sum(acts.values())}
     memory["total"] = sum(memory.values())
+    xla = None
+    if compile:
+        try:
+            devices = tpu_topology.devices(topo.tpu_slice) if topo.tpu_slice else None
+        except RuntimeError as e:
+            raise PlanError(str(e)) from None
+        xla = compiled(c, mesh_config or c.mesh, global_batch=global_batch, seq_len=seq_len, devices=devices)
+    compilable = topo.tpu_slice is not None or topology_name == LOCAL
+    fits = xla["peak"] <= topo.hbm_bytes if xla else None if compilable else memory["total"] <= topo.hbm_bytes
     step = flops.mgm_step_flops(model, trainable, batch=global_batch, seq_len=seq_len)
     seconds = step["total"] / (topo.chips * topo.peak_flops * mfu) if topo.peak_flops else None
     return {
@@ -313,17 +333,33 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
                        "total_bytes": placed.total_bytes, "sharded_fraction": placed.sharded_fraction,
                        "largest_replicated": list(placed.replicated[:3])},
         "bytes_per_device": memory, "activation_bytes": acts,
-        "fits": memory["total"] <= topo.hbm_bytes,
+        "fits": fits,
         "step_flops": step, "mfu": mfu, "seconds_per_step": seconds,
         "tokens_per_s": global_batch * seq_len / seconds if seconds else None,
-        "compiled_bytes_per_device": compiled(c, mesh_config or c.mesh, global_batch=global_batch,
-                                              seq_len=seq_len) if compile else None,
+        "compiled_bytes_per_device": xla,
     }
 
 
 # ------------------------------------------------------------------------------------------------------ output
 def _gib(n: float) -> str:
     return f"{n / GiB:.2f}"
+
+
+def _fits_line(r: dict) -> str:
+    hbm, xla = _gib(r["topology"]["hbm_bytes"]), r["compiled_bytes_per_device"]
+    if xla:
+        return f"fits: {'yes' if r['fits'] else 'no'} (compiled step {_gib(xla['peak'])} of {hbm} GiB)"
+    if r["fits"] is None:
+        return (f"fits: unknown until compiled (estimate {_gib(r['bytes_per_device']['total'])} of {hbm} GiB, "
+                "without transients): add --compile")
+    return f"fits: {'yes' if r['fits'] else 'no'} ({_gib(r['bytes_per_device']['total'])} of {hbm} GiB)"
+
+
+def too_big(r: dict) -> str:
+    """Why a compiled plan does not fit, and what to change."""
+    return (f"the compiled step needs {_gib(r['compiled_bytes_per_device']['peak'])} GiB per chip, more than "
+            f"{r['topology']['name']}'s {_gib(r['topology']['hbm_bytes'])} GiB: raise train.micro_batches, set "
+            "model.remat full, shard further (--mesh fsdp=..., a larger slice) or lower the batch")
 
 
 def render(r: dict) -> str:
@@ -342,7 +378,7 @@ def render(r: dict) -> str:
         *(f"  {k:20s}{_gib(m[k]):>8s}" for k in ("parameters", "gradients", "optimizer")),
         f"  {'activations (est.)':20s}{_gib(m['activations']):>8s}  ({acts})",
         f"  {'total':20s}{_gib(m['total']):>8s}",
-        f"fits: {'yes' if r['fits'] else 'no'} ({_gib(m['total'])} of {_gib(t['hbm_bytes'])} GiB)",
+        _fits_line(r),
         f"parameter bytes sharded: {p['sharded_fraction']:.2%}; largest replicated: "
         + (", ".join(p["largest_replicated"]) or "none"),
         f"step FLOPs: {r['step_flops']['total']:.3e} ({step})",
@@ -359,7 +395,7 @@ def render(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mgjax.plan", description=__doc__.split("\n\n")[0],
-                                 epilog="topologies: " + ", ".join([*TOPOLOGIES, LOCAL]))
+                                 epilog="topologies: " + ", ".join([*TOPOLOGIES, TPU_SLICES, LOCAL]))
     ap.add_argument("--config", help="a YAML run config (as mgjax.train reads it)")
     ap.add_argument("--topology", required=True)
     ap.add_argument("--mesh", default="", metavar="AXIS=SIZE,...", help="over the config's mesh (default fsdp=-1)")
@@ -368,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, help="positions per sample (default data.max_length)")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
     ap.add_argument("--compile", action="store_true",
-                    help=f"with --topology {LOCAL}: also compile the step for these devices and print XLA's memory")
+                    help=f"compile the step (for a TPU slice, deviceless, with libtpu; or for --topology {LOCAL}) and "
+                         "judge the fit by XLA's memory analysis; exit 2 when it does not fit")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -379,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(r, indent=2) if args.json else render(r))
+    if r["compiled_bytes_per_device"] and not r["fits"]:
+        print(f"error: {too_big(r)}", file=sys.stderr)
+        return 2
     return 0
 
 

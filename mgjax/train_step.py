@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mgjax import topology
 from mgjax.mesh import shardings
 from mgjax.optim import LOSS_WEIGHTS, OptimConfig, adamw, masked_next_token_loss, packed_next_token_loss, trainable
 
@@ -87,7 +88,8 @@ class ShardedStep:
             leaves, tree = jax.tree.flatten(nnx.state((model, optimizer)))  # one array per variable
             state = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
                                               zip(leaves, jax.tree.leaves(self.state_shardings), strict=True)])
-            with jax.set_mesh(self.mesh):  # kernels (mining's) find the mesh and run per batch shard
+            # kernels (mining's) find the mesh, run per batch shard and fit the chips it is made of
+            with jax.set_mesh(self.mesh), topology.compiling_for(self.mesh.devices.flat[0]):
                 self._compiled[key] = self._jit.lower(state, batch).compile()
         return self._compiled[key]
 

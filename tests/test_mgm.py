@@ -209,12 +209,12 @@ def test_export_is_the_same_mgm_checkpoint(pair, tmp_path):
 @pytest.mark.parametrize("backend", ["xla", "pallas"])
 def test_window_attention_scales_keys_and_cleans_logits(backend):
     q = jnp.ones((1, 1, 4))
-    k = jnp.stack([jnp.full((4,), 2.0), jnp.full((4,), jnp.inf)])[None, None]
-    v = jnp.arange(8.0).reshape(1, 1, 2, 4)
+    k = jnp.stack([jnp.full((4,), 2.0), jnp.full((4,), jnp.inf)])[None, :, None]  # [B, W, N, C]
+    v = jnp.arange(8.0).reshape(1, 2, 1, 4)
     out = mining.local_window_attention(q, k, v, backend=backend)  # the inf logit -> float32 max: all on key 1
     np.testing.assert_allclose(np.asarray(out)[0, 0], [4, 5, 6, 7])
     win = mining.windows(jnp.arange(16.0).reshape(1, 4, 4, 1), 2)  # token (0, 1) owns rows 0-1, cols 2-3
-    np.testing.assert_array_equal(np.asarray(win)[0, 1, :, 0], [2, 3, 6, 7])
+    np.testing.assert_array_equal(np.asarray(win)[0, :, 1, 0], [2, 3, 6, 7])
 
 
 def test_bilinear_matrix_is_torch_bilinear(report):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from mgjax import config as cfg
-from mgjax import flops, mesh, optim, plan
+from mgjax import flops, mesh, optim, plan, topology
 from mgjax.train import STAGES, RunConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mgm"
@@ -157,6 +157,33 @@ def test_compiled_on_local_devices_from_shapes(capsys):
     assert xla["peak"] >= xla["arguments"] + xla["temporaries"]
     code, _, err = cli(capsys, "--config", "configs/demo.yaml", "--topology", "8xH100", "--compile")
     assert code == 2 and "--compile needs the devices" in err
+
+
+def test_tpu_slices_are_planned_and_judged_only_by_the_compiler(capsys):
+    """Any v4/v5e/v5p/v6e slice name plans; its fit is not claimed from the estimate; with --compile XLA's TPU
+    compiler (deviceless, libtpu) decides, and a step that does not fit exits 2 saying what to change."""
+    args = ("--config", "configs/demo.yaml", "--topology", "v5e-4", "--batch", "16384")
+    code, out, _ = cli(capsys, *args)
+    assert code == 0 and "fits: unknown until compiled (estimate" in out and "add --compile" in out
+    assert "demo full on v5e-4: 4 chips on 1 host(s), 16.00 GiB each" in out
+    try:
+        topology.devices("v5e-4")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    code, out, err = cli(capsys, *args, "--compile", "--json")
+    r = json.loads(out)
+    assert code == 2 and r["fits"] is False and r["compiled_bytes_per_device"]["peak"] > 16 * 2 ** 30
+    assert err.count("\n") == 1 and "raise train.micro_batches" in err and "v5e-4's 16.00 GiB" in err
+    print(f"[plan] demo at global batch 16384 on v5e-4: estimate {r['bytes_per_device']['total'] / 2**30:.2f} GiB, "
+          f"compiled {r['compiled_bytes_per_device']['peak'] / 2**30:.2f} GiB per chip")
+
+
+@pytest.mark.parametrize("name, chips, hbm", [("v5p-128", 64, 95), ("2xv5p-128", 128, 95), ("v5e-256", 256, 16),
+                                              ("v4-64", 32, 32), ("v6e-8", 8, 32)])
+def test_tpu_slice_names_count_chips_as_cloud_tpu_does(name, chips, hbm):
+    t = plan.topology(name)
+    assert (t.chips, t.hbm_bytes, t.platform) == (chips, hbm * 2 ** 30, "tpu")
+    assert t.peak_flops == flops.kind_peak_flops(topology.parse(name).generation.kind) > 0
 
 
 def test_internvl_configs_are_pointed_elsewhere(capsys):

@@ -1,0 +1,100 @@
+"""The smallest TPU slice on which a released recipe's training step fits, by XLA's TPU compiler on this machine.
+
+    python bench/tpu_fit.py [--configs configs/mgm/MGM-7B/stage2.yaml ...] [--generations v5p v5e]
+                            [--set train.micro_batches=4] [--out bench/results/tpu_fit.jsonl]
+
+For each config and generation: start at the smallest slice whose plan estimate, scaled by the worst
+compiled/estimate ratio seen so far, fits a chip's HBM; compile the step there (deviceless, ``mgjax.plan``'s
+``--compile`` path, the program ``mgjax.train`` compiles); go to the next larger slice until the compiled peak fits.
+A slice on which the recipe's batch does not split is passed over. One JSON line per compile, written as soon as
+it ends: an interrupted run resumes where it stopped (a 7B step takes 5-7 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: TPU devices come from libtpu, deviceless
+
+from mgjax import config as cfg  # noqa: E402
+from mgjax import plan  # noqa: E402
+from mgjax.train import RunConfig  # noqa: E402
+
+GiB = 1 << 30
+CHIPS = (4, 8, 16, 32, 64, 128, 256)
+DEFAULT_CONFIGS = [f"configs/mgm/{r}/stage2.yaml" for r in
+                   ("MGM-2B", "MGM-7B", "MGM-13B", "MGM-34B", "MGM-8x7B", "MGM-2B-HD", "MGM-7B-HD")]
+FIRST_RATIO = 98.4 / 62.3  # compiled / estimate for MGM-7B stage 2 on v5p:2x2x1 (issue 18's baseline)
+
+
+def slice_name(gen: str, chips: int) -> str:
+    return f"{gen}-{chips * 2 if gen in ('v4', 'v5p') else chips}"
+
+
+def done(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()] if out.exists() else []
+
+
+def fit(config: str, sets: list[str], gen: str, out: Path) -> dict | None:
+    """Compile on growing slices of ``gen`` until the step fits; the fitting row (or None: none up to 256 chips)."""
+    c = cfg.load(RunConfig, config, sets)
+    rows = done(out)
+    ratio = max([FIRST_RATIO] + [r["compiled_gib"] / r["estimate_gib"] for r in rows])
+    key = {"config": config, "set": sets}
+    for chips in CHIPS:
+        name = slice_name(gen, chips)
+        seen = next((r for r in rows if {"config": r["config"], "set": r["set"]} == key and r["slice"] == name), None)
+        if seen:
+            if seen["fits"]:
+                return seen
+            continue
+        try:
+            estimate = plan.report(c, name)["bytes_per_device"]["total"]
+        except plan.PlanError as e:  # the batch does not split over this slice
+            print(f"{config} on {name}: passed over ({e})", flush=True)
+            continue
+        if estimate * ratio > plan.topology(name).hbm_bytes:
+            print(f"{config} on {name}: estimate {estimate / GiB:.1f} GiB x {ratio:.2f} does not fit; next",
+                  flush=True)
+            continue
+        start = time.time()
+        r = plan.report(c, name, compile=True)
+        row = {**key, "release": r["release"], "slice": name, "chips": r["topology"]["chips"],
+               "mesh": r["mesh"], "batch": r["batch"], "remat": r["remat"],
+               "estimate_gib": round(estimate / GiB, 2),
+               "compiled_gib": round(r["compiled_bytes_per_device"]["peak"] / GiB, 2),
+               "temporaries_gib": round(r["compiled_bytes_per_device"]["temporaries"] / GiB, 2),
+               "hbm_gib": round(r["topology"]["hbm_bytes"] / GiB, 2), "fits": r["fits"],
+               "compile_s": round(time.time() - start), "date": date.today().isoformat()}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        if row["fits"]:
+            return row
+        ratio = max(ratio, row["compiled_gib"] / row["estimate_gib"])
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    ap.add_argument("--generations", nargs="+", default=["v5p", "v5e"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/tpu_fit.jsonl"))
+    args = ap.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for config in args.configs:
+        for gen in args.generations:
+            row = fit(config, args.set, gen, args.out)
+            print(f"== {config} {args.set} on {gen}: " + (f"fits on {row['slice']} ({row['compiled_gib']} of "
+                  f"{row['hbm_gib']} GiB per chip)" if row else "no slice up to 256 chips"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

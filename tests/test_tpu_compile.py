@@ -1,0 +1,154 @@
+"""XLA's own TPU compiler (libtpu, from the test extra) compiles mgjax for v4, v5e, v5p and v6e slices from this
+CPU machine, deviceless, as MaxText's train_compile.py checks a pod configuration: the mining kernel forward and
+backward at MGM's width for every window size, tiny MGM and InternVL2 training steps on 4-chip FSDP and
+FSDP x tensor meshes, and the decode step. Nothing runs; what is checked is that TPU programs are produced and
+what the compiler says about their memory."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import mgjax
+from mgjax import adapt, decoding, mesh, mining, mining_kernel, optim, topology
+from mgjax.train_step import ShardedStep, make_optimizer, memory
+from tests import test_adapt, test_train_step
+
+SLICES = {"v4": "v4-8", "v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}  # four chips each
+
+
+def devices(name: str):
+    try:
+        return topology.devices(name)
+    except RuntimeError as e:  # only where libtpu cannot load (it is in the test extra)
+        pytest.skip(str(e))
+
+
+def _replicated(tree, m):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, PartitionSpec())),
+                        tree)
+
+
+def _cases(default, everything):
+    """``default`` in the default run, the rest of ``everything`` slow (a kernel pair compiles in 2-6 s here, a
+    tiny model's whole step in 15-40 s)."""
+    return [c if c in default else pytest.param(*c, marks=pytest.mark.slow) for c in everything]
+
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+@pytest.mark.parametrize("gen, m, dtype", _cases(  # M=8: MGM's windows; M=3: W=9, no power of two
+    [(g, m, d) for g in SLICES for m in (3, 8) for d in (F32, BF16)],
+    [(g, m, d) for g in SLICES for m in (2, 3, 4, 8) for d in (F32, BF16)]))
+def test_mining_kernel_compiles_with_no_temporaries_around_it(gen, m, dtype):
+    """Forward and backward (the vjp, the forward's output returned too) of 4 images of MGM's 576 tokens at
+    C=1024, with the blocks ``mining`` picks for the chip: XLA adds at most 1% of the operands' bytes."""
+    dev = devices(SLICES[gen])[0]
+    q = jax.ShapeDtypeStruct((4, 576, 1024), dtype, sharding=NamedSharding(jax.sharding.Mesh([dev], ("x",)),
+                                                                           PartitionSpec()))
+    k = jax.ShapeDtypeStruct((4, m * m, 576, 1024), dtype, sharding=q.sharding)
+    b = mining.kernel_blocks(k.shape, dtype, dev)
+
+    def both(q, k, v, do):
+        out, pullback = jax.vjp(lambda q, k, v: mining_kernel.attention(q, k, v, b, False), q, k, v)
+        return out, pullback(do)
+
+    operands = sum(x.size * x.dtype.itemsize for x in (q, k, k, q))
+    for name, fn, args in (("forward", lambda q, k, v: mining_kernel.attention(q, k, v, b, False), (q, k, k)),
+                           ("backward", both, (q, k, k, q))):
+        compiled = jax.jit(fn).lower(*args).compile()
+        temporaries = compiled.memory_analysis().temp_size_in_bytes
+        print(f"[tpu] {gen} M={m} {jnp.dtype(dtype).name} {name}: {b}, temporaries {temporaries / 2**20:.2f} MiB "
+              f"({temporaries / operands:.3%} of {operands / 2**20:.0f} MiB operands)")
+        assert "tpu_custom_call" in compiled.as_text()
+        assert temporaries <= 0.01 * operands
+
+
+def _train_step_memory(config, sizes, slice_name, patterns, frozen=()):
+    m = mesh.make_mesh(mesh.MeshConfig(**sizes), devices(slice_name))
+
+    def build():
+        model = mgjax.init(config, seed=0)
+        return model, make_optimizer(model, patterns, optim.OptimConfig(lr=1e-3), 10, frozen=frozen)
+
+    model, opt = nnx.eval_shape(build)
+    return ShardedStep(model, opt, m), model, opt, m
+
+
+def _mgm_batch(m, micro=2):
+    batch = test_train_step._batch(micro=micro, per=8)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding(m, v.ndim)) for k, v in
+            batch.items()}
+
+
+FSDP, FSDP_TENSOR = dict(fsdp=4), dict(fsdp=2, tensor=2)
+
+
+@pytest.mark.parametrize("gen, sizes", _cases(
+    [("v4", FSDP), ("v5e", FSDP_TENSOR), ("v5p", FSDP), ("v6e", FSDP_TENSOR)],
+    [(g, s) for g in SLICES for s in (FSDP, FSDP_TENSOR)]))
+def test_tiny_mgm_train_step_compiles(gen, sizes):
+    """The kernel is what ``auto`` picks there, per batch shard; parameters and optimizer state split over the
+    four chips as ``mgjax.mesh`` plans."""
+    step, model, opt, m = _train_step_memory(test_train_step.CONFIG, sizes, SLICES[gen], optim.MGM_STAGE2)
+    compiled = step.compile(model, opt, _mgm_batch(m))
+    assert "tpu_custom_call" in compiled.as_text()  # the mining kernel, compiled by Mosaic
+    print(f"[tpu] tiny MGM step {gen} {sizes}: " + ", ".join(f"{k} {v:,}" for k, v in memory(compiled).items()))
+    specs = [s.spec for s in jax.tree.leaves(compiled.input_shardings[0][0])]
+    for axis, n in sizes.items():  # the state arrives split over every mesh axis the rules map parameters to
+        assert any(axis in str(spec) for spec in specs), (axis, n)
+
+
+@pytest.mark.parametrize("gen, mode", _cases([*((g, "lora") for g in SLICES), ("v5p", "full")],
+                                             [(g, m) for g in SLICES for m in ("full", "lora")]))
+def test_tiny_internvl_train_step_compiles(gen, mode):
+    c = test_adapt.CONFIG
+
+    def build():
+        model = mgjax.init(c, seed=0)
+        plan = adapt.prepare(model, mode, rank=4, alpha=8.0)
+        return model, make_optimizer(model, plan.trainable, optim.OptimConfig(lr=1e-3), 10, frozen=plan.frozen)
+
+    m = mesh.make_mesh(mesh.MeshConfig(fsdp=4), devices(SLICES[gen]))
+    model, opt = nnx.eval_shape(build)
+    batch = test_adapt._batch(rows=4)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding(m, v.ndim)) for k, v in
+             batch.items()}
+    used = memory(ShardedStep(model, opt, m).compile(model, opt, batch))
+    print(f"[tpu] tiny InternVL2 {mode} step {gen}: " + ", ".join(f"{k} {v:,}" for k, v in used.items()))
+    assert used["peak"] > 0
+
+
+@pytest.mark.parametrize("gen", SLICES)
+def test_decode_step_compiles_updating_the_cache_in_place(gen):
+    dev = devices(SLICES[gen])
+    m = jax.sharding.Mesh(np.asarray(dev[:1]), ("x",))
+    model = nnx.eval_shape(lambda: mgjax.init(test_train_step.CONFIG.llm, seed=0))
+    graphdef, state = nnx.split(model)
+    cache = jax.eval_shape(lambda: model.init_cache(2, 32))
+    token = jax.ShapeDtypeStruct((2,), jnp.int32)
+    mask = jax.ShapeDtypeStruct((2, 32), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    state, token, cache, mask, key = _replicated((state, token, cache, mask, key), m)
+    compiled = decoding._step.lower(graphdef, state, token, cache, mask, decoding.Sampling(), key).compile()
+    used = memory(compiled)
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    print(f"[tpu] decode step {gen}: " + ", ".join(f"{k} {v:,}" for k, v in used.items()))
+    assert used["aliased"] >= cache_bytes  # the KV cache is donated: updated in place, not copied
+
+
+@pytest.mark.parametrize("name, devices_, grid", [("v4-8", 4, "2x2x1"), ("v5e-16", 16, "4x4"), ("v5p-128", 64, "4x4x4"),
+                                                 ("2xv5p-128", 128, "4x4x4"), ("v6e-8", 8, "2x4")])
+def test_slice_names_give_their_chips(name, devices_, grid):
+    got = devices(name)
+    assert len(got) == devices_ and "x".join(map(str, topology.parse(name).grid)) == grid
+    assert {d.device_kind for d in got} == {topology.chip(name).kind}
+    assert topology.generation(got[0]) is topology.chip(name)
+
+
+def test_slice_names_are_checked():
+    for bad, why in (("v5p-6", "powers of two of 2 TensorCores"), ("v7-8", "expected GEN-N"), ("v5e", "GEN-N")):
+        with pytest.raises(ValueError, match=why):
+            topology.parse(bad)
