@@ -5,7 +5,8 @@
 
 For each config and generation: start at the smallest slice whose plan estimate, scaled by the worst
 compiled/estimate ratio seen so far, fits a chip's HBM; compile the step there (deviceless, ``mgjax.plan``'s
-``--compile`` path, the program ``mgjax.train`` compiles); go to the next larger slice until the compiled peak fits.
+``--compile`` path, the program ``mgjax.train`` compiles); go to the next larger slice until the compiled peak fits,
+then back down through the slices the estimate passed over while they still fit.
 A slice on which the recipe's batch does not split is passed over. One JSON line per compile, written as soon as
 it ends: an interrupted run resumes where it stopped (a 7B step takes 5-7 minutes on 2 cores).
 """
@@ -41,43 +42,64 @@ def done(out: Path) -> list[dict]:
 
 
 def fit(config: str, sets: list[str], gen: str, out: Path) -> dict | None:
+    """The smallest slice of ``gen`` the step fits (its row), or None: none up to 256 chips."""
+    row = _grow(config, sets, gen, out)
+    while row is not None and row["chips"] > CHIPS[0]:
+        smaller = _compile(config, sets, gen, out, CHIPS[CHIPS.index(row["chips"]) - 1])
+        if smaller is None or not smaller["fits"]:
+            break
+        row = smaller
+    return row
+
+
+def _grow(config: str, sets: list[str], gen: str, out: Path) -> dict | None:
     """Compile on growing slices of ``gen`` until the step fits; the fitting row (or None: none up to 256 chips)."""
     c = cfg.load(RunConfig, config, sets)
-    rows = done(out)
-    ratio = max([FIRST_RATIO] + [r["compiled_gib"] / r["estimate_gib"] for r in rows])
-    key = {"config": config, "set": sets}
+    ratio = max([FIRST_RATIO] + [r["compiled_gib"] / r["estimate_gib"] for r in done(out) if r["compiled_gib"]])
     for chips in CHIPS:
         name = slice_name(gen, chips)
-        seen = next((r for r in rows if {"config": r["config"], "set": r["set"]} == key and r["slice"] == name), None)
-        if seen:
-            if seen["fits"]:
-                return seen
-            continue
         try:
             estimate = plan.report(c, name)["bytes_per_device"]["total"]
         except plan.PlanError as e:  # the batch does not split over this slice
             print(f"{config} on {name}: passed over ({e})", flush=True)
             continue
-        if estimate * ratio > plan.topology(name).hbm_bytes:
+        if _seen(out, config, sets, name) is None and estimate * ratio > plan.topology(name).hbm_bytes:
             print(f"{config} on {name}: estimate {estimate / GiB:.1f} GiB x {ratio:.2f} does not fit; next",
                   flush=True)
             continue
-        start = time.time()
-        r = plan.report(c, name, compile=True)
-        row = {**key, "release": r["release"], "slice": name, "chips": r["topology"]["chips"],
-               "mesh": r["mesh"], "batch": r["batch"], "remat": r["remat"],
-               "estimate_gib": round(estimate / GiB, 2),
-               "compiled_gib": round(r["compiled_bytes_per_device"]["peak"] / GiB, 2),
-               "temporaries_gib": round(r["compiled_bytes_per_device"]["temporaries"] / GiB, 2),
-               "hbm_gib": round(r["topology"]["hbm_bytes"] / GiB, 2), "fits": r["fits"],
-               "compile_s": round(time.time() - start), "date": date.today().isoformat()}
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        row = _compile(config, sets, gen, out, chips)
         if row["fits"]:
             return row
-        ratio = max(ratio, row["compiled_gib"] / row["estimate_gib"])
+        ratio = max(ratio, (row["compiled_gib"] or row["temporaries_gib"] or 0) / row["estimate_gib"])
     return None
+
+
+def _seen(out: Path, config: str, sets: list[str], name: str) -> dict | None:
+    return next((r for r in done(out) if r["config"] == config and r["set"] == sets and r["slice"] == name), None)
+
+
+def _compile(config: str, sets: list[str], gen: str, out: Path, chips: int) -> dict | None:
+    """The row of one compile (read back if an earlier run made it); None where the batch does not split."""
+    c, name = cfg.load(RunConfig, config, sets), slice_name(gen, chips)
+    if seen := _seen(out, config, sets, name):
+        return seen
+    try:
+        estimate = plan.report(c, name)["bytes_per_device"]["total"]
+    except plan.PlanError:
+        return None
+    start = time.time()
+    r = plan.report(c, name, compile=True)
+    xla = r["compiled_bytes_per_device"]
+    row = {"config": config, "set": sets, "release": r["release"], "slice": name, "chips": r["topology"]["chips"],
+           "mesh": r["mesh"], "batch": r["batch"], "remat": r["remat"], "estimate_gib": round(estimate / GiB, 2),
+           "compiled_gib": round(xla["peak"] / GiB, 2) if "peak" in xla else None,
+           "temporaries_gib": round(xla["temporaries"] / GiB, 2) if xla.get("temporaries") else None,
+           "refused": xla.get("refused"), "hbm_gib": round(r["topology"]["hbm_bytes"] / GiB, 2), "fits": r["fits"],
+           "compile_s": round(time.time() - start), "date": date.today().isoformat()}
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main(argv=None) -> int:

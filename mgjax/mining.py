@@ -20,7 +20,6 @@ kernel reads without a relayout (W = M² need not be a multiple of a TPU tile).
 from __future__ import annotations
 
 import sys
-from math import prod
 
 import jax
 import jax.numpy as jnp
@@ -79,9 +78,8 @@ def kernel_blocks(shape, dtype, device) -> mining_kernel.Blocks | None:
 def _per_batch_shard(fn, q, k, v):
     """``fn`` on each device's rows of the batch: XLA's partitioner cannot see into a kernel, and would gather
     the whole batch onto every device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in mesh_lib.batch_axes() if not mesh.empty and a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or q.shape[0] % prod(mesh.shape[a] for a in axes):
+    axes = mesh_lib.traced_batch_axes(q.shape[0])
+    if not axes:
         return fn(q, k, v)
     spec = PartitionSpec(axes)
     return jax.shard_map(fn, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)

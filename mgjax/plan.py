@@ -252,10 +252,12 @@ def activations(config, remat: str, trainable, *, batch: int, micro: int, seq_le
 
 
 def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, seq_len: int,
-             devices=None) -> dict[str, int]:
+             devices=None) -> dict:
     """XLA's own memory analysis of the training step, compiled ahead of time from shapes alone (nothing is
     materialised) for ``devices`` (deviceless TPU devices, ``mgjax.topology``) or this process's: the program
-    ``mgjax.train`` compiles, prints and checks before step 1."""
+    ``mgjax.train`` compiles, prints and checks before step 1. XLA's TPU compiler refuses a program whose
+    temporaries alone exceed the chip's HBM: then ``{"refused": its message, "temporaries": the bytes it
+    named}``."""
     m = mesh.make_mesh(mesh_config, devices)
     build = _builder(c.model)
 
@@ -268,7 +270,15 @@ def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, s
     batch = {k: jax.ShapeDtypeStruct((c.train.micro_batches, rows, *v.shape[1:]), v.dtype,
                                      sharding=mesh.batch_sharding(m, v.ndim + 1))
              for k, v in _inputs(model.config, rows, seq_len).items()}
-    return memory(ShardedStep(model, opt, m).compile(model, opt, batch))
+    try:
+        return memory(ShardedStep(model, opt, m).compile(model, opt, batch))
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise PlanError(f"XLA's compiler failed on this step: {message[:500]}") from None
+        needed = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": GiB, "T": 1 << 40}
+        return {"refused": message, "temporaries": int(float(needed[1]) * scale[needed[2]]) if needed else None}
 
 
 # ------------------------------------------------------------------------------------------------------ the plan
@@ -318,7 +328,10 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
             raise PlanError(str(e)) from None
         xla = compiled(c, mesh_config or c.mesh, global_batch=global_batch, seq_len=seq_len, devices=devices)
     compilable = topo.tpu_slice is not None or topology_name == LOCAL
-    fits = xla["peak"] <= topo.hbm_bytes if xla else None if compilable else memory["total"] <= topo.hbm_bytes
+    if xla:
+        fits = "refused" not in xla and xla["peak"] <= topo.hbm_bytes
+    else:
+        fits = None if compilable else memory["total"] <= topo.hbm_bytes
     step = flops.mgm_step_flops(model, trainable, batch=global_batch, seq_len=seq_len)
     seconds = step["total"] / (topo.chips * topo.peak_flops * mfu) if topo.peak_flops else None
     return {
@@ -347,6 +360,8 @@ def _gib(n: float) -> str:
 
 def _fits_line(r: dict) -> str:
     hbm, xla = _gib(r["topology"]["hbm_bytes"]), r["compiled_bytes_per_device"]
+    if xla and "refused" in xla:
+        return f"fits: no (XLA's TPU compiler refused the step: {xla['refused']})"
     if xla:
         return f"fits: {'yes' if r['fits'] else 'no'} (compiled step {_gib(xla['peak'])} of {hbm} GiB)"
     if r["fits"] is None:
@@ -357,9 +372,12 @@ def _fits_line(r: dict) -> str:
 
 def too_big(r: dict) -> str:
     """Why a compiled plan does not fit, and what to change."""
-    return (f"the compiled step needs {_gib(r['compiled_bytes_per_device']['peak'])} GiB per chip, more than "
-            f"{r['topology']['name']}'s {_gib(r['topology']['hbm_bytes'])} GiB: raise train.micro_batches, set "
-            "model.remat full, shard further (--mesh fsdp=..., a larger slice) or lower the batch")
+    xla, t = r["compiled_bytes_per_device"], r["topology"]
+    need = (f"{_gib(xla['temporaries'])} GiB of temporaries alone" if "refused" in xla and xla["temporaries"]
+            else "more than it has" if "refused" in xla else f"{_gib(xla['peak'])} GiB")
+    return (f"the compiled step needs {need} per chip; {t['name']} has {_gib(t['hbm_bytes'])} GiB: raise "
+            "train.micro_batches, set model.remat full, shard further (--mesh fsdp=..., a larger slice) or lower "
+            "the batch")
 
 
 def render(r: dict) -> str:
@@ -383,7 +401,7 @@ def render(r: dict) -> str:
         + (", ".join(p["largest_replicated"]) or "none"),
         f"step FLOPs: {r['step_flops']['total']:.3e} ({step})",
     ]
-    if r["compiled_bytes_per_device"]:
+    if r["compiled_bytes_per_device"] and "refused" not in r["compiled_bytes_per_device"]:
         lines.append("compiled step (XLA), per device: " + ", ".join(
             f"{k} {_gib(v)}" for k, v in r["compiled_bytes_per_device"].items()) + " GiB")
     if r["seconds_per_step"] is None:

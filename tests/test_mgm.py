@@ -42,16 +42,18 @@ def _perturbed(model):
 class Reference(torch.nn.Module):
     """MGM's forward as its code runs it, on transformers towers and LM."""
 
-    def __init__(self, mode, convnext=CONVNEXT):
+    def __init__(self, mode, convnext=CONVNEXT, clip=CLIP, llm=None, modes=MODES):
+        """Tiny towers and LM by default; ``bench/device_suite.py`` builds release-shaped ones."""
         super().__init__()
         torch.manual_seed(0)
-        self.mode = MODES[mode]
-        self.clip = _perturbed(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)))
+        self.mode = modes[mode]
+        self.clip = _perturbed(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**clip)))
         self.convnext = _perturbed(transformers.ConvNextModel(transformers.ConvNextConfig(**convnext)))
         self.gemma = mode == "gemma"
-        self.llm = _perturbed(transformers.GemmaForCausalLM(transformers.GemmaConfig(**GEMMA)) if self.gemma
-                              else transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)))
-        c, aux, d = CLIP["hidden_size"], sum(convnext["hidden_sizes"]), LLAMA["hidden_size"]
+        llm = llm or (GEMMA if self.gemma else LLAMA)
+        self.llm = _perturbed(transformers.GemmaForCausalLM(transformers.GemmaConfig(**llm)) if self.gemma
+                              else transformers.LlamaForCausalLM(transformers.LlamaConfig(**llm)))
+        c, aux, d = clip["hidden_size"], sum(convnext["hidden_sizes"]), llm["hidden_size"]
         pre_norm = lambda i, o: torch.nn.Sequential(torch.nn.LayerNorm(i), torch.nn.Linear(i, o))  # noqa: E731
         self.query, self.key, self.val = pre_norm(c, c), pre_norm(aux, c), pre_norm(aux, c)
         self.mm_projector = torch.nn.Sequential(torch.nn.Linear(c, d), torch.nn.GELU(), torch.nn.Linear(d, d))
@@ -120,7 +122,8 @@ class Reference(torch.nn.Module):
         safetensors.torch.save_file({k: v.contiguous() for k, v in out.items()}, path / "model.safetensors")
         kind, arch = ("mgm_gemma", "MGMGemmaForCausalLM") if self.gemma else ("mgm", "MGMLlamaForCausalLM")
         config = {**self.llm.config.to_dict(), "model_type": kind, "architectures": [arch],
-                  "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 32,
+                  "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu",
+                  "mm_hidden_size": self.clip.config.hidden_size,
                   "mm_hidden_size_aux": sum(self.convnext.config.hidden_sizes), **self.mode, "vision_config": self.clip.config.to_dict(),
                   "vision_aux_config": {**self.convnext.config.to_dict(), "final_norm": False}}
         (path / "config.json").write_text(json.dumps(config))

@@ -162,7 +162,7 @@ def test_compiled_on_local_devices_from_shapes(capsys):
 def test_tpu_slices_are_planned_and_judged_only_by_the_compiler(capsys):
     """Any v4/v5e/v5p/v6e slice name plans; its fit is not claimed from the estimate; with --compile XLA's TPU
     compiler (deviceless, libtpu) decides, and a step that does not fit exits 2 saying what to change."""
-    args = ("--config", "configs/demo.yaml", "--topology", "v5e-4", "--batch", "16384")
+    args = ("--config", "configs/demo.yaml", "--topology", "v5e-4", "--batch", "256", "--seq-len", "8192")
     code, out, _ = cli(capsys, *args)
     assert code == 0 and "fits: unknown until compiled (estimate" in out and "add --compile" in out
     assert "demo full on v5e-4: 4 chips on 1 host(s), 16.00 GiB each" in out
@@ -172,10 +172,13 @@ def test_tpu_slices_are_planned_and_judged_only_by_the_compiler(capsys):
         pytest.skip(str(e))
     code, out, err = cli(capsys, *args, "--compile", "--json")
     r = json.loads(out)
-    assert code == 2 and r["fits"] is False and r["compiled_bytes_per_device"]["peak"] > 16 * 2 ** 30
-    assert err.count("\n") == 1 and "raise train.micro_batches" in err and "v5e-4's 16.00 GiB" in err
-    print(f"[plan] demo at global batch 16384 on v5e-4: estimate {r['bytes_per_device']['total'] / 2**30:.2f} GiB, "
-          f"compiled {r['compiled_bytes_per_device']['peak'] / 2**30:.2f} GiB per chip")
+    xla = r["compiled_bytes_per_device"]
+    assert code == 2 and r["fits"] is False
+    # the compiler either compiles and reports a peak over the HBM, or refuses temporaries that alone exceed it
+    assert xla["peak"] > 16 * 2 ** 30 if "peak" in xla else xla["temporaries"] > 16 * 2 ** 30, xla
+    assert err.count("\n") == 1 and "raise train.micro_batches" in err and "v5e-4 has 16.00 GiB" in err
+    print(f"[plan] demo at global batch 256 x 8192 on v5e-4: estimate {r['bytes_per_device']['total'] / 2**30:.2f} GiB, "
+          f"compiler: {xla}")
 
 
 @pytest.mark.parametrize("name, chips, hbm", [("v5p-128", 64, 95), ("2xv5p-128", 128, 95), ("v5e-256", 256, 16),

@@ -93,8 +93,13 @@ def test_tiny_mgm_train_step_compiles(gen, sizes):
     """The kernel is what ``auto`` picks there, per batch shard; parameters and optimizer state split over the
     four chips as ``mgjax.mesh`` plans."""
     step, model, opt, m = _train_step_memory(test_train_step.CONFIG, sizes, SLICES[gen], optim.MGM_STAGE2)
-    compiled = step.compile(model, opt, _mgm_batch(m))
-    assert "tpu_custom_call" in compiled.as_text()  # the mining kernel, compiled by Mosaic
+    batch = _mgm_batch(m)
+    compiled = step.compile(model, opt, batch)
+    hlo = compiled.as_text()
+    assert "tpu_custom_call" in hlo  # the mining kernel, compiled by Mosaic
+    rows, length = batch["input_ids"].shape[1:]
+    vocab = test_train_step.CONFIG.llm.vocab_size
+    assert f"f32[{rows},{length},{vocab}]" not in hlo  # no chip computes the whole batch's logits (mesh.constrain_batch)
     print(f"[tpu] tiny MGM step {gen} {sizes}: " + ", ".join(f"{k} {v:,}" for k, v in memory(compiled).items()))
     specs = [s.spec for s in jax.tree.leaves(compiled.input_shardings[0][0])]
     for axis, n in sizes.items():  # the state arrives split over every mesh axis the rules map parameters to
