@@ -83,13 +83,12 @@ def _compile(config: str, sets: list[str], gen: str, out: Path, chips: int) -> d
     c, name = cfg.load(RunConfig, config, sets), slice_name(gen, chips)
     if seen := _seen(out, config, sets, name):
         return seen
+    start = time.time()
     try:
-        estimate = plan.report(c, name)["bytes_per_device"]["total"]
+        r = plan.report(c, name, compile=True)  # the estimate too
     except plan.PlanError:
         return None
-    start = time.time()
-    r = plan.report(c, name, compile=True)
-    xla = r["compiled_bytes_per_device"]
+    estimate, xla = r["bytes_per_device"]["total"], r["compiled_bytes_per_device"]
     row = {"config": config, "set": sets, "release": r["release"], "slice": name, "chips": r["topology"]["chips"],
            "mesh": r["mesh"], "batch": r["batch"], "remat": r["remat"], "estimate_gib": round(estimate / GiB, 2),
            "compiled_gib": round(xla["peak"] / GiB, 2) if "peak" in xla else None,
