@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from datetime import date
@@ -27,6 +28,7 @@ from mgjax import plan  # noqa: E402
 from mgjax.train import RunConfig  # noqa: E402
 
 GiB = 1 << 30
+ROOT = Path(__file__).resolve().parents[1]
 CHIPS = (4, 8, 16, 32, 64, 128, 256)
 DEFAULT_CONFIGS = [f"configs/mgm/{r}/stage2.yaml" for r in
                    ("MGM-2B", "MGM-7B", "MGM-13B", "MGM-34B", "MGM-8x7B", "MGM-2B-HD", "MGM-7B-HD")]
@@ -94,11 +96,40 @@ def _compile(config: str, sets: list[str], gen: str, out: Path, chips: int) -> d
            "compiled_gib": round(xla["peak"] / GiB, 2) if "peak" in xla else None,
            "temporaries_gib": round(xla["temporaries"] / GiB, 2) if xla.get("temporaries") else None,
            "refused": xla.get("refused"), "hbm_gib": round(r["topology"]["hbm_bytes"] / GiB, 2), "fits": r["fits"],
-           "compile_s": round(time.time() - start), "date": date.today().isoformat()}
+           "compile_s": round(time.time() - start), "date": date.today().isoformat(), "commit": _commit()}
     with out.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
     return row
+
+
+def table(rows: list[dict]) -> str:
+    """The docs' table: per recipe and generation, the smallest slice compiled that fits and the next smaller one
+    compiled (which did not)."""
+    out = ["| recipe | generation | smallest fitting slice | per-device batch | compiled peak GiB (estimate) | "
+           "HBM GiB | compile s | one size smaller |", "|---|---|---|---|---|---|---|---|"]
+    for config, gen in dict.fromkeys((r["config"], r["slice"].split("-")[0]) for r in rows):
+        mine = sorted((r for r in rows if r["config"] == config and r["slice"].startswith(gen + "-")),
+                      key=lambda r: r["chips"])
+        fits = [r for r in mine if r["fits"]]
+        if not fits:
+            continue
+        best = fits[0]
+        smaller = [r for r in mine if r["chips"] < best["chips"]]
+        below = "not compiled" if not smaller else (
+            f"{smaller[-1]['slice']}: refused ({smaller[-1]['temporaries_gib']} GiB temporaries)"
+            if smaller[-1]["refused"] else f"{smaller[-1]['slice']}: {smaller[-1]['compiled_gib']} GiB")
+        out.append(f"| {best['release']} stage 2 | {gen} | {best['slice']} ({best['chips']} chips, fsdp "
+                   f"{best['mesh']['fsdp']}) | {best['batch']['per_device']} × {best['batch']['seq_len']} | "
+                   f"{best['compiled_gib']} ({best['estimate_gib']}) | {best['hbm_gib']:g} | {best['compile_s']} | "
+                   f"{below} |")
+    return "\n".join(out)
+
+
+def _commit() -> str:
+    """The code a row was compiled with: HEAD, marked + where the tree differs from it."""
+    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return run("rev-parse", "--short", "HEAD") + ("+" if run("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def main(argv=None) -> int:
@@ -107,7 +138,11 @@ def main(argv=None) -> int:
     ap.add_argument("--generations", nargs="+", default=["v5p", "v5e"])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out", type=Path, default=Path("bench/results/tpu_fit.jsonl"))
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out's rows and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(done(args.out)))
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for config in args.configs:
         for gen in args.generations:

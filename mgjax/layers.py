@@ -86,7 +86,9 @@ class Conv2d(nnx.Module):
         self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, w = x.astype(self.dtype), self.weight[...].astype(self.dtype)
+        # gathered whole under a mesh, as FSDP gathers a layer's weights: otherwise XLA's partitioner keeps the
+        # kernel split over its output channels and gathers the whole global batch of images onto every chip
+        x, w = sharding.constrain_batch(x.astype(self.dtype)), sharding.gathered(self.weight[...].astype(self.dtype))
         if self.groups == x.shape[-1] == w.shape[0] and self.stride == 1:
             # XLA:CPU differentiates a depthwise conv ~30x slower than the same sum of shifted products.
             y = jax.lax.platform_dependent(x, w, cpu=partial(_depthwise_shifted, padding=self.padding),
@@ -95,7 +97,7 @@ class Conv2d(nnx.Module):
             y = self._conv(x, w)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        return sharding.constrain_batch(y)
 
     def _conv(self, x: jax.Array, w: jax.Array) -> jax.Array:
         return jax.lax.conv_general_dilated(x, w, window_strides=(self.stride,) * 2,
@@ -253,11 +255,18 @@ def scan(layers: nnx.Module, x, xs=None, *, remat: str = "none", unroll: int = 1
 
     def body(carry, inputs):
         layer_state, xi = inputs
-        return nnx.merge(graphdef, layer_state)(carry, xi, **shared)
+        carry, y = nnx.merge(graphdef, layer_state)(carry, xi, **shared)
+        return _batch_split(carry), y
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, x, (state, xs), unroll=unroll)
+    return jax.lax.scan(body, _batch_split(x), (state, xs), unroll=unroll)
+
+
+def _batch_split(carry):
+    """The residual stream split over the batch at every layer boundary (as big_vision's act_batch constraint):
+    the layers' weights are gathered to the rows, never the rows to the weights."""
+    return jax.tree.map(sharding.constrain_batch, carry)
 
 
 def first_layers(layers: nnx.Module, n: int) -> nnx.Module:

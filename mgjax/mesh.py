@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec
 
-from mgjax.sharding import DEFAULT_RULES, ZERO3_AXES
+from mgjax.sharding import DEFAULT_RULES, ZERO3_AXES, batch_axes
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -177,32 +177,6 @@ def placer(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
         return out.block_until_ready()  # at most one parameter in flight on the host
 
     return place
-
-
-def batch_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
-    """The mesh axes the rules split the batch over."""
-    return _targets(dict(rules).get("batch"))
-
-
-def traced_batch_axes(rows: int, rules=DEFAULT_RULES) -> tuple[str, ...]:
-    """The batch axes of the mesh being traced under (``jax.set_mesh``) that split ``rows``: () outside a mesh,
-    where they have one device, or where they do not divide ``rows``."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return ()
-    axes = tuple(a for a in batch_axes(rules) if a in mesh.axis_names and mesh.shape[a] > 1)
-    return axes if axes and rows % prod(mesh.shape[a] for a in axes) == 0 else ()
-
-
-def constrain_batch(x: jax.Array, rules=DEFAULT_RULES) -> jax.Array:
-    """``x`` split on its leading (batch) axis over the batch axes, under a mesh; its other axes left to XLA (the
-    vocabulary stays split over ``tensor``). Where the LM head meets FSDP-sharded weights, XLA's propagation
-    otherwise computed the whole global batch's logits on every chip and all-reduced them (the demo on v5e-4:
-    f32[128, 64, 43] per chip for 32 local rows)."""
-    axes = traced_batch_axes(x.shape[0], rules)
-    if not axes:
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes, *[PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
 
 
 def batch_shards(mesh: Mapping[str, int], rules=DEFAULT_RULES) -> int:

@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from mgjax import mesh as mesh_lib
-from mgjax import mining_kernel, topology
+from mgjax import mining_kernel, sharding, topology
 
 BACKENDS = ("auto", "xla", "pallas")
 
@@ -78,7 +77,7 @@ def kernel_blocks(shape, dtype, device) -> mining_kernel.Blocks | None:
 def _per_batch_shard(fn, q, k, v):
     """``fn`` on each device's rows of the batch: XLA's partitioner cannot see into a kernel, and would gather
     the whole batch onto every device."""
-    axes = mesh_lib.traced_batch_axes(q.shape[0])
+    axes = sharding.traced_batch_axes(q.shape[0])
     if not axes:
         return fn(q, k, v)
     spec = PartitionSpec(axes)

@@ -31,10 +31,8 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
 
 def _env(devices: int) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    if devices > 1:  # launch/local.sh sets each process's own count
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    else:
-        env.pop("XLA_FLAGS", None)
+    if devices > 1:  # launch/local.sh adds each process's own count to the suite's flags (tests/conftest.py)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return env
 
 

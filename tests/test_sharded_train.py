@@ -93,8 +93,8 @@ def test_more_meshes_give_the_single_device_losses_with_zero3_placement():
 
 def _check(meshes):
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": str(root)}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # the suite's, and 8 devices
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
     run = subprocess.run([sys.executable, "-c", WORKER, json.dumps(meshes)], capture_output=True, text=True,
                          env=env, cwd=root, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]

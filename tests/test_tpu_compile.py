@@ -3,6 +3,9 @@ CPU machine, deviceless, as MaxText's train_compile.py checks a pod configuratio
 backward at MGM's width for every window size, tiny MGM and InternVL2 training steps on 4-chip FSDP and
 FSDP x tensor meshes, and the decode step. Nothing runs; what is checked is that TPU programs are produced and
 what the compiler says about their memory."""
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import mgjax
 from mgjax import adapt, decoding, mesh, mining, mining_kernel, optim, topology
+from mgjax.models.clip import CLIPVisionConfig
+from mgjax.models.convnext import ConvNextConfig
 from mgjax.train_step import ShardedStep, make_optimizer, memory
 from tests import test_adapt, test_train_step
 
@@ -99,11 +104,30 @@ def test_tiny_mgm_train_step_compiles(gen, sizes):
     assert "tpu_custom_call" in hlo  # the mining kernel, compiled by Mosaic
     rows, length = batch["input_ids"].shape[1:]
     vocab = test_train_step.CONFIG.llm.vocab_size
-    assert f"f32[{rows},{length},{vocab}]" not in hlo  # no chip computes the whole batch's logits (mesh.constrain_batch)
+    assert f"f32[{rows},{length},{vocab}]" not in hlo  # no chip computes the whole batch's logits (sharding.constrain_batch)
     print(f"[tpu] tiny MGM step {gen} {sizes}: " + ", ".join(f"{k} {v:,}" for k, v in memory(compiled).items()))
     specs = [s.spec for s in jax.tree.leaves(compiled.input_shardings[0][0])]
     for axis, n in sizes.items():  # the state arrives split over every mesh axis the rules map parameters to
         assert any(axis in str(spec) for spec in specs), (axis, n)
+
+
+def test_towers_run_on_each_chips_rows_only():
+    """Towers whose weights outweigh a few rows of activations (as CLIP-L's and ConvNeXt-L's do at MGM's batch):
+    every chip runs its own 2 of the 8 rows through CLIP (17 tokens) and ConvNeXt (16x16, 8x8 maps). Without
+    ``sharding.constrain_batch`` at layer boundaries and the gathered conv kernels, XLA ran all 8 rows on every
+    chip, split over channels or heads (f32[8,17,128], f32[8,8,8,64])."""
+    config = dataclasses.replace(
+        test_train_step.CONFIG,
+        vision=CLIPVisionConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+                                image_size=28, patch_size=7),
+        vision_aux=ConvNextConfig(hidden_sizes=(128, 256, 384, 512), depths=(1, 1, 1, 1), final_norm=False))
+    step, model, opt, m = _train_step_memory(config, FSDP, SLICES["v5p"], optim.MGM_STAGE2)
+    batch = _mgm_batch(m)
+    assert batch["images"].shape[1] == 8
+    hlo = step.compile(model, opt, batch).as_text()
+    whole_batch = sorted(set(re.findall(r"(?:bf16|f32)\[8,(?:17|16,16|8,8|4,4),\d+\]", hlo)))
+    assert not whole_batch, whole_batch
+    assert "f32[2,17,512]" in hlo and "f32[2,16,16,128]" in hlo  # the rows each chip has
 
 
 @pytest.mark.parametrize("gen, mode", _cases([*((g, "lora") for g in SLICES), ("v5p", "full")],

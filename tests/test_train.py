@@ -9,14 +9,23 @@ import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 import mgjax
-from mgjax import train
+from mgjax import demo_data, train
 
 DEMO = "configs/demo.yaml"
 SMALL = ["--set", "train.global_batch=4", "--set", "checkpoint.every=2", "--set", "eval.compare_lr_only=false",
          "--set", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory) -> list[str]:
+    """A small demo set written once for these runs (a demo run otherwise writes its 2,200 images first)."""
+    root = tmp_path_factory.mktemp("demo_set")
+    demo_data.write_dataset(root, n_train=64, n_eval=20)
+    return ["--set", f"data.path={root / demo_data.TRAIN_FILE}", "--set", f"eval.path={root / demo_data.EVAL_FILE}"]
 
 
 def _run(tmp_path, *extra, steps=4):
@@ -32,8 +41,8 @@ def _same(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(jnp.array_equal, nnx.state(a), nnx.state(b))))
 
 
-def test_demo_trains_writes_everything_evaluates_and_resumes(tmp_path, capsys):
-    assert _run(tmp_path, "--set", "eval.compare_lr_only=true") == 0
+def test_demo_trains_writes_everything_evaluates_and_resumes(tmp_path, capsys, demo_set):
+    assert _run(tmp_path, *demo_set, "--set", "eval.compare_lr_only=true") == 0
     lines = _metrics(tmp_path)
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
     assert all(k in lines[0] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops_per_s"))
@@ -41,7 +50,7 @@ def test_demo_trains_writes_everything_evaluates_and_resumes(tmp_path, capsys):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     assert json.loads((tmp_path / "bad_samples.json").read_text())["skipped"] == 0
     score = json.loads((tmp_path / "eval.json").read_text())
-    assert {k: v["total"] for k, v in score.items()} == {"color": 200, "count": 200, "word": 200}
+    assert {k: v["total"] for k, v in score.items()} == {"color": 20, "count": 20, "word": 20}
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and "lr_only" in out and "mining" in out
     lr_only = mgjax.from_pretrained(tmp_path / "lr_only" / "final", dtype=jnp.float32)
@@ -50,9 +59,9 @@ def test_demo_trains_writes_everything_evaluates_and_resumes(tmp_path, capsys):
     assert model.config.tokens_per_image == 16 and model.config.mining
     start = mgjax.init(model.config, seed=0)  # the demo's initial weights: train.freeze kept the HR tower there
     assert _same(model.vision_tower_aux, start.vision_tower_aux) and not _same(model.vision_tower, start.vision_tower)
-    assert _run(tmp_path, steps=6) == 2  # a finished run's directory is not silently overwritten
+    assert _run(tmp_path, *demo_set, steps=6) == 2  # a finished run's directory is not silently overwritten
     assert "pass --resume" in capsys.readouterr().err
-    assert _run(tmp_path, "--resume", steps=6) == 0
+    assert _run(tmp_path, *demo_set, "--resume", steps=6) == 0
     assert "resumed from step 4" in capsys.readouterr().out
     assert [x["step"] for x in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
@@ -74,26 +83,27 @@ def _wait_for_step(out, step, proc, timeout=300):
     raise AssertionError(f"no step {step} within {timeout}s: {proc.stdout.read() if proc.poll() is not None else ''}")
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_losses_exactly(tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_losses_exactly(tmp_path, demo_set):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert _spawn(whole, 8).wait() == 0
-    proc = _spawn(cut, 8)
+    assert _spawn(whole, 8, *demo_set).wait() == 0
+    proc = _spawn(cut, 8, *demo_set)
     _wait_for_step(cut, 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _spawn(cut, 8, "--resume").wait() == 0
+    assert _spawn(cut, 8, *demo_set, "--resume").wait() == 0
     losses = {x["step"]: x["loss"] for x in _metrics(cut)}  # steps after the last checkpoint are logged twice
     assert [losses[s] for s in range(1, 9)] == [x["loss"] for x in _metrics(whole)]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    proc = _spawn(tmp_path, 1000, "--set", "checkpoint.every=1000")
+    proc = _spawn(tmp_path, 1000, "--set", "checkpoint.every=1000")  # the demo's own set, written first
     _wait_for_step(tmp_path, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 2 and f"SIGTERM: saved step {saved[0]}" in out
+    assert len(json.loads((tmp_path / "data" / demo_data.TRAIN_FILE).read_text())) == 2000
 
 
 def test_config_errors_exit_2(tmp_path, capsys):
@@ -110,14 +120,14 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "nowhere.json" in capsys.readouterr().err
 
 
-def test_a_step_that_does_not_fit_in_device_memory_is_refused(tmp_path, capsys):
-    assert _run(tmp_path, "--set", "mesh.device_memory_gb=0.001") == 2
+def test_a_step_that_does_not_fit_in_device_memory_is_refused(tmp_path, capsys, demo_set):
+    assert _run(tmp_path, *demo_set, "--set", "mesh.device_memory_gb=0.001") == 2
     err = capsys.readouterr().err
     assert "the compiled step needs" in err and "more than the 0.00 GiB there are" in err, err
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, demo_set):
     real = train.ShardedStep.__call__
     calls = []
 
@@ -127,14 +137,13 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeyp
         return {**metrics, "loss": jnp.float32("nan")} if len(calls) == 3 else metrics
 
     monkeypatch.setattr(train.ShardedStep, "__call__", flaky)
-    assert _run(tmp_path, steps=6) == 3
+    assert _run(tmp_path, *demo_set, steps=6) == 3
     err = capsys.readouterr().err
     assert "loss became nan at step 3; the last good checkpoint is step 2" in err
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
 
 def test_every_kind_of_bad_sample_is_reported_and_training_goes_on(tmp_path):
-    from mgjax import demo_data
     train_json, _ = demo_data.write_dataset(tmp_path, n_train=14, n_eval=0)  # with 6 bad: 20 records, 5 batches
     good = json.loads(train_json.read_text())
     turns = good[0]["conversations"]

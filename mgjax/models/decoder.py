@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax import layers, mesh, rope
+from mgjax import layers, rope, sharding
 from mgjax.convert.keymap import Fused, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
 from mgjax.models.moe import SparseMoeBlock, load_balancing_loss
@@ -338,12 +338,12 @@ class CausalLM(nnx.Module, Pretrained):
         if segment_ids is not None:
             mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         h, cache, router = self.model(x, positions, mask, cache)
-        h = mesh.constrain_batch(h)  # the head's FSDP weights are gathered, not the batch's logits
+        h = sharding.constrain_batch(h)  # the head's FSDP weights are gathered, not the batch's logits
         if self.lm_head is None:
             logits = jnp.einsum("btd,vd->btv", h, self.model.embed_tokens.weight[...].astype(h.dtype))
         else:
             logits = self.lm_head(h)
-        logits = mesh.constrain_batch(logits)
+        logits = sharding.constrain_batch(logits)
         aux = None
         if router is not None and self.config.output_router_logits and s == t:  # a training forward, no cache
             aux = load_balancing_loss(router, self.config.num_experts_per_tok, attention_mask)
