@@ -13,31 +13,31 @@ placement from the logical axes; the device holding the most is reported):
   accumulator of ``train_step``'s scan and the micro-batch's own gradients are both live: twice that (XLA:CPU's
   compiled step grows by 10.4 GiB for MGM-2B's 9.4 GiB of gradients).
 * optimizer: AdamW's two float32 moments of every trainable parameter, placed like it.
-* activations, an estimate for one micro-batch of ``global_batch / micro_batches / batch shards`` samples (the
-  batch shards: the product of the mesh axes ``mgjax.sharding`` splits the batch over) at ``seq_len`` positions,
-  the sum of
+* activations, an estimate of the bytes live at the step's peak for one micro-batch of
+  ``global_batch / micro_batches / batch shards`` samples (the batch shards: the product of the mesh axes
+  ``mgjax.sharding`` splits the batch over) at ``seq_len`` positions: the sum of
   - what the forward keeps for the backward: the residuals of ``jax.vjp`` of the loss with respect to the
-    trainable parameters, traced on shapes through this code (parameters it refers to are left out). Depth is
-    linear, so the model is traced with one and with two LLM layers and extrapolated; the rest comes from a trace
-    under full remat, as without remat a one-layer model also keeps the attention's mask and fill value
-    broadcast to the scores' shape, which XLA never materialises. The remat policy decides what a layer keeps:
-    ``full`` its input (2·s·b·h bytes at bf16), ``dots`` / ``dots_no_batch`` also its matmul outputs, ``none``
-    everything. The usual formula for ``none``, Korthikanti et al. 2022's 34·s·b·h + 5·a·s²·b bytes at 16 bits,
-    undercounts this code: MGM-7B at s 2048 keeps 1.25 GiB per layer and sample, not 0.89 (the float32 softmax
-    and its bf16 cast, six MLP-wide values, float32 copies in the RMSNorms), and each layer's weights once more
-    in bf16. Frozen towers before every trainable parameter keep only what the projectors need (the mining
-    projections keep float32 copies of the whole HR feature map);
-  - under remat, the layer being recomputed: what a layer keeps without remat beyond what the policy kept;
-  - the logits' float32 gradient the backward starts from (the kept log-softmax is among the residuals);
+    trainable parameters, traced on shapes through this code (parameters it refers to are left out, and so are
+    float32 residuals that are upcasts of a narrower one of the same shape: XLA fuses such converts into their
+    consumers rather than keep them). Depth is linear, so the model is traced with one and with two LLM layers
+    and extrapolated; the rest comes from a trace under full remat, as without remat a one-layer model also
+    keeps the attention's mask and fill value broadcast to the scores' shape, which XLA never materialises. The
+    remat policy decides what a layer keeps: ``full`` its input (2·s·b·h bytes at bf16), ``dots`` /
+    ``dots_no_batch`` also its matmul outputs, ``none`` everything. The usual formula for ``none``, Korthikanti
+    et al. 2022's 34·s·b·h + 5·a·s²·b bytes at 16 bits, undercounts this code: MGM-7B at s 2048 keeps 1.25 GiB
+    per layer and sample, not 0.89 (the float32 softmax and its bf16 cast, six MLP-wide values), and each layer's
+    weights once more in bf16;
+  - the larger of the backward's two working sets, which are live one after the other: the logits' gradient in
+    the compute dtype (the float32 one is written over the kept log-softmax; its cast feeds the head's matmuls)
+    and, under remat, the layer being recomputed (what a layer keeps without remat beyond what the policy kept);
   - the inputs: the local batch, every micro-batch, as the loader hands it over.
   Tensor parallelism is planned Megatron-style: a device traces the LLM with its share of the heads, the MLP and
   the vocabulary; h-wide values stay whole (no sequence parallelism). Expert parallelism is not reflected; MoE
   dispatch is what ``moe_impl: auto`` picks on the target (grouped on TPU, dense elsewhere).
-  Not counted: transient buffers (an FSDP layer's gathered weights, the optimizer's update, a layer's gradients
-  in the backward, XLA's workspaces) and allocator overhead; leave headroom. Against XLA:CPU's compiled
-  ``train_step`` for MGM-7B stage 2 on one device at s 2048 (``memory_analysis``), gradients plus activations
-  came within 1.3 of its 89.2 GiB without remat (float32); under full remat (bf16) they grew by 3.7 GiB per
-  sample where XLA's grew by 3.5, and stayed 5 to 6 GiB of transients below it.
+* packing: XLA places every buffer in one arena at an offset and leaves gaps where a buffer outlives those placed
+  below it, so its peak is more than the live bytes (MGM-2B with one LLM layer on v5p-8: 25.0 GiB live at the
+  peak, a 33.4 GiB arena). ``PACKING`` of everything above, measured against the TPU compiler's peaks
+  (``bench/tpu_fit.py``'s rows); on GPUs (XLA's same heap simulator) it is unmeasured.
 
 HBM per chip is the vendor's capacity, taken as GiB; runtimes report a little less. Step time is the step's model
 FLOPs (``mgjax.flops.mgm_step_flops``, global batch) over chips x peak x the assumed MFU.
@@ -69,6 +69,11 @@ from mgjax.train_step import ShardedStep, make_optimizer, memory
 
 GiB = 1 << 30
 F32 = 4
+# XLA places buffers in one arena and leaves gaps where a buffer outlives those placed below it: the TPU compiler's
+# peak was 1.06-1.31x the live bytes estimated here for 13 compiled MGM-2B/7B/13B stage-2 steps on v5p and v5e, and
+# 0.98-1.13x for the tiny demo model at bf16 under full remat (its peak counts ~25 MiB of program code the estimate
+# leaves out); 1.15 puts all of them within 15% (docs/benchmarks.md).
+PACKING = 0.15
 
 
 @dataclass(frozen=True)
@@ -211,8 +216,8 @@ def _nbytes(shapes) -> int:
     return sum(prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
 
 
-def kept_for_backward(config, trainable, *, batch: int, seq_len: int) -> int:
-    """Bytes JAX keeps from the forward of one micro-batch's loss for its backward: the residuals of ``jax.vjp``
+def residuals(config, trainable, *, batch: int, seq_len: int) -> list[jax.ShapeDtypeStruct]:
+    """What JAX keeps from the forward of one micro-batch's loss for its backward: the residuals of ``jax.vjp``
     with respect to the trainable parameters, traced on shapes. Residuals that are parameters (same shape and
     dtype) are left out: they are held anyway."""
     model = nnx.eval_shape(lambda: model_class(config.model_type)(config, rngs=nnx.Rngs(0)))
@@ -222,10 +227,19 @@ def kept_for_backward(config, trainable, *, batch: int, seq_len: int) -> int:
         logits, _ = nnx.merge(graphdef, p, frozen)(**{k: v for k, v in inputs.items() if k != "labels"})
         return optim.masked_next_token_loss(logits, inputs["labels"])[0]
 
-    residuals = jax.eval_shape(lambda p, frozen, inputs: jax.vjp(lambda q: loss(q, frozen, inputs), p)[1],
-                               params, rest, _inputs(config, batch, seq_len))
+    kept = jax.eval_shape(lambda p, frozen, inputs: jax.vjp(lambda q: loss(q, frozen, inputs), p)[1],
+                          params, rest, _inputs(config, batch, seq_len))
     weights = {(v.shape, v.dtype) for v in jax.tree.leaves(nnx.state(model))}
-    return _nbytes([a for a in jax.tree.leaves(residuals) if (a.shape, a.dtype) not in weights])
+    return [a for a in jax.tree.leaves(kept) if (a.shape, a.dtype) not in weights]
+
+
+def without_upcasts(kept: list[jax.ShapeDtypeStruct]) -> list[jax.ShapeDtypeStruct]:
+    """``kept`` less the float32 residuals beside a narrower float one of their shape: upcasts, whose converts XLA
+    fuses into their consumers instead of keeping them between forward and backward (the mining projections'
+    float32 copies of the HR feature map, the RMSNorms' float32 inputs). A layer being recomputed in the backward
+    does materialise them: its working set is counted with them."""
+    narrow = {a.shape for a in kept if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < F32}
+    return [a for a in kept if not (a.dtype == jnp.float32 and a.shape in narrow)]
 
 
 def activations(config, remat: str, trainable, *, batch: int, micro: int, seq_len: int, tensor: int,
@@ -235,20 +249,33 @@ def activations(config, remat: str, trainable, *, batch: int, micro: int, seq_le
     llm = _tensor_shard(config.llm, tensor)
 
     @functools.cache
-    def kept(layers: int, policy: str) -> int:
+    def traced(layers: int, policy: str) -> list[jax.ShapeDtypeStruct]:
         cut = dataclasses.replace(llm, num_hidden_layers=layers, remat=policy, moe_impl=_moe_impl(llm, platform))
-        return kept_for_backward(dataclasses.replace(config, llm=cut), trainable, batch=micro, seq_len=seq_len)
+        return residuals(dataclasses.replace(config, llm=cut), trainable, batch=micro, seq_len=seq_len)
 
-    def per_layer(policy: str) -> int:  # residuals grow linearly with depth
-        return kept(2, policy) - kept(1, policy)
+    def kept(layers: int, policy: str, upcasts: bool = False) -> int:
+        r = traced(layers, policy)
+        return _nbytes(r if upcasts else without_upcasts(r))
+
+    def per_layer(policy: str, upcasts: bool = False) -> int:  # residuals grow linearly with depth
+        return kept(2, policy, upcasts) - kept(1, policy, upcasts)
 
     # The rest (towers, projectors, logits) from a trace under full remat: without remat a one-layer model also
     # keeps the attention's mask and fill value broadcast to the scores' shape, which XLA never materialises.
     rest = kept(1, "full") - per_layer("full")
+    recomputed = per_layer("none", upcasts=True) - per_layer(remat, upcasts=True)
     return {"kept_for_backward": rest + llm.num_hidden_layers * per_layer(remat),
-            "recomputed_layer": 0 if remat == "none" else per_layer("none") - per_layer(remat),
-            "logits_gradient": micro * seq_len * llm.vocab_size * F32 if kept(1, remat) else 0,  # or no backward
+            "recomputed_layer": 0 if remat == "none" else recomputed,
+            # float32, it is written over the kept log-softmax; its cast for the head's matmuls is new
+            "logits_gradient": micro * seq_len * llm.vocab_size * jnp.dtype(llm.dtype).itemsize
+            if traced(1, remat) else 0,  # or no backward
             "inputs": _nbytes(_inputs(config, batch, seq_len))}
+
+
+def live_activations(acts: dict[str, int]) -> int:
+    """The activation bytes live at the step's peak: what the forward kept and the inputs, with the larger of
+    the two working sets of the backward, which come one after the other (the head's, then each layer's)."""
+    return acts["kept_for_backward"] + max(acts["recomputed_layer"], acts["logits_gradient"]) + acts["inputs"]
 
 
 def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, seq_len: int,
@@ -318,7 +345,8 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
     acts = activations(model.config, c.model.remat, trainable, batch=local, micro=local // c.train.micro_batches,
                        seq_len=seq_len, tensor=sizes["tensor"], platform=topo.platform)
     memory = {"parameters": placed.per_device_bytes, "gradients": weights * (2 if c.train.micro_batches > 1 else 1),
-              "optimizer": 2 * weights, "activations": sum(acts.values())}
+              "optimizer": 2 * weights, "activations": live_activations(acts)}
+    memory["packing"] = round(PACKING * sum(memory.values()))
     memory["total"] = sum(memory.values())
     xla = None
     if compile:
@@ -394,7 +422,10 @@ def render(r: dict) -> str:
         "",
         f"{'per device':22s}{'GiB':>8s}",
         *(f"  {k:20s}{_gib(m[k]):>8s}" for k in ("parameters", "gradients", "optimizer")),
-        f"  {'activations (est.)':20s}{_gib(m['activations']):>8s}  ({acts})",
+        f"  {'activations (est.)':20s}{_gib(m['activations']):>8s}  ({acts}; the backward's two working sets "
+        "come one after the other: the larger counts)",
+        f"  {'packing (est.)':20s}{_gib(m['packing']):>8s}  (XLA's gaps between buffers: {PACKING:.0%}, measured "
+        "on TPU)",
         f"  {'total':20s}{_gib(m['total']):>8s}",
         _fits_line(r),
         f"parameter bytes sharded: {p['sharded_fraction']:.2%}; largest replicated: "

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from mgjax import config as cfg
-from mgjax import flops, mesh, optim, plan, topology
+from mgjax import flops, mesh, optim, plan, releases, topology
 from mgjax.train import STAGES, RunConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mgm"
@@ -179,6 +179,39 @@ def test_tpu_slices_are_planned_and_judged_only_by_the_compiler(capsys):
     assert err.count("\n") == 1 and "raise train.micro_batches" in err and "v5e-4 has 16.00 GiB" in err
     print(f"[plan] demo at global batch 256 x 8192 on v5e-4: estimate {r['bytes_per_device']['total'] / 2**30:.2f} GiB, "
           f"compiler: {xla}")
+
+
+def _estimate_and_compiled(c: RunConfig, slice_name: str, **kw) -> tuple[int, int]:
+    try:
+        topology.devices(slice_name)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    with jax.default_matmul_precision("default"):  # as training runs: the suite's "highest" makes bf16 dots 6-pass
+        r = plan.report(c, slice_name, compile=True, **kw)
+    return r["bytes_per_device"]["total"], r["compiled_bytes_per_device"]["peak"]
+
+
+@pytest.mark.parametrize("batch, length", [(32, 2048), pytest.param(64, 512, marks=pytest.mark.slow)])
+def test_the_estimate_is_within_15_percent_of_the_tpu_compiler_for_a_tiny_mgm(batch, length):
+    """The demo's model at bf16 under full remat (the recipes' setting) on v5p-8, compiled by XLA's TPU compiler."""
+    c = cfg.load(RunConfig, "configs/demo.yaml", ["model.compute_dtype=bfloat16", "model.remat=full"])
+    estimate, peak = _estimate_and_compiled(c, "v5p-8", batch=batch, seq_len=length)
+    print(f"[plan] demo {batch} x {length} on v5p-8: compiled {peak / 2**20:.1f} MiB, estimate "
+          f"{estimate / 2**20:.1f} MiB ({peak / estimate:.3f})")
+    assert 0.85 <= peak / estimate <= 1.15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", ["MGM-2B", "MGM-7B"])
+def test_the_estimate_is_within_15_percent_of_the_tpu_compiler_at_release_shapes(release, monkeypatch):
+    """A release's stage 2 with its LLM cut to one layer (towers, widths and vocabulary as released), 8 rows of
+    2048 tokens per chip on v5p-8: 3-4 minutes of compiling each on 2 cores."""
+    hf_config = releases.hf_config
+    monkeypatch.setattr(releases, "hf_config", lambda name: {**hf_config(name), "num_hidden_layers": 1})
+    estimate, peak = _estimate_and_compiled(run_config(release), "v5p-8", batch=32, seq_len=2048)
+    print(f"[plan] {release} (1 layer) on v5p-8: compiled {peak / 2**30:.2f} GiB, estimate "
+          f"{estimate / 2**30:.2f} GiB ({peak / estimate:.3f})")
+    assert 0.85 <= peak / estimate <= 1.15
 
 
 @pytest.mark.parametrize("name, chips, hbm", [("v5p-128", 64, 95), ("2xv5p-128", 128, 95), ("v5e-256", 256, 16),

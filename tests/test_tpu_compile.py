@@ -104,7 +104,8 @@ def test_tiny_mgm_train_step_compiles(gen, sizes):
     assert "tpu_custom_call" in hlo  # the mining kernel, compiled by Mosaic
     rows, length = batch["input_ids"].shape[1:]
     vocab = test_train_step.CONFIG.llm.vocab_size
-    assert f"f32[{rows},{length},{vocab}]" not in hlo  # no chip computes the whole batch's logits (sharding.constrain_batch)
+    # no chip computes the whole batch's logits (sharding.constrain_batch)
+    assert f"f32[{rows},{length},{vocab}]" not in hlo
     print(f"[tpu] tiny MGM step {gen} {sizes}: " + ", ".join(f"{k} {v:,}" for k, v in memory(compiled).items()))
     specs = [s.spec for s in jax.tree.leaves(compiled.input_shardings[0][0])]
     for axis, n in sizes.items():  # the state arrives split over every mesh axis the rules map parameters to
