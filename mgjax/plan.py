@@ -70,9 +70,10 @@ from mgjax.train_step import ShardedStep, make_optimizer, memory
 GiB = 1 << 30
 F32 = 4
 # XLA places buffers in one arena and leaves gaps where a buffer outlives those placed below it: the TPU compiler's
-# peak was 1.06-1.31x the live bytes estimated here for 13 compiled MGM-2B/7B/13B stage-2 steps on v5p and v5e, and
-# 0.98-1.13x for the tiny demo model at bf16 under full remat (its peak counts ~25 MiB of program code the estimate
-# leaves out); 1.15 puts all of them within 15% (docs/benchmarks.md).
+# peak was 1.06-1.31x the live bytes estimated here for 14 compiled MGM-2B/7B/13B/34B stage-2 steps on v5p and v5e,
+# and 0.98-1.13x for the tiny demo model at bf16 under full remat (its peak counts ~25 MiB of program code the
+# estimate leaves out); 1.15 puts all of them within 15%. MGM-8x7B's MoE steps stay 17-27% above the estimate
+# (docs/benchmarks.md, which also says where the model is off).
 PACKING = 0.15
 
 
