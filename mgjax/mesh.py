@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec
 
-from mgjax.sharding import DEFAULT_RULES, ZERO3_AXES, batch_axes
+from mgjax.sharding import DEFAULT_RULES, ZERO3_AXES, batch_axes, targets
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -104,7 +104,7 @@ def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mapping[str, in
             used.add(t)
 
     for i, name in enumerate(axes):
-        for t in _targets(table.get(name) if name is not None else None):
+        for t in targets(table.get(name) if name is not None else None):
             take(i, t)
     for t in fill:
         for i in sorted(range(len(shape)), key=lambda i: -shape[i] // prod(mesh[c] for c in dims[i])):
@@ -112,13 +112,9 @@ def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mapping[str, in
     return PartitionSpec(*(None if not d else d[0] if len(d) == 1 else tuple(d) for d in dims))
 
 
-def _targets(rule: str | Sequence[str] | None) -> tuple[str, ...]:
-    return (rule,) if isinstance(rule, str) else tuple(rule or ())
-
-
 def shards(s: PartitionSpec, mesh: Mapping[str, int]) -> int:
     """How many pieces ``s`` cuts an array into on a mesh of axis sizes ``mesh``."""
-    return prod(mesh[a] for p in s if p is not None for a in _targets(p))
+    return prod(mesh[a] for p in s if p is not None for a in targets(p))
 
 
 @dataclass(frozen=True)

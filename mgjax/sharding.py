@@ -4,6 +4,7 @@ rules (data, not code). ``mgjax.mesh`` turns them into placements on a ``(data, 
 from __future__ import annotations
 
 from math import prod
+from typing import Sequence
 
 import jax
 from jax.sharding import PartitionSpec
@@ -55,10 +56,14 @@ def check_axes(axes) -> None:
         raise ValueError(f"unknown logical axis names {unknown}; declare them in mgjax/sharding.py")
 
 
+def targets(rule: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axes a rule's target names (one, several or none)."""
+    return (rule,) if isinstance(rule, str) else tuple(rule or ())
+
+
 def batch_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
     """The mesh axes the rules split the batch over."""
-    rule = dict(rules).get("batch")
-    return (rule,) if isinstance(rule, str) else tuple(rule or ())
+    return targets(dict(rules).get("batch"))
 
 
 def traced_batch_axes(rows: int, rules=DEFAULT_RULES) -> tuple[str, ...]:
