@@ -10,7 +10,6 @@ by side, with each mode's saving against full:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -26,13 +25,8 @@ GiB = 2 ** 30
 
 def measure(release: str, mode: str, *, batch: int, seq: int, tiles: int, dtype, remat: str) -> dict[str, float]:
     recipe = internvl_releases.recipe(mode)
-    config = internvl_releases.config(release, dtype=dtype, param_dtype=jnp.float32, remat=remat,
-                                      image_token_id=0)
-    rope = config.llm.rope
-    if rope.type == "longrope" and not rope.short_factor:  # not listed (internvl_releases); memory does not
-        ones = (1.0,) * (config.llm.head_dim // 2)        # depend on their values
-        config = dataclasses.replace(config, llm=dataclasses.replace(
-            config.llm, rope=dataclasses.replace(rope, short_factor=ones, long_factor=ones)))
+    config = internvl_releases.shapes_config(release, dtype=dtype, param_dtype=jnp.float32, remat=remat,
+                                             image_token_id=0)
 
     def build():
         model = InternVLChatModel(config, rngs=nnx.Rngs(0))

@@ -30,8 +30,9 @@ from mgjax.train import RunConfig  # noqa: E402
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
 CHIPS = (4, 8, 16, 32, 64, 128, 256)
-DEFAULT_CONFIGS = [f"configs/mgm/{r}/stage2.yaml" for r in
-                   ("MGM-2B", "MGM-7B", "MGM-13B", "MGM-34B", "MGM-8x7B", "MGM-2B-HD", "MGM-7B-HD")]
+DEFAULT_CONFIGS = ([f"configs/mgm/{r}/stage2.yaml" for r in
+                    ("MGM-2B", "MGM-7B", "MGM-13B", "MGM-34B", "MGM-8x7B", "MGM-2B-HD", "MGM-7B-HD")]
+                   + [f"configs/internvl/InternVL2-{r}/{mode}.yaml" for r in ("1B", "2B", "4B") for mode in ("full", "lora")])
 ERROR = 0.15  # mgjax.plan's estimate is within 15% of the compiled peak (tests/test_plan.py)
 
 
@@ -129,11 +130,14 @@ def table(rows: list[dict]) -> str:
             continue
         best = fits[0]
         smaller = [r for r in mine if r["chips"] < best["chips"]]
+        b = best["batch"]
+        tiles = f", {b['tiles']} tiles" if "tiles" in b else ""
         below = "not compiled" if not smaller else (
             f"{smaller[-1]['slice']}: refused ({smaller[-1]['temporaries_gib']} GiB temporaries)"
             if smaller[-1]["refused"] else f"{smaller[-1]['slice']}: {smaller[-1]['compiled_gib']} GiB")
-        out.append(f"| {best['release']} stage 2 | {gen} | {best['slice']} ({best['chips']} chips, fsdp "
-                   f"{best['mesh']['fsdp']}) | {best['batch']['per_device']} × {best['batch']['seq_len']} | "
+        recipe = f"{best['release']} {Path(config).stem.replace('stage', 'stage ')}"
+        out.append(f"| {recipe} | {gen} | {best['slice']} ({best['chips']} chips, fsdp {best['mesh']['fsdp']}) | "
+                   f"{b['per_device']} × {b['seq_len']}{tiles} | "
                    f"{best['compiled_gib']} ({estimate_now(best)}) | {best['hbm_gib']:g} | {best['compile_s']} | "
                    f"{below} |")
     return "\n".join(out)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import mgjax
 from mgjax import (adapt, demo_data, demo_grounding, domain_eval, flops, heldout, lora, meta, mgm_towers, mining, optim,
@@ -27,6 +28,7 @@ from mgjax import config as cfg
 from mgjax import mesh as mesh_lib
 from mgjax.generate import stop_ids
 from mgjax.loader import record_length
+from mgjax.models.internvl import InternVLChatModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -63,6 +65,43 @@ class MGM:
 
     def inputs(self, c) -> tuple[str, ...]:
         return "input_ids", "labels", "images", "images_aux"
+
+    def seq_len(self, c) -> int:
+        return c.data.max_length
+
+    def input_shapes(self, c, config, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """One batch of ``batch`` rows as the loader hands it over: int32 ids and labels, float32 images."""
+        side = config.vision.image_size
+        images = (batch, config.views, 3, side, side) if config.views > 1 else (batch, 3, side, side)
+        out = {"input_ids": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
+               "labels": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
+               "images": jax.ShapeDtypeStruct(images, jnp.float32)}
+        if config.mining:
+            aux = config.image_size_aux
+            out["images_aux"] = jax.ShapeDtypeStruct((batch, 3, aux, aux), jnp.float32)
+        return out
+
+    def architecture(self, m):
+        """The config of the model ``m`` trains, from ``model.release`` (or the demo's) alone: nothing is read,
+        for plans made from shapes."""
+        over = {**_dtypes(m), **({} if m.mining else {"mining": False})}
+        if m.init == "demo":
+            demo = demo_data.model_config()
+            return type(demo).from_hf(demo.to_hf(), **over)
+        if not m.release:
+            raise cfg.ConfigError(f"model.init {m.init!r}: plans take the architecture from model.release, which is "
+                                  "not set")
+        from mgjax import releases
+        return releases.config(m.release, **over)
+
+    def new_model(self, c, config) -> nnx.Module:
+        """A fresh model of ``config`` as the run trains it."""
+        from mgjax.pretrained import model_class
+        return model_class(config.model_type)(config, rngs=nnx.Rngs(0))
+
+    def patterns(self, c) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(trainable, frozen) parameter regexes, as ``make_optimizer`` takes them."""
+        return self.stages[c.train.stage], tuple(c.train.freeze)
 
     def overrides(self, m) -> dict:
         if m.mining_backend not in mining.BACKENDS:
@@ -101,7 +140,7 @@ class MGM:
         return assemble(config, parts, mesh=mesh), AutoTokenizer.from_pretrained(m.llm)
 
     def trainable(self, c, model, mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        return self.stages[c.train.stage], tuple(c.train.freeze)
+        return self.patterns(c)
 
     def data(self, c, model, tok, out: Path) -> Data:
         d, held_out = c.data, None
@@ -121,8 +160,10 @@ class MGM:
         return Data(records, make, eval_records, dataclasses.replace(make, image_folder=c.eval.image_folder or images),
                     lengths)
 
-    def step_flops(self, c, model, wrt) -> Callable[[int], dict]:
-        return lambda seq_len: flops.mgm_step_flops(model, wrt, batch=c.train.global_batch, seq_len=seq_len)
+    def step_flops(self, c, model, wrt, batch: int | None = None) -> Callable[[int], dict]:
+        """``seq_len`` -> the FLOPs of a step of ``batch`` (default ``train.global_batch``) rows, by role."""
+        batch = batch or c.train.global_batch
+        return lambda seq_len: flops.mgm_step_flops(model, wrt, batch=batch, seq_len=seq_len)
 
     def evaluate(self, c, model, tok, data: Data, mesh, out: Path) -> dict:
         return heldout.accuracy(model, data.eval_records, data.eval_make, batch=c.eval.batch, mesh=mesh)
@@ -138,6 +179,38 @@ class InternVL:
 
     def inputs(self, c) -> tuple[str, ...]:
         return ("input_ids", "labels", "pixel_values") + (("segment_ids",) if c.data.pack_length else ())
+
+    def seq_len(self, c) -> int:
+        return c.data.pack_length or c.data.max_length
+
+    def input_shapes(self, c, config, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """One batch of ``batch`` rows (packed rows with ``data.pack_length``) of ``_row_tiles`` tile slots each."""
+        side = config.vision.image_size
+        tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+        return {"input_ids": tokens, "labels": tokens,
+                "pixel_values": jax.ShapeDtypeStruct((batch, _row_tiles(c.data), 3, side, side), jnp.float32),
+                **({"segment_ids": tokens} if c.data.pack_length else {})}
+
+    def architecture(self, m):
+        """The config of the model ``m`` trains, from ``model.release`` (or the demo's) alone (see ``MGM``)."""
+        if m.init == "demo":
+            demo = demo_grounding.model_config(demo_grounding.tokenizer().convert_tokens_to_ids("<IMG_CONTEXT>"))
+            return type(demo).from_hf(demo.to_hf(), **_dtypes(m))
+        if not m.release:
+            raise cfg.ConfigError(f"model.init {m.init!r}: plans take the architecture from model.release (an "
+                                  "InternVL2 release), which is not set")
+        from mgjax import internvl_releases
+        return internvl_releases.shapes_config(m.release, image_token_id=0, **_dtypes(m))
+
+    def new_model(self, c, config) -> nnx.Module:
+        """A fresh model of ``config`` with the adapters ``train.stage`` adds."""
+        model = InternVLChatModel(config, rngs=nnx.Rngs(0))
+        adapt.prepare(model, c.train.stage, rank=c.train.lora_rank, alpha=c.train.lora_alpha)
+        return model
+
+    def patterns(self, c) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        mode = adapt.MODES[c.train.stage]
+        return mode.trainable, (*mode.frozen, *c.train.freeze)
 
     def build(self, m, mesh: jax.sharding.Mesh | None = None):
         over = _dtypes(m)
@@ -158,7 +231,7 @@ class InternVL:
         mode = adapt.prepare(model, c.train.stage, rank=c.train.lora_rank, alpha=c.train.lora_alpha)
         if mode.lora:  # the new adapters start on the default device
             mesh_lib.shard(model, mesh)
-        return mode.trainable, (*mode.frozen, *c.train.freeze)
+        return self.patterns(c)
 
     def _template(self, c, model) -> str:
         return c.data.template or model.config.template or "Hermes-2"
@@ -188,9 +261,9 @@ class InternVL:
         return Data(records, self._make(c, model, tok, images), eval_records,
                     self._make(c, model, tok, eval_images), lengths, _packing(c, tok))
 
-    def step_flops(self, c, model, wrt) -> Callable[[int], dict]:
-        tiles = _row_tiles(c.data)
-        return lambda seq_len: flops.internvl_step_flops(model, wrt, batch=c.train.global_batch, seq_len=seq_len,
+    def step_flops(self, c, model, wrt, batch: int | None = None) -> Callable[[int], dict]:
+        tiles, batch = _row_tiles(c.data), batch or c.train.global_batch
+        return lambda seq_len: flops.internvl_step_flops(model, wrt, batch=batch, seq_len=seq_len,
                                                          tiles=tiles)
 
     def evaluate(self, c, model, tok, data: Data, mesh, out: Path) -> dict:

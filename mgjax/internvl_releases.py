@@ -2,7 +2,8 @@
 ``internvl_chat`` ``config.json`` (spec sections 1.1 and 6.1), the fine-tuning recipes of InternVL's scripts per
 adaptation mode (spec 5.4), and what each mode costs in gradient and optimizer memory.
 
-``config("InternVL2-2B", dtype=jnp.bfloat16)`` builds the architecture without any file. ``memory(name, mode)``
+``config("InternVL2-2B", dtype=jnp.bfloat16)`` builds the architecture without any file (``shapes_config`` one
+that also builds for 4B, for work on shapes). ``memory(name, mode)``
 counts parameters from abstract shapes alone (nothing is allocated), LoRA adapters included;
 ``python -m mgjax.internvl_releases`` prints the table of every release and mode.
 
@@ -13,6 +14,7 @@ factors from the checkpoint's own ``config.json`` (``from_pretrained`` reads tha
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -130,6 +132,18 @@ def hf_config(name: str) -> dict[str, Any]:
 def config(name: str, **overrides) -> InternVLConfig:
     """The release's InternVLConfig; ``overrides`` as ``InternVLConfig.from_hf`` takes them."""
     return InternVLConfig.from_hf(hf_config(name), **overrides)
+
+
+def shapes_config(name: str, **overrides) -> InternVLConfig:
+    """``config``, with unit LongRoPE factors where the release does not list them (InternVL2-4B): for work on
+    shapes alone (plans, compiled memory), which the factors' values do not change; never to run."""
+    c = config(name, **overrides)
+    rope = c.llm.rope
+    if rope.type != "longrope" or rope.short_factor:
+        return c
+    ones = (1.0,) * (c.llm.head_dim // 2)
+    return dataclasses.replace(c, llm=dataclasses.replace(
+        c.llm, rope=dataclasses.replace(rope, short_factor=ones, long_factor=ones)))
 
 
 @functools.cache

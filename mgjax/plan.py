@@ -59,13 +59,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax import config as cfg
-from mgjax import demo_data, flops, mesh, optim, releases
+from mgjax import families, flops, mesh, optim
 from mgjax import topology as tpu_topology
-from mgjax.layers import REMAT_POLICIES
-from mgjax.pretrained import model_class
 from mgjax.families import DTYPES
-from mgjax.train import STAGES, ModelSection, RunConfig
-from mgjax.train_step import ShardedStep, make_optimizer, memory
+from mgjax.layers import REMAT_POLICIES
+from mgjax.train import RunConfig
+from mgjax.train_step import ShardedStep, batch_loss, make_optimizer, memory
 
 GiB = 1 << 30
 F32 = 4
@@ -138,11 +137,11 @@ def parse_mesh(text: str, default: mesh.MeshConfig) -> mesh.MeshConfig:
 
 def check(c: RunConfig, global_batch: int, seq_len: int) -> None:
     """The values the plan takes from the config as names or counts, checked before anything is built."""
-    if c.model.family != "mgm":
-        raise PlanError(f"model.family {c.model.family}: the plan covers MGM runs; for InternVL2, "
-                        "bench/adapt_memory.py measures each adaptation mode's compiled step")
-    for key, value, known in (("train.stage", c.train.stage, STAGES), ("model.remat", c.model.remat, REMAT_POLICIES),
-                              ("model.compute_dtype", c.model.compute_dtype, DTYPES)):
+    family = families.family(c.model.family)
+    for key, value, known in (("train.stage", c.train.stage, family.stages),
+                              ("model.remat", c.model.remat, REMAT_POLICIES),
+                              ("model.compute_dtype", c.model.compute_dtype, DTYPES),
+                              ("train.loss_weighting", c.train.loss_weighting, optim.LOSS_WEIGHTS)):
         if value not in known:
             raise PlanError(f"{key} must be one of {sorted(known)}, not {value!r}")
     for key, value in (("the global batch", global_batch), ("seq_len", seq_len),
@@ -156,22 +155,17 @@ def check(c: RunConfig, global_batch: int, seq_len: int) -> None:
             raise PlanError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
 
 
-def abstract_model(m: ModelSection) -> nnx.Module:
-    """The model the run would train, as shapes: parameters float32, compute and remat as configured."""
-    return nnx.eval_shape(_builder(m))
+def abstract_model(c: RunConfig) -> nnx.Module:
+    """The model the run would train (with its adapters), as shapes: parameters float32, compute and remat as
+    configured."""
+    family = families.family(c.model.family)
+    config = family.architecture(c.model)
+    return nnx.eval_shape(lambda: family.new_model(c, config))
 
 
-def _builder(m: ModelSection):
-    over = dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat,
-                **({} if m.mining else {"mining": False}))
-    if m.init == "demo":
-        demo = demo_data.model_config()
-        config = type(demo).from_hf(demo.to_hf(), **over)
-    elif m.release:
-        config = releases.config(m.release, **over)
-    else:
-        raise PlanError(f"model.init {m.init!r} plans from model.release (the architecture), which is not set")
-    return lambda: model_class(config.model_type)(config, rngs=nnx.Rngs(0))
+def trainable_filter(c: RunConfig):
+    """The parameters the run's optimizer updates."""
+    return optim.trainable(*families.family(c.model.family).patterns(c))
 
 
 # ------------------------------------------------------------------------------------------------------ memory
@@ -201,35 +195,24 @@ def _tensor_shard(llm, tensor: int):
                                vocab_size=split(llm.vocab_size))
 
 
-def _inputs(c, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """One micro-batch as ``mgjax.train`` feeds it: int32 ids and labels, float32 images."""
-    side = c.vision.image_size
-    images = (batch, c.views, 3, side, side) if c.views > 1 else (batch, 3, side, side)
-    out = {"input_ids": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
-           "labels": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
-           "images": jax.ShapeDtypeStruct(images, jnp.float32)}
-    if c.mining:
-        out["images_aux"] = jax.ShapeDtypeStruct((batch, 3, c.image_size_aux, c.image_size_aux), jnp.float32)
-    return out
-
-
 def _nbytes(shapes) -> int:
     return sum(prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
 
 
-def residuals(config, trainable, *, batch: int, seq_len: int) -> list[jax.ShapeDtypeStruct]:
-    """What JAX keeps from the forward of one micro-batch's loss for its backward: the residuals of ``jax.vjp``
-    with respect to the trainable parameters, traced on shapes. Residuals that are parameters (same shape and
-    dtype) are left out: they are held anyway."""
-    model = nnx.eval_shape(lambda: model_class(config.model_type)(config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(model, trainable, ...)
+def residuals(c: RunConfig, config, *, batch: int, seq_len: int) -> list[jax.ShapeDtypeStruct]:
+    """What JAX keeps from the forward of one micro-batch's loss (as ``train_step`` computes it) for its backward:
+    the residuals of ``jax.vjp`` with respect to the trainable parameters, for the model of ``config`` trained as
+    ``c`` says, traced on shapes. Residuals that are parameters (same shape and dtype) are left out: they are held
+    anyway."""
+    family = families.family(c.model.family)
+    model = nnx.eval_shape(lambda: family.new_model(c, config))
+    graphdef, params, rest = nnx.split(model, trainable_filter(c), ...)
 
     def loss(p, frozen, inputs):
-        logits, _ = nnx.merge(graphdef, p, frozen)(**{k: v for k, v in inputs.items() if k != "labels"})
-        return optim.masked_next_token_loss(logits, inputs["labels"])[0]
+        return batch_loss(nnx.merge(graphdef, p, frozen), inputs, c.train.loss_weighting)[0]
 
     kept = jax.eval_shape(lambda p, frozen, inputs: jax.vjp(lambda q: loss(q, frozen, inputs), p)[1],
-                          params, rest, _inputs(config, batch, seq_len))
+                          params, rest, family.input_shapes(c, config, batch, seq_len))
     weights = {(v.shape, v.dtype) for v in jax.tree.leaves(nnx.state(model))}
     return [a for a in jax.tree.leaves(kept) if (a.shape, a.dtype) not in weights]
 
@@ -243,16 +226,17 @@ def without_upcasts(kept: list[jax.ShapeDtypeStruct]) -> list[jax.ShapeDtypeStru
     return [a for a in kept if not (a.dtype == jnp.float32 and a.shape in narrow)]
 
 
-def activations(config, remat: str, trainable, *, batch: int, micro: int, seq_len: int, tensor: int,
+def activations(c: RunConfig, config, *, batch: int, micro: int, seq_len: int, tensor: int,
                 platform: str) -> dict[str, int]:
     """Per-device activation bytes (an estimate, see the module docstring) of one micro-batch of ``micro``
-    samples; ``batch``: the local batch, every micro-batch, as the loader hands it over."""
-    llm = _tensor_shard(config.llm, tensor)
+    rows of the model of ``config``, trained as ``c`` says; ``batch``: the local batch, every micro-batch, as the
+    loader hands it over."""
+    llm, remat = _tensor_shard(config.llm, tensor), c.model.remat
 
     @functools.cache
     def traced(layers: int, policy: str) -> list[jax.ShapeDtypeStruct]:
         cut = dataclasses.replace(llm, num_hidden_layers=layers, remat=policy, moe_impl=_moe_impl(llm, platform))
-        return residuals(dataclasses.replace(config, llm=cut), trainable, batch=micro, seq_len=seq_len)
+        return residuals(c, dataclasses.replace(config, llm=cut), batch=micro, seq_len=seq_len)
 
     def kept(layers: int, policy: str, upcasts: bool = False) -> int:
         r = traced(layers, policy)
@@ -270,7 +254,7 @@ def activations(config, remat: str, trainable, *, batch: int, micro: int, seq_le
             # float32, it is written over the kept log-softmax; its cast for the head's matmuls is new
             "logits_gradient": micro * seq_len * llm.vocab_size * jnp.dtype(llm.dtype).itemsize
             if traced(1, remat) else 0,  # or no backward
-            "inputs": _nbytes(_inputs(config, batch, seq_len))}
+            "inputs": _nbytes(families.family(c.model.family).input_shapes(c, config, batch, seq_len))}
 
 
 def live_activations(acts: dict[str, int]) -> int:
@@ -287,19 +271,21 @@ def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, s
     temporaries alone exceed the chip's HBM: then ``{"refused": its message, "temporaries": the bytes it
     named}``."""
     m = mesh.make_mesh(mesh_config, devices)
-    build = _builder(c.model)
+    family = families.family(c.model.family)
+    config = family.architecture(c.model)
 
     def with_optimizer():
-        model = build()
-        return model, make_optimizer(model, STAGES[c.train.stage], c.optim, 1, frozen=c.train.freeze)
+        model = family.new_model(c, config)
+        trainable, frozen = family.patterns(c)
+        return model, make_optimizer(model, trainable, c.optim, 1, frozen=frozen)
 
     model, opt = nnx.eval_shape(with_optimizer)
     rows = global_batch // c.train.micro_batches
     batch = {k: jax.ShapeDtypeStruct((c.train.micro_batches, rows, *v.shape[1:]), v.dtype,
                                      sharding=mesh.batch_sharding(m, v.ndim + 1))
-             for k, v in _inputs(model.config, rows, seq_len).items()}
+             for k, v in family.input_shapes(c, config, rows, seq_len).items()}
     try:
-        return memory(ShardedStep(model, opt, m).compile(model, opt, batch))
+        return memory(ShardedStep(model, opt, m, c.train.loss_weighting).compile(model, opt, batch))
     except jax.errors.JaxRuntimeError as e:
         message = str(e).strip().splitlines()[0]
         if "RESOURCE_EXHAUSTED" not in message:
@@ -325,8 +311,9 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
     ``compile`` (local devices or a TPU slice) also XLA's memory analysis of the compiled step, which then
     decides ``fits``. Without it ``fits`` is None wherever a compile is possible: the estimate leaves out
     transients and is no answer where the compiler can give one."""
+    family = families.family(c.model.family)
     global_batch = c.train.global_batch if batch is None else batch
-    seq_len = c.data.max_length if seq_len is None else seq_len
+    seq_len = family.seq_len(c) if seq_len is None else seq_len
     check(c, global_batch, seq_len)
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu must be in (0, 1], not {mfu}")
@@ -339,12 +326,12 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
     except ValueError as e:
         raise PlanError(f"{topology_name} has {topo.chips} chips: {e}") from None
     local = _local_batch(global_batch, c.train.micro_batches, sizes)
-    model = abstract_model(c.model)
-    trainable = optim.trainable(STAGES[c.train.stage], c.train.freeze)
+    model = abstract_model(c)
+    trainable = trainable_filter(c)
     placed = mesh.placement(model, sizes)
     weights = float32_bytes(model, trainable, sizes)
-    acts = activations(model.config, c.model.remat, trainable, batch=local, micro=local // c.train.micro_batches,
-                       seq_len=seq_len, tensor=sizes["tensor"], platform=topo.platform)
+    acts = activations(c, model.config, batch=local, micro=local // c.train.micro_batches, seq_len=seq_len,
+                       tensor=sizes["tensor"], platform=topo.platform)
     memory = {"parameters": placed.per_device_bytes, "gradients": weights * (2 if c.train.micro_batches > 1 else 1),
               "optimizer": 2 * weights, "activations": live_activations(acts)}
     memory["packing"] = round(PACKING * sum(memory.values()))
@@ -361,7 +348,8 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
         fits = "refused" not in xla and xla["peak"] <= topo.hbm_bytes
     else:
         fits = None if compilable else memory["total"] <= topo.hbm_bytes
-    step = flops.mgm_step_flops(model, trainable, batch=global_batch, seq_len=seq_len)
+    step = family.step_flops(c, model, trainable, batch=global_batch)(seq_len)
+    tiles = family.input_shapes(c, model.config, 1, 1).get("pixel_values")
     seconds = step["total"] / (topo.chips * topo.peak_flops * mfu) if topo.peak_flops else None
     return {
         "release": c.model.release or c.model.init, "stage": c.train.stage,
@@ -369,7 +357,8 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
                      "hbm_bytes": topo.hbm_bytes, "peak_flops": topo.peak_flops},
         "mesh": sizes,
         "batch": {"global": global_batch, "micro_batches": c.train.micro_batches,
-                  "per_device": local // c.train.micro_batches, "seq_len": seq_len},
+                  "per_device": local // c.train.micro_batches, "seq_len": seq_len,
+                  **({"tiles": tiles.shape[1]} if tiles is not None else {})},
         "compute_dtype": c.model.compute_dtype, "remat": c.model.remat,
         "parameters": {"count": optim.count_params(model), "trainable": optim.count_params(model, trainable),
                        "total_bytes": placed.total_bytes, "sharded_fraction": placed.sharded_fraction,

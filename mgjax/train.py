@@ -46,7 +46,8 @@ class ModelSection:
                 "'parts' (MGM stage 1: llm + vision + vision_aux checkpoints)"})
     release: str = field(default="", metadata={
         "help": "an MGM release (MGM-7B, MGM-7B-HD, ...; mgjax.releases): its architecture, and its MGM fields "
-                "(image_size_aux, image_grid, image_global) over the loaded checkpoints' configs"})
+                "(image_size_aux, image_grid, image_global) over the loaded checkpoints' configs; or an InternVL2 "
+                "release (InternVL2-1B, ...; mgjax.internvl_releases), the architecture mgjax.plan plans"})
     path: str = field(default="", metadata={"help": "pretrained: checkpoint directory (with tokenizer files)"})
     llm: str = field(default="", metadata={"help": "parts: HF LLM checkpoint directory (with tokenizer files)"})
     vision: str = field(default="", metadata={"help": "parts: HF CLIP checkpoint directory"})

@@ -25,7 +25,7 @@ def make_optimizer(model: nnx.Module, patterns: Sequence[str], config: OptimConf
     return nnx.Optimizer(model, adamw(config, total_steps), wrt=trainable(patterns, frozen))
 
 
-def _loss(model, batch: dict[str, Any], weighting: str):
+def batch_loss(model, batch: dict[str, Any], weighting: str):
     """Summed loss and summed weights; ``weighting`` other than ``token`` weighs each sample's tokens by its size
     (``packed_next_token_loss``), a row being one sample unless the batch carries ``segment_ids`` (packed rows)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -43,7 +43,7 @@ def _update(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any],
     ``token``) and the gradient norm."""
     # Functional inside the scan: nnx modules may not be closed over by a raw JAX transform.
     graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
-    grad_fn = jax.value_and_grad(lambda p, mb: _loss(nnx.merge(graphdef, p, rest), mb, weighting), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, mb: batch_loss(nnx.merge(graphdef, p, rest), mb, weighting), has_aux=True)
 
     def micro(carry, mb):
         grads, loss, count = carry

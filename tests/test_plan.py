@@ -10,10 +10,11 @@ import pytest
 from flax import nnx
 
 from mgjax import config as cfg
-from mgjax import flops, mesh, optim, plan, topology
+from mgjax import flops, internvl_releases, mesh, optim, plan, topology
 from mgjax.train import STAGES, RunConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mgm"
+INTERNVL = CONFIGS.parent / "internvl"
 MGM_2B_PROJECTORS = 13_259_008  # configs/README.md's table
 
 
@@ -69,7 +70,7 @@ def test_nothing_trainable_means_no_gradients_no_optimizer_state_and_no_backward
 
 @pytest.mark.parametrize("sizes", [dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)])
 def test_float32_bytes_of_every_parameter_are_their_placement(sizes):
-    model = plan.abstract_model(run_config().model)
+    model = plan.abstract_model(run_config())
     sizes = {**{a: 1 for a in mesh.MESH_AXES}, **sizes}
     assert plan.float32_bytes(model, nnx.Param, sizes) == mesh.placement(model, sizes).per_device_bytes
 
@@ -99,7 +100,7 @@ def test_tensor_parallelism_splits_activations_that_data_parallelism_does_not():
 def test_step_flops_and_time_follow_the_flops_module():
     c = run_config()
     r = planned(batch=64, seq_len=1024, mfu=0.5)
-    model = plan.abstract_model(c.model)
+    model = plan.abstract_model(c)
     want = flops.mgm_step_flops(model, optim.trainable(STAGES["stage2"]), batch=64, seq_len=1024)
     assert r["step_flops"] == want
     assert r["seconds_per_step"] == pytest.approx(want["total"] / (8 * flops.PEAK_FLOPS["H100"] * 0.5))
@@ -221,7 +222,39 @@ def test_tpu_slice_names_count_chips_as_cloud_tpu_does(name, chips, hbm):
     assert t.peak_flops == flops.kind_peak_flops(topology.parse(name).generation.kind) > 0
 
 
-def test_internvl_configs_are_pointed_elsewhere(capsys):
-    internvl = CONFIGS.parent / "internvl" / "InternVL2-1B" / "lora.yaml"
-    code, _, err = cli(capsys, "--config", str(internvl), "--topology", "8xH100")
-    assert code == 2 and "bench/adapt_memory.py" in err
+@pytest.mark.parametrize("mode, tiles, length", [("full", 48, 16384), ("frozen_vit", 7, 4096), ("lora", 7, 4096)])
+def test_internvl_releases_plan_each_adaptation_mode(mode, tiles, length):
+    """An InternVL2 config plans from its release's architecture: the mode's trainable set (LoRA adapters
+    included) gets gradients and moments; rows are packed rows (full) or samples, with their tile slots."""
+    c = cfg.load(RunConfig, INTERNVL / "InternVL2-1B" / f"{mode}.yaml", [])
+    r = plan.report(c, "v5p-16")
+    counts = internvl_releases.memory("InternVL2-1B", mode)
+    assert (r["parameters"]["count"], r["parameters"]["trainable"]) == (counts["params"], counts["trainable"])
+    assert r["batch"] == {"global": c.train.global_batch, "micro_batches": 1,
+                          "per_device": c.train.global_batch // 8, "seq_len": length, "tiles": tiles}
+    model = plan.abstract_model(c)
+    trainable = plan.trainable_filter(c)
+    assert r["bytes_per_device"]["optimizer"] == 2 * plan.float32_bytes(model, trainable, r["mesh"])
+    want = flops.internvl_step_flops(model, trainable, batch=c.train.global_batch, seq_len=length, tiles=tiles)
+    assert r["step_flops"] == want
+    token_arrays = 3 if mode == "full" else 2  # ids, labels (and segment ids of packed rows), int32
+    assert r["activation_bytes"]["inputs"] == r["batch"]["per_device"] * (tiles * 3 * 448 * 448 * 4
+                                                                           + token_arrays * length * 4)
+
+
+def test_an_internvl_plan_needs_the_release(capsys):
+    code, _, err = cli(capsys, "--config", str(INTERNVL / "InternVL2-2B" / "lora.yaml"), "--topology", "8xH100",
+                       "--set", "model.release=")
+    assert code == 2 and "model.release" in err and err.count("\n") == 1
+
+
+def test_the_estimate_is_within_15_percent_of_the_tpu_compiler_for_a_tiny_internvl():
+    """The InternVL demo's model at bf16 under full remat, packed rows weighted as Mini-InternVL's recipe
+    (square), on v5p-8."""
+    c = cfg.load(RunConfig, INTERNVL / "demo_general.yaml", [
+        "model.compute_dtype=bfloat16", "model.remat=full", "data.pack_length=2048", "data.pack_tiles=24",
+        "train.loss_weighting=square"])
+    estimate, peak = _estimate_and_compiled(c, "v5p-8", batch=32)
+    print(f"[plan] InternVL demo 32 x 2048 packed, 24 tiles, on v5p-8: compiled {peak / 2**20:.1f} MiB, estimate "
+          f"{estimate / 2**20:.1f} MiB ({peak / estimate:.3f})")
+    assert 0.85 <= peak / estimate <= 1.15
