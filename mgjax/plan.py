@@ -2,8 +2,11 @@
 named topology. ``python -m mgjax.plan --config configs/mgm/MGM-7B/stage2.yaml --topology 8xH100
 [--mesh data=1,fsdp=-1,tensor=1,expert=1] [--set key=value ...] [--batch N] [--seq-len L] [--mfu 0.4] [--json]``
 
-Everything comes from shapes: the model is built with ``nnx.eval_shape`` from ``model.release`` (or the demo
-config), never from the checkpoint paths the config names, so MGM-34B plans in seconds on a laptop.
+Everything comes from shapes: the model is built with ``nnx.eval_shape`` from ``model.release`` (an MGM or an
+InternVL2 release, or the family's demo config), never from the checkpoint paths the config names, so MGM-34B plans
+in seconds on a laptop. What differs by family (``mgjax.families``): the trainable set (MGM's stage, InternVL's
+adaptation mode with its LoRA adapters), the batch (InternVL rows carry their tile slots, and packed rows their
+segment ids) and the loss weighting, all as ``mgjax.train`` runs them.
 
 Memory per device, as ``mgjax.train`` lays it out (parameters and optimizer state float32, ``mgjax.mesh``'s
 placement from the logical axes; the device holding the most is reported):
@@ -40,7 +43,7 @@ placement from the logical axes; the device holding the most is reported):
   (``bench/tpu_fit.py``'s rows); on GPUs (XLA's same heap simulator) it is unmeasured.
 
 HBM per chip is the vendor's capacity, taken as GiB; runtimes report a little less. Step time is the step's model
-FLOPs (``mgjax.flops.mgm_step_flops``, global batch) over chips x peak x the assumed MFU.
+FLOPs (``mgjax.flops``, global batch) over chips x peak x the assumed MFU.
 """
 from __future__ import annotations
 

@@ -182,3 +182,15 @@ def test_slice_names_are_checked():
     for bad, why in (("v5p-6", "powers of two of 2 TensorCores"), ("v7-8", "expected GEN-N"), ("v5e", "GEN-N")):
         with pytest.raises(ValueError, match=why):
             topology.parse(bad)
+
+
+def test_moe_dispatch_auto_follows_the_platform_compiled_for():
+    """``moe_impl: auto`` is grouped (ragged_dot) in a program compiled for a TPU, here where the process's own
+    backend is the CPU, and dense for the CPU: deviceless TPU compiles measure what a TPU would run."""
+    from mgjax.models.moe import SparseMoeBlock
+    block = SparseMoeBlock(16, 32, 4, 2, act="silu", impl="auto", dtype=F32, param_dtype=F32, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 8, 16))
+    trace = lambda: str(jax.make_jaxpr(lambda x: block(x))(x))  # noqa: E731
+    with topology.compiling_for(devices(SLICES["v5p"])[0]):
+        assert "ragged_dot" in trace()
+    assert "ragged_dot" not in trace()

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax import layers
+from mgjax import layers, topology
 
 
 # tokens [N, in] x expert weights [E, out, in] (torch layout, contracted in place rather than transposed per call)
@@ -54,7 +54,8 @@ class SparseMoeBlock(nnx.Module):
         flat = x.reshape(b * t, d).astype(self.dtype)
         logits, weights, idx = self.route(flat)
         w1, w2, w3 = (getattr(self.experts, n).weight[...].astype(self.dtype) for n in ("w1", "w2", "w3"))
-        impl = self.impl if self.impl != "auto" else ("grouped" if jax.default_backend() == "tpu" else "dense")
+        # the platform compiled for (deviceless TPU compiles included), not the process's default backend
+        impl = self.impl if self.impl != "auto" else ("grouped" if topology.target().platform == "tpu" else "dense")
         out = (self._dense if impl == "dense" else self._grouped)(flat, weights, idx, w1, w2, w3)
         return out.astype(x.dtype).reshape(b, t, d), logits
 
