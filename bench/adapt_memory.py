@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax import adapt, internvl_releases, mesh, optim
 from mgjax.models.internvl import InternVLChatModel
-from mgjax.train_step import ShardedStep, make_optimizer, memory
+from mgjax.nn import params
+from mgjax.parallel import mesh
+from mgjax.recipes import adapt, internvl_releases
+from mgjax.train import optim
+from mgjax.train.step import ShardedStep, make_optimizer, memory
 
 GiB = 2 ** 30
 
@@ -42,7 +45,7 @@ def measure(release: str, mode: str, *, batch: int, seq: int, tiles: int, dtype,
               for k, (shape, dt) in spec.items()}
     start = time.perf_counter()
     use = memory(ShardedStep(model, opt, m).compile(model, opt, inputs))
-    return {"trainable": optim.count_params(model, opt.wrt), "params": optim.count_params(model),
+    return {"trainable": params.count_params(model, opt.wrt), "params": params.count_params(model),
             "optimizer_gib": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)))
             / GiB, "peak_gib": use["peak"] / GiB, "temporaries_gib": use["temporaries"] / GiB,
             "compile_s": time.perf_counter() - start}

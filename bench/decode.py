@@ -1,4 +1,4 @@
-"""Decode throughput: mgjax's compiled prefill + step (``mgjax.decoding``) against transformers' ``generate`` on
+"""Decode throughput: mgjax's compiled prefill + step (``mgjax.inference.decoding``) against transformers' ``generate`` on
 the same random Llama weights and the same hardware, greedy, side by side.
 
     python bench/decode.py [--layers 8] [--hidden 512] [--vocab 32000] [--batch 1 8] [--prompt 64] [--new 128]
@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from timing import median_seconds  # bench/timing.py: the script's folder is on sys.path
 
 import mgjax
-from mgjax import decoding
-from timing import median_seconds  # bench/timing.py: the script's folder is on sys.path
+from mgjax.inference import decoding
 
 
 def _torch_seconds(hf, ids: torch.Tensor, new: int, repeats: int) -> tuple[float, np.ndarray]:

@@ -34,11 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/: timing, decode, mining_attention
-import mgjax  # noqa: E402
-from mgjax import decoding, flops, mining, optim  # noqa: E402
-from mgjax.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
-from mgjax.train_step import make_optimizer, train_step  # noqa: E402
 from timing import median_seconds  # noqa: E402
+
+import mgjax  # noqa: E402
+from mgjax.inference import decoding  # noqa: E402
+from mgjax.models import mining  # noqa: E402
+from mgjax.models.mgm import IMAGE_TOKEN_INDEX  # noqa: E402
+from mgjax.nn import params  # noqa: E402
+from mgjax.train import flops, optim  # noqa: E402
+from mgjax.train.step import make_optimizer, train_step  # noqa: E402
 
 # Gemma-2B's widths and MGM-2B's towers (CLIP-L/14 at 336 px, ConvNeXt-L at 768 px, 8 x 8 mining windows)
 FULL = dict(
@@ -203,8 +207,8 @@ def train_step_vs_pytorch(s: dict, layers: int) -> dict:
     torch_batch, ours = _batch(s, model.config.tokens_per_image)
     tokens = s["batch"] * s["seq_len"]
     first_loss = float(train_step(model, opt, ours)["loss"])  # also the compile; the same weights and batch as torch's
-    ours_s = median_seconds(lambda b: train_step(model, opt, b)["loss"], ours, repeats=s["repeats"])
-    step_flops = flops.mgm_step_flops(model, optim.trainable(optim.MGM_STAGE2), batch=s["batch"],
+    ours_s = median_seconds(lambda b, m=model, o=opt: train_step(m, o, b)["loss"], ours, repeats=s["repeats"])
+    step_flops = flops.mgm_step_flops(model, params.trainable(optim.MGM_STAGE2), batch=s["batch"],
                                       seq_len=s["seq_len"])["total"]
     peak = flops.peak_flops()
     out = {"model": f"MGM stage 2, Gemma-2B widths with {layers} layers, bf16 compute, full remat",

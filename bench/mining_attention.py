@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-from mgjax import mining
-from mgjax.models.mgm import PreNormLinear, shared_norm_projections
 from timing import median_seconds  # bench/timing.py: the script's folder is on sys.path
+
+from mgjax.models import mining
+from mgjax.models.mgm import PreNormLinear, shared_norm_projections
 
 DATASHEET_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.04e12, "TPU v4": 1.2e12, "TPU v5 lite": 0.82e12,
                        "TPU v5e": 0.82e12, "TPU v5p": 2.76e12, "TPU v5": 2.76e12, "TPU v6 lite": 1.64e12}

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from timing import median_seconds  # bench/timing.py: the script's folder is on sys.path
 
 from mgjax.models.moe import SparseMoeBlock
-from timing import median_seconds  # bench/timing.py: the script's folder is on sys.path
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
                             [--set train.micro_batches=4] [--out bench/results/tpu_fit.jsonl]
 
 For each config and generation: start at the smallest slice on which the plan's estimate, less its 15% error
-bound, fits a chip's HBM; compile the step there (deviceless, ``mgjax.plan``'s ``--compile`` path, the program
+bound, fits a chip's HBM; compile the step there (deviceless, ``mgjax.train.plan``'s ``--compile`` path, the program
 ``mgjax.train`` compiles); go to the next larger slice until the compiled peak fits, then back down while it still
 fits.
 A slice on which the recipe's batch does not split is passed over. One JSON line per compile, written as soon as
@@ -24,8 +24,8 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: TPU devices come from libtpu, deviceless
 
 from mgjax import config as cfg  # noqa: E402
-from mgjax import plan  # noqa: E402
-from mgjax.train import RunConfig  # noqa: E402
+from mgjax.train import plan  # noqa: E402
+from mgjax.train.run_config import RunConfig  # noqa: E402
 
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ CHIPS = (4, 8, 16, 32, 64, 128, 256)
 DEFAULT_CONFIGS = ([f"configs/mgm/{r}/stage2.yaml" for r in
                     ("MGM-2B", "MGM-7B", "MGM-13B", "MGM-34B", "MGM-8x7B", "MGM-2B-HD", "MGM-7B-HD")]
                    + [f"configs/internvl/InternVL2-{r}/{mode}.yaml" for r in ("1B", "2B", "4B") for mode in ("full", "lora")])
-ERROR = 0.15  # mgjax.plan's estimate is within 15% of the compiled peak (tests/test_plan.py)
+ERROR = 0.15  # mgjax.train.plan's estimate is within 15% of the compiled peak (tests/test_plan.py)
 
 
 def slice_name(gen: str, chips: int) -> str:
@@ -111,7 +111,7 @@ def _compile(config: str, sets: list[str], gen: str, out: Path, chips: int) -> d
 
 
 def estimate_now(row: dict) -> float:
-    """``mgjax.plan``'s estimate for a row's step with today's code (the row keeps the one of its commit)."""
+    """``mgjax.train.plan``'s estimate for a row's step with today's code (the row keeps the one of its commit)."""
     c = cfg.load(RunConfig, row["config"], row["set"])
     r = plan.report(c, row["slice"], batch=row["batch"]["global"], seq_len=row["batch"]["seq_len"])
     return round(r["bytes_per_device"]["total"] / GiB, 2)

@@ -1,7 +1,6 @@
 """``from_pretrained`` / ``save_pretrained``: HF checkpoint directories in, HF checkpoint directories out."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -11,46 +10,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax import mesh as mesh_lib
-from mgjax import mgm_towers
 from mgjax.convert import hf
 from mgjax.convert.safetensors_io import CheckpointError, KeyMismatch
+from mgjax.models import mgm_towers
 from mgjax.models.base import ModelConfig
 from mgjax.models.mgm import FAMILIES as MGM_TYPES
-
-# HF ``model_type`` -> the mgjax class that implements it.
-ARCHITECTURES: dict[str, str] = {
-    "llama": "mgjax.models.decoder:LlamaForCausalLM",
-    "qwen2": "mgjax.models.decoder:Qwen2ForCausalLM",
-    "gemma": "mgjax.models.decoder:GemmaForCausalLM",
-    "mixtral": "mgjax.models.decoder:MixtralForCausalLM",
-    "phi3": "mgjax.models.decoder:Phi3ForCausalLM",
-    "internlm2": "mgjax.models.decoder:InternLM2ForCausalLM",
-    "clip_vision_model": "mgjax.models.clip:CLIPVisionModel",
-    "clip": "mgjax.models.clip:CLIPVisionModel",  # a full CLIP checkpoint: its vision tower
-    "convnext": "mgjax.models.convnext:ConvNextModel",
-    "internvl_vision": "mgjax.models.internvit:InternVisionModel",
-    "intern_vit_6b": "mgjax.models.internvit:InternVisionModel",  # InternVL's own config for InternViT
-    "internvl_chat": "mgjax.models.internvl:InternVLChatModel",  # InternVL's released checkpoints
-    "internvl": "mgjax.models.internvl:InternVLChatModel",  # transformers' conversion
-    "mgm": "mgjax.models.mgm:MGMForCausalLM",
-    "mgm_gemma": "mgjax.models.mgm:MGMForCausalLM",
-    "mgm_mixtral": "mgjax.models.mgm:MGMForCausalLM",
-    "mini_gemini": "mgjax.models.mgm:MGMForCausalLM",  # MGM's name before its 2024-04 rename
-}
-
-
-def model_class(model_type: str):
-    if model_type not in ARCHITECTURES:
-        raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
-    module, name = ARCHITECTURES[model_type].split(":")
-    return getattr(importlib.import_module(module), name)
+from mgjax.models.registry import model_class
+from mgjax.parallel import mesh as mesh_lib
 
 
 def init(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
     """A randomly initialised model, built in one compiled program (eager construction compiles every
     initializer separately: seconds per layer type). The structure comes from an abstract trace, the values
-    from ``jit``; with a ``mesh`` each parameter is born in its shards (``mgjax.mesh``)."""
+    from ``jit``; with a ``mesh`` each parameter is born in its shards (``mgjax.parallel.mesh``)."""
     cls = model_class(config.model_type)
     build = lambda: cls(config, rngs=nnx.Rngs(seed))  # noqa: E731
     abstract = nnx.eval_shape(build)
@@ -99,10 +71,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
     matches the checkpoint best. ``weights`` points at the safetensors file(s) when they live apart from
     ``config.json``. ``towers`` takes submodules from their own files instead, as ``{attribute: (path, layout)}``.
     Every key and shape is checked; a mismatch raises an error naming each offending key. With a ``mesh``, each
-    process reads the checkpoint and keeps only its own shards (``mgjax.mesh.placer``).
+    process reads the checkpoint and keeps only its own shards (``mgjax.parallel.mesh.placer``).
 
     An MGM checkpoint that names its towers by directory (MGM's own) loads them as MGM does
-    (``mgjax.mgm_towers``): from the directories found under ``towers_root``, the working directory or beside the
+    (``mgjax.models.mgm_towers``): from the directories found under ``towers_root``, the working directory or beside the
     checkpoint, printing where each came from; ``tower_source="checkpoint"`` uses the checkpoint's copies.
     """
     path = Path(path)

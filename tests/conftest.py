@@ -8,7 +8,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build their models; nothing may come from a hub
 # PyTorch references run on its scalar CPU kernels: the AVX2 and AVX-512 ones round pow differently from each
-# other (see mgjax/rope.py), so a reference would otherwise depend on the CPU CI lands on. Set before torch loads.
+# other (see mgjax/nn/rope.py), so a reference would otherwise depend on the CPU CI lands on. Set before torch loads.
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
 # One persistent compilation cache per test run, shared with the processes tests start (training runs,
 # multi-process meshes): the demo's programs compile once, not in every process (4 training tests: 133 s -> 102 s).

@@ -7,11 +7,13 @@ import pytest
 from flax import nnx
 
 import mgjax
-from mgjax import adapt, optim
 from mgjax.models.decoder import Qwen2Config
 from mgjax.models.internvit import InternVisionConfig
 from mgjax.models.internvl import InternVLConfig
-from mgjax.train_step import make_optimizer, train_step
+from mgjax.nn import params
+from mgjax.recipes import adapt
+from mgjax.train import optim
+from mgjax.train.step import make_optimizer, train_step
 
 IMAGE = 5
 CONFIG = InternVLConfig(
@@ -44,7 +46,7 @@ def _train(mode: str):
     losses = [float(train_step(model, opt, _batch(seed=i % 2))["loss"]) for i in range(6)]
     changed = {p: any(not np.array_equal(w, _params(model, p)[k]) for k, w in ws.items())
                for p, ws in before.items()}
-    return losses, changed, state, optim.count_params(model, opt.wrt)
+    return losses, changed, state, params.count_params(model, opt.wrt)
 
 
 @pytest.mark.parametrize("mode, moves", [

@@ -1,4 +1,4 @@
-"""``mgjax.chat``: multi-turn conversations with images attached mid-way, streamed answers equal to plain greedy
+"""``mgjax.inference.chat``: multi-turn conversations with images attached mid-way, streamed answers equal to plain greedy
 decoding of the same prompt, and the terminal command."""
 import subprocess
 import sys
@@ -9,9 +9,10 @@ import pytest
 import transformers
 
 import mgjax
-from mgjax import decoding, preprocess
-from mgjax.chat import Chat
-from mgjax.generate import conversation_inputs, stop_ids
+from mgjax.data import preprocess
+from mgjax.inference import decoding
+from mgjax.inference.chat import Chat
+from mgjax.inference.generate import conversation_inputs, stop_ids
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ import numpy as np
 from flax import nnx
 
 import mgjax
-from mgjax import loader, optim, samples
-from mgjax.checkpoint import Checkpoints
+from mgjax.data import loader, samples
 from mgjax.models.decoder import LlamaConfig
-from mgjax.train_step import make_optimizer, train_step
+from mgjax.train import optim
+from mgjax.train.checkpoint import Checkpoints
+from mgjax.train.step import make_optimizer, train_step
 
 CONFIG = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8)

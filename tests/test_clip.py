@@ -8,7 +8,7 @@ import transformers
 
 import mgjax
 from mgjax.convert.safetensors_io import CheckpointError
-from mgjax.resize import bicubic_matrix
+from mgjax.nn.resize import bicubic_matrix
 from tests.conftest import max_abs
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from mgjax import config
-from mgjax.optim import OptimConfig
+from mgjax.train.optim import OptimConfig
 
 
 @dataclass(frozen=True)

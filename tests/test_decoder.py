@@ -234,7 +234,7 @@ def test_unsupported_config_is_named(tmp_path):
 
 def test_greedy_generation_matches_transformers(pair):
     name, hf, _, model = pair
-    from mgjax.decoding import greedy
+    from mgjax.inference.decoding import greedy
     ids = _ids(batch=2, length=7, seed=3)
     ref = ids
     with torch.no_grad():  # torch reference: recompute the whole prefix each step, no cache

@@ -1,4 +1,4 @@
-"""Decoding (``mgjax.decoding``) against transformers on a tiny random Llama: left-padded batches decode as their
+"""Decoding (``mgjax.inference.decoding``) against transformers on a tiny random Llama: left-padded batches decode as their
 rows alone, the sampling warpers equal transformers' processors, and beam search picks transformers' beams."""
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ import torch
 import transformers
 
 import mgjax
-from mgjax import decoding
-from mgjax.decoding import Sampling
+from mgjax.inference import decoding
+from mgjax.inference.decoding import Sampling
 
 EOS = 3
 

@@ -1,8 +1,8 @@
 """Which ``jax.distributed.initialize`` call each environment gets (the call itself is recorded, not made)."""
 import pytest
 
-from mgjax import distributed
-from mgjax.distributed import DistributedConfig
+from mgjax.parallel import distributed
+from mgjax.parallel.distributed import DistributedConfig
 
 
 @pytest.fixture

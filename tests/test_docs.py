@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from mgjax import train
+from mgjax.train import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "configs" / "README.md"]
@@ -78,7 +78,7 @@ def _run_shell(words: list[str], where: str):
     elif words[0].startswith("python") and words[1:3] == ["-m", "pytest"]:
         pass  # this very run
     elif words[0].startswith("python") and words[1:3] == ["-m", "mgjax.train"]:
-        assert train.main([*words[3:], "--check"]) == 0, f"{where}: {shlex.join(words)}"
+        assert cli.main([*words[3:], "--check"]) == 0, f"{where}: {shlex.join(words)}"
     elif words[0].startswith("launch/"):
         script, *args = _required(words)
         run = subprocess.run(["bash", script, "--dry-run", *args], cwd=ROOT, capture_output=True, text=True,

@@ -10,15 +10,15 @@ import pytest
 from flax import nnx
 
 import mgjax
-from mgjax import train
-from mgjax.optim import count_params
+from mgjax.nn.params import count_params
+from mgjax.train import cli
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "internvl"
 MODES = ("full", "frozen_vit", "lora")
 
 
 def _train(config: str, out: Path, *sets: str, steps: int = 4, batch: int = 8) -> int:
-    return train.main(["--config", str(CONFIGS / config), "--set", f"train.out_dir={out}",
+    return cli.main(["--config", str(CONFIGS / config), "--set", f"train.out_dir={out}",
                        "--set", f"train.steps={steps}", "--set", f"train.global_batch={batch}",
                        "--set", "train.progress=false", "--set", "eval.max_new_tokens=8",
                        *[a for s in sets for a in ("--set", s)]])

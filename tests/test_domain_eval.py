@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from mgjax import domain_eval as E
-from mgjax import formatters as F
+from mgjax.data import formatters as F
+from mgjax.eval import domain_eval as E
 
 OPTIONS = {"A": "airport", "B": "beach", "C": "forest", "D": "river"}
 REF = [100, 100, 300, 300]  # area 200 * 200 = 40000

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgjax import eval as evaluate
-from mgjax import scoring
+from mgjax.eval import harness as evaluate
+from mgjax.eval import scoring
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eval"
 

@@ -5,8 +5,10 @@ from types import SimpleNamespace
 import pytest
 from flax import nnx
 
-from mgjax import demo_data, flops, optim
+from mgjax.demo import mgm_task
 from mgjax.models.mgm import MGMForCausalLM
+from mgjax.nn import params
+from mgjax.train import flops, optim
 
 SEQ = 64
 NOTHING = ()  # no parameter trains: every component costs its forward once
@@ -16,7 +18,7 @@ LLM_ONLY = (r"language_model\..*",)
 
 def _model(**changes):
     """Abstract (shapes only): the counts need sizes, not values, and skip the seconds an init takes on a CPU."""
-    config = dataclasses.replace(demo_data.model_config(), **changes)
+    config = dataclasses.replace(mgm_task.model_config(), **changes)
     return nnx.eval_shape(lambda: MGMForCausalLM(config, rngs=nnx.Rngs(0)))
 
 
@@ -27,7 +29,7 @@ def model():
 
 def _flops(model, patterns, batch=2, seq_len=SEQ):
     # the filter make_optimizer hands nnx.Optimizer as ``wrt`` (train.run passes ``opt.wrt``)
-    return flops.mgm_step_flops(model, optim.trainable(patterns), batch=batch, seq_len=seq_len)
+    return flops.mgm_step_flops(model, params.trainable(patterns), batch=batch, seq_len=seq_len)
 
 
 def _llm_forward(config, seq_len: int) -> float:
@@ -85,7 +87,7 @@ def test_a_partly_trained_component_pays_weight_gradients_for_its_share(model):
     llm = _flops(model, LLM_ONLY)["trainable"] / 3
     out = _flops(model, (r"language_model\.lm_head\..*",))
     c = model.config.llm
-    share = c.vocab_size * c.hidden_size / optim.count_params(model.language_model)
+    share = c.vocab_size * c.hidden_size / params.count_params(model.language_model)
     assert out["trainable"] == pytest.approx(3 * share * llm)
     assert out["frozen_on_gradient_path"] == pytest.approx(2 * (1 - share) * llm)
 

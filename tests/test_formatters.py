@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mgjax import formatters as F
-from mgjax import meta as meta_lib
+from mgjax.data import formatters as F
+from mgjax.data import meta as meta_lib
 
 CLASSES = ["airport", "beach", "forest", "river"]
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (120, 60, 10)]

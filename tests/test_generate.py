@@ -10,7 +10,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import mgjax
-from mgjax import decoding, generate, preprocess
+from mgjax.data import preprocess
+from mgjax.inference import decoding, generate
 from tests import test_mgm
 
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>"]

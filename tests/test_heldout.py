@@ -6,19 +6,21 @@ import pytest
 from flax import nnx
 
 import mgjax
-from mgjax import demo_data, heldout, samples
-from mgjax.templates import IGNORE_INDEX
+from mgjax.data import samples
+from mgjax.data.templates import IGNORE_INDEX
+from mgjax.demo import mgm_task
+from mgjax.eval import heldout
 
-CONFIG = demo_data.model_config(mining=False)  # LR-only: the same inputs, a fraction of the init and compile
+CONFIG = mgm_task.model_config(mining=False)  # LR-only: the same inputs, a fraction of the init and compile
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """4 held-out images, one record per question type each: 12 records, 4 per type."""
     root = tmp_path_factory.mktemp("heldout")
-    _, eval_path = demo_data.write_dataset(root, n_train=0, n_eval=4)
+    _, eval_path = mgm_task.write_dataset(root, n_train=0, n_eval=4)
     records = list(samples.read_records(eval_path))
-    make = samples.MGMSamples(CONFIG, demo_data.tokenizer(), demo_data.TEMPLATE, str(root), max_length=64,
+    make = samples.MGMSamples(CONFIG, mgm_task.tokenizer(), mgm_task.TEMPLATE, str(root), max_length=64,
                               pad_to_square=True, pad_id=0)
     return records, make
 
@@ -27,7 +29,7 @@ class NextToken(nnx.Module):
     """Predicts each position's next input id: under teacher forcing, a model that never errs."""
 
     def __call__(self, input_ids, images, images_aux):
-        return jax.nn.one_hot(jnp.maximum(jnp.roll(input_ids, -1, axis=1), 0), len(demo_data.WORDS)), None
+        return jax.nn.one_hot(jnp.maximum(jnp.roll(input_ids, -1, axis=1), 0), len(mgm_task.WORDS)), None
 
 
 class Fixed(nnx.Module):
@@ -47,7 +49,7 @@ def _wrong_answer(make, sample_id):
         if record["id"] == sample_id:
             labels = s["labels"].copy()
             first = np.flatnonzero(labels != IGNORE_INDEX)[0]
-            labels[first] = (labels[first] + 1) % len(demo_data.WORDS)
+            labels[first] = (labels[first] + 1) % len(mgm_task.WORDS)
             s = {**s, "labels": labels}
         return s
     return corrupt
@@ -70,7 +72,7 @@ def test_accuracy_is_exact_on_answers(data):
     records, make = data
     perfect = heldout.accuracy(NextToken(), records, make, batch=4)
     assert {k: (r["right"], r["total"], r["accuracy"]) for k, r in perfect.items()} == {
-        k: (4, 4, 1.0) for k in demo_data.QUESTIONS}
+        k: (4, 4, 1.0) for k in mgm_task.QUESTIONS}
     wrong = next(r for r in records if r["type"] == "count")
     score = heldout.accuracy(NextToken(), records, _wrong_answer(make, wrong["id"]), batch=4)
     assert {k: r["right"] for k, r in score.items()} == {"color": 4, "count": 3, "word": 4}
@@ -101,7 +103,7 @@ def test_totals_and_skipped_records_per_type_with_a_real_model(data):
     score = heldout.accuracy(model, [missing, *records, text_only], make, batch=8)
     kind = records[0]["type"]
     assert {k: (r["total"], r["skipped"]) for k, r in score.items()} == {
-        **{k: (4, 0) for k in demo_data.QUESTIONS}, kind: (4, 1), "all": (1, 0)}
+        **{k: (4, 0) for k in mgm_task.QUESTIONS}, kind: (4, 1), "all": (1, 0)}
     for r in score.values():
         assert 0 <= r["right"] <= r["total"] and r["accuracy"] == r["right"] / r["total"]
     only_bad = heldout.accuracy(model, [missing], make, batch=8)
@@ -110,12 +112,12 @@ def test_totals_and_skipped_records_per_type_with_a_real_model(data):
 
 def test_greedy_answers_batched_equal_one_by_one(tmp_path):
     """``answers`` decodes prompts of one length together: each row's tokens equal its decoding alone."""
-    from mgjax import demo_grounding
-    _, _, eval_path = demo_grounding.write_dataset(tmp_path, n_train=0, n_eval=6)
-    tok = demo_grounding.tokenizer()
-    model = mgjax.init(demo_grounding.model_config(tok.convert_tokens_to_ids("<IMG_CONTEXT>")), seed=1)
-    make = samples.InternVLSamples(model.config, tok, demo_grounding.TEMPLATE, str(tmp_path), max_length=128,
-                                   max_dynamic_patch=demo_grounding.MAX_DYNAMIC_PATCH, tile_slots=5)
+    from mgjax.demo import grounding_task
+    _, _, eval_path = grounding_task.write_dataset(tmp_path, n_train=0, n_eval=6)
+    tok = grounding_task.tokenizer()
+    model = mgjax.init(grounding_task.model_config(tok.convert_tokens_to_ids("<IMG_CONTEXT>")), seed=1)
+    make = samples.InternVLSamples(model.config, tok, grounding_task.TEMPLATE, str(tmp_path), max_length=128,
+                                   max_dynamic_patch=grounding_task.MAX_DYNAMIC_PATCH, tile_slots=5)
     prompts = [make.prompt(r) for r in samples.read_records(eval_path)]
     assert len({len(p["input_ids"]) for p in prompts}) < len(prompts)  # some lengths shared: real batches
     stops = (tok.convert_tokens_to_ids("<|im_end|>"),)

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from mgjax import imagegen
-from mgjax.chat import Chat
+from mgjax.inference import imagegen
+from mgjax.inference.chat import Chat
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_chat_asks_for_an_image_and_saves_it_beside_the_answer(internvl_dir, pip
     "".join(chat.say("a red cat"))
     assert chat.turns[0]["value"] == "a red cat <GEN>"
     assert chat.last_image is None  # a random model writes no <h>…</h>
-    monkeypatch.setattr("mgjax.decoding.cut", lambda tokens, stops: [])  # an empty answer...
+    monkeypatch.setattr("mgjax.inference.decoding.cut", lambda tokens, stops: [])  # an empty answer...
     monkeypatch.setattr(chat.tokenizer, "decode", lambda *a, **k: "ok <h>a cat</h>")  # ...that reads as a prompt
     "".join(chat.say("again"))
     assert chat.last_image == tmp_path / "002.png" and chat.last_image.exists()

@@ -1,4 +1,4 @@
-"""The InternVL2 / Mini-InternVL releases (``mgjax.internvl_releases``): configs and recipes as the spec gives
+"""The InternVL2 / Mini-InternVL releases (``mgjax.recipes.internvl_releases``): configs and recipes as the spec gives
 them, parameter counts against transformers' own InternVL (InternLM2, which transformers lacks, by arithmetic),
 and the memory table's trainable sets, all from abstract shapes."""
 import dataclasses
@@ -10,8 +10,8 @@ import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, InternVLVisionModel
 
 from mgjax import config as cfg
-from mgjax import internvl_releases as releases
-from mgjax import train
+from mgjax.recipes import internvl_releases as releases
+from mgjax.train import run_config
 
 # Spec section 5.4, one row per mode: (lr, global batch, max tiles, max length, drop path, packed tokens,
 # loss reduction, LoRA rank, LoRA alpha, weight decay, warmup, clip).
@@ -147,7 +147,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "internvl"
 @pytest.mark.parametrize("name", releases.NAMES)
 def test_run_configs_follow_the_recipes(name, mode):
     """configs/internvl/<release>/<mode>.yaml: the recipe's numbers and the release's template, loadable."""
-    c = cfg.load(train.RunConfig, CONFIGS / name / f"{mode}.yaml", [])
+    c = cfg.load(run_config.RunConfig, CONFIGS / name / f"{mode}.yaml", [])
     r = releases.recipe(mode)
     assert (c.model.family, c.model.init, c.model.path) == ("internvl", "pretrained", f"checkpoints/{name}")
     assert (c.model.compute_dtype, c.model.remat, c.train.stage) == ("bfloat16", "full", mode)

@@ -8,7 +8,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import mgjax
-from mgjax import samples, templates
+from mgjax.data import samples, templates
 from tests.test_adapt import CONFIG
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>"]

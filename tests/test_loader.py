@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mgjax import loader, samples
+from mgjax.data import loader, samples
 
 RECORDS = [{"id": str(i), "x": i} for i in range(40)]
 

@@ -9,9 +9,10 @@ import transformers
 from flax import nnx
 
 import mgjax
-from mgjax import lora, optim
 from mgjax.models.decoder import LlamaConfig
-from mgjax.train_step import make_optimizer, train_step
+from mgjax.nn import lora, params
+from mgjax.train import optim
+from mgjax.train.step import make_optimizer, train_step
 from tests.conftest import max_abs
 
 CONFIG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -64,8 +65,8 @@ def test_training_moves_only_the_adapters_and_keeps_state_for_them_alone():
     base = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if "lora" not in k[-1]}
     opt = make_optimizer(model, lora.TRAINABLE, optim.OptimConfig(lr=1e-2, warmup_ratio=0.0), 100)
     moments = sum(x.size for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)) if x.ndim > 0)
-    adapters = optim.count_params(model, opt.wrt)
-    full = optim.count_params(model) - adapters
+    adapters = params.count_params(model, opt.wrt)
+    full = params.count_params(model) - adapters
     assert moments == 2 * adapters and adapters < full / 5
     ids = _ids(seed=3, batch=4)
     batch = {"input_ids": ids[None], "labels": ids[None]}

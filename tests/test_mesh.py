@@ -3,8 +3,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mgjax import mesh, releases
 from mgjax.models.mgm import MGMForCausalLM
+from mgjax.parallel import mesh
+from mgjax.recipes import mgm_releases
 
 ONE = {a: 1 for a in mesh.MESH_AXES}
 
@@ -54,7 +55,7 @@ def test_spec(axes, shape, sizes, want):
                                          ("MGM-34B", dict(fsdp=32)), ("MGM-34B-HD", dict(data=4, fsdp=32)),
                                          ("MGM-8x7B", dict(fsdp=8, expert=4))])
 def test_released_models_are_fully_sharded_under_fsdp(name, sizes):
-    model = nnx.eval_shape(lambda: MGMForCausalLM(releases.config(name), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: MGMForCausalLM(mgm_releases.config(name), rngs=nnx.Rngs(0)))
     placed = mesh.placement(model, {**ONE, **sizes})
     shards = sizes.get("fsdp", 1) * sizes.get("tensor", 1) * sizes.get("expert", 1)  # data replicates them
     assert placed.sharded_fraction > 0.999

@@ -15,8 +15,9 @@ import transformers
 from flax import nnx
 
 import mgjax
-from mgjax import mining, resize
+from mgjax.models import mining
 from mgjax.models.mgm import IMAGE_TOKEN_INDEX, PreNormLinear, shared_norm_projections
+from mgjax.nn import resize
 from tests.conftest import max_abs
 from tests.test_convnext import _timm_name
 
@@ -230,7 +231,7 @@ def test_bilinear_matrix_is_torch_bilinear(report):
 
 def test_greedy_decode_matches_the_reference(pair):
     """32 greedy tokens, against the torch reference recomputing the whole spliced sequence each step."""
-    from mgjax.decoding import greedy
+    from mgjax.inference.decoding import greedy
     mode, ref, _, model = pair
     ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
     want = ids

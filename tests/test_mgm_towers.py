@@ -14,9 +14,11 @@ import transformers
 from PIL import Image
 
 import mgjax
-from mgjax import families, generate, mgm_towers, train
 from mgjax.convert.safetensors_io import KeyMismatch
+from mgjax.inference import generate
+from mgjax.models import mgm_towers
 from mgjax.models.mgm import MGMConfig
+from mgjax.train import families, run_config
 from tests import test_generate, test_mgm
 from tests.conftest import max_abs
 from tests.test_convnext import _timm_name
@@ -208,6 +210,6 @@ def test_command_lines_take_the_same_route(zoo, tmp_path, monkeypatch, capsys):
     assert "--towers-root" in capsys.readouterr().err
     assert generate.main([*args, "--towers-root", str(root)]) == 0
     assert "mgm towers: CLIP from" in capsys.readouterr().err
-    section = train.ModelSection(init="pretrained", path=str(ckpt), towers_root=str(root))
+    section = run_config.ModelSection(init="pretrained", path=str(ckpt), towers_root=str(root))
     model, _ = families.MGM().build(section)
     assert model.config.vision_aux.hidden_sizes == (96, 192, 384, 768)

@@ -15,7 +15,9 @@ import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter
 from jax.experimental.pallas import tpu as pltpu
 
-from mgjax import mining, mining_kernel, topology
+from mgjax.kernels import mining_attention
+from mgjax.models import mining
+from mgjax.parallel import topology
 
 # bfloat16 is compared relative to the magnitude: one bf16 ulp at |x| in [2, 4) is 1.6e-2 already
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -47,9 +49,9 @@ def test_kernel_matches_the_reference_forward_and_backward(m, c, tokens, dtype, 
     # blocks of 16 tokens (on a TPU they are 128 or more; the interpreters take any): every case has several, the
     # last one ragged; two or more chunks of slots, so both phases of each kernel cross chunk boundaries
     assert tokens > 16 and tokens % 16
-    blocks = mining_kernel.Blocks(tokens=16, slots=max(d for d in (1, 2, 3, 4) if m * m % d == 0 and d < m * m),
+    blocks = mining_attention.Blocks(tokens=16, slots=max(d for d in (1, 2, 3, 4) if m * m % d == 0 and d < m * m),
                                   vmem_limit=16 << 20)
-    out, back = jax.vjp(lambda q, k, v: mining_kernel.attention(q, k, v, blocks, interpret), q, k, v)
+    out, back = jax.vjp(lambda q, k, v: mining_attention.attention(q, k, v, blocks, interpret), q, k, v)
     want, want_back = jax.vjp(mining.reference, q, k, v)
     errors = [_close(out, want, dtype)] + [_close(g, w, dtype) for g, w in zip(back(do), want_back(do))]
     print(f"[kernel] M={m} C={c} T={tokens} {jnp.dtype(dtype).name} {mode}: max rel err out/dq/dk/dv "
@@ -64,10 +66,10 @@ def test_blocks_fit_every_generations_vmem():
         for w in (4, 9, 16, 64):
             for itemsize in (2, 4):
                 for tokens in (16, 576, 2880):
-                    b = mining_kernel.blocks(w, 1024, itemsize, vmem, tokens)
-                    assert b is not None and w % b.slots == 0 and b.slots <= mining_kernel.MAX_SLOTS
+                    b = mining_attention.blocks(w, 1024, itemsize, vmem, tokens)
+                    assert b is not None and w % b.slots == 0 and b.slots <= mining_attention.MAX_SLOTS
                     assert b.tokens == tokens or b.tokens % 128 == 0
-                    assert mining_kernel.vmem_need(b.tokens, b.slots, 1024, itemsize) <= vmem * 3 // 4
+                    assert mining_attention.vmem_need(b.tokens, b.slots, 1024, itemsize) <= vmem * 3 // 4
 
 
 def test_auto_falls_back_to_the_reference_where_no_block_fits(capsys):
@@ -90,7 +92,7 @@ WORKER = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
-from mgjax import mining
+from mgjax.models import mining
 mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
 rng = np.random.default_rng(0)
 q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(8, 9, 64), (8, 16, 9, 64), (8, 16, 9, 64)])

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mgjax import demo_data
+from mgjax.demo import mgm_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def _free_port() -> int:
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     """mgjax.train's arguments."""
     return ["--config", "configs/demo.yaml", "--set", f"train.out_dir={out}",
-            "--set", f"data.path={data / demo_data.TRAIN_FILE}", "--set", f"eval.path={data / demo_data.EVAL_FILE}",
+            "--set", f"data.path={data / mgm_task.TRAIN_FILE}", "--set", f"eval.path={data / mgm_task.EVAL_FILE}",
             "--set", "train.steps=4", "--set", "checkpoint.every=3", "--set", "train.global_batch=8",
             "--set", "eval.compare_lr_only=false", "--set", "train.progress=false", *extra]
 
@@ -47,7 +47,7 @@ def _losses(out: Path) -> dict[int, float]:
 
 def test_two_processes_train_save_and_restore_onto_one_process_with_another_mesh(tmp_path):
     data = tmp_path / "data"
-    demo_data.write_dataset(data, n_train=64, n_eval=16)
+    mgm_task.write_dataset(data, n_train=64, n_eval=16)
     two, one = tmp_path / "two", tmp_path / "one"
     launch = ["bash", "launch/local.sh", "--processes", "2", "--devices-per-process", "4", "--port", str(_free_port()),
               "--python", sys.executable, "--log-dir", str(tmp_path / "logs"), "--"]
@@ -71,7 +71,7 @@ def test_two_processes_train_save_and_restore_onto_one_process_with_another_mesh
 
 def test_a_mesh_leaving_parameters_whole_is_refused_before_compiling(tmp_path):
     data = tmp_path / "data"
-    demo_data.write_dataset(data, n_train=16, n_eval=0)
+    mgm_task.write_dataset(data, n_train=16, n_eval=0)
     # 7 devices: hardly any width of the model splits 7 ways
     run = _train(_args(data, tmp_path / "run", "--set", "train.global_batch=7"), 7)
     assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import mgjax
-from mgjax import optim, packing
+from mgjax.data import packing
 from mgjax.models.decoder import Qwen2Config, segment_positions
+from mgjax.train import optim
 
 CONFIG = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8)
@@ -74,13 +75,14 @@ def test_loss_weightings_follow_the_per_sample_sums(weighting):
 @pytest.fixture(scope="module")
 def grounding(tmp_path_factory):
     """Tiny InternVL demo samples (images as dynamic tiles) and a random model to run them."""
-    from mgjax import demo_grounding, samples
+    from mgjax.data import samples
+    from mgjax.demo import grounding_task
     root = tmp_path_factory.mktemp("grounding")
-    domain, _, _ = demo_grounding.write_dataset(root, n_train=8, n_eval=1)
-    tok = demo_grounding.tokenizer()
-    model = mgjax.init(demo_grounding.model_config(tok.convert_tokens_to_ids("<IMG_CONTEXT>")), seed=0)
-    make = samples.InternVLSamples(model.config, tok, demo_grounding.TEMPLATE, str(root), max_length=128,
-                                   max_dynamic_patch=demo_grounding.MAX_DYNAMIC_PATCH, tile_slots=5)
+    domain, _, _ = grounding_task.write_dataset(root, n_train=8, n_eval=1)
+    tok = grounding_task.tokenizer()
+    model = mgjax.init(grounding_task.model_config(tok.convert_tokens_to_ids("<IMG_CONTEXT>")), seed=0)
+    make = samples.InternVLSamples(model.config, tok, grounding_task.TEMPLATE, str(root), max_length=128,
+                                   max_dynamic_patch=grounding_task.MAX_DYNAMIC_PATCH, tile_slots=5)
     records = [json.loads(line) for line in (root / "domain.jsonl").read_text().splitlines()]
     return model, [make(r) for r in records[:3]]
 

@@ -10,8 +10,11 @@ import pytest
 from flax import nnx
 
 from mgjax import config as cfg
-from mgjax import flops, internvl_releases, mesh, optim, plan, topology
-from mgjax.train import STAGES, RunConfig
+from mgjax.nn import params
+from mgjax.parallel import mesh, topology
+from mgjax.recipes import internvl_releases
+from mgjax.train import families, flops, plan
+from mgjax.train.run_config import RunConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mgm"
 INTERNVL = CONFIGS.parent / "internvl"
@@ -101,7 +104,7 @@ def test_step_flops_and_time_follow_the_flops_module():
     c = run_config()
     r = planned(batch=64, seq_len=1024, mfu=0.5)
     model = plan.abstract_model(c)
-    want = flops.mgm_step_flops(model, optim.trainable(STAGES["stage2"]), batch=64, seq_len=1024)
+    want = flops.mgm_step_flops(model, params.trainable(families.MGM.stages["stage2"]), batch=64, seq_len=1024)
     assert r["step_flops"] == want
     assert r["seconds_per_step"] == pytest.approx(want["total"] / (8 * flops.PEAK_FLOPS["H100"] * 0.5))
     assert r["tokens_per_s"] == pytest.approx(64 * 1024 / r["seconds_per_step"])

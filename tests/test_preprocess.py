@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import transformers
 from PIL import Image
 
-from mgjax import preprocess as P
+from mgjax.data import preprocess as P
 from tests.conftest import max_abs
 
 
@@ -127,7 +127,7 @@ def test_the_server_turns_images_upright_on_request(tmp_path):
     import base64
     import io
 
-    from mgjax import serve
+    from mgjax.inference import serve
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 counter-clockwise to view"
     buf = io.BytesIO()

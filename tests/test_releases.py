@@ -1,4 +1,4 @@
-"""The released MGM models (``mgjax.releases``) and their run configs (``configs/mgm``): recipes as the spec's table
+"""The released MGM models (``mgjax.recipes.mgm_releases``) and their run configs (``configs/mgm``): recipes as the spec's table
 gives them, and parameter counts that match transformers' own models of the same configs, all abstract."""
 import functools
 from pathlib import Path
@@ -9,12 +9,19 @@ import jax.numpy as jnp
 import pytest
 import torch
 from flax import nnx
-from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel, ConvNextConfig, \
-    ConvNextModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ConvNextConfig,
+    ConvNextModel,
+)
 
 from mgjax import config as cfg
-from mgjax import releases, train
 from mgjax.models.mgm import MGMForCausalLM
+from mgjax.recipes import mgm_releases
+from mgjax.train import run_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mgm"
 
@@ -44,7 +51,7 @@ BASE_LLM_SIZES = {"gemma-2b-it": 2_506_172_416, "vicuna-7b-v1.5": 6_738_415_616,
 
 def test_recipes_are_the_spec_table():
     got = {(name, stage): (r.template, r.lr, r.global_batch, r.max_length)
-           for name, stages in releases.RECIPES.items() for stage, r in stages.items()}
+           for name, stages in mgm_releases.RECIPES.items() for stage, r in stages.items()}
     assert got == SPEC
 
 
@@ -54,14 +61,14 @@ def test_there_is_a_run_config_for_every_recipe():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_base_configs_load(path):
-    cfg.load(train.RunConfig, path, [])
+    cfg.load(run_config.RunConfig, path, [])
 
 
 @pytest.mark.parametrize("path", RUN_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_run_config_follows_the_recipe(path):
     name, stage = path.parent.name, path.stem
-    c = cfg.load(train.RunConfig, path, [])
-    assert c.model.release == name and name in releases.NAMES
+    c = cfg.load(run_config.RunConfig, path, [])
+    assert c.model.release == name and name in mgm_releases.NAMES
     assert (c.data.template, c.optim.lr, c.train.global_batch, c.data.max_length) == SPEC[name, stage]
     assert c.train.stage == stage and c.train.out_dir == f"runs/{name}/{stage}"
     assert (c.train.epochs, c.optim.weight_decay, c.optim.warmup_ratio, c.optim.clip_norm) == (1, 0.0, 0.03, 0.0)
@@ -72,33 +79,33 @@ def test_run_config_follows_the_recipe(path):
         assert c.data.path.startswith("data/MGM-Pretrain/")
     else:  # from a stage-1 output (HD: the standard model's), images padded to square
         assert c.model.init == "pretrained"
-        assert releases.release(name).pretrained_from == name.removesuffix("-HD")
-        assert c.model.path == f"runs/{releases.release(name).pretrained_from}/stage1/final"
+        assert mgm_releases.release(name).pretrained_from == name.removesuffix("-HD")
+        assert c.model.path == f"runs/{mgm_releases.release(name).pretrained_from}/stage1/final"
         assert c.data.pad_to_square and c.data.group_by_length and c.checkpoint.every == 1000
         assert c.data.path.startswith("data/MGM-Finetune/")
 
 
 def test_hd_fields():
-    assert releases.mgm_fields("MGM-7B") == dict(image_size_aux=768, image_grid=1, image_global=False)
-    assert releases.mgm_fields("MGM-7B-HD") == dict(image_size_aux=1536, image_grid=2, image_global=True)
-    assert releases.config("MGM-7B").tokens_per_image == 576
-    assert releases.config("MGM-7B-HD").tokens_per_image == 2880
+    assert mgm_releases.mgm_fields("MGM-7B") == dict(image_size_aux=768, image_grid=1, image_global=False)
+    assert mgm_releases.mgm_fields("MGM-7B-HD") == dict(image_size_aux=1536, image_grid=2, image_global=True)
+    assert mgm_releases.config("MGM-7B").tokens_per_image == 576
+    assert mgm_releases.config("MGM-7B-HD").tokens_per_image == 2880
 
 
 def test_unknown_release_names_the_known_ones():
     with pytest.raises(ValueError, match="MGM-34B-HD"):
-        releases.config("MGM-70B")
+        mgm_releases.config("MGM-70B")
 
 
 def test_overrides_reach_every_part():
-    c = releases.config("MGM-8x7B", dtype=jnp.bfloat16, remat="full", image_grid=2, image_global=True)
+    c = mgm_releases.config("MGM-8x7B", dtype=jnp.bfloat16, remat="full", image_grid=2, image_global=True)
     assert {x.dtype for x in (c, c.llm, c.vision, c.vision_aux)} == {jnp.bfloat16}
     assert c.llm.remat == "full" and c.views == 5 and c.llm.num_local_experts == 8
 
 
-@pytest.mark.parametrize("name", releases.NAMES)
+@pytest.mark.parametrize("name", mgm_releases.NAMES)
 def test_config_round_trips_through_hf_json(name):
-    c = releases.config(name)
+    c = mgm_releases.config(name)
     assert type(c).from_hf(c.to_hf()) == c
 
 
@@ -112,7 +119,7 @@ def _torch_count(module: torch.nn.Module) -> int:
 
 
 def _hf_llm(name: str) -> int:
-    d = releases.llm_hf_config(name)
+    d = mgm_releases.llm_hf_config(name)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         return _torch_count(AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d)))
 
@@ -148,7 +155,7 @@ class Counts(NamedTuple):
 @functools.cache
 def _ours(name: str) -> tuple[Counts, int]:
     """Our abstract model's counts by part, and of its whole tree."""
-    model = nnx.eval_shape(lambda: MGMForCausalLM(releases.config(name), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: MGMForCausalLM(mgm_releases.config(name), rngs=nnx.Rngs(0)))
     projectors = sum(_count(getattr(model, p)) for p in ("mm_projector", "vlm_uni_query_projector",
                                                          "vlm_uni_aux_projector", "vlm_uni_val_projector"))
     parts = Counts(_count(model.language_model), _count(model.vision_tower), _count(model.vision_tower_aux),
@@ -156,22 +163,22 @@ def _ours(name: str) -> tuple[Counts, int]:
     return parts, _count(model)
 
 
-@pytest.mark.parametrize("name", releases.NAMES)
+@pytest.mark.parametrize("name", mgm_releases.NAMES)
 def test_parameter_count_matches_transformers(name):
-    c = releases.config(name)
+    c = mgm_releases.config(name)
     reference = Counts(_hf_llm(name), *_hf_towers(), _projectors(1024, 2880, c.llm.hidden_size))
     parts, whole = _ours(name)
     assert parts == reference
-    assert parts.llm == BASE_LLM_SIZES[releases.release(name).llm]
+    assert parts.llm == BASE_LLM_SIZES[mgm_releases.release(name).llm]
     assert whole == reference.total  # nothing else in the tree
 
 
 def test_parameter_table():
     """``-s`` prints the table configs/README.md quotes."""
     print(f"\n{'release':12s} {'total':>8s} {'LLM':>8s} {'towers':>8s} {'projectors':>11s}")
-    for name in releases.NAMES:
+    for name in mgm_releases.NAMES:
         n, whole = _ours(name)
         assert whole == n.total
-        mark = "" if releases.release(name).published else " (unreleased)"
+        mark = "" if mgm_releases.release(name).published else " (unreleased)"
         print(f"{name:12s} {n.total / 1e9:7.3f}B {n.llm / 1e9:7.3f}B {(n.clip + n.convnext) / 1e9:7.3f}B "
               f"{n.projectors / 1e6:9.2f}M{mark}")

@@ -1,7 +1,7 @@
 """RoPE at the release shapes against transformers' rotary modules, and logits at the end of every family's
 context window (no cache, and prefill + decode through the KV cache).
 
-PyTorch's CPU ``pow`` depends on the kernel it dispatches to (see ``mgjax.rope``); the tests pin its scalar kernel
+PyTorch's CPU ``pow`` depends on the kernel it dispatches to (see ``mgjax.nn.rope``); the tests pin its scalar kernel
 (``ATEN_CPU_CAPABILITY=default``, conftest.py). A child process with PyTorch's own choice (AVX2 / AVX-512) checks
 that those kernels' tables stay within 2 ulps of ours and prints how many entries differ.
 """
@@ -25,7 +25,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
 import mgjax
 from mgjax.models.decoder import InternLM2Config
-from mgjax.rope import Rope
+from mgjax.nn.rope import Rope
 from tests.conftest import max_abs
 from tests.test_internlm2 import InternLM2Rotary, internlm2_checkpoint
 

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 import mgjax
-from mgjax import optim, samples, templates
+from mgjax.data import samples, templates
 from mgjax.models.mgm import IMAGE_TOKEN_INDEX
-from mgjax.train_step import make_optimizer, train_step
+from mgjax.train import optim
+from mgjax.train.step import make_optimizer, train_step
 from tests.test_generate import _tokenizer
 from tests.test_train_step import CONFIG
 

@@ -1,4 +1,4 @@
-"""mgjax.scoring against hand-made fixtures (tests/fixtures/eval/<task>/) whose scores were worked out by hand.
+"""mgjax.eval.scoring against hand-made fixtures (tests/fixtures/eval/<task>/) whose scores were worked out by hand.
 
 Every expected number below comes from the arithmetic in its comment, never from the code under test.
 """
@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from mgjax import scoring
-from mgjax.scoring import TASKS, score
+from mgjax.eval import scoring
+from mgjax.eval.scoring import TASKS, score
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "eval"
 

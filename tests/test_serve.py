@@ -1,4 +1,4 @@
-"""``mgjax.serve`` through the official ``openai`` client: answers equal greedy decoding, streaming, concurrent
+"""``mgjax.inference.serve`` through the official ``openai`` client: answers equal greedy decoding, streaming, concurrent
 requests batched (with the same answers), and 4xx errors after which the server keeps serving."""
 import base64
 import io
@@ -13,8 +13,8 @@ import transformers
 from PIL import Image
 
 import mgjax
-from mgjax import decoding, serve
-from mgjax.generate import conversation_inputs, stop_ids
+from mgjax.inference import decoding, serve
+from mgjax.inference.generate import conversation_inputs, stop_ids
 
 
 @pytest.fixture(scope="module")

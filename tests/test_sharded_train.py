@@ -1,5 +1,5 @@
 """Training on 8 simulated CPU devices: every mesh gives the single-device losses, with parameters and optimizer
-state split as ``mgjax.mesh`` plans (ZeRO-3: each device holds about 1/shards of both) and kept so by the step.
+state split as ``mgjax.parallel.mesh`` plans (ZeRO-3: each device holds about 1/shards of both) and kept so by the step.
 The devices exist only in a fresh process (XLA reads the flag at start-up)."""
 import json
 import os
@@ -19,9 +19,10 @@ import dataclasses, json, sys
 import jax
 from flax import nnx
 import mgjax
-from mgjax import mesh, optim
+from mgjax.parallel import mesh
+from mgjax.train import optim
 from mgjax.models.decoder import MixtralConfig
-from mgjax.train_step import ShardedStep, make_optimizer, train_step
+from mgjax.train.step import ShardedStep, make_optimizer, train_step
 from tests.test_train_step import CONFIG, _batch
 
 CONFIGS = {"llama": CONFIG, "mixtral": dataclasses.replace(CONFIG, llm=MixtralConfig(
@@ -114,6 +115,6 @@ def _check(meshes):
             ratios = [h / (t / shards) for h, t in zip(got["after"], got["total"])]
             print(f"{family} {sizes}: max |loss - single| {max(abs(a - b) for a, b in zip(got['losses'], single)):.1e}"
                   f"; bytes per device / (total / {shards}): parameters {ratios[0]:.3f}, optimizer {ratios[1]:.3f}")
-            assert got["before"][0] == got["planned"], (family, sizes)  # mgjax.mesh.placement is what devices hold
+            assert got["before"][0] == got["planned"], (family, sizes)  # mgjax.parallel.mesh.placement is what devices hold
             assert got["after"] == got["before"], (family, sizes)  # the step keeps the planned layout
             assert max(ratios) <= 1.05, (family, sizes, ratios)

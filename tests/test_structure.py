@@ -2,9 +2,9 @@
 import pytest
 from flax import nnx
 
-from mgjax.demo import CLIP, CONVNEXT, LLAMA
-from mgjax.pretrained import model_class
-from mgjax.sharding import LOGICAL_AXES
+from mgjax.demo.tour import CLIP, CONVNEXT, LLAMA
+from mgjax.models.registry import model_class
+from mgjax.parallel.sharding import LOGICAL_AXES
 
 
 @pytest.mark.parametrize("config", [CLIP, CONVNEXT, LLAMA], ids=lambda c: c.model_type)

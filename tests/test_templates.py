@@ -5,7 +5,7 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from mgjax import templates as T
+from mgjax.data import templates as T
 
 SPECIALS = ["</s>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>",

@@ -14,10 +14,15 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import mgjax
-from mgjax import adapt, decoding, mesh, mining, mining_kernel, optim, topology
+from mgjax.inference import decoding
+from mgjax.kernels import mining_attention
+from mgjax.models import mining
 from mgjax.models.clip import CLIPVisionConfig
 from mgjax.models.convnext import ConvNextConfig
-from mgjax.train_step import ShardedStep, make_optimizer, memory
+from mgjax.parallel import mesh, topology
+from mgjax.recipes import adapt
+from mgjax.train import optim
+from mgjax.train.step import ShardedStep, make_optimizer, memory
 from tests import test_adapt, test_train_step
 
 SLICES = {"v4": "v4-8", "v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}  # four chips each
@@ -57,11 +62,11 @@ def test_mining_kernel_compiles_with_no_temporaries_around_it(gen, m, dtype):
     b = mining.kernel_blocks(k.shape, dtype, dev)
 
     def both(q, k, v, do):
-        out, pullback = jax.vjp(lambda q, k, v: mining_kernel.attention(q, k, v, b, False), q, k, v)
+        out, pullback = jax.vjp(lambda q, k, v: mining_attention.attention(q, k, v, b, False), q, k, v)
         return out, pullback(do)
 
     operands = sum(x.size * x.dtype.itemsize for x in (q, k, k, q))
-    for name, fn, args in (("forward", lambda q, k, v: mining_kernel.attention(q, k, v, b, False), (q, k, k)),
+    for name, fn, args in (("forward", lambda q, k, v: mining_attention.attention(q, k, v, b, False), (q, k, k)),
                            ("backward", both, (q, k, k, q))):
         compiled = jax.jit(fn).lower(*args).compile()
         temporaries = compiled.memory_analysis().temp_size_in_bytes
@@ -96,7 +101,7 @@ FSDP, FSDP_TENSOR = dict(fsdp=4), dict(fsdp=2, tensor=2)
     [(g, s) for g in SLICES for s in (FSDP, FSDP_TENSOR)]))
 def test_tiny_mgm_train_step_compiles(gen, sizes):
     """The kernel is what ``auto`` picks there, per batch shard; parameters and optimizer state split over the
-    four chips as ``mgjax.mesh`` plans."""
+    four chips as ``mgjax.parallel.mesh`` plans."""
     step, model, opt, m = _train_step_memory(test_train_step.CONFIG, sizes, SLICES[gen], optim.MGM_STAGE2)
     batch = _mgm_batch(m)
     compiled = step.compile(model, opt, batch)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mgjax import plan
+from mgjax.train import plan
 
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]

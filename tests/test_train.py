@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 import mgjax
-from mgjax import demo_data, train
+from mgjax.demo import mgm_task
+from mgjax.train import cli
+from mgjax.train.step import ShardedStep
 
 DEMO = "configs/demo.yaml"
 SMALL = ["--set", "train.global_batch=4", "--set", "checkpoint.every=2", "--set", "eval.compare_lr_only=false",
@@ -24,12 +26,12 @@ SMALL = ["--set", "train.global_batch=4", "--set", "checkpoint.every=2", "--set"
 def demo_set(tmp_path_factory) -> list[str]:
     """A small demo set written once for these runs (a demo run otherwise writes its 2,200 images first)."""
     root = tmp_path_factory.mktemp("demo_set")
-    demo_data.write_dataset(root, n_train=64, n_eval=20)
-    return ["--set", f"data.path={root / demo_data.TRAIN_FILE}", "--set", f"eval.path={root / demo_data.EVAL_FILE}"]
+    mgm_task.write_dataset(root, n_train=64, n_eval=20)
+    return ["--set", f"data.path={root / mgm_task.TRAIN_FILE}", "--set", f"eval.path={root / mgm_task.EVAL_FILE}"]
 
 
 def _run(tmp_path, *extra, steps=4):
-    return train.main(["--config", DEMO, "--set", f"train.out_dir={tmp_path}", "--set", f"train.steps={steps}",
+    return cli.main(["--config", DEMO, "--set", f"train.out_dir={tmp_path}", "--set", f"train.steps={steps}",
                        *SMALL, *extra])
 
 
@@ -103,20 +105,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert proc.returncode == 0, out
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 2 and f"SIGTERM: saved step {saved[0]}" in out
-    assert len(json.loads((tmp_path / "data" / demo_data.TRAIN_FILE).read_text())) == 2000
+    assert len(json.loads((tmp_path / "data" / mgm_task.TRAIN_FILE).read_text())) == 2000
 
 
 def test_config_errors_exit_2(tmp_path, capsys):
-    assert train.main(["--config", DEMO, "--set", "optim.learnig_rate=1"]) == 2
+    assert cli.main(["--config", DEMO, "--set", "optim.learnig_rate=1"]) == 2
     assert "unknown key optim.learnig_rate" in capsys.readouterr().err
-    assert train.main(["--config", DEMO, "--set", "train.stage=stage3"]) == 2
-    assert train.main(["--config", DEMO, "--set", "model.mining_backend=cuda", "--set",
+    assert cli.main(["--config", DEMO, "--set", "train.stage=stage3"]) == 2
+    assert cli.main(["--config", DEMO, "--set", "model.mining_backend=cuda", "--set",
                        f"train.out_dir={tmp_path}"]) == 2
     assert "model.mining_backend must be one of" in capsys.readouterr().err
-    assert train.main(["--config", DEMO, "--set", "train.freeze=['vision_tower(']"]) == 2
+    assert cli.main(["--config", DEMO, "--set", "train.freeze=['vision_tower(']"]) == 2
     assert "train.freeze: 'vision_tower(' is not a regex" in capsys.readouterr().err
     missing = tmp_path / "nowhere.json"
-    assert train.main(["--config", DEMO, "--set", f"data.path={missing}", "--set", f"train.out_dir={tmp_path}"]) == 2
+    assert cli.main(["--config", DEMO, "--set", f"data.path={missing}", "--set", f"train.out_dir={tmp_path}"]) == 2
     assert "nowhere.json" in capsys.readouterr().err
 
 
@@ -128,7 +130,7 @@ def test_a_step_that_does_not_fit_in_device_memory_is_refused(tmp_path, capsys, 
 
 
 def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch, capsys, demo_set):
-    real = train.ShardedStep.__call__
+    real = ShardedStep.__call__
     calls = []
 
     def flaky(self, model, opt, batch):
@@ -136,7 +138,7 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeyp
         metrics = real(self, model, opt, batch)
         return {**metrics, "loss": jnp.float32("nan")} if len(calls) == 3 else metrics
 
-    monkeypatch.setattr(train.ShardedStep, "__call__", flaky)
+    monkeypatch.setattr(ShardedStep, "__call__", flaky)
     assert _run(tmp_path, *demo_set, steps=6) == 3
     err = capsys.readouterr().err
     assert "loss became nan at step 3; the last good checkpoint is step 2" in err
@@ -144,7 +146,7 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeyp
 
 
 def test_every_kind_of_bad_sample_is_reported_and_training_goes_on(tmp_path):
-    train_json, _ = demo_data.write_dataset(tmp_path, n_train=14, n_eval=0)  # with 6 bad: 20 records, 5 batches
+    train_json, _ = mgm_task.write_dataset(tmp_path, n_train=14, n_eval=0)  # with 6 bad: 20 records, 5 batches
     good = json.loads(train_json.read_text())
     turns = good[0]["conversations"]
     bad = {  # id -> (record, the reason the report gives)

@@ -11,12 +11,13 @@ import transformers
 from flax import nnx
 
 import mgjax
-from mgjax import optim
 from mgjax.models.clip import CLIPVisionConfig
 from mgjax.models.convnext import ConvNextConfig
 from mgjax.models.decoder import LlamaConfig
 from mgjax.models.mgm import IMAGE_TOKEN_INDEX, MGMConfig
-from mgjax.train_step import make_optimizer, train_step
+from mgjax.nn import params
+from mgjax.train import optim
+from mgjax.train.step import make_optimizer, train_step
 
 CONFIG = MGMConfig(
     vision=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -39,27 +40,27 @@ def _batch(micro=1, per=4, seed=0):
 
 
 def _params(model, pattern):
-    return {optim.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {params.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
             if pattern(p, v) is not None}
 
 
 def test_stage1_trains_projectors_only_and_learns():
     model = mgjax.init(CONFIG, seed=0)
-    before = {optim.path_string(p): np.asarray(v.get_value())
+    before = {params.path_string(p): np.asarray(v.get_value())
               for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     opt = make_optimizer(model, optim.MGM_STAGE1, optim.OptimConfig(lr=3e-3, warmup_ratio=0.0), total_steps=1000)
-    trainable = optim.count_params(model, opt.wrt)
-    assert 0 < trainable < optim.count_params(model) // 2
+    trainable = params.count_params(model, opt.wrt)
+    assert 0 < trainable < params.count_params(model) // 2
     # Adam keeps two moments per trainable parameter and nothing for frozen ones
     moments = sum(x.size for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)) if x.ndim > 0)
     assert moments == 2 * trainable
     batch = _batch()
     losses = [float(train_step(model, opt, batch)["loss"]) for _ in range(8)]
     assert losses[-1] < losses[0] - 0.05, losses
-    after = {optim.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    stage1 = optim.trainable(optim.MGM_STAGE1)
+    after = {params.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    stage1 = params.trainable(optim.MGM_STAGE1)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = optim.path_string(path)
+        name = params.path_string(path)
         changed = not np.array_equal(before[name], after[name])
         assert changed == stage1(path, var), name  # frozen parameters stay bit-identical
 

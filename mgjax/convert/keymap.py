@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-
 from flax import nnx
 
 # stacking logical axis -> the path components its index may follow in an HF key (InternViT names its "layer")

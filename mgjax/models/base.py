@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Mapping
 import jax.numpy as jnp
 
 from mgjax.convert.keymap import HF, KeyLayout
+from mgjax.models.registry import model_class
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,8 +41,7 @@ def split_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
 
 
 def registered(model_type: str):
-    """The mgjax class registered for an HF ``model_type`` (imported lazily: the registry imports the models)."""
-    from mgjax.pretrained import model_class
+    """The mgjax class registered for an HF ``model_type``."""
     return model_class(model_type)
 
 
@@ -52,7 +52,7 @@ def require(d: Mapping[str, Any], key: str, where: str):
 
 
 class Pretrained:
-    """Mixin for models that load from and save to HF checkpoints (see ``mgjax.pretrained``)."""
+    """Mixin for models that load from and save to HF checkpoints (see ``mgjax.pretrained``; classes by ``model_type`` in ``mgjax.models.registry``)."""
     config_class: ClassVar[type[ModelConfig]]
     key_layouts: ClassVar[dict[str, KeyLayout]] = {"hf": HF}
 

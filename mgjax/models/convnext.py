@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgjax import layers
 from mgjax.convert.keymap import HF, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
+from mgjax.nn import layers
 
 FIELDS = ("num_channels", "patch_size", "hidden_sizes", "depths", "hidden_act", "layer_norm_eps",
           "layer_scale_init_value", "drop_path_rate", "final_norm", "block_norm_eps")

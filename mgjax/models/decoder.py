@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax import layers, rope, sharding
 from mgjax.convert.keymap import Fused, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
 from mgjax.models.moe import SparseMoeBlock, load_balancing_loss
+from mgjax.nn import layers, rope
+from mgjax.parallel import sharding
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgjax import layers, resize
 from mgjax.convert.keymap import HF, Fused, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
+from mgjax.nn import layers, resize
 
 ORIGINAL_TYPE = "intern_vit_6b"  # InternVL's remote-code config, also used for InternViT-300M
 

@@ -20,12 +20,12 @@ from typing import Any, ClassVar, Mapping
 import jax
 from flax import nnx
 
-from mgjax import layers
 from mgjax.convert.keymap import HF, KeyLayout
-from mgjax.merge import check_image_tokens, merge_image_embeddings
 from mgjax.models.base import ModelConfig, Pretrained, registered, require, split_overrides
 from mgjax.models.decoder import DecoderConfig
 from mgjax.models.internvit import InternVisionConfig, InternVisionModel
+from mgjax.nn import layers
+from mgjax.nn.merge import check_image_tokens, merge_image_embeddings
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """Mini-Gemini (MGM): CLIP (low-res) + ConvNeXt (high-res) towers, patch info mining, ``mlp2x_gelu``, a decoder LLM.
 
 Follows MGM's released code (``../shared/specs/mgm.md``): CLIP's second-to-last layer without CLS; the four ConvNeXt
-stage maps bilinearly upsampled to stride 4 and concatenated; mining (``mgjax.mining``); the projector on
+stage maps bilinearly upsampled to stride 4 and concatenated; mining (``mgjax.models.mining``); the projector on
 ``clip + mined``. HD models (``image_grid`` 2, ``image_global``) see a 2x2 grid of 336 crops plus a global view, the
 ConvNeXt runs once on the 1536 image, crops take quarters of its map and the global view its 2x2 average; tokens
 come global first, then crops row-major.
@@ -20,13 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax import layers, mining, resize
 from mgjax.convert.keymap import KeyLayout
-from mgjax.merge import check_image_tokens, merge_image_embeddings
+from mgjax.models import mining
 from mgjax.models.base import ModelConfig, Pretrained, registered, split_overrides
 from mgjax.models.clip import PREFIXED, CLIPVisionConfig, CLIPVisionModel
 from mgjax.models.convnext import TIMM, ConvNextConfig, ConvNextModel
 from mgjax.models.decoder import DecoderConfig
+from mgjax.nn import layers, resize
+from mgjax.nn.merge import check_image_tokens, merge_image_embeddings
 
 IMAGE_TOKEN_INDEX = -200  # MGM's placeholder id: never a vocabulary entry
 FAMILIES = {"mgm": "llama", "mini_gemini": "llama", "mgm_gemma": "gemma", "mgm_mixtral": "mixtral"}

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgjax import layers, topology
-
+from mgjax.nn import layers
+from mgjax.parallel import topology
 
 # tokens [N, in] x expert weights [E, out, in] (torch layout, contracted in place rather than transposed per call)
 TORCH_LAYOUT = jax.lax.RaggedDotDimensionNumbers(

@@ -1,0 +1,6 @@
+"""``python -m mgjax.eval``: see ``mgjax.eval.harness``."""
+import sys
+
+from mgjax.eval.harness import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""``python -m mgjax.eval --task NAME --data DIR --model DIR``: a benchmark of either paper, answered by a model and
+scored by the benchmark's own rules (``mgjax.eval.scoring``).
+
+``DIR/questions.jsonl`` holds one question per line, LLaVA-style: ``question_id``, ``text`` (the prompt as the
+benchmark words it), ``image`` (a file under DIR; optional) and the task's ground-truth fields (see
+``mgjax.eval.scoring``). Answers are appended to ``OUT/answers.jsonl`` as they are generated, so an interrupted run
+resumes where it stopped; then ``OUT/results.json`` gets the summary and the per-question results, and the
+summary is printed. ``--answers FILE`` scores existing answers without a model. Data are the user's: nothing is
+downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from mgjax.data import preprocess, samples, templates
+from mgjax.eval import scoring
+from mgjax.inference import decoding
+from mgjax.inference.generate import (
+    add_model_arguments,
+    batch_embeds,
+    conversation_inputs,
+    default_template,
+    load_model,
+    stop_ids,
+)
+
+# Answer budgets of the papers' scripts: MGM's 128 for short answers and 1024 for reasoning (MathVista; MMBench's
+# 1024 is cut to 64: a letter is asked for), InternVL's 100 for documents and charts.
+MAX_NEW_TOKENS = {"textvqa": 128, "pope": 128, "mme": 128, "gqa": 128, "scienceqa": 128, "mmbench": 64,
+                  "ai2d": 64, "mmmu": 128, "mathvista": 1024, "chartqa": 100, "docvqa": 100, "infovqa": 100,
+                  "ocrbench": 100}
+BUCKET = 64  # prompts padded to a multiple of this: a handful of compiled shapes for a whole benchmark
+# MGM scores MMMU with beam-sample (5 beams, temperature 1, seed 42); every other task is greedy.
+SAMPLING = {"mmmu": decoding.Sampling(num_beams=5, temperature=1.0, seed=42)}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for record in samples.read_records(path):
+        if isinstance(record, samples.BadSample):
+            raise ValueError(str(record))
+        records.append(record)
+    return records
+
+
+def _inputs(model, tokenizer, template: str | None, record: dict, data: Path, exif_transpose: bool):
+    """(prompt ids [T], image arguments) of one question."""
+    image = record.get("image")
+    images = [preprocess.load_image(data / image, exif_transpose=exif_transpose)] if image else []
+    text = str(record.get("text", ""))
+    if image and templates.IMAGE not in text:
+        text = templates.IMAGE + "\n" + text
+    ids, args = conversation_inputs(model, tokenizer, template, [{"from": "human", "value": text}], images)
+    return ids[0], args
+
+
+def answer(model, tokenizer, template: str | None, records: list[dict], data: Path, *, max_new_tokens: int,
+           sampling: decoding.Sampling, batch: int, exif_transpose: bool = False) -> list[str]:
+    """The model's answers to ``records``, decoded ``batch`` at a time (left-padded; questions with and without an
+    image in separate batches)."""
+    stops = stop_ids(tokenizer, template)
+    lm = getattr(model, "language_model", model)
+    prepared = [_inputs(model, tokenizer, template, r, data, exif_transpose) for r in records]
+    out: list[str] = [""] * len(records)
+    for has_image in (True, False):
+        order = [i for i, (_, args) in enumerate(prepared) if bool(args) == has_image]
+        for lo in range(0, len(order), batch):
+            chunk = order[lo:lo + batch]
+            ids, mask = decoding.left_pad([prepared[i][0] for i in chunk], tokenizer.pad_token_id or 0,
+                                          bucket=BUCKET)
+            ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+            embeds = batch_embeds(model, ids, [prepared[i][1] for i in chunk])
+            if sampling.num_beams > 1:
+                new = decoding.beam_search(lm, ids, max_new_tokens, sampling=sampling, attention_mask=mask,
+                                           inputs_embeds=embeds, stop_ids=stops)
+            else:
+                full = decoding.generate(lm, ids, max_new_tokens, attention_mask=mask, inputs_embeds=embeds,
+                                         sampling=sampling, stop_ids=stops)
+                new = np.asarray(full)[:, ids.shape[1]:].tolist()
+            for i, tokens in zip(chunk, new):
+                out[i] = tokenizer.decode(decoding.cut(tokens, stops), skip_special_tokens=True)
+    return out
+
+
+def _done(path: Path) -> dict[Any, str]:
+    return {r["question_id"]: r["answer"] for r in read_jsonl(path)} if path.exists() else {}
+
+
+def _print_summary(task: str, summary: dict) -> None:
+    print(f"{task}:")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            for name, sub in value.items():
+                print(f"  {key}/{name}: {json.dumps(sub)}")
+        else:
+            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mgjax.eval", description=__doc__.split("\n\n")[0],
+                                 epilog=f"tasks: {', '.join(scoring.TASKS)}")
+    ap.add_argument("--task", required=True, choices=scoring.TASKS)
+    ap.add_argument("--data", required=True, help="a folder with questions.jsonl and its images")
+    ap.add_argument("--model", help="a converted checkpoint directory (with tokenizer files)")
+    ap.add_argument("--answers", help="score this answers JSONL ({question_id, answer}) instead of running a model")
+    ap.add_argument("--out", help="output folder (default runs/eval/TASK)")
+    ap.add_argument("--template", help="conversation template; default: the model's own")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, help="default: the task's (MAX_NEW_TOKENS)")
+    ap.add_argument("--num-beams", type=int, help="default: the task's (MMMU: 5, beam-sampled)")
+    ap.add_argument("--temperature", type=float, help="default: the task's (0: greedy)")
+    add_model_arguments(ap)
+    args = ap.parse_args(argv)
+    data, out = Path(args.data), Path(args.out or f"runs/eval/{args.task}")
+    try:
+        records = read_jsonl(data / "questions.jsonl")
+        if args.answers:
+            answers = _done(Path(args.answers))
+        elif args.model:
+            answers = _run(args, records, data, out)
+        else:
+            raise ValueError("pass --model (to answer the questions) or --answers (to score answers)")
+        missing = [r["question_id"] for r in records if r["question_id"] not in answers]
+        if missing:
+            raise ValueError(f"no answer for question_id {missing[:5]} ({len(missing)} in all)")
+        result = scoring.score(args.task, [{**r, "answer": answers[r["question_id"]]} for r in records])
+    except (ValueError, OSError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    _print_summary(args.task, result["summary"])
+    return 0
+
+
+def _run(args, records: list[dict], data: Path, out: Path) -> dict[Any, str]:
+    """Answers to every record, those of an earlier run of ``out`` reused; new ones appended as each batch ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = _done(out / "answers.jsonl")
+    todo = [r for r in records if r["question_id"] not in done]
+    print(f"{args.task}: {len(records)} questions, {len(done)} answered before, {len(todo)} to answer")
+    if not todo:
+        return done
+    model, tokenizer = load_model(args)
+    template = args.template or default_template(model, tokenizer)
+    s = SAMPLING.get(args.task, decoding.Sampling())
+    sampling = decoding.Sampling(num_beams=args.num_beams or s.num_beams, seed=s.seed,
+                                 temperature=s.temperature if args.temperature is None else args.temperature)
+    budget = args.max_new_tokens or MAX_NEW_TOKENS[args.task]
+    with open(out / "answers.jsonl", "a", encoding="utf-8") as f:
+        for lo in range(0, len(todo), args.batch):
+            chunk = todo[lo:lo + args.batch]
+            texts = answer(model, tokenizer, template, chunk, data, max_new_tokens=budget, sampling=sampling,
+                           batch=args.batch, exif_transpose=args.exif_transpose)
+            for record, text in zip(chunk, texts):
+                f.write(json.dumps({"question_id": record["question_id"], "answer": text}, ensure_ascii=False)
+                        + "\n")
+                done[record["question_id"]] = text
+            f.flush()
+    return done

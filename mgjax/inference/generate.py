@@ -1,0 +1,163 @@
+"""``python -m mgjax.generate``: one prompt (and image) through any converted model, decoded by ``mgjax.inference.decoding``.
+
+    python -m mgjax.generate --model DIR [--image PATH] --prompt TEXT [--max-new-tokens 64] [--template NAME]
+        [--temperature T --top-p P --top-k K --seed S] [--num-beams N]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mgjax.data import preprocess, samples, templates
+from mgjax.inference.decoding import Sampling, beam_search, cut, generate
+from mgjax.models import mgm_towers
+from mgjax.models.mgm import IMAGE_TOKEN_INDEX
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options every command that loads a model shares (generate, chat, serve, eval)."""
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--towers-root", help=mgm_towers.ROOT_HELP)
+    ap.add_argument("--towers", default="mgm", choices=mgm_towers.SOURCES, help=mgm_towers.SOURCE_HELP)
+    ap.add_argument("--exif-transpose", action="store_true",
+                    help="turn images upright by their EXIF orientation first (MGM and InternVL do not)")
+
+
+def load_model(args: argparse.Namespace):
+    """The model and tokenizer ``add_model_arguments``' options name."""
+    import transformers  # noqa: PLC0415  (slow imports only a model run needs)
+
+    import mgjax  # noqa: PLC0415
+    model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root,
+                                  tower_source=args.towers)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{args.model}: no usable tokenizer files ({e})") from None
+    return model, tokenizer
+
+
+def default_template(model, tokenizer) -> str | None:
+    """The conversation template a model was trained with (None: a plain LM, prompts sent as they are)."""
+    c = model.config
+    if hasattr(c, "template"):  # InternVL names its own
+        return c.template or "Hermes-2"
+    if hasattr(c, "vision_aux"):  # MGM: by family, as its CLI picks it
+        family = c.llm.model_type
+        if family == "gemma":
+            return "gemma"
+        if family == "mixtral":
+            return "mistral_instruct"
+        vocab = tokenizer.get_vocab()
+        return "llama_3" if "<|eot_id|>" in vocab else "chatml_direct" if "<|im_start|>" in vocab else "v1"
+    return None
+
+
+def conversation_inputs(model, tokenizer, template: str | None, conversation: list[dict], images: list
+                        ) -> tuple[np.ndarray, dict]:
+    """Token ids [1, T] of a conversation ending on a human turn, ready for the answer, and the image arguments
+    of ``model.embed``: one image per ``<image>`` of the turns, in order (MGM takes one per conversation)."""
+    c = model.config
+    marks = sum(str(t.get("value", "")).count(templates.IMAGE) for t in conversation)
+    if marks != len(images):
+        raise ValueError(f"the conversation has {marks} {templates.IMAGE} placeholders but {len(images)} image"
+                         f"{'s were' if len(images) != 1 else ' was'} given")
+    if template is None:
+        if images:
+            raise ValueError("a text-only model cannot take images")
+        text = "\n".join(str(t.get("value", "")) for t in conversation)
+        return np.asarray([tokenizer(text)["input_ids"]]), {}
+    segments = templates.render(templates.get(template), conversation, generation=True)
+    if hasattr(c, "vision_aux"):  # MGM
+        if len(images) > 1:
+            raise ValueError("an MGM model takes one image per conversation")
+        ids, _ = templates.encode(segments, tokenizer, image_id=IMAGE_TOKEN_INDEX, image_tokens=c.tokens_per_image)
+        if not images:
+            return ids[None], {}
+        pixels, aux = samples.mgm_pixels(c, images[0])
+        return ids[None], {"images": jnp.asarray(pixels[None]), "images_aux": jnp.asarray(aux[None])}
+    text = "".join(s.text for s in segments)
+    if not images:
+        return templates.encode([templates.Segment(text, False)], tokenizer)[0][None], {}
+    pixels = [preprocess.internvl_pixels(img, image_size=c.vision.image_size) for img in images]
+    text = templates.expand_internvl_images(text, [len(p) for p in pixels], c.tokens_per_tile)
+    ids = templates.encode([templates.Segment(text, False)], tokenizer)[0]
+    token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    return ids[None], {"pixel_values": jnp.asarray(np.concatenate(pixels)), "image_token_id": token}
+
+
+def batch_embeds(model, ids: jax.Array, image_args: list[dict]) -> jax.Array | None:
+    """The input embeddings of a left-padded batch ``ids`` [B, T] whose rows had ``conversation_inputs``' image
+    arguments ``image_args`` (one dict per row, empty for a text-only row); None when no row has an image.
+    InternVL rows may mix (their tiles are concatenated in row order); MGM's ``embed`` wants all rows or none."""
+    rows = [a for a in image_args if a]
+    if not rows:
+        return None
+    if "pixel_values" in rows[0]:
+        return model.embed(ids, jnp.concatenate([a["pixel_values"] for a in rows]),
+                           image_token_id=rows[0]["image_token_id"])
+    return model.embed(ids, **{k: jnp.concatenate([a[k] for a in rows]) for k in ("images", "images_aux")})
+
+
+def _inputs(model, tokenizer, template, prompt: str, image) -> tuple[np.ndarray, dict]:
+    """One question (and image) as ``conversation_inputs`` takes it; a missing placeholder goes first, as both
+    codebases put it."""
+    if image is not None and templates.IMAGE not in prompt:
+        prompt = templates.IMAGE + "\n" + prompt
+    return conversation_inputs(model, tokenizer, template, [{"from": "human", "value": prompt}],
+                               [] if image is None else [image])
+
+
+def stop_ids(tokenizer, template: str | None) -> tuple[int, ...]:
+    """The tokens that end an answer: the tokenizer's EOS and the last token of the template's stop string."""
+    stops = {tokenizer.eos_token_id} - {None}
+    if template is not None:
+        stops |= set(tokenizer(templates.get(template).stop, add_special_tokens=False)["input_ids"][-1:])
+    return tuple(sorted(stops))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mgjax.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a converted checkpoint directory (config.json, safetensors, "
+                                                    "tokenizer files)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--image", help="an image file (MGM and InternVL models)")
+    ap.add_argument("--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}); default: the "
+                                       "model's own; 'none' sends the prompt as is")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    add_model_arguments(ap)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--num-beams", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        model, tokenizer = load_model(args)
+        image = preprocess.load_image(args.image, exif_transpose=args.exif_transpose) if args.image else None
+        template = default_template(model, tokenizer) if args.template is None else (
+            None if args.template == "none" else args.template)
+        ids, image_args = _inputs(model, tokenizer, template, args.prompt, image)
+        sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            num_beams=args.num_beams, seed=args.seed)
+    except (ValueError, OSError) as e:  # CheckpointError, ImageError, TokenizationError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = jnp.asarray(ids, jnp.int32)
+    lm = getattr(model, "language_model", model)
+    embeds = model.embed(ids, **image_args) if image_args else None
+    stops = stop_ids(tokenizer, template)
+    if sampling.num_beams > 1:
+        new = beam_search(lm, ids, args.max_new_tokens, sampling=sampling, inputs_embeds=embeds, stop_ids=stops)[0]
+    else:
+        out = generate(lm, ids, args.max_new_tokens, inputs_embeds=embeds, sampling=sampling, stop_ids=stops)
+        new = np.asarray(out)[0, ids.shape[1]:].tolist()
+    print(tokenizer.decode(cut(new, stops), skip_special_tokens=True))
+    return 0

@@ -1,0 +1,2 @@
+"""Pallas kernels (TPU; interpret mode elsewhere): the mining attention. Above ``parallel`` only.
+"""

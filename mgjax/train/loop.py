@@ -1,0 +1,241 @@
+"""One training run, from its config to ``final/``: the model, data and optimizer set up, the step compiled and
+checked before step 1, the loop (metrics one step behind, checkpoints, SIGTERM), the export and the held-out
+scores (``run``)."""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+from flax import nnx
+from PIL import Image, ImageDraw
+
+import mgjax
+from mgjax.data import loader, samples
+from mgjax.nn import params
+from mgjax.parallel import mesh as mesh_lib
+from mgjax.train import families, flops, optim
+from mgjax.train.checkpoint import Checkpoints
+from mgjax.train.run_config import RunConfig
+from mgjax.train.step import ShardedStep, make_optimizer, memory
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+def _loss_png(path: Path, losses: list[float]) -> None:
+    w, h, pad = 640, 360, 40
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = min(losses), max(losses)
+    pts = [(pad + i * (w - 2 * pad) / max(len(losses) - 1, 1), h - pad - (v - lo) / max(hi - lo, 1e-9) * (h - 2 * pad))
+           for i, v in enumerate(losses)]
+    draw.rectangle([pad, pad, w - pad, h - pad], outline="gray")
+    draw.line(pts, fill="blue", width=2)
+    draw.text((pad, 10), f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps", fill="black")
+    img.save(path)
+
+
+class SetupError(Exception):
+    """Input a run cannot start from (or, for bad samples, go on with); the message names the file or sample."""
+
+
+class Metrics:
+    """Per-step metrics, recorded one step behind so fetching them never stalls the device: JSONL, TensorBoard
+    events, a progress bar and a line every ``log_every`` steps (written by process 0 alone)."""
+
+    def __init__(self, out: Path, c: RunConfig, steps: int, start: int, lr, step_flops, peak: float | None):
+        """``step_flops(seq_len)``: a step's FLOPs by role (computed once per padded length)."""
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+        self.c, self.steps, self.lr, self.peak = c, steps, lr, peak
+        self.flops = functools.cache(step_flops)
+        self.primary = jax.process_index() == 0
+        self.log = open(out / "metrics.jsonl", "a") if self.primary else None
+        self.tb = SummaryWriter(str(out / "tensorboard")) if self.primary else None
+        self.bar = tqdm(total=steps, initial=start, disable=not (c.train.progress and self.primary), unit="step",
+                        dynamic_ncols=True)
+        self.losses: list[float] = []
+        self.last_saved: int | None = None
+        self.where = out / "checkpoints"
+
+    def __call__(self, step_metrics, step: int, seconds: float, seq_len: int) -> None:
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(f"loss became {values['loss']} at step {step}; the last good checkpoint is "
+                                     f"step {self.last_saved} in {self.where}")
+        b, total = self.c.train.global_batch, self.flops(seq_len)["total"]
+        values.update(step=step, lr=float(self.lr(step - 1)), tokens_per_s=b * seq_len / seconds,
+                      samples_per_s=b / seconds, tflops_per_s=total / seconds / 1e12)
+        if self.peak:
+            values["mfu"] = total / seconds / (self.peak * jax.device_count())
+        if self.primary:
+            self.log.write(json.dumps(values) + "\n")
+            for k, v in values.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, step)
+        self.losses.append(values["loss"])
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        if self.primary and (step % self.c.train.log_every == 0 or step == self.steps):
+            mfu = f"  MFU {values['mfu']:.1%}" if "mfu" in values else ""
+            self.bar.write(f"step {step:5d}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}  "
+                           f"lr {values['lr']:.2e}  {values['tokens_per_s']:.0f} tok/s{mfu}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.primary:
+            self.log.close()
+            self.tb.close()
+
+
+def _preflight(c: RunConfig, model, opt, step: ShardedStep, mesh: jax.sharding.Mesh, batch: dict, out: Path) -> None:
+    """Before step 1: refuse a mesh that leaves too much replicated and a step that does not fit in device memory;
+    compile the step for the longest batch and print what it needs per device (also into ``out/memory.json``,
+    with the bytes of the parameters and of the optimizer state)."""
+    sizes = dict(mesh.shape)
+    p = mesh_lib.placement(model, sizes)
+    print(f"mesh {sizes} on {jax.device_count()} devices, {jax.process_count()} process(es): parameters "
+          f"{p.per_device_bytes / 2**20:,.1f} MiB per device, {p.sharded_fraction:.2%} of "
+          f"{p.total_bytes / 2**20:,.1f} MiB sharded")
+    if sizes["fsdp"] * sizes["expert"] > 1 and p.sharded_fraction < c.mesh.min_sharded:
+        raise SetupError(f"mesh {sizes} shards only {p.sharded_fraction:.2%} of the parameter bytes (mesh.min_sharded "
+                         f"{c.mesh.min_sharded:.0%}); largest replicated: {', '.join(p.replicated[:3])}. Pick fsdp "
+                         "and expert sizes that divide the model's widths, or lower mesh.min_sharded")
+    length = c.data.pack_length or c.data.max_length
+    longest = {k: jax.ShapeDtypeStruct((*v.shape[:-1], length) if k in loader.SEQUENCE_KEYS else v.shape,
+                                       v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    use = memory(step.compile(model, opt, longest))
+    limit = c.mesh.device_memory_gb * 2**30 or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    print("compiled step, per device: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in use.items())
+          + (f" (device limit {limit / 2**30:,.2f} GiB)" if limit else ""))
+    if jax.process_index() == 0:
+        state = {"parameter_bytes": p.total_bytes,
+                 "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)))}
+        (out / "memory.json").write_text(json.dumps({"compiled_step_per_device": use, **state}, indent=2))
+    if limit and use["peak"] > limit:
+        raise SetupError(f"the compiled step needs {use['peak'] / 2**30:,.2f} GiB per device, more than the "
+                         f"{limit / 2**30:,.2f} GiB there are: use more devices (mesh.fsdp), more "
+                         "train.micro_batches, model.remat full, or model.compute_dtype bfloat16")
+
+
+def print_accuracy(title: str, results: dict[str, dict[str, dict]]) -> None:
+    """One column per evaluation: held-out accuracy by question type."""
+    runs = list(results)
+    kinds = sorted({k for r in results.values() for k in r})
+    print(title)
+    print(f"  {'type':10s}" + "".join(f"{r:>18s}" for r in runs))
+    for k in kinds:
+        cells = [results[r].get(k) for r in runs]
+        print(f"  {k:10s}" + "".join(f"{x['accuracy']:12.1%} ({x['total']:3d})" if x else f"{'-':>18s}"
+                                     for x in cells))
+
+
+# ------------------------------------------------------------------------------------------------------------ run
+def run(c: RunConfig, resume: bool) -> dict[str, dict]:
+    """One training run; returns its held-out evaluations (``start`` with ``eval.at_start``, ``end``), or none."""
+    out = Path(c.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    family = families.family(c.model.family)
+
+    # ---------------------------------------------------------------- mesh, model, data, optimizer
+    try:  # bad input: one line naming the file
+        mesh = mesh_lib.make_mesh(c.mesh)
+        rows, shards = c.train.global_batch // c.train.micro_batches, mesh_lib.batch_shards(dict(mesh.shape))
+        if rows % shards or rows % jax.process_count():
+            raise SetupError(f"train.global_batch {c.train.global_batch} / train.micro_batches "
+                             f"{c.train.micro_batches} = {rows} rows do not split over the batch's {shards} mesh "
+                             f"shards {dict(mesh.shape)} and {jax.process_count()} process(es)")
+        model, tok = family.build(c.model, mesh)
+        data = family.data(c, model, tok, out)
+        per_host = c.train.global_batch // jax.process_count()
+        steps = c.train.steps or c.train.epochs * len(data.records) // c.train.global_batch
+        # one epoch more than the steps need: skipped bad samples must not run the data out
+        epochs = max(c.train.epochs, -(-steps * c.train.global_batch // max(len(data.records), 1)) + 1)
+        report = samples.BadSamples(max_fraction=c.data.max_bad_fraction)
+        batches = loader.Batches(data.records, data.make, batch=per_host, micro_batches=c.train.micro_batches,
+                                 seed=c.data.seed, epochs=epochs, process_index=jax.process_index(),
+                                 process_count=jax.process_count(), workers=c.data.workers, report=report,
+                                 lengths=data.lengths, buckets=c.data.length_buckets, pack=data.pack)
+        trainable, frozen = family.trainable(c, model, mesh)
+        opt = make_optimizer(model, trainable, c.optim, steps, frozen=frozen)
+        mesh_lib.shard(opt, mesh)
+        step_fn = ShardedStep(model, opt, mesh, c.train.loss_weighting)
+    except (ValueError, OSError) as e:
+        raise SetupError(str(e)) from None
+    # each process meets its own share of the data, so each reports its own bad samples
+    bad_file = "bad_samples.json" if jax.process_index() == 0 else f"bad_samples.process{jax.process_index()}.json"
+    ckpts = Checkpoints(out / "checkpoints", keep=c.checkpoint.keep)
+    if ckpts.latest() is not None and not resume:
+        raise SetupError(f"{out / 'checkpoints'} already holds step {ckpts.latest()}; pass --resume to continue "
+                         "it, or set train.out_dir to a new directory")
+    scores, start = {}, 0
+    if resume and ckpts.latest() is not None:
+        start, state = ckpts.restore(model, opt)
+        batches.set_state(state)
+        print(f"resumed from step {start}")
+    elif c.eval.at_start and data.eval_records is not None:
+        scores["start"] = family.evaluate(c, model, tok, data, mesh, out)
+    peak = c.train.peak_tflops * 1e12 or flops.peak_flops()
+    print(f"{params.count_params(model):,} parameters, {params.count_params(model, opt.wrt):,} trainable "
+          f"({c.train.stage}); {steps} steps of {c.train.global_batch}; compute {c.model.compute_dtype}")
+    inputs = family.inputs(c)
+    put = lambda local: mesh_lib.global_batch(mesh, {k: v for k, v in local.items() if k in inputs})  # noqa: E731
+    try:
+        first = next(batches)
+    except samples.TooManyBadSamples as e:
+        raise SetupError(str(e)) from None
+    _preflight(c, model, opt, step_fn, mesh, put(first), out)
+    feed = itertools.chain([first], batches)
+
+    # ---------------------------------------------------------------- the loop (metrics fetched one step behind)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+    metrics = Metrics(out, c, steps, start, optim.schedule(c.optim, steps), family.step_flops(c, model, opt.wrt),
+                      peak)
+    pending, tick, step = None, time.perf_counter(), start
+    try:
+        for step in range(start + 1, steps + 1):
+            batch = put(next(feed))
+            step_metrics = step_fn(model, opt, batch)
+            now = time.perf_counter()
+            if pending is not None:
+                metrics(*pending)
+            pending, tick = (step_metrics, step, now - tick, batch["input_ids"].shape[-1]), now
+            if step % c.checkpoint.every == 0 or stop:
+                metrics(*pending)  # never checkpoint past a non-finite loss
+                pending = None
+                ckpts.save(step, model, opt, batches.get_state())
+                metrics.last_saved = step
+            if stop:
+                metrics.bar.write(f"{stop[0]}: saved step {step}; resume with --resume")
+                break
+        if pending is not None:
+            metrics(*pending)
+    except samples.TooManyBadSamples as e:
+        raise SetupError(str(e)) from None
+    finally:
+        ckpts.wait()
+        metrics.close()
+        report.write(out / bad_file)
+
+    # ---------------------------------------------------------------- outputs and held-out evaluation
+    if metrics.losses and metrics.primary:
+        _loss_png(out / "loss.png", metrics.losses)
+    print(f"stopped at step {step}: {report.count} bad samples of {report.seen} (report: {out / bad_file})")
+    if stop:
+        return {}
+    family.export(c, model)
+    mgjax.save_pretrained(model, out / "final")
+    if jax.process_index() == 0:
+        tok.save_pretrained(out / "final")
+    print(f"model: {out / 'final'}")
+    if data.eval_records is None:
+        return scores
+    scores["end"] = family.evaluate(c, model, tok, data, mesh, out)
+    if jax.process_index() == 0:
+        (out / "eval.json").write_text(json.dumps(scores if "start" in scores else scores["end"], indent=2))
+    return scores

@@ -1,0 +1,466 @@
+"""Plan a training run before renting the chips: per-device memory, step FLOPs and step time of a run config on a
+named topology. ``python -m mgjax.plan --config configs/mgm/MGM-7B/stage2.yaml --topology 8xH100
+[--mesh data=1,fsdp=-1,tensor=1,expert=1] [--set key=value ...] [--batch N] [--seq-len L] [--mfu 0.4] [--json]``
+
+Everything comes from shapes: the model is built with ``nnx.eval_shape`` from ``model.release`` (an MGM or an
+InternVL2 release, or the family's demo config), never from the checkpoint paths the config names, so MGM-34B plans
+in seconds on a laptop. What differs by family (``mgjax.train.families``): the trainable set (MGM's stage, InternVL's
+adaptation mode with its LoRA adapters), the batch (InternVL rows carry their tile slots, and packed rows their
+segment ids) and the loss weighting, all as ``mgjax.train`` runs them.
+
+Memory per device, as ``mgjax.train`` lays it out (parameters and optimizer state float32, ``mgjax.parallel.mesh``'s
+placement from the logical axes; the device holding the most is reported):
+
+* parameters: ``mesh.placement``.
+* gradients: the trainable parameters in float32, placed like them. With more than one micro-batch the
+  accumulator of ``train_step``'s scan and the micro-batch's own gradients are both live: twice that (XLA:CPU's
+  compiled step grows by 10.4 GiB for MGM-2B's 9.4 GiB of gradients).
+* optimizer: AdamW's two float32 moments of every trainable parameter, placed like it.
+* activations, an estimate of the bytes live at the step's peak for one micro-batch of
+  ``global_batch / micro_batches / batch shards`` samples (the batch shards: the product of the mesh axes
+  ``mgjax.parallel.sharding`` splits the batch over) at ``seq_len`` positions: the sum of
+  - what the forward keeps for the backward: the residuals of ``jax.vjp`` of the loss with respect to the
+    trainable parameters, traced on shapes through this code (parameters it refers to are left out, and so are
+    float32 residuals that are upcasts of a narrower one of the same shape: XLA fuses such converts into their
+    consumers rather than keep them). Depth is linear, so the model is traced with one and with two LLM layers
+    and extrapolated; the rest comes from a trace under full remat, as without remat a one-layer model also
+    keeps the attention's mask and fill value broadcast to the scores' shape, which XLA never materialises. The
+    remat policy decides what a layer keeps: ``full`` its input (2·s·b·h bytes at bf16), ``dots`` /
+    ``dots_no_batch`` also its matmul outputs, ``none`` everything. The usual formula for ``none``, Korthikanti
+    et al. 2022's 34·s·b·h + 5·a·s²·b bytes at 16 bits, undercounts this code: MGM-7B at s 2048 keeps 1.25 GiB
+    per layer and sample, not 0.89 (the float32 softmax and its bf16 cast, six MLP-wide values), and each layer's
+    weights once more in bf16;
+  - the larger of the backward's two working sets, which are live one after the other: the logits' gradient in
+    the compute dtype (the float32 one is written over the kept log-softmax; its cast feeds the head's matmuls)
+    and, under remat, the layer being recomputed (what a layer keeps without remat beyond what the policy kept);
+  - the inputs: the local batch, every micro-batch, as the loader hands it over.
+  Tensor parallelism is planned Megatron-style: a device traces the LLM with its share of the heads, the MLP and
+  the vocabulary; h-wide values stay whole (no sequence parallelism). Expert parallelism is not reflected; MoE
+  dispatch is what ``moe_impl: auto`` picks on the target (grouped on TPU, dense elsewhere).
+* packing: XLA places every buffer in one arena at an offset and leaves gaps where a buffer outlives those placed
+  below it, so its peak is more than the live bytes (MGM-2B with one LLM layer on v5p-8: 25.0 GiB live at the
+  peak, a 33.4 GiB arena). ``PACKING`` of everything above, measured against the TPU compiler's peaks
+  (``bench/tpu_fit.py``'s rows); on GPUs (XLA's same heap simulator) it is unmeasured.
+
+HBM per chip is the vendor's capacity, taken as GiB; runtimes report a little less. Step time is the step's model
+FLOPs (``mgjax.train.flops``, global batch) over chips x peak x the assumed MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from math import prod
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mgjax import config as cfg
+from mgjax.nn import params
+from mgjax.nn.layers import REMAT_POLICIES
+from mgjax.parallel import mesh
+from mgjax.parallel import topology as tpu_topology
+from mgjax.train import families, flops, optim
+from mgjax.train.families import DTYPES
+from mgjax.train.run_config import RunConfig
+from mgjax.train.step import ShardedStep, batch_loss, make_optimizer, memory
+
+GiB = 1 << 30
+F32 = 4
+# XLA places buffers in one arena and leaves gaps where a buffer outlives those placed below it: the TPU compiler's
+# peak was 1.06-1.31x the live bytes estimated here for 14 compiled MGM-2B/7B/13B/34B stage-2 steps on v5p and v5e,
+# and 0.98-1.13x for the tiny demo model at bf16 under full remat (its peak counts ~25 MiB of program code the
+# estimate leaves out); 1.15 puts all of them within 15%. MGM-8x7B's MoE steps stay 17-27% above the estimate
+# (docs/benchmarks.md, which also says where the model is off).
+PACKING = 0.15
+
+
+@dataclass(frozen=True)
+class Topology:
+    chips: int
+    hbm_bytes: int  # per chip
+    peak_flops: float | None  # dense bf16 FLOP/s per chip; None: unknown (CPUs)
+    chips_per_host: int
+    platform: str  # gpu | tpu | cpu: picks the MoE dispatch that 'auto' would
+    tpu_slice: str | None = None  # a TPU slice name: XLA's TPU compiler compiles for it here (deviceless)
+
+
+TOPOLOGIES: dict[str, Topology] = {
+    "8xH100": Topology(8, 80 * GiB, flops.PEAK_FLOPS["H100"], 8, "gpu"),
+    "4x8xH100": Topology(32, 80 * GiB, flops.PEAK_FLOPS["H100"], 8, "gpu"),
+    "8xH200": Topology(8, 141 * GiB, flops.PEAK_FLOPS["H200"], 8, "gpu"),
+}
+TPU_SLICES = "TPU slices GEN-N or KxGEN-N (GEN: v4, v5e, v5p, v6e; e.g. v5p-128, v5e-256, 2xv5p-128)"
+LOCAL = "local"  # this process's devices, whatever they are
+
+
+class PlanError(ValueError):
+    """An input the plan cannot be made from; the message names it."""
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+def topology(name: str) -> Topology:
+    if name == LOCAL:
+        return _local()
+    if name in TOPOLOGIES:
+        return TOPOLOGIES[name]
+    if not tpu_topology.NAME.match(name):
+        raise PlanError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}, {TPU_SLICES}, {LOCAL}")
+    try:
+        s = tpu_topology.parse(name)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    chips = s.chips * s.slices
+    per_host = s.chips if s.chips <= 8 and not s.generation.megacore else 4  # one v5e / v6e host drives 8
+    return Topology(chips, s.hbm_bytes, flops.kind_peak_flops(s.generation.kind), per_host, "tpu", name)
+
+
+def _local() -> Topology:
+    device, per_host = jax.devices()[0], jax.local_device_count()
+    # CPU devices report no memory stats: they share the host's RAM
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // per_host
+    hbm = (device.memory_stats() or {}).get("bytes_limit", ram)
+    return Topology(jax.device_count(), hbm, flops.peak_flops(device), per_host, device.platform)
+
+
+def parse_mesh(text: str, default: mesh.MeshConfig) -> mesh.MeshConfig:
+    """``data=2,fsdp=-1`` over ``default``: the axes it names replace the default's."""
+    sizes = {}
+    for item in filter(None, text.split(",")):
+        axis, eq, value = item.partition("=")
+        if not eq or axis.strip() not in mesh.MESH_AXES or not value.strip().removeprefix("-").isdigit():
+            raise PlanError(f"--mesh {text!r}: expected AXIS=SIZE,... with axes {', '.join(mesh.MESH_AXES)}")
+        sizes[axis.strip()] = int(value)
+    return dataclasses.replace(default, **sizes)
+
+
+def check(c: RunConfig, global_batch: int, seq_len: int) -> None:
+    """The values the plan takes from the config as names or counts, checked before anything is built."""
+    family = families.family(c.model.family)
+    for key, value, known in (("train.stage", c.train.stage, family.stages),
+                              ("model.remat", c.model.remat, REMAT_POLICIES),
+                              ("model.compute_dtype", c.model.compute_dtype, DTYPES),
+                              ("train.loss_weighting", c.train.loss_weighting, optim.LOSS_WEIGHTS)):
+        if value not in known:
+            raise PlanError(f"{key} must be one of {sorted(known)}, not {value!r}")
+    for key, value in (("the global batch", global_batch), ("seq_len", seq_len),
+                       ("train.micro_batches", c.train.micro_batches)):
+        if value < 1:
+            raise PlanError(f"{key} must be positive, not {value}")
+    for pattern in c.train.freeze:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise PlanError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
+
+
+def abstract_model(c: RunConfig) -> nnx.Module:
+    """The model the run would train (with its adapters), as shapes: parameters float32, compute and remat as
+    configured."""
+    family = families.family(c.model.family)
+    config = family.architecture(c.model)
+    return nnx.eval_shape(lambda: family.new_model(c, config))
+
+
+def trainable_filter(c: RunConfig):
+    """The parameters the run's optimizer updates."""
+    return params.trainable(*families.family(c.model.family).patterns(c))
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+def float32_bytes(model: nnx.Module, which, sizes: dict[str, int]) -> int:
+    """Per-device bytes of the parameters ``which`` selects, in float32, placed as ``mesh.placement`` places them."""
+    total = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, which)):
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        total += var.size * F32 // mesh.shards(mesh.spec(axes, var.shape, sizes), sizes)
+    return total
+
+
+def _moe_impl(llm, platform: str) -> str:
+    """What ``moe_impl: auto`` picks on the target platform (the trace runs here, where it would pick dense)."""
+    return llm.moe_impl if llm.moe_impl != "auto" else ("grouped" if platform == "tpu" else "dense")
+
+
+def _tensor_shard(llm, tensor: int):
+    """The LLM one device computes under tensor parallelism, Megatron-style: heads, MLP and vocabulary split where
+    they divide (``mesh.spec`` replicates what does not); key/value heads fewer than ``tensor`` are repeated."""
+    split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731
+    a, kv = llm.num_attention_heads, llm.num_key_value_heads
+    heads = {}
+    if a % tensor == 0 and (kv % tensor == 0 or tensor % kv == 0):
+        heads = dict(num_attention_heads=a // tensor, num_key_value_heads=max(kv // tensor, 1))
+    return dataclasses.replace(llm, **heads, intermediate_size=split(llm.intermediate_size),
+                               vocab_size=split(llm.vocab_size))
+
+
+def _nbytes(shapes) -> int:
+    return sum(prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+
+
+def residuals(c: RunConfig, config, *, batch: int, seq_len: int) -> list[jax.ShapeDtypeStruct]:
+    """What JAX keeps from the forward of one micro-batch's loss (as ``train_step`` computes it) for its backward:
+    the residuals of ``jax.vjp`` with respect to the trainable parameters, for the model of ``config`` trained as
+    ``c`` says, traced on shapes. Residuals that are parameters (same shape and dtype) are left out: they are held
+    anyway."""
+    family = families.family(c.model.family)
+    model = nnx.eval_shape(lambda: family.new_model(c, config))
+    graphdef, trained, rest = nnx.split(model, trainable_filter(c), ...)
+
+    def loss(p, frozen, inputs):
+        return batch_loss(nnx.merge(graphdef, p, frozen), inputs, c.train.loss_weighting)[0]
+
+    kept = jax.eval_shape(lambda p, frozen, inputs: jax.vjp(lambda q: loss(q, frozen, inputs), p)[1],
+                          trained, rest, family.input_shapes(c, config, batch, seq_len))
+    weights = {(v.shape, v.dtype) for v in jax.tree.leaves(nnx.state(model))}
+    return [a for a in jax.tree.leaves(kept) if (a.shape, a.dtype) not in weights]
+
+
+def without_upcasts(kept: list[jax.ShapeDtypeStruct]) -> list[jax.ShapeDtypeStruct]:
+    """``kept`` less the float32 residuals beside a narrower float one of their shape: upcasts, whose converts XLA
+    fuses into their consumers instead of keeping them between forward and backward (the mining projections'
+    float32 copies of the HR feature map, the RMSNorms' float32 inputs). A layer being recomputed in the backward
+    does materialise them: its working set is counted with them."""
+    narrow = {a.shape for a in kept if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize < F32}
+    return [a for a in kept if not (a.dtype == jnp.float32 and a.shape in narrow)]
+
+
+def activations(c: RunConfig, config, *, batch: int, micro: int, seq_len: int, tensor: int,
+                platform: str) -> dict[str, int]:
+    """Per-device activation bytes (an estimate, see the module docstring) of one micro-batch of ``micro``
+    rows of the model of ``config``, trained as ``c`` says; ``batch``: the local batch, every micro-batch, as the
+    loader hands it over."""
+    llm, remat = _tensor_shard(config.llm, tensor), c.model.remat
+
+    @functools.cache
+    def traced(layers: int, policy: str) -> list[jax.ShapeDtypeStruct]:
+        cut = dataclasses.replace(llm, num_hidden_layers=layers, remat=policy, moe_impl=_moe_impl(llm, platform))
+        return residuals(c, dataclasses.replace(config, llm=cut), batch=micro, seq_len=seq_len)
+
+    def kept(layers: int, policy: str, upcasts: bool = False) -> int:
+        r = traced(layers, policy)
+        return _nbytes(r if upcasts else without_upcasts(r))
+
+    def per_layer(policy: str, upcasts: bool = False) -> int:  # residuals grow linearly with depth
+        return kept(2, policy, upcasts) - kept(1, policy, upcasts)
+
+    # The rest (towers, projectors, logits) from a trace under full remat: without remat a one-layer model also
+    # keeps the attention's mask and fill value broadcast to the scores' shape, which XLA never materialises.
+    rest = kept(1, "full") - per_layer("full")
+    recomputed = per_layer("none", upcasts=True) - per_layer(remat, upcasts=True)
+    return {"kept_for_backward": rest + llm.num_hidden_layers * per_layer(remat),
+            "recomputed_layer": 0 if remat == "none" else recomputed,
+            # float32, it is written over the kept log-softmax; its cast for the head's matmuls is new
+            "logits_gradient": micro * seq_len * llm.vocab_size * jnp.dtype(llm.dtype).itemsize
+            if traced(1, remat) else 0,  # or no backward
+            "inputs": _nbytes(families.family(c.model.family).input_shapes(c, config, batch, seq_len))}
+
+
+def live_activations(acts: dict[str, int]) -> int:
+    """The activation bytes live at the step's peak: what the forward kept and the inputs, with the larger of
+    the two working sets of the backward, which come one after the other (the head's, then each layer's)."""
+    return acts["kept_for_backward"] + max(acts["recomputed_layer"], acts["logits_gradient"]) + acts["inputs"]
+
+
+def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, seq_len: int,
+             devices=None) -> dict:
+    """XLA's own memory analysis of the training step, compiled ahead of time from shapes alone (nothing is
+    materialised) for ``devices`` (deviceless TPU devices, ``mgjax.parallel.topology``) or this process's: the program
+    ``mgjax.train`` compiles, prints and checks before step 1. XLA's TPU compiler refuses a program whose
+    temporaries alone exceed the chip's HBM: then ``{"refused": its message, "temporaries": the bytes it
+    named}``."""
+    m = mesh.make_mesh(mesh_config, devices)
+    family = families.family(c.model.family)
+    config = family.architecture(c.model)
+
+    def with_optimizer():
+        model = family.new_model(c, config)
+        trainable, frozen = family.patterns(c)
+        return model, make_optimizer(model, trainable, c.optim, 1, frozen=frozen)
+
+    model, opt = nnx.eval_shape(with_optimizer)
+    rows = global_batch // c.train.micro_batches
+    batch = {k: jax.ShapeDtypeStruct((c.train.micro_batches, rows, *v.shape[1:]), v.dtype,
+                                     sharding=mesh.batch_sharding(m, v.ndim + 1))
+             for k, v in family.input_shapes(c, config, rows, seq_len).items()}
+    try:
+        return memory(ShardedStep(model, opt, m, c.train.loss_weighting).compile(model, opt, batch))
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e).strip().splitlines()[0]
+        if "RESOURCE_EXHAUSTED" not in message:
+            raise PlanError(f"XLA's compiler failed on this step: {message[:500]}") from None
+        needed = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": GiB, "T": 1 << 40}
+        return {"refused": message, "temporaries": int(float(needed[1]) * scale[needed[2]]) if needed else None}
+
+
+# ------------------------------------------------------------------------------------------------------ the plan
+def _local_batch(global_batch: int, micro_batches: int, sizes: dict[str, int]) -> int:
+    shards = mesh.batch_shards(sizes)
+    if global_batch % (micro_batches * shards):
+        raise PlanError(f"global batch {global_batch} does not split into {micro_batches} micro-batch(es) x "
+                        f"{shards} batch shards ({' x '.join(mesh.batch_axes())}); change --batch, "
+                        "train.micro_batches or the mesh")
+    return global_batch // shards
+
+
+def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None = None, *, mfu: float = 0.4,
+           batch: int | None = None, seq_len: int | None = None, compile: bool = False) -> dict:
+    """The plan of run config ``c`` on a topology, as a JSON-able dict (bytes per device, FLOPs per step); with
+    ``compile`` (local devices or a TPU slice) also XLA's memory analysis of the compiled step, which then
+    decides ``fits``. Without it ``fits`` is None wherever a compile is possible: the estimate leaves out
+    transients and is no answer where the compiler can give one."""
+    family = families.family(c.model.family)
+    global_batch = c.train.global_batch if batch is None else batch
+    seq_len = family.seq_len(c) if seq_len is None else seq_len
+    check(c, global_batch, seq_len)
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu must be in (0, 1], not {mfu}")
+    topo = topology(topology_name)
+    if compile and topology_name != LOCAL and topo.tpu_slice is None:
+        raise PlanError(f"--compile needs the devices it compiles for: run it on them with --topology {LOCAL} "
+                        f"(here, {topology_name} is planned by arithmetic; TPU slices compile anywhere)")
+    try:
+        sizes = (mesh_config or c.mesh).sizes(topo.chips)
+    except ValueError as e:
+        raise PlanError(f"{topology_name} has {topo.chips} chips: {e}") from None
+    local = _local_batch(global_batch, c.train.micro_batches, sizes)
+    model = abstract_model(c)
+    trainable = trainable_filter(c)
+    placed = mesh.placement(model, sizes)
+    weights = float32_bytes(model, trainable, sizes)
+    acts = activations(c, model.config, batch=local, micro=local // c.train.micro_batches, seq_len=seq_len,
+                       tensor=sizes["tensor"], platform=topo.platform)
+    memory = {"parameters": placed.per_device_bytes, "gradients": weights * (2 if c.train.micro_batches > 1 else 1),
+              "optimizer": 2 * weights, "activations": live_activations(acts)}
+    memory["packing"] = round(PACKING * sum(memory.values()))
+    memory["total"] = sum(memory.values())
+    xla = None
+    if compile:
+        try:
+            devices = tpu_topology.devices(topo.tpu_slice) if topo.tpu_slice else None
+        except RuntimeError as e:
+            raise PlanError(str(e)) from None
+        xla = compiled(c, mesh_config or c.mesh, global_batch=global_batch, seq_len=seq_len, devices=devices)
+    compilable = topo.tpu_slice is not None or topology_name == LOCAL
+    if xla:
+        fits = "refused" not in xla and xla["peak"] <= topo.hbm_bytes
+    else:
+        fits = None if compilable else memory["total"] <= topo.hbm_bytes
+    step = family.step_flops(c, model, trainable, batch=global_batch)(seq_len)
+    tiles = family.input_shapes(c, model.config, 1, 1).get("pixel_values")
+    seconds = step["total"] / (topo.chips * topo.peak_flops * mfu) if topo.peak_flops else None
+    return {
+        "release": c.model.release or c.model.init, "stage": c.train.stage,
+        "topology": {"name": topology_name, "chips": topo.chips, "hosts": -(-topo.chips // topo.chips_per_host),
+                     "hbm_bytes": topo.hbm_bytes, "peak_flops": topo.peak_flops},
+        "mesh": sizes,
+        "batch": {"global": global_batch, "micro_batches": c.train.micro_batches,
+                  "per_device": local // c.train.micro_batches, "seq_len": seq_len,
+                  **({"tiles": tiles.shape[1]} if tiles is not None else {})},
+        "compute_dtype": c.model.compute_dtype, "remat": c.model.remat,
+        "parameters": {"count": params.count_params(model), "trainable": params.count_params(model, trainable),
+                       "total_bytes": placed.total_bytes, "sharded_fraction": placed.sharded_fraction,
+                       "largest_replicated": list(placed.replicated[:3])},
+        "bytes_per_device": memory, "activation_bytes": acts,
+        "fits": fits,
+        "step_flops": step, "mfu": mfu, "seconds_per_step": seconds,
+        "tokens_per_s": global_batch * seq_len / seconds if seconds else None,
+        "compiled_bytes_per_device": xla,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _fits_line(r: dict) -> str:
+    hbm, xla = _gib(r["topology"]["hbm_bytes"]), r["compiled_bytes_per_device"]
+    if xla and "refused" in xla:
+        return f"fits: no (XLA's TPU compiler refused the step: {xla['refused']})"
+    if xla:
+        return f"fits: {'yes' if r['fits'] else 'no'} (compiled step {_gib(xla['peak'])} of {hbm} GiB)"
+    if r["fits"] is None:
+        return (f"fits: unknown until compiled (estimate {_gib(r['bytes_per_device']['total'])} of {hbm} GiB, "
+                "without transients): add --compile")
+    return f"fits: {'yes' if r['fits'] else 'no'} ({_gib(r['bytes_per_device']['total'])} of {hbm} GiB)"
+
+
+def too_big(r: dict) -> str:
+    """Why a compiled plan does not fit, and what to change."""
+    xla, t = r["compiled_bytes_per_device"], r["topology"]
+    need = (f"{_gib(xla['temporaries'])} GiB of temporaries alone" if "refused" in xla and xla["temporaries"]
+            else "more than it has" if "refused" in xla else f"{_gib(xla['peak'])} GiB")
+    return (f"the compiled step needs {need} per chip; {t['name']} has {_gib(t['hbm_bytes'])} GiB: raise "
+            "train.micro_batches, set model.remat full, shard further (--mesh fsdp=..., a larger slice) or lower "
+            "the batch")
+
+
+def render(r: dict) -> str:
+    t, b, m, p = r["topology"], r["batch"], r["bytes_per_device"], r["parameters"]
+    acts = ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in r["activation_bytes"].items())
+    step = ", ".join(f"{k.replace('_', ' ')} {v:.3e}" for k, v in r["step_flops"].items() if k != "total")
+    lines = [
+        f"{r['release']} {r['stage']} on {t['name']}: {t['chips']} chips on {t['hosts']} host(s), "
+        f"{_gib(t['hbm_bytes'])} GiB each",
+        "mesh: " + " ".join(f"{a}={n}" for a, n in r["mesh"].items()),
+        f"batch: global {b['global']} in {b['micro_batches']} micro-batch(es), {b['per_device']} per device each; "
+        f"seq_len {b['seq_len']}; compute {r['compute_dtype']}, remat {r['remat']}",
+        f"parameters: {p['count']:,}, {p['trainable']:,} trainable",
+        "",
+        f"{'per device':22s}{'GiB':>8s}",
+        *(f"  {k:20s}{_gib(m[k]):>8s}" for k in ("parameters", "gradients", "optimizer")),
+        f"  {'activations (est.)':20s}{_gib(m['activations']):>8s}  ({acts}; the backward's two working sets "
+        "come one after the other: the larger counts)",
+        f"  {'packing (est.)':20s}{_gib(m['packing']):>8s}  (XLA's gaps between buffers: {PACKING:.0%}, measured "
+        "on TPU)",
+        f"  {'total':20s}{_gib(m['total']):>8s}",
+        _fits_line(r),
+        f"parameter bytes sharded: {p['sharded_fraction']:.2%}; largest replicated: "
+        + (", ".join(p["largest_replicated"]) or "none"),
+        f"step FLOPs: {r['step_flops']['total']:.3e} ({step})",
+    ]
+    if r["compiled_bytes_per_device"] and "refused" not in r["compiled_bytes_per_device"]:
+        lines.append("compiled step (XLA), per device: " + ", ".join(
+            f"{k} {_gib(v)}" for k, v in r["compiled_bytes_per_device"].items()) + " GiB")
+    if r["seconds_per_step"] is None:
+        lines.append(f"time per step: unknown (no peak FLOP/s known for {t['name']})")
+    else:
+        lines.append(f"at MFU {r['mfu']:.0%}: {r['seconds_per_step']:.3f} s/step, {r['tokens_per_s']:,.0f} tokens/s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mgjax.plan", description=__doc__.split("\n\n")[0],
+                                 epilog="topologies: " + ", ".join([*TOPOLOGIES, TPU_SLICES, LOCAL]))
+    ap.add_argument("--config", help="a YAML run config (as mgjax.train reads it)")
+    ap.add_argument("--topology", required=True)
+    ap.add_argument("--mesh", default="", metavar="AXIS=SIZE,...", help="over the config's mesh (default fsdp=-1)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--batch", type=int, help="global batch (default train.global_batch)")
+    ap.add_argument("--seq-len", type=int, help="positions per sample (default data.max_length)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
+    ap.add_argument("--compile", action="store_true",
+                    help=f"compile the step (for a TPU slice, deviceless, with libtpu; or for --topology {LOCAL}) and "
+                         "judge the fit by XLA's memory analysis; exit 2 when it does not fit")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        c = cfg.load(RunConfig, args.config, args.set)
+        r = report(c, args.topology, parse_mesh(args.mesh, c.mesh), mfu=args.mfu, batch=args.batch,
+                   seq_len=args.seq_len, compile=args.compile)
+    except ValueError as e:  # config, topology, mesh and release errors alike
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2) if args.json else render(r))
+    if r["compiled_bytes_per_device"] and not r["fits"]:
+        print(f"error: {too_big(r)}", file=sys.stderr)
+        return 2
+    return 0
