@@ -1,5 +1,5 @@
-"""Decode throughput: mgjax's compiled prefill + step (``mgjax.inference.decoding``) against transformers' ``generate`` on
-the same random Llama weights and the same hardware, greedy, side by side.
+"""Decode throughput: mgjax's compiled prefill + step (``mgjax.inference.decoding``) against transformers'
+``generate`` on the same random Llama weights and the same hardware, greedy, side by side.
 
     python bench/decode.py [--layers 8] [--hidden 512] [--vocab 32000] [--batch 1 8] [--prompt 64] [--new 128]
         [--dtype float32] [--repeats 3]
@@ -8,6 +8,7 @@ Prints, per batch size, new tokens per second of each and the ratio mgjax / tran
 produced the same tokens. transformers runs on torch's device (CUDA when torch sees a GPU, else the CPU); mgjax on
 JAX's default device. Compilation is excluded (one warm-up run each).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,16 @@ from mgjax.inference import decoding
 
 
 def _torch_seconds(hf, ids: torch.Tensor, new: int, repeats: int) -> tuple[float, np.ndarray]:
-    run = lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,  # noqa: E731
-                              min_new_tokens=new, do_sample=False, pad_token_id=0)
+    def run():
+        return hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
     with torch.no_grad():
         out = run()
         times = []
@@ -55,10 +64,15 @@ def main() -> None:
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                                   intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
-                                   num_attention_heads=args.hidden // 64,
-                                   num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=4096)
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg).to(torch_dtype).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,19 +80,21 @@ def main() -> None:
         model = mgjax.from_pretrained(tmp, dtype=jnp.dtype(args.dtype))
     hf = hf.to(device)
     n = sum(p.numel() for p in hf.parameters())
-    print(f"Llama {n / 1e6:.1f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}), "
-          f"{args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy")
+    print(
+        f"Llama {n / 1e6:.1f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab {args.vocab}), "
+        f"{args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy"
+    )
     print(f"mgjax on {jax.devices()[0].device_kind}, transformers {transformers.__version__} on {device}")
     print(f"{'batch':>5s} {'mgjax tok/s':>12s} {'hf tok/s':>10s} {'ratio':>6s}  same tokens")
     for b in args.batch:
         ids = np.random.default_rng(b).integers(1, args.vocab, (b, args.prompt)).astype(np.int32)
-        ours_s = median_seconds(lambda x: decoding.generate(model, x, args.new), jnp.asarray(ids),
-                                repeats=args.repeats)
+        ours_s = median_seconds(lambda x: decoding.generate(model, x, args.new), jnp.asarray(ids), repeats=args.repeats)
         ours = np.asarray(decoding.generate(model, jnp.asarray(ids), args.new))
-        theirs_s, theirs = _torch_seconds(hf, torch.tensor(ids, dtype=torch.long, device=device), args.new,
-                                          args.repeats)
+        theirs_s, theirs = _torch_seconds(
+            hf, torch.tensor(ids, dtype=torch.long, device=device), args.new, args.repeats
+        )
         tokens = b * args.new
-        same = np.mean(ours[:, args.prompt:] == theirs[:, args.prompt:])
+        same = np.mean(ours[:, args.prompt :] == theirs[:, args.prompt :])
         print(f"{b:5d} {tokens / ours_s:12.1f} {tokens / theirs_s:10.1f} {theirs_s / ours_s:6.2f}  {same:.0%}")
 
 

@@ -12,6 +12,7 @@ achieved GB/s, the percentage of the chip's datasheet bandwidth and of a copy me
 (``--images`` images of 576 tokens). The kernel runs compiled on TPUs only; elsewhere its rows say why not
 (on CPUs Pallas only interprets, which says nothing about speed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,17 @@ from timing import median_seconds  # bench/timing.py: the script's folder is on 
 from mgjax.models import mining
 from mgjax.models.mgm import PreNormLinear, shared_norm_projections
 
-DATASHEET_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.04e12, "TPU v4": 1.2e12, "TPU v5 lite": 0.82e12,
-                       "TPU v5e": 0.82e12, "TPU v5p": 2.76e12, "TPU v5": 2.76e12, "TPU v6 lite": 1.64e12}
+DATASHEET_BANDWIDTH = {
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100": 2.04e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 0.82e12,
+    "TPU v5e": 0.82e12,
+    "TPU v5p": 2.76e12,
+    "TPU v5": 2.76e12,
+    "TPU v6 lite": 1.64e12,
+}
 TOKENS_PER_IMAGE = 576
 
 
@@ -52,8 +62,10 @@ def attention_fns(backend: str):
 def row(label: str, seconds: float, nbytes: int, peak: float | None, copy: float) -> str:
     rate = nbytes / seconds
     sheet = f"{rate / peak:6.1%}" if peak else "    - "
-    return (f"  {label:34s} {seconds * 1e3:9.3f} ms {nbytes / 1e9:8.3f} GB {rate / 1e9:8.1f} GB/s "
-            f"{sheet} of datasheet {rate / copy:6.1%} of copy")
+    return (
+        f"  {label:34s} {seconds * 1e3:9.3f} ms {nbytes / 1e9:8.3f} GB {rate / 1e9:8.1f} GB/s "
+        f"{sheet} of datasheet {rate / copy:6.1%} of copy"
+    )
 
 
 def bench_attention(m: int, c: int, dtype, tokens: int, repeats: int, peak, copy) -> None:
@@ -65,13 +77,11 @@ def bench_attention(m: int, c: int, dtype, tokens: int, repeats: int, peak, copy
     print(f"M={m} (W={w}) C={c} {jnp.dtype(dtype).name} T={tokens:,} ({tokens / TOKENS_PER_IMAGE:.0f} images)")
     for backend in ("xla", "pallas"):
         if backend == "pallas" and jax.devices()[0].platform != "tpu":
-            print(f"  {'pallas':34s} not run: the kernel compiles for TPUs only (here: "
-                  f"{jax.devices()[0].platform})")
+            print(f"  {'pallas':34s} not run: the kernel compiles for TPUs only (here: {jax.devices()[0].platform})")
             continue
         fwd, grad = attention_fns(backend)
         print(row(f"{backend} forward", median_seconds(fwd, q, k, v, repeats=repeats), forward, peak, copy))
-        print(row(f"{backend} forward+backward", median_seconds(grad, q, k, v, repeats=repeats), backward, peak,
-                  copy))
+        print(row(f"{backend} forward+backward", median_seconds(grad, q, k, v, repeats=repeats), backward, peak, copy))
 
 
 def bench_projection(channels_in: int, c: int, side: int, images: int, dtype, repeats: int) -> None:
@@ -85,10 +95,14 @@ def bench_projection(channels_in: int, c: int, side: int, images: int, dtype, re
     separate = jax.jit(lambda heads, x: [h(x) for h in heads])
     shared = jax.jit(lambda heads, x: shared_norm_projections(x, *heads))
     a, b = median_seconds(separate, heads, x, repeats=repeats), median_seconds(shared, heads, x, repeats=repeats)
-    err = max(float(jnp.max(jnp.abs(p.astype(jnp.float32) - r.astype(jnp.float32))))
-              for p, r in zip(shared(heads, x), separate(heads, x)))
-    print(f"K/V projection of a [{images}, {side}, {side}, {channels_in}] {jnp.dtype(dtype).name} map -> 2 x {c}: "
-          f"separate {a * 1e3:.2f} ms, shared norm {b * 1e3:.2f} ms, ratio {a / b:.2f}x, max-abs diff {err:.1e}")
+    err = max(
+        float(jnp.max(jnp.abs(p.astype(jnp.float32) - r.astype(jnp.float32))))
+        for p, r in zip(shared(heads, x), separate(heads, x))
+    )
+    print(
+        f"K/V projection of a [{images}, {side}, {side}, {channels_in}] {jnp.dtype(dtype).name} map -> 2 x {c}: "
+        f"separate {a * 1e3:.2f} ms, shared norm {b * 1e3:.2f} ms, ratio {a / b:.2f}x, max-abs diff {err:.1e}"
+    )
 
 
 def main(argv=None) -> None:
@@ -99,13 +113,16 @@ def main(argv=None) -> None:
     ap.add_argument("--min-bytes", type=float, default=1e9, help="the large case moves at least this many bytes")
     ap.add_argument("--images", type=int, default=16, help="the realistic case: images of 576 tokens")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--projection-side", type=int, default=96, help="HR map side for the projection comparison "
-                    "(MGM: 192 at 768 px)")
+    ap.add_argument(
+        "--projection-side", type=int, default=96, help="HR map side for the projection comparison (MGM: 192 at 768 px)"
+    )
     args = ap.parse_args(argv)
     device = jax.devices()[0]
     peak, copy = datasheet(), copy_bandwidth(args.repeats)
-    print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}; copy (x + 1 over 1 GiB) "
-          f"{copy / 1e9:.1f} GB/s" + (f", datasheet {peak / 1e9:.0f} GB/s" if peak else ", no datasheet figure"))
+    print(
+        f"{device.device_kind} ({device.platform}), jax {jax.__version__}; copy (x + 1 over 1 GiB) "
+        f"{copy / 1e9:.1f} GB/s" + (f", datasheet {peak / 1e9:.0f} GB/s" if peak else ", no datasheet figure")
+    )
     for name in args.dtype:
         dtype = jnp.dtype(name)
         for m in args.window:

@@ -7,6 +7,7 @@ difference between their outputs. Defaults are Mixtral-8x7B's expert shape scale
 grouped path is also timed with JAX's Pallas/Triton lowering of ``ragged_dot``
 (``jax_ragged_dot_use_gpu_pallas_triton_lowering``) next to XLA's default one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     dtype = jnp.dtype(args.dtype)
-    blocks = {impl: SparseMoeBlock(args.hidden, args.inner, args.experts, args.top_k, act="silu", impl=impl,
-                                   dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)) for impl in ("dense", "grouped")}
+    blocks = {
+        impl: SparseMoeBlock(
+            args.hidden,
+            args.inner,
+            args.experts,
+            args.top_k,
+            act="silu",
+            impl=impl,
+            dtype=dtype,
+            param_dtype=dtype,
+            rngs=nnx.Rngs(0),
+        )
+        for impl in ("dense", "grouped")
+    }
     nnx.update(blocks["grouped"], nnx.state(blocks["dense"]))  # identical weights
     x = jax.random.normal(jax.random.key(1), (1, args.tokens, args.hidden), dtype)
-    print(f"{jax.devices()[0].device_kind}: {args.tokens} tokens, hidden {args.hidden}, inner {args.inner}, "
-          f"{args.experts} experts, top-{args.top_k}, {args.dtype}")
+    print(
+        f"{jax.devices()[0].device_kind}: {args.tokens} tokens, hidden {args.hidden}, inner {args.inner}, "
+        f"{args.experts} experts, top-{args.top_k}, {args.dtype}"
+    )
     runs = [("dense", "dense", False), ("grouped", "grouped", False)]
     if jax.default_backend() == "gpu":
         runs.append(("grouped+triton", "grouped", True))
@@ -56,9 +71,11 @@ def main() -> None:
         print(f"  {name:15s} forward {fwd[name] * 1e3:9.2f} ms   forward+backward {bwd[name] * 1e3:9.2f} ms")
     for name in fwd:
         if name != "dense":
-            print(f"  dense / {name}: forward {fwd['dense'] / fwd[name]:.2f}x, "
-                  f"forward+backward {bwd['dense'] / bwd[name]:.2f}x, "
-                  f"max-abs diff {np.abs(outs[name] - outs['dense']).max():.3e}")
+            print(
+                f"  dense / {name}: forward {fwd['dense'] / fwd[name]:.2f}x, "
+                f"forward+backward {bwd['dense'] / bwd[name]:.2f}x, "
+                f"max-abs diff {np.abs(outs[name] - outs['dense']).max():.3e}"
+            )
     print(f"  max |out| {float(np.abs(outs['dense']).max()):.3e}")
 
 

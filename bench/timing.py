@@ -1,4 +1,5 @@
 """Wall-clock timing shared by the benchmarks: compile and warm up once, then the median of ``repeats`` runs."""
+
 from __future__ import annotations
 
 import time

@@ -10,6 +10,7 @@ fits.
 A slice on which the recipe's batch does not split is passed over. One JSON line per compile, written as soon as
 it ends: an interrupted run resumes where it stopped (a 7B step takes 5-7 minutes on 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,10 @@ from mgjax.train.run_config import RunConfig  # noqa: E402
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
 CHIPS = (4, 8, 16, 32, 64, 128, 256)
-DEFAULT_CONFIGS = ([f"configs/mgm/{r}/stage2.yaml" for r in
-                    ("MGM-2B", "MGM-7B", "MGM-13B", "MGM-34B", "MGM-8x7B", "MGM-2B-HD", "MGM-7B-HD")]
-                   + [f"configs/internvl/InternVL2-{r}/{mode}.yaml" for r in ("1B", "2B", "4B") for mode in ("full", "lora")])
+DEFAULT_CONFIGS = [
+    f"configs/mgm/{r}/stage2.yaml"
+    for r in ("MGM-2B", "MGM-7B", "MGM-13B", "MGM-34B", "MGM-8x7B", "MGM-2B-HD", "MGM-7B-HD")
+] + [f"configs/internvl/InternVL2-{r}/{mode}.yaml" for r in ("1B", "2B", "4B") for mode in ("full", "lora")]
 ERROR = 0.15  # mgjax.train.plan's estimate is within 15% of the compiled peak (tests/test_plan.py)
 
 
@@ -70,8 +72,11 @@ def _grow(config: str, sets: list[str], gen: str, out: Path) -> dict | None:
             continue
         largest = chips
         if _seen(out, config, sets, name) is None and estimate * (1 - ERROR) > plan.topology(name).hbm_bytes:
-            print(f"{config} on {name}: estimate {estimate / GiB:.1f} GiB, more than the HBM even {ERROR:.0%} "
-                  "lower; next", flush=True)
+            print(
+                f"{config} on {name}: estimate {estimate / GiB:.1f} GiB, more than the HBM even {ERROR:.0%} "
+                "lower; next",
+                flush=True,
+            )
             continue
         row = _compile(config, sets, gen, out, chips)
         if row["fits"]:
@@ -98,12 +103,25 @@ def _compile(config: str, sets: list[str], gen: str, out: Path, chips: int) -> d
     except plan.PlanError:
         return None
     estimate, xla = r["bytes_per_device"]["total"], r["compiled_bytes_per_device"]
-    row = {"config": config, "set": sets, "release": r["release"], "slice": name, "chips": r["topology"]["chips"],
-           "mesh": r["mesh"], "batch": r["batch"], "remat": r["remat"], "estimate_gib": round(estimate / GiB, 2),
-           "compiled_gib": round(xla["peak"] / GiB, 2) if "peak" in xla else None,
-           "temporaries_gib": round(xla["temporaries"] / GiB, 2) if xla.get("temporaries") else None,
-           "refused": xla.get("refused"), "hbm_gib": round(r["topology"]["hbm_bytes"] / GiB, 2), "fits": r["fits"],
-           "compile_s": round(time.time() - start), "date": date.today().isoformat(), "commit": _commit()}
+    row = {
+        "config": config,
+        "set": sets,
+        "release": r["release"],
+        "slice": name,
+        "chips": r["topology"]["chips"],
+        "mesh": r["mesh"],
+        "batch": r["batch"],
+        "remat": r["remat"],
+        "estimate_gib": round(estimate / GiB, 2),
+        "compiled_gib": round(xla["peak"] / GiB, 2) if "peak" in xla else None,
+        "temporaries_gib": round(xla["temporaries"] / GiB, 2) if xla.get("temporaries") else None,
+        "refused": xla.get("refused"),
+        "hbm_gib": round(r["topology"]["hbm_bytes"] / GiB, 2),
+        "fits": r["fits"],
+        "compile_s": round(time.time() - start),
+        "date": date.today().isoformat(),
+        "commit": _commit(),
+    }
     with out.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -120,11 +138,15 @@ def estimate_now(row: dict) -> float:
 def table(rows: list[dict]) -> str:
     """The docs' table: per recipe and generation, the smallest slice compiled that fits (with the plan's
     estimate for it today) and the next smaller one compiled (which did not)."""
-    out = ["| recipe | generation | smallest fitting slice | per-device batch | compiled peak GiB (estimate) | "
-           "HBM GiB | compile s | one size smaller |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| recipe | generation | smallest fitting slice | per-device batch | compiled peak GiB (estimate) | "
+        "HBM GiB | compile s | one size smaller |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for config, gen in dict.fromkeys((r["config"], r["slice"].split("-")[0]) for r in rows):
-        mine = sorted((r for r in rows if r["config"] == config and r["slice"].startswith(gen + "-")),
-                      key=lambda r: r["chips"])
+        mine = sorted(
+            (r for r in rows if r["config"] == config and r["slice"].startswith(gen + "-")), key=lambda r: r["chips"]
+        )
         fits = [r for r in mine if r["fits"]]
         if not fits:
             continue
@@ -132,14 +154,22 @@ def table(rows: list[dict]) -> str:
         smaller = [r for r in mine if r["chips"] < best["chips"]]
         b = best["batch"]
         tiles = f", {b['tiles']} tiles" if "tiles" in b else ""
-        below = "not compiled" if not smaller else (
-            f"{smaller[-1]['slice']}: refused ({smaller[-1]['temporaries_gib']} GiB temporaries)"
-            if smaller[-1]["refused"] else f"{smaller[-1]['slice']}: {smaller[-1]['compiled_gib']} GiB")
+        below = (
+            "not compiled"
+            if not smaller
+            else (
+                f"{smaller[-1]['slice']}: refused ({smaller[-1]['temporaries_gib']} GiB temporaries)"
+                if smaller[-1]["refused"]
+                else f"{smaller[-1]['slice']}: {smaller[-1]['compiled_gib']} GiB"
+            )
+        )
         recipe = f"{best['release']} {Path(config).stem.replace('stage', 'stage ')}"
-        out.append(f"| {recipe} | {gen} | {best['slice']} ({best['chips']} chips, fsdp {best['mesh']['fsdp']}) | "
-                   f"{b['per_device']} × {b['seq_len']}{tiles} | "
-                   f"{best['compiled_gib']} ({estimate_now(best)}) | {best['hbm_gib']:g} | {best['compile_s']} | "
-                   f"{below} |")
+        out.append(
+            f"| {recipe} | {gen} | {best['slice']} ({best['chips']} chips, fsdp {best['mesh']['fsdp']}) | "
+            f"{b['per_device']} × {b['seq_len']}{tiles} | "
+            f"{best['compiled_gib']} ({estimate_now(best)}) | {best['hbm_gib']:g} | {best['compile_s']} | "
+            f"{below} |"
+        )
     return "\n".join(out)
 
 
@@ -164,8 +194,15 @@ def main(argv=None) -> int:
     for config in args.configs:
         for gen in args.generations:
             row = fit(config, args.set, gen, args.out)
-            print(f"== {config} {args.set} on {gen}: " + (f"fits on {row['slice']} ({row['compiled_gib']} of "
-                  f"{row['hbm_gib']} GiB per chip)" if row else "no slice up to 256 chips"), flush=True)
+            print(
+                f"== {config} {args.set} on {gen}: "
+                + (
+                    f"fits on {row['slice']} ({row['compiled_gib']} of {row['hbm_gib']} GiB per chip)"
+                    if row
+                    else "no slice up to 256 chips"
+                ),
+                flush=True,
+            )
     return 0
 
 

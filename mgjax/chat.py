@@ -1,4 +1,5 @@
 """``python -m mgjax.chat``: the command line of ``mgjax.inference.chat``."""
+
 import sys
 
 from mgjax.inference.chat import main

@@ -2,6 +2,7 @@
 overridden from the command line (``--set optim.lr=1e-4``). An unknown key or an ill-typed value is an error that
 names the file or flag it came from; ``describe`` lists every field with its type, default and help.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +49,11 @@ def build(cls, data: Mapping[str, Any] | None, where: str, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(prefix + k for k in unknown)}; known under {prefix or 'the top level'}: "
-                          f"{', '.join(sorted(fields))}")
+        raise ConfigError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(prefix + k for k in unknown)}; known under {prefix or 'the top level'}: "
+            f"{', '.join(sorted(fields))}"
+        )
     hints = _hints(cls)
     kw = {}
     for name, value in data.items():
@@ -121,8 +124,11 @@ def describe(cls, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(typ):
             lines += describe(typ, f"{prefix}{f.name}.")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        )
         name = getattr(typ, "__name__", str(typ).replace("typing.", ""))
         help_ = f.metadata.get("help", "")
         lines.append(f"{prefix}{f.name}: {name} = {default!r}" + (f"  # {help_}" if help_ else ""))

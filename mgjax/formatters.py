@@ -1,4 +1,5 @@
 """``python -m mgjax.formatters``: the command line of ``mgjax.data.formatters``."""
+
 import sys
 
 from mgjax.data.formatters import main

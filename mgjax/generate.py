@@ -1,4 +1,5 @@
 """``python -m mgjax.generate``: the command line of ``mgjax.inference.generate``."""
+
 import sys
 
 from mgjax.inference.generate import main

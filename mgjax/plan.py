@@ -1,4 +1,5 @@
 """``python -m mgjax.plan``: the command line of ``mgjax.train.plan``."""
+
 import sys
 
 from mgjax.train.plan import main

@@ -1,4 +1,5 @@
 """``from_pretrained`` / ``save_pretrained``: HF checkpoint directories in, HF checkpoint directories out."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,9 @@ def init(config: ModelConfig, *, seed: int = 0, mesh: jax.sharding.Mesh | None =
     return nnx.merge(graphdef, jax.jit(lambda: nnx.state(build()), out_shardings=out)())
 
 
-def assemble(config: ModelConfig, parts: dict[str, str | os.PathLike], *, seed: int = 0,
-             mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+def assemble(
+    config: ModelConfig, parts: dict[str, str | os.PathLike], *, seed: int = 0, mesh: jax.sharding.Mesh | None = None
+) -> nnx.Module:
     """A model whose named top-level submodules load from their own HF checkpoints (MGM stage 1: the base LLM and
     both towers) and whose other parameters (the projectors) are randomly initialised. Only those are computed:
     the initialisers of the loaded parts are dead code in the compiled program. ``mesh``: born sharded."""
@@ -59,11 +61,19 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{cfg}: not valid JSON ({e})") from None
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: ModelConfig | None = None,
-                    layout: str = "auto", weights: str | os.PathLike | None = None,
-                    towers: dict[str, tuple[str | os.PathLike, str]] | None = None,
-                    towers_root: str | os.PathLike | None = None, tower_source: str = "mgm",
-                    mesh: jax.sharding.Mesh | None = None, **overrides) -> nnx.Module:
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    config: ModelConfig | None = None,
+    layout: str = "auto",
+    weights: str | os.PathLike | None = None,
+    towers: dict[str, tuple[str | os.PathLike, str]] | None = None,
+    towers_root: str | os.PathLike | None = None,
+    tower_source: str = "mgm",
+    mesh: jax.sharding.Mesh | None = None,
+    **overrides,
+) -> nnx.Module:
     """Build an mgjax model from an HF checkpoint directory.
 
     ``dtype`` is used for both parameters and compute (override either with ``param_dtype=`` / ``dtype=`` in a
@@ -83,30 +93,45 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, config: Model
     if config is None:
         d = read_config(path)
         if d.get("model_type") in MGM_TYPES:
-            plan = mgm_towers.resolve({**d, **{k: overrides[k] for k in ("mining",) if k in overrides}},
-                                      weights or path, root=towers_root, source=tower_source)
+            plan = mgm_towers.resolve(
+                {**d, **{k: overrides[k] for k in ("mining",) if k in overrides}},
+                weights or path,
+                root=towers_root,
+                source=tower_source,
+            )
             d, towers = plan.config, {**plan.towers, **towers}
             if plan.sources:
                 print(plan.line(), file=sys.stderr)
         config = model_class(d.get("model_type")).config_class.from_hf(
-            d, **{"dtype": dtype, "param_dtype": dtype, **overrides})
+            d, **{"dtype": dtype, "param_dtype": dtype, **overrides}
+        )
     cls = model_class(config.model_type)
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     place = mesh_lib.placer(mesh) if mesh is not None else None
     try:
-        model = hf.load_into(abstract, weights or path, layouts=cls.layouts(config), layout=layout,
-                             skip=tuple(towers), place=place)
+        model = hf.load_into(
+            abstract, weights or path, layouts=cls.layouts(config), layout=layout, skip=tuple(towers), place=place
+        )
     except KeyMismatch as e:
         raise mgm_towers.explain(e, d or {}) if config.model_type == "mgm" else e from None
     for name, (file, tower_layout) in towers.items():
         sub = getattr(model, name)
-        setattr(model, name, hf.load_into(sub, file, layouts=type(sub).layouts(sub.config), layout=tower_layout,
-                                          place=place))
+        setattr(
+            model,
+            name,
+            hf.load_into(sub, file, layouts=type(sub).layouts(sub.config), layout=tower_layout, place=place),
+        )
     return model
 
 
-def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None, layout: str | None = None,
-                    max_shard_bytes: int = 4 << 30) -> Path:
+def save_pretrained(
+    model: nnx.Module,
+    out_dir: str | os.PathLike,
+    *,
+    dtype=None,
+    layout: str | None = None,
+    max_shard_bytes: int = 4 << 30,
+) -> Path:
     """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``) in the model's
     own checkpoint layout, or the named one of its ``layouts``."""
     out_dir = Path(out_dir)
@@ -114,8 +139,7 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None
     layouts = type(model).layouts(model.config)
     if layout is not None and layout not in layouts:
         raise ValueError(f"no key layout {layout!r}; known: {sorted(layouts)}")
-    hf.save(model, out_dir, layout=layouts[layout or next(iter(layouts))], dtype=dtype,
-            max_shard_bytes=max_shard_bytes)
+    hf.save(model, out_dir, layout=layouts[layout or next(iter(layouts))], dtype=dtype, max_shard_bytes=max_shard_bytes)
     cfg = model.config.to_hf()
     # The dtype the tensors were written in, not the one the model was first loaded from.
     written = dtype or jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype

@@ -1,4 +1,5 @@
 """``python -m mgjax.serve``: the command line of ``mgjax.inference.serve``."""
+
 import sys
 
 from mgjax.inference.serve import main

@@ -17,8 +17,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # The suite compiles hundreds of small programs and runs each briefly: XLA:CPU's LLVM at -O0 without its expensive
 # passes compiles them 2.3x faster (tests/test_train_step.py: 145 s -> 63 s). XLA's own (HLO) passes still run, and
 # TPU programs (deviceless, libtpu) compile as before. Processes the tests start inherit the flags.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                           " --xla_llvm_disable_expensive_passes=true").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+).strip()
 # deviceless TPU compiles (tests/test_tpu_compile.py) load libtpu beside processes tests start that load it too
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
@@ -51,9 +52,11 @@ def max_abs(a, b) -> float:
 @pytest.fixture
 def report(request):
     """Print a measured error so it shows in the test log (``-rA`` / ``-s``) and in the closing notes."""
+
     def _report(name: str, value: float, bound: float):
         print(f"[parity] {request.node.name}: {name} max-abs {value:.3e} (bound {bound:.0e})")
         assert value <= bound, f"{name}: max-abs {value:.3e} > {bound:.0e}"
+
     return _report
 
 
@@ -63,6 +66,7 @@ def internvl_dir(tmp_path_factory):
     from PIL import Image
 
     from tests import test_generate, test_internvl
+
     path = tmp_path_factory.mktemp("internvl_cli")
     hf = test_internvl._hf_model("qwen2")
     hf.config.image_token_id = test_generate.WORDS.index("<IMG_CONTEXT>")
@@ -77,4 +81,5 @@ def mgm_zoo(tmp_path_factory):
     """An MGM checkpoint in MGM's own layout with its towers in a ``model_zoo/`` beside it
     (``tests/test_mgm_towers.make_zoo``): (root, PyTorch reference)."""
     from tests import test_mgm_towers
+
     return test_mgm_towers.make_zoo(tmp_path_factory.mktemp("mgm_zoo"))

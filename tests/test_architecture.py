@@ -1,5 +1,6 @@
 """The package layers of docs/architecture.md: a module imports only from its own layer and the ones below it (any
 import, at the top of a module or inside a function), and every module belongs to a layer."""
+
 import ast
 from pathlib import Path
 

@@ -1,5 +1,6 @@
-"""``mgjax.inference.chat``: multi-turn conversations with images attached mid-way, streamed answers equal to plain greedy
-decoding of the same prompt, and the terminal command."""
+"""``mgjax.inference.chat``: multi-turn conversations with images attached mid-way, streamed answers equal to plain
+greedy decoding of the same prompt, and the terminal command."""
+
 import subprocess
 import sys
 
@@ -26,8 +27,9 @@ def _greedy_answer(model, tok, turns, images, n):
     ids, image_args = conversation_inputs(model, tok, "Hermes-2", turns, images)
     ids = jnp.asarray(ids, jnp.int32)
     stops = stop_ids(tok, "Hermes-2")
-    out = np.asarray(decoding.greedy(model.language_model, ids, n, inputs_embeds=model.embed(ids, **image_args),
-                                     stop_ids=stops))[0, ids.shape[1]:]
+    out = np.asarray(
+        decoding.greedy(model.language_model, ids, n, inputs_embeds=model.embed(ids, **image_args), stop_ids=stops)
+    )[0, ids.shape[1] :]
     return tok.decode(decoding.cut(out.tolist(), stops), skip_special_tokens=True)
 
 
@@ -39,8 +41,11 @@ def test_turns_stream_the_greedy_answer_and_keep_the_history(chat_parts):
     chat.attach(str(path / "cat.png"))  # an image mid-conversation
     second = "".join(chat.say("what is this ?"))
     image = preprocess.load_image(path / "cat.png")
-    turns = [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": first},
-             {"from": "human", "value": "<image>\nwhat is this ?"}]
+    turns = [
+        {"from": "human", "value": "what is this ?"},
+        {"from": "gpt", "value": first},
+        {"from": "human", "value": "<image>\nwhat is this ?"},
+    ]
     assert second == _greedy_answer(model, tok, turns, [image], 6)
     chat.attach(str(path / "cat.png"))  # InternVL: a second image in the same conversation
     "".join(chat.say("and this ?"))
@@ -51,10 +56,16 @@ def test_turns_stream_the_greedy_answer_and_keep_the_history(chat_parts):
 
 def test_command_line_session(chat_parts, tmp_path):
     _, _, path = chat_parts
-    session = (f"what is this ?\n/image {path / 'cat.png'}\nwhat ?\n/reset\n/image {tmp_path / 'missing.png'}\n"
-               "hi\n/quit\n")
-    run = subprocess.run([sys.executable, "-m", "mgjax.chat", "--model", str(path), "--max-new-tokens", "4"],
-                         input=session, capture_output=True, text=True, timeout=600)
+    session = (
+        f"what is this ?\n/image {path / 'cat.png'}\nwhat ?\n/reset\n/image {tmp_path / 'missing.png'}\nhi\n/quit\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "mgjax.chat", "--model", str(path), "--max-new-tokens", "4"],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("model> ") == 3 and "(new conversation)" in run.stdout
     assert "missing.png" in run.stderr  # a bad image is reported and the chat goes on

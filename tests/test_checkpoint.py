@@ -1,4 +1,5 @@
 """Orbax checkpoints: an interrupted run resumed from a checkpoint ends bit-identical to an uninterrupted one."""
+
 import jax
 import numpy as np
 from flax import nnx
@@ -10,8 +11,15 @@ from mgjax.train import optim
 from mgjax.train.checkpoint import Checkpoints
 from mgjax.train.step import make_optimizer, train_step
 
-CONFIG = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8)
+CONFIG = LlamaConfig(
+    vocab_size=50,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 RECORDS = [{"id": str(i)} for i in range(64)]
 
 
@@ -45,5 +53,7 @@ def test_resume_is_exact(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.isdigit()) == ["2", "3"]  # keep=2
     resumed, rest = _run(tmp_path / "b", 6, resume=True, seed=7)  # a different init: everything comes from disk
     assert rest == losses[3:]
-    same = jax.tree.map(lambda a, b: bool((a == b).all()), nnx.state(straight, nnx.Param), nnx.state(resumed, nnx.Param))
+    same = jax.tree.map(
+        lambda a, b: bool((a == b).all()), nnx.state(straight, nnx.Param), nnx.state(resumed, nnx.Param)
+    )
     assert all(jax.tree.leaves(same))

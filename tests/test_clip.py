@@ -1,4 +1,5 @@
 """CLIP vision tower parity against transformers, computed in the test from tiny random models."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -11,8 +12,15 @@ from mgjax.convert.safetensors_io import CheckpointError
 from mgjax.nn.resize import bicubic_matrix
 from tests.conftest import max_abs
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-              patch_size=8, hidden_act="quick_gelu")
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act="quick_gelu",
+)
 
 
 def _randomize(model):
@@ -87,8 +95,11 @@ def test_remat_changes_nothing(pair, report):
     report("remat forward", max_abs(remat.features(x), model.features(x)), 0.0)
     ga, gb = jax.grad(loss)(model), jax.grad(loss)(remat)
     scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(ga))  # grads of a sum are large: compare relatively
-    report("remat grads / max|grad|",
-           max(max_abs(a, b) for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb))) / scale, 1e-6)
+    report(
+        "remat grads / max|grad|",
+        max(max_abs(a, b) for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb))) / scale,
+        1e-6,
+    )
 
 
 def test_export_reloads_identically_in_pytorch(pair, tmp_path):
@@ -105,8 +116,13 @@ def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path, report):
     """OpenAI's CLIP checkpoints (what MGM loads) are whole CLIPModels written by transformers 4: ``vision_model.``
     prefixes, ``position_ids`` buffers, a text tower; everything but the vision tower is skipped by name."""
     torch.manual_seed(1)
-    cfg = transformers.CLIPConfig(vision_config=VISION, text_config=dict(hidden_size=16, intermediate_size=32,
-                                  num_hidden_layers=1, num_attention_heads=2, vocab_size=50), projection_dim=8)
+    cfg = transformers.CLIPConfig(
+        vision_config=VISION,
+        text_config=dict(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=50
+        ),
+        projection_dim=8,
+    )
     full = _randomize(transformers.CLIPModel(cfg))
     full.save_pretrained(tmp_path)
     tensors = safetensors.torch.load_file(tmp_path / "model.safetensors")

@@ -1,4 +1,5 @@
 """Run configs: YAML with base inheritance, --set overrides, and errors that name the key and its source."""
+
 from dataclasses import dataclass, field
 
 import pytest

@@ -1,4 +1,5 @@
 """ConvNeXt parity against transformers (HF layout) and a timm-named copy, computed from tiny random models."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,9 @@ from tests.conftest import max_abs
 
 # Stage 2 scans three blocks; a non-default final eps checks that only the final norm uses layer_norm_eps.
 SIZES, DEPTHS = [8, 16, 24, 32], [1, 2, 3, 1]
-TINY = dict(hidden_sizes=SIZES, depths=DEPTHS, image_size=64, patch_size=4, layer_scale_init_value=0.5,
-            layer_norm_eps=1e-3)
+TINY = dict(
+    hidden_sizes=SIZES, depths=DEPTHS, image_size=64, patch_size=4, layer_scale_init_value=0.5, layer_norm_eps=1e-3
+)
 
 
 def _nhwc(t: torch.Tensor) -> np.ndarray:
@@ -64,16 +66,26 @@ def test_every_output_matches(output, reference, report):
 
 
 # The timm / open_clip trunk names, written out independently of mgjax's TIMM layout.
-TIMM_PREFIXES = {"embeddings.patch_embeddings.": "stem.0.", "embeddings.layernorm.": "stem.1.",
-                 "encoder.stages.": "stages."}
-TIMM_PARTS = {"downsampling_layer": "downsample", "layers": "blocks", "dwconv": "conv_dw", "layernorm": "norm",
-              "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2", "layer_scale_parameter": "gamma"}
+TIMM_PREFIXES = {
+    "embeddings.patch_embeddings.": "stem.0.",
+    "embeddings.layernorm.": "stem.1.",
+    "encoder.stages.": "stages.",
+}
+TIMM_PARTS = {
+    "downsampling_layer": "downsample",
+    "layers": "blocks",
+    "dwconv": "conv_dw",
+    "layernorm": "norm",
+    "pwconv1": "mlp.fc1",
+    "pwconv2": "mlp.fc2",
+    "layer_scale_parameter": "gamma",
+}
 
 
 def _timm_name(hf_key: str) -> str:
     for old, new in TIMM_PREFIXES.items():
         if hf_key.startswith(old):
-            hf_key = new + hf_key[len(old):]
+            hf_key = new + hf_key[len(old) :]
     return ".".join(TIMM_PARTS.get(part, part) for part in hf_key.split("."))
 
 
@@ -83,9 +95,17 @@ def test_timm_layout_loads(pair, pixels, reference, tmp_path, report):
     tensors = {_timm_name(k): v.contiguous() for k, v in state.items() if not k.startswith("layernorm.")}
     # timm keeps the pooled-output norm in its classifier head, which MGM drops: it must be skipped, not loaded.
     tensors.update({f"head.norm.{n}": state[f"layernorm.{n}"] for n in ("weight", "bias")})
-    for key in ("stem.0.weight", "stem.1.bias", "stages.1.downsample.0.weight", "stages.3.downsample.1.bias",
-                "stages.2.blocks.2.conv_dw.weight", "stages.2.blocks.2.norm.weight", "stages.2.blocks.2.mlp.fc1.weight",
-                "stages.2.blocks.2.mlp.fc2.bias", "stages.2.blocks.2.gamma"):
+    for key in (
+        "stem.0.weight",
+        "stem.1.bias",
+        "stages.1.downsample.0.weight",
+        "stages.3.downsample.1.bias",
+        "stages.2.blocks.2.conv_dw.weight",
+        "stages.2.blocks.2.norm.weight",
+        "stages.2.blocks.2.mlp.fc1.weight",
+        "stages.2.blocks.2.mlp.fc2.bias",
+        "stages.2.blocks.2.gamma",
+    ):
         assert key in tensors, key
     safetensors.torch.save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
 

@@ -1,4 +1,6 @@
-"""Decoder parity (Llama family, Qwen2, Gemma, Mixtral, Phi-3) against transformers, computed in the test from tiny random models."""
+"""Decoder parity (Llama family, Qwen2, Gemma, Mixtral, Phi-3) against transformers, computed in the test from tiny
+random models."""
+
 import json
 
 import jax
@@ -14,16 +16,26 @@ import mgjax
 from mgjax.convert.safetensors_io import CheckpointError
 from tests.conftest import max_abs
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8}
-FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-            "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-            "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
-            "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+}
 # head_dim 16 -> 8 factors; switch at 16 positions, factor 64 / 16 = 4 -> cos/sin scaled by sqrt(1.5)
-LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7],
-            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 12.0]}
+LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7],
+    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 12.0],
+}
 PHI3_IDS = {"pad_token_id": 0, "eos_token_id": 2, "bos_token_id": 1}  # Phi-3's defaults lie past a tiny vocab
 VARIANTS = {
     # name: (family, num_key_value_heads, rope_scaling, tie_word_embeddings, extra config)
@@ -43,9 +55,18 @@ def _hf_model(family, kv_heads, rope_scaling, tied, extra, seed=0):
     torch.manual_seed(seed)
     config_cls, model_cls = FAMILIES[family]
     cfg = config_cls(
-        vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=kv_heads, rope_theta=500000.0 if rope_scaling else 10000.0, rope_scaling=rope_scaling,
-        tie_word_embeddings=tied, max_position_embeddings=64, **extra)
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        rope_theta=500000.0 if rope_scaling else 10000.0,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=tied,
+        max_position_embeddings=64,
+        **extra,
+    )
     model = model_cls(cfg).eval()
     with torch.no_grad():  # norms start at 1 (Gemma: 0) and biases at 0: perturb them so a wrong one shows
         for name, p in model.named_parameters():
@@ -95,7 +116,7 @@ def test_kv_cache_decoding_equals_full_forward(pair, report):
     prefill, cache = model(ids[:, :10], cache=cache)
     pieces = [prefill]
     for t in range(10, 16):
-        out, cache = step(model, ids[:, t:t + 1], cache)
+        out, cache = step(model, ids[:, t : t + 1], cache)
         pieces.append(out)
     assert int(cache.index) == 16
     report(f"{name} cached decode", max_abs(jnp.concatenate(pieces, axis=1), full), 1e-5)
@@ -146,6 +167,7 @@ def test_bf16_load_is_close_by_kl(pair):
 
 # --- bad checkpoints fail loudly, naming what is wrong ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     path = tmp_path_factory.mktemp("small")
@@ -172,6 +194,7 @@ def test_unexpected_and_misshaped_keys_are_named(small, tmp_path):
     def edit(t):
         t["model.extra.weight"] = torch.zeros(3)
         t["model.norm.weight"] = torch.zeros(65)
+
     path = _rewrite(small, tmp_path / "u", edit)
     with pytest.raises(CheckpointError) as err:
         mgjax.from_pretrained(path)
@@ -200,8 +223,12 @@ def test_family_switches_follow_model_type(pair):
     assert type(model).__name__ == type(hf).__name__
     c = model.config
     assert (c.qkv_bias, c.norm_offset, c.scale_embeddings, c.num_local_experts) == {
-        "llama": (False, 0.0, False, 0), "qwen2": (True, 0.0, False, 0), "gemma": (False, 1.0, True, 0),
-        "mixtral": (False, 0.0, False, 4), "phi3": (False, 0.0, False, 0)}[c.model_type]
+        "llama": (False, 0.0, False, 0),
+        "qwen2": (True, 0.0, False, 0),
+        "gemma": (False, 1.0, True, 0),
+        "mixtral": (False, 0.0, False, 4),
+        "phi3": (False, 0.0, False, 0),
+    }[c.model_type]
 
 
 def test_moe_dense_and_grouped_paths_agree(tmp_path, report):
@@ -225,8 +252,15 @@ def test_unsupported_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt_bigcode"}))
     with pytest.raises(CheckpointError, match="gpt_bigcode"):
         mgjax.from_pretrained(tmp_path)
-    cfg = transformers.Qwen2Config(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                   num_attention_heads=2, use_sliding_window=True, sliding_window=4).to_dict()
+    cfg = transformers.Qwen2Config(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+    ).to_dict()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="use_sliding_window"):
         mgjax.from_pretrained(tmp_path)
@@ -235,6 +269,7 @@ def test_unsupported_config_is_named(tmp_path):
 def test_greedy_generation_matches_transformers(pair):
     name, hf, _, model = pair
     from mgjax.inference.decoding import greedy
+
     ids = _ids(batch=2, length=7, seed=3)
     ref = ids
     with torch.no_grad():  # torch reference: recompute the whole prefix each step, no cache

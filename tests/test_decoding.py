@@ -1,5 +1,6 @@
-"""Decoding (``mgjax.inference.decoding``) against transformers on a tiny random Llama: left-padded batches decode as their
-rows alone, the sampling warpers equal transformers' processors, and beam search picks transformers' beams."""
+"""Decoding (``mgjax.inference.decoding``) against transformers on a tiny random Llama: left-padded batches decode as
+their rows alone, the sampling warpers equal transformers' processors, and beam search picks transformers' beams."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +19,18 @@ EOS = 3
 def pair(tmp_path_factory):
     """A transformers Llama (f32, eval) and the same weights in mgjax."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   eos_token_id=EOS, pad_token_id=0, bos_token_id=1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
     hf = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # peaked logits: few near-ties, so float noise cannot flip a choice
         hf.lm_head.weight.mul_(8.0)
@@ -41,22 +51,35 @@ def test_left_padded_batch_decodes_each_row_as_alone(pair):
     assert ids.shape == (3, 16) and mask.sum(1).tolist() == [5, 9, 2]
     together = np.asarray(decoding.generate(model, jnp.asarray(ids), 10, attention_mask=jnp.asarray(mask)))
     for i, p in enumerate(prompts):
-        alone = np.asarray(decoding.greedy(model, jnp.asarray([p]), 10))[0, len(p):]
-        assert together[i, ids.shape[1]:].tolist() == alone.tolist(), i
+        alone = np.asarray(decoding.greedy(model, jnp.asarray([p]), 10))[0, len(p) :]
+        assert together[i, ids.shape[1] :].tolist() == alone.tolist(), i
 
 
 def test_greedy_matches_transformers_on_a_left_padded_batch(pair):
     hf, model = pair
     ids, mask = decoding.left_pad(_prompts(1), pad_id=0)
     with torch.no_grad():
-        want = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12, do_sample=False,
-                           eos_token_id=None, pad_token_id=0).numpy()
+        want = hf.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
     got = np.asarray(decoding.generate(model, jnp.asarray(ids), 12, attention_mask=jnp.asarray(mask)))
     assert got.tolist() == want.tolist()
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(temperature=1.3, top_k=5),
-                                      dict(temperature=1.0, top_p=0.6), dict(temperature=0.5, top_k=10, top_p=0.9)])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.7),
+        dict(temperature=1.3, top_k=5),
+        dict(temperature=1.0, top_p=0.6),
+        dict(temperature=0.5, top_k=10, top_p=0.9),
+    ],
+)
 def test_warpers_equal_transformers_processors(settings):
     logits = np.random.default_rng(2).normal(size=(3, 40)).astype(np.float32) * 3
     processors = transformers.LogitsProcessorList()
@@ -99,8 +122,9 @@ def test_stream_stops_when_every_row_has_stopped(pair):
     ids, mask = decoding.left_pad(_prompts(), pad_id=0)
     steps = list(decoding.stream(model, jnp.asarray(ids), 20, attention_mask=jnp.asarray(mask)))
     first = steps[0].tolist()  # stop on each row's first token: one step only
-    assert len(list(decoding.stream(model, jnp.asarray(ids), 20, attention_mask=jnp.asarray(mask),
-                                    stop_ids=first))) == 1
+    assert (
+        len(list(decoding.stream(model, jnp.asarray(ids), 20, attention_mask=jnp.asarray(mask), stop_ids=first))) == 1
+    )
     assert len(steps) == 20 and decoding.cut([5, 7, EOS, 9], [EOS]) == [5, 7]
 
 
@@ -110,11 +134,18 @@ def test_beam_search_matches_transformers(pair, beams, penalty):
     eos = _frequent_token(hf)
     for prompt in _prompts(5):
         with torch.no_grad():
-            want = hf.generate(torch.tensor([prompt]), max_new_tokens=10, num_beams=beams, do_sample=False,
-                               length_penalty=penalty, eos_token_id=eos, pad_token_id=0).numpy()[0, len(prompt):]
-        got = decoding.beam_search(model, jnp.asarray([prompt]), 10, sampling=Sampling(num_beams=beams,
-                                                                                       length_penalty=penalty),
-                                   stop_ids=[eos])[0]
+            want = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=10,
+                num_beams=beams,
+                do_sample=False,
+                length_penalty=penalty,
+                eos_token_id=eos,
+                pad_token_id=0,
+            ).numpy()[0, len(prompt) :]
+        got = decoding.beam_search(
+            model, jnp.asarray([prompt]), 10, sampling=Sampling(num_beams=beams, length_penalty=penalty), stop_ids=[eos]
+        )[0]
         assert got == want.tolist(), (prompt, got, want)
 
 
@@ -138,7 +169,9 @@ def test_beam_search_on_a_padded_batch_equals_rows_alone(pair):
 def test_beam_sample_is_seeded(pair):
     _, model = pair
     ids = jnp.asarray([_prompts()[0]])
-    run = lambda seed: decoding.beam_search(model, ids, 8, sampling=Sampling(num_beams=3, temperature=1.0,  # noqa
-                                                                              seed=seed))
+
+    def run(seed):
+        return decoding.beam_search(model, ids, 8, sampling=Sampling(num_beams=3, temperature=1.0, seed=seed))
+
     assert run(1) == run(1) and len(run(1)[0]) == 8
     assert len({tuple(run(s)[0]) for s in range(6)}) > 1

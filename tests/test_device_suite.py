@@ -1,5 +1,6 @@
 """bench/device_suite.py, the script run when an accelerator is lent, on tiny shapes on this CPU: every part
 runs, the JSON has its numbers, and the two training steps it times compute the same loss."""
+
 import json
 import os
 import subprocess
@@ -12,8 +13,14 @@ def test_smoke_run_writes_every_part(tmp_path):
     out = tmp_path / "suite.json"
     # PyTorch's own kernels: its scalar ones (conftest's ATEN_CPU_CAPABILITY, for exact parity) cannot do bf16 matmuls
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    run = subprocess.run([sys.executable, "bench/device_suite.py", "--smoke", "--out", str(out)], cwd=root,
-                         env={**env, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [sys.executable, "bench/device_suite.py", "--smoke", "--out", str(out)],
+        cwd=root,
+        env={**env, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["smoke"] and r["environment"]["platform"] == "cpu"

@@ -1,4 +1,5 @@
 """Which ``jax.distributed.initialize`` call each environment gets (the call itself is recorded, not made)."""
+
 import pytest
 
 from mgjax.parallel import distributed

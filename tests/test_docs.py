@@ -7,6 +7,7 @@ read and checked), ``launch/*.sh`` with ``--dry-run`` (optional ``[...]`` parts 
 checking that the extras it names exist; ``pytest`` is this run. ``text`` blocks (outputs, layouts, what a
 launcher runs) are shown, not run. A block without a language fails, as does a command nothing here knows how to
 run."""
+
 import re
 import shlex
 import subprocess
@@ -48,7 +49,7 @@ def commands(body: str) -> list[list[str]]:
         while words:
             cut = words.index("&&") if "&&" in words else len(words)
             out.append(words[:cut])
-            words = words[cut + 1:]
+            words = words[cut + 1 :]
     return out
 
 
@@ -81,8 +82,7 @@ def _run_shell(words: list[str], where: str):
         assert cli.main([*words[3:], "--check"]) == 0, f"{where}: {shlex.join(words)}"
     elif words[0].startswith("launch/"):
         script, *args = _required(words)
-        run = subprocess.run(["bash", script, "--dry-run", *args], cwd=ROOT, capture_output=True, text=True,
-                             timeout=60)
+        run = subprocess.run(["bash", script, "--dry-run", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, f"{where}: {shlex.join(words)}\n{run.stderr}"
     else:
         raise AssertionError(f"{where}: nothing here knows how to run {shlex.join(words)!r}")
@@ -101,9 +101,16 @@ def test_shell_blocks_run(doc, monkeypatch):
 def llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_llama")
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2)).save_pretrained(path)
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(path)
     return path
 
 
@@ -112,12 +119,18 @@ def stand_ins(llama_dir, internvl_dir, mgm_zoo):
     """Quoted paths in the examples -> tiny local stand-ins."""
     _, internvl = internvl_dir
     zoo, _ = mgm_zoo
-    return {'"path/to/hf-llama"': llama_dir, '"path/to/InternVL2-1B"': internvl, '"cat.jpg"': internvl / "cat.png",
-            '"path/to/MGM-7B"': zoo / "MGM-single", '"path/to"': zoo}
+    return {
+        '"path/to/hf-llama"': llama_dir,
+        '"path/to/InternVL2-1B"': internvl,
+        '"cat.jpg"': internvl / "cat.png",
+        '"path/to/MGM-7B"': zoo / "MGM-single",
+        '"path/to"': zoo,
+    }
 
 
-@pytest.mark.parametrize("doc", [d for d in DOCS if any(b[1] == "python" for b in blocks(d))],
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "doc", [d for d in DOCS if any(b[1] == "python" for b in blocks(d))], ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_python_blocks_run(doc, stand_ins, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {}

@@ -2,6 +2,7 @@
 demo_general.yaml, then demo.yaml from its output): each mode trains what it says and nothing else, keeps
 optimizer state for exactly its trainable set, exports plain HF weights (LoRA merged), and scores greedy answers
 on held-out grounding data."""
+
 import json
 from pathlib import Path
 
@@ -18,18 +19,37 @@ MODES = ("full", "frozen_vit", "lora")
 
 
 def _train(config: str, out: Path, *sets: str, steps: int = 4, batch: int = 8) -> int:
-    return cli.main(["--config", str(CONFIGS / config), "--set", f"train.out_dir={out}",
-                       "--set", f"train.steps={steps}", "--set", f"train.global_batch={batch}",
-                       "--set", "train.progress=false", "--set", "eval.max_new_tokens=8",
-                       *[a for s in sets for a in ("--set", s)]])
+    return cli.main(
+        [
+            "--config",
+            str(CONFIGS / config),
+            "--set",
+            f"train.out_dir={out}",
+            "--set",
+            f"train.steps={steps}",
+            "--set",
+            f"train.global_batch={batch}",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "eval.max_new_tokens=8",
+            *[a for s in sets for a in ("--set", s)],
+        ]
+    )
 
 
 def _adapt(general: Path, out: Path, *sets: str, **kw) -> int:
     """demo.yaml from the general model in ``general``."""
-    return _train("demo.yaml", out, f"model.path={general / 'final'}",
-                  f"data.meta={general / 'data' / 'domain_meta.json'}",
-                  f"data.general_meta={general / 'data' / 'general_meta.json'}",
-                  f"eval.path={general / 'data' / 'eval.jsonl'}", *sets, **kw)
+    return _train(
+        "demo.yaml",
+        out,
+        f"model.path={general / 'final'}",
+        f"data.meta={general / 'data' / 'domain_meta.json'}",
+        f"data.general_meta={general / 'data' / 'general_meta.json'}",
+        f"eval.path={general / 'data' / 'eval.jsonl'}",
+        *sets,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +71,7 @@ def _load(path: Path):
 
 def _token(path: Path) -> int:
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<IMG_CONTEXT>")
 
 
@@ -77,8 +98,10 @@ def test_lora_changes_only_the_llm_linears_it_adapts(runs):
     changed = _changed(runs, "lora")
     moved = {k for k, v in changed.items() if v}
     assert moved, "the merged adapters changed nothing"
-    assert all(k.startswith("language_model.model.layers.") and (".self_attn." in k or ".mlp." in k)
-               and k.endswith(".weight") for k in moved), sorted(moved)
+    assert all(
+        k.startswith("language_model.model.layers.") and (".self_attn." in k or ".mlp." in k) and k.endswith(".weight")
+        for k in moved
+    ), sorted(moved)
 
 
 def test_optimizer_state_covers_the_trainable_set_only(runs):
@@ -102,11 +125,14 @@ def test_held_out_grounding_is_scored_on_generated_answers(runs):
     assert all(a["reference"].startswith("<ref>the ") and "<box>[[" in a["reference"] for a in answers)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["train.stage=stage2"], "train.stage must be one of ['frozen_vit', 'full', 'lora'] for model.family internvl"),
-    (["data.meta=/nonexistent/meta.json"], "/nonexistent/meta.json"),
-    (["eval.compare_lr_only=true"], "model.family mgm"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["train.stage=stage2"], "train.stage must be one of ['frozen_vit', 'full', 'lora'] for model.family internvl"),
+        (["data.meta=/nonexistent/meta.json"], "/nonexistent/meta.json"),
+        (["eval.compare_lr_only=true"], "model.family mgm"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path, capsys, sets, message):
     assert _train("demo_general.yaml", tmp_path / "run", *sets) == 2
     assert message in capsys.readouterr().err
@@ -118,16 +144,35 @@ def test_domain_grounding_accuracy_rises_in_every_mode(tmp_path):
     rises above the general model's."""
     assert _train("demo_general.yaml", tmp_path / "general", "eval.max_new_tokens=40", steps=400, batch=32) == 0
     for mode in MODES:
-        assert _adapt(tmp_path / "general", tmp_path / mode, f"train.stage={mode}", "eval.max_new_tokens=40",
-                      steps=200, batch=32) == 0
+        assert (
+            _adapt(
+                tmp_path / "general",
+                tmp_path / mode,
+                f"train.stage={mode}",
+                "eval.max_new_tokens=40",
+                steps=200,
+                batch=32,
+            )
+            == 0
+        )
         score = json.loads((tmp_path / mode / "eval.json").read_text())
         assert score["end"]["grounding"]["accuracy"] > score["start"]["grounding"]["accuracy"], (mode, score)
 
 
 def test_packed_rows_train(tmp_path, capsys):
     """data.pack_length: samples packed into rows (segment ids to the model and the loss), square weighting."""
-    assert _train("demo_general.yaml", tmp_path / "packed", "data.pack_length=256", "train.global_batch=2",
-                  "train.loss_weighting=square", "eval.enabled=false", steps=3) == 0
+    assert (
+        _train(
+            "demo_general.yaml",
+            tmp_path / "packed",
+            "data.pack_length=256",
+            "train.global_batch=2",
+            "train.loss_weighting=square",
+            "eval.enabled=false",
+            steps=3,
+        )
+        == 0
+    )
     steps = [json.loads(line) for line in (tmp_path / "packed" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 3 and all(np.isfinite(s["loss"]) for s in steps)
     assert _train("demo_general.yaml", tmp_path / "nosteps", "data.pack_length=256", "train.steps=0") == 2

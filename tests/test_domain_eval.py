@@ -1,5 +1,6 @@
 """Scoring of grounding and multiple-choice answers: IoU and its 0.5 boundary, box parsing of answer variants,
 choice extraction, and accuracies over hand-made answers whose right counts are worked out by hand below."""
+
 import json
 
 import pytest
@@ -13,17 +14,21 @@ REF = [100, 100, 300, 300]  # area 200 * 200 = 40000
 
 # --- IoU ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("a, b, expected", [
-    ([0, 0, 10, 10], [5, 5, 15, 15], 25 / 175),  # overlap 5x5; union 100 + 100 - 25
-    ([0, 0, 10, 10], [0, 0, 20, 10], 0.5),  # overlap 100; union 200
-    ([0, 0, 10, 10], [2, 2, 7, 7], 0.25),  # inner 5x5 box inside 10x10
-    ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
-    ([0, 0, 10, 10], [20, 20, 30, 30], 0.0),  # apart
-    ([0, 0, 10, 10], [10, 0, 20, 10], 0.0),  # sharing an edge only
-    ([5, 5, 5, 10], [0, 0, 10, 10], 0.0),  # zero width
-    ([10, 10, 0, 0], [10, 10, 0, 0], 0.0),  # inverted, and no division by a zero union
-    ([5, 5, 5, 5], [5, 5, 5, 5], 0.0),
-])
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ([0, 0, 10, 10], [5, 5, 15, 15], 25 / 175),  # overlap 5x5; union 100 + 100 - 25
+        ([0, 0, 10, 10], [0, 0, 20, 10], 0.5),  # overlap 100; union 200
+        ([0, 0, 10, 10], [2, 2, 7, 7], 0.25),  # inner 5x5 box inside 10x10
+        ([0, 0, 10, 10], [0, 0, 10, 10], 1.0),
+        ([0, 0, 10, 10], [20, 20, 30, 30], 0.0),  # apart
+        ([0, 0, 10, 10], [10, 0, 20, 10], 0.0),  # sharing an edge only
+        ([5, 5, 5, 10], [0, 0, 10, 10], 0.0),  # zero width
+        ([10, 10, 0, 0], [10, 10, 0, 0], 0.0),  # inverted, and no division by a zero union
+        ([5, 5, 5, 5], [5, 5, 5, 5], 0.0),
+    ],
+)
 def test_iou(a, b, expected):
     assert E.iou(a, b) == pytest.approx(expected)
     assert E.iou(b, a) == pytest.approx(expected)
@@ -38,27 +43,31 @@ def test_iou_exactly_half_is_right_and_just_below_is_wrong():
 
 # --- parsing -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("<ref>the red car</ref><box>[[100, 200, 300, 400]]</box>", [(100, 200, 300, 400)]),
-    ("<box>[[100,200,300,400]]</box>", [(100, 200, 300, 400)]),
-    ("[[ 100 ,200,  300 , 400 ]]", [(100, 200, 300, 400)]),
-    ("[100, 200, 300, 400]", [(100, 200, 300, 400)]),
-    ("The car is at [[10, 20, 30, 40]].", [(10, 20, 30, 40)]),
-    ("<ref>cars</ref><box>[[1, 2, 3, 4], [5, 6, 7, 8]]</box>", [(1, 2, 3, 4), (5, 6, 7, 8)]),
-    ("<box>[[1, 2, 3, 4]]</box> and <box>[[5, 6, 7, 8]]</box>", [(1, 2, 3, 4), (5, 6, 7, 8)]),
-    ("[[0.5, 1.25, 3., .75]]", [(0.5, 1.25, 3.0, 0.75)]),
-    ("[[-5, 0, 10, 10]]", [(-5, 0, 10, 10)]),
-    ("[a, b] then [[1, 2, 3, 4]]", [(1, 2, 3, 4)]),  # InternVL's lazy regex would swallow this box
-    ("<box>[[1, 2, 3, 4</box>", []),
-    ("[[1, 2, 3]]", []),
-    ("[1, 2, 3, 4, 5]", []),
-    ("[[a, b, c, d]]", []),
-    ("[[" + "9" * 400 + ", 0, 1, 1]]", []),
-    ("no box here", []),
-    ("", []),
-    (None, []),
-    (42, []),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("<ref>the red car</ref><box>[[100, 200, 300, 400]]</box>", [(100, 200, 300, 400)]),
+        ("<box>[[100,200,300,400]]</box>", [(100, 200, 300, 400)]),
+        ("[[ 100 ,200,  300 , 400 ]]", [(100, 200, 300, 400)]),
+        ("[100, 200, 300, 400]", [(100, 200, 300, 400)]),
+        ("The car is at [[10, 20, 30, 40]].", [(10, 20, 30, 40)]),
+        ("<ref>cars</ref><box>[[1, 2, 3, 4], [5, 6, 7, 8]]</box>", [(1, 2, 3, 4), (5, 6, 7, 8)]),
+        ("<box>[[1, 2, 3, 4]]</box> and <box>[[5, 6, 7, 8]]</box>", [(1, 2, 3, 4), (5, 6, 7, 8)]),
+        ("[[0.5, 1.25, 3., .75]]", [(0.5, 1.25, 3.0, 0.75)]),
+        ("[[-5, 0, 10, 10]]", [(-5, 0, 10, 10)]),
+        ("[a, b] then [[1, 2, 3, 4]]", [(1, 2, 3, 4)]),  # InternVL's lazy regex would swallow this box
+        ("<box>[[1, 2, 3, 4</box>", []),
+        ("[[1, 2, 3]]", []),
+        ("[1, 2, 3, 4, 5]", []),
+        ("[[a, b, c, d]]", []),
+        ("[[" + "9" * 400 + ", 0, 1, 1]]", []),
+        ("no box here", []),
+        ("", []),
+        (None, []),
+        (42, []),
+    ],
+)
 def test_parse_boxes(text, expected):
     assert E.parse_boxes(text) == expected
 
@@ -77,7 +86,11 @@ GROUNDING_ANSWERS = [
 def test_grounding_accuracy_normalised():
     references = ["<ref>the pool</ref><box>[[100, 100, 300, 300]]</box>", REF, REF, REF, REF]
     assert E.grounding_accuracy(GROUNDING_ANSWERS, references) == {
-        "right": 2, "total": 5, "accuracy": 0.4, "unparsed": 1}
+        "right": 2,
+        "total": 5,
+        "accuracy": 0.4,
+        "unparsed": 1,
+    }
 
 
 def test_grounding_accuracy_pixels():
@@ -85,7 +98,11 @@ def test_grounding_accuracy_pixels():
     sizes = [(2000, 1000)] * 5
     references = [[200, 100, 600, 300]] * 5
     assert E.grounding_accuracy(GROUNDING_ANSWERS, references, sizes) == {
-        "right": 2, "total": 5, "accuracy": 0.4, "unparsed": 1}
+        "right": 2,
+        "total": 5,
+        "accuracy": 0.4,
+        "unparsed": 1,
+    }
 
 
 def test_boxes_past_the_image_are_clamped_in_both_frames():
@@ -112,26 +129,30 @@ def test_bad_sizes_and_lengths():
 
 # --- multiple choice ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("B", "B"),
-    ("B.", "B"),
-    ("(B)", "B"),
-    ("[C]", "C"),
-    ("Answer: B", "B"),
-    ("B. beach", "B"),
-    ("The answer is C", "C"),
-    ("A", "A"),
-    ("A.", "A"),
-    ("beach", "B"),  # the label itself
-    ("  BEACH. ", "B"),
-    ("The answer is A", None),  # a lone A among more than three words may be the article
-    ("A or B", None),  # two letters
-    ("It is a beach", None),  # a label inside a sentence is not matched
-    ("b", None),  # letters are case-sensitive
-    ("E", None),  # not an option
-    ("", None),
-    (None, None),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("B", "B"),
+        ("B.", "B"),
+        ("(B)", "B"),
+        ("[C]", "C"),
+        ("Answer: B", "B"),
+        ("B. beach", "B"),
+        ("The answer is C", "C"),
+        ("A", "A"),
+        ("A.", "A"),
+        ("beach", "B"),  # the label itself
+        ("  BEACH. ", "B"),
+        ("The answer is A", None),  # a lone A among more than three words may be the article
+        ("A or B", None),  # two letters
+        ("It is a beach", None),  # a label inside a sentence is not matched
+        ("b", None),  # letters are case-sensitive
+        ("E", None),  # not an option
+        ("", None),
+        (None, None),
+    ],
+)
 def test_extract_choice(text, expected):
     assert E.extract_choice(text, OPTIONS) == expected
 
@@ -141,21 +162,29 @@ def test_choice_accuracy():
     references = ["B", "C", "A", "D", "forest"]  # the last is a label, as letters=False records answer
     # right: B, C and forest (= C); wrong: D for A; unparsed: the fourth
     assert E.choice_accuracy(answers, references, [OPTIONS] * 5) == {
-        "right": 3, "total": 5, "accuracy": 0.6, "unparsed": 1}
+        "right": 3,
+        "total": 5,
+        "accuracy": 0.6,
+        "unparsed": 1,
+    }
 
 
-@pytest.mark.parametrize("reference, options, match", [
-    ("E", OPTIONS, "neither an option letter"),
-    ("sand", OPTIONS, "neither an option letter"),
-    ("A", {}, "non-empty mapping"),
-    ("A", ["airport", "beach"], "non-empty mapping"),
-])
+@pytest.mark.parametrize(
+    "reference, options, match",
+    [
+        ("E", OPTIONS, "neither an option letter"),
+        ("sand", OPTIONS, "neither an option letter"),
+        ("A", {}, "non-empty mapping"),
+        ("A", ["airport", "beach"], "non-empty mapping"),
+    ],
+)
 def test_bad_choice_reference(reference, options, match):
     with pytest.raises(ValueError, match=match):
         E.choice_accuracy(["A"], [reference], [options])
 
 
 # --- score -------------------------------------------------------------------------------------------------------
+
 
 def test_score_grounding_results_per_id():
     records = [{"id": f"s{i}", "answer": a, "reference": REF} for i, a in enumerate(GROUNDING_ANSWERS)]
@@ -172,8 +201,11 @@ def test_score_pixels_from_a_formatter_record():
     answer = record["conversations"][1]["value"]
     assert answer == "<ref>the car</ref><box>[[100, 100, 500, 500]]</box>"
     normalised = E.score("grounding", [{"id": "s1", "answer": answer, "reference": answer}])
-    pixels = E.score("grounding", [{"id": "s1", "answer": answer, "reference": [64, 48, 320, 240],
-                                    "width": 640, "height": 480}], pixels=True)
+    pixels = E.score(
+        "grounding",
+        [{"id": "s1", "answer": answer, "reference": [64, 48, 320, 240], "width": 640, "height": 480}],
+        pixels=True,
+    )
     assert normalised["results"][0]["iou"] == 1.0
     assert pixels["results"][0]["iou"] == pytest.approx(1.0)
 
@@ -183,8 +215,13 @@ def test_score_choice_from_a_formatter_record():
     question, letter = (t["value"] for t in record["conversations"])
     options = dict(line.split(". ", 1) for line in question.splitlines()[2:-1])
     assert options[letter] == "beach"
-    out = E.score("choice", [{"id": "s1", "answer": f"{letter}.", "reference": letter, "options": options},
-                             {"id": "s2", "answer": None, "reference": letter, "options": options}])
+    out = E.score(
+        "choice",
+        [
+            {"id": "s1", "answer": f"{letter}.", "reference": letter, "options": options},
+            {"id": "s2", "answer": None, "reference": letter, "options": options},
+        ],
+    )
     assert out["summary"] == {"right": 1, "total": 2, "accuracy": 0.5, "unparsed": 1}
     assert out["results"][0] == {"id": "s1", "choice": letter, "reference": letter, "right": True}
 

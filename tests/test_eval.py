@@ -1,5 +1,6 @@
 """``python -m mgjax.eval``: every task's fixture scored through the command line, a tiny InternVL2 answering a
 fixture (batched answers equal one-by-one answers, an interrupted run resumes), and clear errors."""
+
 import json
 import shutil
 from pathlib import Path
@@ -28,12 +29,26 @@ def _with_images(task: str, where: Path) -> Path:
 @pytest.mark.parametrize("task", scoring.TASKS)
 def test_fixture_answers_score_through_the_command_line(task, tmp_path, capsys):
     out = tmp_path / "out"
-    assert evaluate.main(["--task", task, "--data", str(FIXTURES / task), "--answers",
-                          str(FIXTURES / task / "answers.jsonl"), "--out", str(out)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--task",
+                task,
+                "--data",
+                str(FIXTURES / task),
+                "--answers",
+                str(FIXTURES / task / "answers.jsonl"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "results.json").read_text())
     answers = {r["question_id"]: r["answer"] for r in evaluate.read_jsonl(FIXTURES / task / "answers.jsonl")}
-    records = [{**r, "answer": answers[r["question_id"]]}
-               for r in evaluate.read_jsonl(FIXTURES / task / "questions.jsonl")]
+    records = [
+        {**r, "answer": answers[r["question_id"]]} for r in evaluate.read_jsonl(FIXTURES / task / "questions.jsonl")
+    ]
     assert result == json.loads(json.dumps(scoring.score(task, records)))
     assert capsys.readouterr().out.startswith(f"{task}:\n")
 
@@ -41,8 +56,11 @@ def test_fixture_answers_score_through_the_command_line(task, tmp_path, capsys):
 def test_a_model_answers_batched_as_one_by_one_and_resumes(internvl_dir, tmp_path, capsys):
     _, model = internvl_dir
     data = _with_images("pope", tmp_path)
-    run = lambda out, batch: evaluate.main(["--task", "pope", "--data", str(data), "--model", str(model),  # noqa
-                                            "--out", str(out), "--batch", str(batch), "--max-new-tokens", "3"])
+
+    def run(out, batch):
+        args = ["--task", "pope", "--data", data, "--model", model, "--out", out, "--batch", batch]
+        return evaluate.main([*map(str, args), "--max-new-tokens", "3"])
+
     assert run(tmp_path / "b4", 4) == 0
     assert run(tmp_path / "b1", 1) == 0
     four = (tmp_path / "b4" / "answers.jsonl").read_text()
@@ -61,11 +79,39 @@ def test_errors_name_the_question_or_file(internvl_dir, tmp_path, capsys):
     _, model = internvl_dir
     data = _with_images("gqa", tmp_path)
     (data / "answers.jsonl").write_text('{"question_id": "g1", "answer": "yes"}\n')
-    assert evaluate.main(["--task", "gqa", "--data", str(data), "--answers", str(data / "answers.jsonl"),
-                          "--out", str(tmp_path / "o1")]) == 2
+    assert (
+        evaluate.main(
+            [
+                "--task",
+                "gqa",
+                "--data",
+                str(data),
+                "--answers",
+                str(data / "answers.jsonl"),
+                "--out",
+                str(tmp_path / "o1"),
+            ]
+        )
+        == 2
+    )
     assert "no answer for question_id" in capsys.readouterr().err
     image = evaluate.read_jsonl(data / "questions.jsonl")[0]["image"]
     (data / image).unlink()
-    assert evaluate.main(["--task", "gqa", "--data", str(data), "--model", str(model),
-                          "--out", str(tmp_path / "o2"), "--max-new-tokens", "2"]) == 2
+    assert (
+        evaluate.main(
+            [
+                "--task",
+                "gqa",
+                "--data",
+                str(data),
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "o2"),
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 2
+    )
     assert image in capsys.readouterr().err

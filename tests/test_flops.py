@@ -1,4 +1,5 @@
 """Step FLOPs by role (the 6N / 4N / 2N rule of the module docstring) and the chips' peaks."""
+
 import dataclasses
 from types import SimpleNamespace
 
@@ -37,7 +38,7 @@ def _llm_forward(config, seq_len: int) -> float:
     c = config.llm
     attention = c.hidden_size * c.head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)  # q, o; k, v
     weights = c.num_hidden_layers * (attention + 3 * c.hidden_size * c.intermediate_size) + c.vocab_size * c.hidden_size
-    scores = c.num_hidden_layers * 4 * seq_len ** 2 * c.num_attention_heads * c.head_dim / 2  # QK^T and AV, halved
+    scores = c.num_hidden_layers * 4 * seq_len**2 * c.num_attention_heads * c.head_dim / 2  # QK^T and AV, halved
     return 2 * seq_len * weights + scores
 
 
@@ -111,17 +112,26 @@ def test_lr_only_model_has_no_convnext_or_mining_term(model):
 def test_clip_term_counts_only_the_layers_that_run():
     lr_only = _model(mining=False)
     v = lr_only.config.vision
-    tokens, run = v.grid ** 2 + 1, v.num_hidden_layers - 1  # hidden_states[-2]: the last layer is never run
-    layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
-    patches = 2 * v.grid ** 2 * v.num_channels * v.patch_size ** 2 * v.hidden_size
-    expect = patches + run * (2 * tokens * layer + 4 * tokens ** 2 * v.hidden_size)
+    tokens, run = v.grid**2 + 1, v.num_hidden_layers - 1  # hidden_states[-2]: the last layer is never run
+    layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+    patches = 2 * v.grid**2 * v.num_channels * v.patch_size**2 * v.hidden_size
+    expect = patches + run * (2 * tokens * layer + 4 * tokens**2 * v.hidden_size)
     out = _flops(lr_only, (r"mm_projector\..*",), batch=1)  # the tower alone is frozen
     assert out["frozen"] == pytest.approx(expect, rel=0.1)
 
 
-@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
-                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("TPU v5 lite", 197e12),
-                                        ("TPU v6 lite", 918e12), ("TPU v4", 275e12), ("Some new chip", None)])
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v6 lite", 918e12),
+        ("TPU v4", 275e12),
+        ("Some new chip", None),
+    ],
+)
 def test_peak_flops_matches_device_kind(kind, peak):
     assert flops.peak_flops(SimpleNamespace(device_kind=kind)) == peak
 

@@ -1,5 +1,6 @@
 """Domain tasks -> InternVL records: the exact texts, box arithmetic and validation, the stitched canvas, the meta
 reader's repeat_time, the general/domain mix, and the command line."""
+
 import csv
 import json
 import subprocess
@@ -15,8 +16,10 @@ from mgjax.data import meta as meta_lib
 
 CLASSES = ["airport", "beach", "forest", "river"]
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (120, 60, 10)]
-LAYOUT = ("The image stitches six camera views in two rows. Top row, left to right: CAM_FRONT_LEFT, CAM_FRONT, "
-          "CAM_FRONT_RIGHT. Bottom row, left to right: CAM_BACK_LEFT, CAM_BACK, CAM_BACK_RIGHT.")
+LAYOUT = (
+    "The image stitches six camera views in two rows. Top row, left to right: CAM_FRONT_LEFT, CAM_FRONT, "
+    "CAM_FRONT_RIGHT. Bottom row, left to right: CAM_BACK_LEFT, CAM_BACK, CAM_BACK_RIGHT."
+)
 
 
 def _turns(record):
@@ -31,48 +34,68 @@ def _image(path: Path, size=(64, 48), colour=(90, 90, 90)) -> str:
 
 # --- classification --------------------------------------------------------------------------------------------
 
+
 def test_classification_lettered_options():
     record = F.classification("rs_1", "rs/1.jpg", "beach", CLASSES, seed=0)
-    assert record == {"id": "rs_1", "image": "rs/1.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nClassify the image within one of the given classes.\nA. river\n"
-                                   "B. forest\nC. beach\nD. airport\n"
-                                   "Answer with the option's letter from the given choices directly."},
-        {"from": "gpt", "value": "C"}]}
+    assert record == {
+        "id": "rs_1",
+        "image": "rs/1.jpg",
+        "conversations": [
+            {
+                "from": "human",
+                "value": "<image>\nClassify the image within one of the given classes.\nA. river\n"
+                "B. forest\nC. beach\nD. airport\n"
+                "Answer with the option's letter from the given choices directly.",
+            },
+            {"from": "gpt", "value": "C"},
+        ],
+    }
 
 
 def test_classification_open_form_is_the_papers():
     record = F.classification("rs_1", "rs/1.jpg", "beach", CLASSES, seed=0, letters=False)
-    assert _turns(record) == ["<image>\nClassify the image within one of the given classes: river, forest, "
-                              "beach, airport. Answer with one word or short phrase.", "beach"]
+    assert _turns(record) == [
+        "<image>\nClassify the image within one of the given classes: river, forest, "
+        "beach, airport. Answer with one word or short phrase.",
+        "beach",
+    ]
 
 
 def test_classification_options_are_seeded_per_sample():
     three = F.classification("rs_1", "rs/1.jpg", "beach", CLASSES, seed=0, num_options=3)
-    assert _turns(three) == ["<image>\nClassify the image within one of the given classes.\nA. river\nB. airport\n"
-                             "C. beach\nAnswer with the option's letter from the given choices directly.", "C"]
+    assert _turns(three) == [
+        "<image>\nClassify the image within one of the given classes.\nA. river\nB. airport\n"
+        "C. beach\nAnswer with the option's letter from the given choices directly.",
+        "C",
+    ]
     for i in range(50):
         label = CLASSES[i % 4]
         question, answer = _turns(F.classification(f"s{i}", "x.jpg", label, CLASSES, seed=7, num_options=2))
         options = dict(line.split(". ", 1) for line in question.splitlines()[2:4])
         assert len(options) == 2 and options[answer] == label
-    assert F.classification("s3", "x.jpg", "beach", CLASSES, seed=7) == \
-        F.classification("s3", "x.jpg", "beach", CLASSES, seed=7)
+    assert F.classification("s3", "x.jpg", "beach", CLASSES, seed=7) == F.classification(
+        "s3", "x.jpg", "beach", CLASSES, seed=7
+    )
     orders = {_turns(F.classification("s3", "x.jpg", "beach", CLASSES, seed=s))[0] for s in range(10)}
     assert len(orders) > 1
 
 
-@pytest.mark.parametrize("label, candidates, kwargs, reason", [
-    ("lake", CLASSES, {}, "'lake' is not among"),
-    ("beach", CLASSES + ["beach"], {}, "repeat"),
-    ("beach", CLASSES, {"num_options": 5}, "num_options 5"),
-    ("c0", [f"c{i}" for i in range(27)], {}, "27 options do not fit"),
-])
+@pytest.mark.parametrize(
+    "label, candidates, kwargs, reason",
+    [
+        ("lake", CLASSES, {}, "'lake' is not among"),
+        ("beach", CLASSES + ["beach"], {}, "repeat"),
+        ("beach", CLASSES, {"num_options": 5}, "num_options 5"),
+        ("c0", [f"c{i}" for i in range(27)], {}, "27 options do not fit"),
+    ],
+)
 def test_classification_rejects(label, candidates, kwargs, reason):
     with pytest.raises(ValueError, match=f"sample rs_9: .*{reason}"):
         F.classification("rs_9", "x.jpg", label, candidates, **kwargs)
 
 
 # --- boxes -------------------------------------------------------------------------------------------------------
+
 
 def test_box_normalisation_arithmetic():
     assert F.normalise_box("a", (192, 108, 960, 540), (1920, 1080)) == [100, 100, 500, 500]
@@ -83,25 +106,46 @@ def test_box_normalisation_arithmetic():
 
 def test_grounding_texts():
     record = F.grounding("ref_1", "coco/1.jpg", (1920, 1080), "the red car", (192, 108, 960, 540))
-    assert record == {"id": "ref_1", "image": "coco/1.jpg", "width": 1920, "height": 1080, "conversations": [
-        {"from": "human", "value": "<image>\nPlease provide the bounding box coordinate of the region this "
-                                   "sentence describes: <ref>the red car</ref>"},
-        {"from": "gpt", "value": "<ref>the red car</ref><box>[[100, 100, 500, 500]]</box>"}]}
-    two = F.grounding("ref_2", "rs/2.jpg", (800, 800), "1 overpass", [(0, 0, 400, 400), (400, 80, 800, 800)],
-                      question=F.DETECT_QUESTION)
-    assert _turns(two) == ["<image>\nDetect <ref>1 overpass</ref>",
-                           "<ref>1 overpass</ref><box>[[0, 0, 500, 500], [500, 100, 1000, 1000]]</box>"]
+    assert record == {
+        "id": "ref_1",
+        "image": "coco/1.jpg",
+        "width": 1920,
+        "height": 1080,
+        "conversations": [
+            {
+                "from": "human",
+                "value": "<image>\nPlease provide the bounding box coordinate of the region this "
+                "sentence describes: <ref>the red car</ref>",
+            },
+            {"from": "gpt", "value": "<ref>the red car</ref><box>[[100, 100, 500, 500]]</box>"},
+        ],
+    }
+    two = F.grounding(
+        "ref_2",
+        "rs/2.jpg",
+        (800, 800),
+        "1 overpass",
+        [(0, 0, 400, 400), (400, 80, 800, 800)],
+        question=F.DETECT_QUESTION,
+    )
+    assert _turns(two) == [
+        "<image>\nDetect <ref>1 overpass</ref>",
+        "<ref>1 overpass</ref><box>[[0, 0, 500, 500], [500, 100, 1000, 1000]]</box>",
+    ]
 
 
-@pytest.mark.parametrize("box, reason", [
-    ((960, 108, 192, 540), "empty or inverted"),
-    ((192, 540, 960, 540), "empty or inverted"),
-    ((-1, 108, 960, 540), "not inside the 1920x1080 image"),
-    ((192, 108, 1921, 540), "not inside the 1920x1080 image"),
-    ((192, 108, 960, 1081), "not inside the 1920x1080 image"),
-    ((192, float("nan"), 960, 540), "not four finite numbers"),
-    ((192, 108, 960), "not four finite numbers"),
-])
+@pytest.mark.parametrize(
+    "box, reason",
+    [
+        ((960, 108, 192, 540), "empty or inverted"),
+        ((192, 540, 960, 540), "empty or inverted"),
+        ((-1, 108, 960, 540), "not inside the 1920x1080 image"),
+        ((192, 108, 1921, 540), "not inside the 1920x1080 image"),
+        ((192, 108, 960, 1081), "not inside the 1920x1080 image"),
+        ((192, float("nan"), 960, 540), "not four finite numbers"),
+        ((192, 108, 960), "not four finite numbers"),
+    ],
+)
 def test_invalid_boxes_name_the_sample(box, reason):
     with pytest.raises(ValueError, match=f"^sample car_7: box .*{reason}"):
         F.grounding("car_7", "x.jpg", (1920, 1080), "a car", box)
@@ -111,13 +155,24 @@ def test_invalid_boxes_name_the_sample(box, reason):
 
 def test_region_texts():
     label = F.region("rs_3", "rs/3.jpg", (1920, 1080), (192, 108, 960, 540), "storage tank")
-    assert _turns(label) == ["<image>\nWhat object is in this location<box>[[100, 100, 500, 500]]</box>",
-                             "<ref>storage tank</ref><box>[[100, 100, 500, 500]]</box>"]
+    assert _turns(label) == [
+        "<image>\nWhat object is in this location<box>[[100, 100, 500, 500]]</box>",
+        "<ref>storage tank</ref><box>[[100, 100, 500, 500]]</box>",
+    ]
     caption = F.region("vg_4", "vg/4.jpg", (1920, 1080), (192, 108, 960, 540), "A man riding a horse.", kind="text")
-    assert _turns(caption) == ["<image>\nPlease provide a short description for this region: "
-                               "<box>[[100, 100, 500, 500]]</box>", "A man riding a horse."]
-    vqa = F.region("vg_5", "vg/4.jpg", (1920, 1080), (192, 108, 960, 540), "Brown.", kind="text",
-                   question="What colour is the horse in <box>{box}</box>?")
+    assert _turns(caption) == [
+        "<image>\nPlease provide a short description for this region: <box>[[100, 100, 500, 500]]</box>",
+        "A man riding a horse.",
+    ]
+    vqa = F.region(
+        "vg_5",
+        "vg/4.jpg",
+        (1920, 1080),
+        (192, 108, 960, 540),
+        "Brown.",
+        kind="text",
+        question="What colour is the horse in <box>{box}</box>?",
+    )
     assert _turns(vqa)[0] == "<image>\nWhat colour is the horse in <box>[[100, 100, 500, 500]]</box>?"
 
 
@@ -130,6 +185,7 @@ def test_text_holding_an_image_placeholder_is_refused():
 
 # --- multi-view --------------------------------------------------------------------------------------------------
 
+
 def _views(tmp_path):
     """Six solid views of odd sizes, the even ones as files."""
     views = [Image.new("RGB", (40 + k, 20 + k), colour) for k, colour in enumerate(COLOURS)]
@@ -141,8 +197,9 @@ def _views(tmp_path):
 
 def test_multiview_canvas_layout(tmp_path):
     views = _views(tmp_path)
-    canvas, record = F.multiview("scene_1", views, "What is the ego vehicle doing?", "Going straight.",
-                                 "stitch/scene_1.jpg")
+    canvas, record = F.multiview(
+        "scene_1", views, "What is the ego vehicle doing?", "Going straight.", "stitch/scene_1.jpg"
+    )
     assert canvas.size == (2688, 896) and canvas.mode == "RGB"
     for k, colour in enumerate(COLOURS):
         left, top = (k % 3) * 896, (k // 3) * 448
@@ -153,10 +210,16 @@ def test_multiview_canvas_layout(tmp_path):
     plain = F.stitch_views(dict(zip(F.CAMERAS, views)), tags=False)
     assert (255, 0, 255) not in {c for _, c in plain.getcolors(2688 * 896)}
     assert plain.getpixel((0, 0)) == COLOURS[0] and plain.getpixel((2687, 895)) == COLOURS[5]
-    assert record == {"id": "scene_1", "image": "stitch/scene_1.jpg", "width": 2688, "height": 896,
-                      "conversations": [{"from": "human", "value": f"<image>\n{LAYOUT}\nWhat is the ego vehicle "
-                                                                  "doing?"},
-                                        {"from": "gpt", "value": "Going straight."}]}
+    assert record == {
+        "id": "scene_1",
+        "image": "stitch/scene_1.jpg",
+        "width": 2688,
+        "height": 896,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{LAYOUT}\nWhat is the ego vehicle doing?"},
+            {"from": "gpt", "value": "Going straight."},
+        ],
+    }
     saved = F.save_canvas(canvas, tmp_path / "root", record)
     assert saved == tmp_path / "root" / "stitch" / "scene_1.jpg"
     with Image.open(saved) as im:
@@ -179,15 +242,23 @@ def test_multiview_point():
 
 # --- video -------------------------------------------------------------------------------------------------------
 
+
 def test_video_prefix():
-    record = F.video("bddx_1", ["clip/0.jpg", "clip/1.jpg", "clip/2.jpg"], "What is the car doing?",
-                     "The car slows down.")
-    assert record == {"id": "bddx_1", "image": ["clip/0.jpg", "clip/1.jpg", "clip/2.jpg"], "conversations": [
-        {"from": "human", "value": "Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nWhat is the car doing?"},
-        {"from": "gpt", "value": "The car slows down."}]}
+    record = F.video(
+        "bddx_1", ["clip/0.jpg", "clip/1.jpg", "clip/2.jpg"], "What is the car doing?", "The car slows down."
+    )
+    assert record == {
+        "id": "bddx_1",
+        "image": ["clip/0.jpg", "clip/1.jpg", "clip/2.jpg"],
+        "conversations": [
+            {"from": "human", "value": "Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nWhat is the car doing?"},
+            {"from": "gpt", "value": "The car slows down."},
+        ],
+    }
 
 
 # --- meta files and mixing ---------------------------------------------------------------------------------------
+
 
 def _jsonl(path: Path, prefix: str, n: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,16 +276,27 @@ def test_read_meta_repeat_time(tmp_path):
     _jsonl(tmp_path / "ann" / "half.jsonl", "h", 5)
     _jsonl(tmp_path / "ann" / "twice.jsonl", "t", 3)
     _jsonl(tmp_path / "ann" / "cut.jsonl", "c", 100)
-    meta = _meta(tmp_path, {
-        "half": {"root": "img/half", "annotation": "ann/half.jsonl", "repeat_time": 0.5, "length": 5},
-        "twice": {"root": "/abs/img", "annotation": "ann/twice.jsonl", "repeat_time": 2, "data_augment": True,
-                  "max_dynamic_patch": 6},
-        "cut": {"root": "", "annotation": "ann/cut.jsonl", "repeat_time": 0.29},
-    })
+    meta = _meta(
+        tmp_path,
+        {
+            "half": {"root": "img/half", "annotation": "ann/half.jsonl", "repeat_time": 0.5, "length": 5},
+            "twice": {
+                "root": "/abs/img",
+                "annotation": "ann/twice.jsonl",
+                "repeat_time": 2,
+                "data_augment": True,
+                "max_dynamic_patch": 6,
+            },
+            "cut": {"root": "", "annotation": "ann/cut.jsonl", "repeat_time": 0.29},
+        },
+    )
     half, twice, cut = meta_lib.read_meta(meta)
     assert [r["id"] for r in half.records] == ["h0", "h1"]  # the first int(5 * 0.5) = 2
-    assert (half.root, half.annotation, half.length) == (str(tmp_path / "img/half"),
-                                                         str(tmp_path / "ann/half.jsonl"), 5)
+    assert (half.root, half.annotation, half.length) == (
+        str(tmp_path / "img/half"),
+        str(tmp_path / "ann/half.jsonl"),
+        5,
+    )
     assert [r["id"] for r in twice.records] == ["t0", "t1", "t2", "t0", "t1", "t2"]
     assert (twice.root, twice.data_augment, twice.max_dynamic_patch) == ("/abs/img", True, 6)
     assert len(cut.records) == 28  # int(100 * 0.29) with InternVL's float product, 28.999...
@@ -222,16 +304,19 @@ def test_read_meta_repeat_time(tmp_path):
     assert meta_lib.apply_repeat_time(list(range(10)), 0) == []
 
 
-@pytest.mark.parametrize("entry, where", [
-    ({"root": "", "annotation": "a.jsonl", "repeat_time": 1, "repeat_times": 2}, "coco.repeat_times: unknown key"),
-    ({"root": "", "repeat_time": 1}, "coco.annotation: missing"),
-    ({"root": "", "annotation": "a.json", "repeat_time": 1}, "coco.annotation: 'a.json' is not a .jsonl"),
-    ({"root": "", "annotation": "a.jsonl", "repeat_time": 1.5}, "coco.repeat_time: 1.5 is above 1"),
-    ({"root": "", "annotation": "a.jsonl", "repeat_time": -1}, "coco.repeat_time: expected a number"),
-    ({"root": "", "annotation": "a.jsonl", "repeat_time": 1, "data_augment": "yes"}, "coco.data_augment"),
-    ({"root": "", "annotation": "a.jsonl", "repeat_time": 1, "length": -3}, "coco.length"),
-    ({"root": "", "annotation": "gone.jsonl", "repeat_time": 1}, "coco.annotation: .*does not exist"),
-])
+@pytest.mark.parametrize(
+    "entry, where",
+    [
+        ({"root": "", "annotation": "a.jsonl", "repeat_time": 1, "repeat_times": 2}, "coco.repeat_times: unknown key"),
+        ({"root": "", "repeat_time": 1}, "coco.annotation: missing"),
+        ({"root": "", "annotation": "a.json", "repeat_time": 1}, "coco.annotation: 'a.json' is not a .jsonl"),
+        ({"root": "", "annotation": "a.jsonl", "repeat_time": 1.5}, "coco.repeat_time: 1.5 is above 1"),
+        ({"root": "", "annotation": "a.jsonl", "repeat_time": -1}, "coco.repeat_time: expected a number"),
+        ({"root": "", "annotation": "a.jsonl", "repeat_time": 1, "data_augment": "yes"}, "coco.data_augment"),
+        ({"root": "", "annotation": "a.jsonl", "repeat_time": 1, "length": -3}, "coco.length"),
+        ({"root": "", "annotation": "gone.jsonl", "repeat_time": 1}, "coco.annotation: .*does not exist"),
+    ],
+)
 def test_read_meta_errors_name_file_and_key(tmp_path, entry, where):
     _jsonl(tmp_path / "a.jsonl", "a", 2)
     meta = _meta(tmp_path, {"coco": entry})
@@ -273,6 +358,7 @@ def test_mix_one_to_one_upsamples_small_general_data():
 
 # --- command line ------------------------------------------------------------------------------------------------
 
+
 def _csv(path: Path, rows: list[dict]) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -289,21 +375,46 @@ def test_cli_grounding_and_classification(tmp_path, capsys):
     root = tmp_path / "images"
     _image(root / "a.png", (1920, 1080))
     _image(root / "b.png", (200, 100))
-    labels = _csv(tmp_path / "boxes.csv", [
-        {"id": "a", "image": "a.png", "expr": "the red car", "x1": 192, "y1": 108, "x2": 960, "y2": 540},
-        {"id": "b", "image": "b.png", "expr": "a tree", "x1": 0, "y1": 0, "x2": 200, "y2": 50}])
+    labels = _csv(
+        tmp_path / "boxes.csv",
+        [
+            {"id": "a", "image": "a.png", "expr": "the red car", "x1": 192, "y1": 108, "x2": 960, "y2": 540},
+            {"id": "b", "image": "b.png", "expr": "a tree", "x1": 0, "y1": 0, "x2": 200, "y2": 50},
+        ],
+    )
     out = tmp_path / "out" / "grounding.jsonl"
-    assert F.main(["grounding", "--input", str(labels), "--image-root", str(root), "--out", str(out),
-                   "--question", "detect"]) == 0
+    assert (
+        F.main(
+            ["grounding", "--input", str(labels), "--image-root", str(root), "--out", str(out), "--question", "detect"]
+        )
+        == 0
+    )
     assert _records(out) == [
-        {"id": "a", "image": "a.png", "width": 1920, "height": 1080, "conversations": [
-            {"from": "human", "value": "<image>\nDetect <ref>the red car</ref>"},
-            {"from": "gpt", "value": "<ref>the red car</ref><box>[[100, 100, 500, 500]]</box>"}]},
-        {"id": "b", "image": "b.png", "width": 200, "height": 100, "conversations": [
-            {"from": "human", "value": "<image>\nDetect <ref>a tree</ref>"},
-            {"from": "gpt", "value": "<ref>a tree</ref><box>[[0, 0, 1000, 500]]</box>"}]}]
-    classes = _csv(tmp_path / "classes.csv", [{"id": "a", "image": "a.png", "label": "road"},
-                                              {"id": "b", "image": "b.png", "label": "forest"}])
+        {
+            "id": "a",
+            "image": "a.png",
+            "width": 1920,
+            "height": 1080,
+            "conversations": [
+                {"from": "human", "value": "<image>\nDetect <ref>the red car</ref>"},
+                {"from": "gpt", "value": "<ref>the red car</ref><box>[[100, 100, 500, 500]]</box>"},
+            ],
+        },
+        {
+            "id": "b",
+            "image": "b.png",
+            "width": 200,
+            "height": 100,
+            "conversations": [
+                {"from": "human", "value": "<image>\nDetect <ref>a tree</ref>"},
+                {"from": "gpt", "value": "<ref>a tree</ref><box>[[0, 0, 1000, 500]]</box>"},
+            ],
+        },
+    ]
+    classes = _csv(
+        tmp_path / "classes.csv",
+        [{"id": "a", "image": "a.png", "label": "road"}, {"id": "b", "image": "b.png", "label": "forest"}],
+    )
     out = tmp_path / "classes.jsonl"
     assert F.main(["classification", "--input", str(classes), "--image-root", str(root), "--out", str(out)]) == 0
     first = _records(out)[0]
@@ -317,33 +428,63 @@ def test_cli_multiview_and_video(tmp_path):
     for camera, colour in zip(F.CAMERAS, COLOURS):
         row[camera] = "cams/" + _image(root / "cams" / f"{camera}.png", (32, 18), colour)
     out = tmp_path / "drive.jsonl"
-    assert F.main(["multiview", "--input", str(_csv(tmp_path / "drive.csv", [row])), "--image-root", str(root),
-                   "--out", str(out)]) == 0
+    assert (
+        F.main(
+            [
+                "multiview",
+                "--input",
+                str(_csv(tmp_path / "drive.csv", [row])),
+                "--image-root",
+                str(root),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (record,) = _records(out)
     assert record["image"] == "stitch/s1.jpg" and _turns(record)[0] == f"<image>\n{LAYOUT}\nIs it safe to turn left?"
     with Image.open(root / "stitch" / "s1.jpg") as im:
         assert im.size == (2688, 896)
     frames = [_image(root / f"f{i}.png") for i in range(2)]
-    (tmp_path / "clips.json").write_text(json.dumps([{"id": 7, "frames": frames, "question": "Why?",
-                                                      "answer": "A light."}]))
+    (tmp_path / "clips.json").write_text(
+        json.dumps([{"id": 7, "frames": frames, "question": "Why?", "answer": "A light."}])
+    )
     out = tmp_path / "video.jsonl"
-    assert F.main(["video", "--input", str(tmp_path / "clips.json"), "--image-root", str(root), "--out",
-                   str(out)]) == 0
+    assert F.main(["video", "--input", str(tmp_path / "clips.json"), "--image-root", str(root), "--out", str(out)]) == 0
     assert _records(out) == [F.video("7", ["f0.png", "f1.png"], "Why?", "A light.")]
 
 
 def test_cli_bad_rows_exit_2_and_write_nothing(tmp_path):
     root = tmp_path / "images"
     _image(root / "a.png", (100, 100))
-    labels = _csv(tmp_path / "boxes.csv", [
-        {"id": "ok", "image": "a.png", "x1": 10, "y1": 10, "x2": 50, "y2": 50, "answer": "car"},
-        {"id": "flipped", "image": "a.png", "x1": 60, "y1": 10, "x2": 50, "y2": 50, "answer": "car"},
-        {"id": "lost", "image": "gone.png", "x1": 1, "y1": 1, "x2": 5, "y2": 5, "answer": "car"},
-        {"id": "word", "image": "a.png", "x1": "ten", "y1": 1, "x2": 5, "y2": 5, "answer": "car"}])
+    labels = _csv(
+        tmp_path / "boxes.csv",
+        [
+            {"id": "ok", "image": "a.png", "x1": 10, "y1": 10, "x2": 50, "y2": 50, "answer": "car"},
+            {"id": "flipped", "image": "a.png", "x1": 60, "y1": 10, "x2": 50, "y2": 50, "answer": "car"},
+            {"id": "lost", "image": "gone.png", "x1": 1, "y1": 1, "x2": 5, "y2": 5, "answer": "car"},
+            {"id": "word", "image": "a.png", "x1": "ten", "y1": 1, "x2": 5, "y2": 5, "answer": "car"},
+        ],
+    )
     out = tmp_path / "region.jsonl"
-    result = subprocess.run([sys.executable, "-m", "mgjax.formatters", "region", "--input", str(labels),
-                             "--image-root", str(root), "--out", str(out)],
-                            capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mgjax.formatters",
+            "region",
+            "--input",
+            str(labels),
+            "--image-root",
+            str(root),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
     assert result.returncode == 2, result.stderr
     errors = result.stderr.splitlines()
     assert len(errors) == 3
@@ -359,8 +500,20 @@ def test_cli_bad_multiview_row_writes_no_canvas(tmp_path):
     row.update({camera: _image(root / f"{camera}.png") for camera in F.CAMERAS})
     bad = dict(row, id="s2", CAM_BACK="missing.png")
     out = tmp_path / "drive.jsonl"
-    assert F.main(["multiview", "--input", str(_csv(tmp_path / "drive.csv", [row, bad])), "--image-root",
-                   str(root), "--out", str(out)]) == 2
+    assert (
+        F.main(
+            [
+                "multiview",
+                "--input",
+                str(_csv(tmp_path / "drive.csv", [row, bad])),
+                "--image-root",
+                str(root),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert not out.exists() and not (root / "stitch").exists()
 
 

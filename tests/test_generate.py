@@ -1,4 +1,5 @@
 """``python -m mgjax.generate`` on tiny converted checkpoints, and greedy decoding with images against transformers."""
+
 import subprocess
 import sys
 
@@ -22,8 +23,13 @@ def _tokenizer():
     """A word-level tokenizer small enough for the tiny models' 160-entry vocabularies."""
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                unk_token="[UNK]", additional_special_tokens=SPECIALS[2:])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="[UNK]",
+        additional_special_tokens=SPECIALS[2:],
+    )
 
 
 def test_greedy_with_an_image_matches_transformers_generate(internvl_dir):
@@ -33,8 +39,11 @@ def test_greedy_with_an_image_matches_transformers_generate(internvl_dir):
     image = preprocess.load_image(path / "cat.png")
     ids, image_args = generate._inputs(model, tokenizer, "Hermes-2", "what is this ?", image)
     assert image_args["pixel_values"].shape == (11, 3, 28, 28)  # a 5x2 grid for a 70x30 image, plus the thumbnail
-    ours = np.asarray(decoding.greedy(model.language_model, jnp.asarray(ids), 32,
-                                      inputs_embeds=model.embed(jnp.asarray(ids), **image_args)))
+    ours = np.asarray(
+        decoding.greedy(
+            model.language_model, jnp.asarray(ids), 32, inputs_embeds=model.embed(jnp.asarray(ids), **image_args)
+        )
+    )
     # torch reference: recompute the whole sequence each step (transformers' cached generate can flip near-ties
     # of this random model: at one step here its top-2 logits differ by less than its cache-vs-full noise)
     want = torch.from_numpy(ids)
@@ -49,9 +58,24 @@ def test_greedy_with_an_image_matches_transformers_generate(internvl_dir):
 
 def test_command_line_from_a_fresh_process(internvl_dir):
     _, path = internvl_dir
-    run = subprocess.run([sys.executable, "-m", "mgjax.generate", "--model", str(path), "--image",
-                          str(path / "cat.png"), "--prompt", "what is this ?", "--max-new-tokens", "6"],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mgjax.generate",
+            "--model",
+            str(path),
+            "--image",
+            str(path / "cat.png"),
+            "--prompt",
+            "what is this ?",
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.endswith("\n") and "error" not in run.stderr  # a random model's words: any text will do
 
@@ -73,6 +97,19 @@ def test_mgm_checkpoint_generates(tmp_path, capsys):
     ref.checkpoint(tmp_path)
     _tokenizer().save_pretrained(tmp_path)
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
-    assert generate.main(["--model", str(tmp_path), "--image", str(tmp_path / "x.png"), "--prompt", "what ?",
-                          "--max-new-tokens", "4"]) == 0
+    assert (
+        generate.main(
+            [
+                "--model",
+                str(tmp_path),
+                "--image",
+                str(tmp_path / "x.png"),
+                "--prompt",
+                "what ?",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.endswith("\n")

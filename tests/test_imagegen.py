@@ -1,5 +1,6 @@
 """MGM's text-to-image path: the <GEN> request, the <h>…</h> prompt as MGM's CLI extracts it, and a tiny random
 diffusers pipeline built offline drawing it into a file beside the answer."""
+
 import json
 
 import pytest
@@ -23,17 +24,42 @@ def pipeline(tmp_path_factory):
     (root / "merges.txt").write_text("#version: 0.2\n")
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(block_out_channels=(8,), latent_channels=4, norm_num_groups=4, sample_size=16,
-                          down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",)),
-        text_encoder=CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                                  num_hidden_layers=1, num_attention_heads=2, bos_token_id=0,
-                                                  eos_token_id=1, pad_token_id=1)),
+        vae=AutoencoderKL(
+            block_out_channels=(8,),
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=16,
+            down_block_types=("DownEncoderBlock2D",),
+            up_block_types=("UpDecoderBlock2D",),
+        ),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ),
         tokenizer=CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77),
-        unet=UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8,
-                                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-                                  attention_head_dim=2, norm_num_groups=4),
-        scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        unet=UNet2DConditionModel(
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            sample_size=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=2,
+            norm_num_groups=4,
+        ),
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline"
 
@@ -51,6 +77,7 @@ def test_a_diffusers_pipeline_draws_the_prompt(pipeline, tmp_path):
     path = imagegen.imagine("Here: <h>a red cat</h>", draw, tmp_path, "001")
     assert path == tmp_path / "001.png" and (tmp_path / "001.txt").read_text() == "a red cat\n"
     from PIL import Image
+
     first = Image.open(path).convert("RGB")
     assert first.size == (16, 16)
     again = imagegen.imagine("<h>a red cat</h>", draw, tmp_path, "002")
@@ -63,10 +90,18 @@ def test_chat_asks_for_an_image_and_saves_it_beside_the_answer(internvl_dir, pip
     import transformers
 
     import mgjax
+
     _, path = internvl_dir
     model = mgjax.from_pretrained(path, dtype=jnp.float32)
-    chat = Chat(model, transformers.AutoTokenizer.from_pretrained(path), "Hermes-2", max_new_tokens=3, gen=True,
-                draw=imagegen.DiffusersBackend(pipeline, steps=2, size=16, seed=0), image_dir=str(tmp_path))
+    chat = Chat(
+        model,
+        transformers.AutoTokenizer.from_pretrained(path),
+        "Hermes-2",
+        max_new_tokens=3,
+        gen=True,
+        draw=imagegen.DiffusersBackend(pipeline, steps=2, size=16, seed=0),
+        image_dir=str(tmp_path),
+    )
     "".join(chat.say("a red cat"))
     assert chat.turns[0]["value"] == "a red cat <GEN>"
     assert chat.last_image is None  # a random model writes no <h>…</h>

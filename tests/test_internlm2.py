@@ -1,5 +1,6 @@
 """InternLM2 (transformers has none): pack a tiny Llama's weights into InternLM2's layout by hand and check that the
 InternLM2 checkpoint reproduces the Llama reference, given InternLM2's own dynamic NTK rotary embedding."""
+
 import json
 
 import jax.numpy as jnp
@@ -13,10 +14,16 @@ import mgjax
 from tests.conftest import max_abs
 
 HEADS, KV, HEAD_DIM, HIDDEN = 4, 2, 16, 64
-RENAMES = {"model.embed_tokens.": "model.tok_embeddings.", "self_attn.o_proj.": "attention.wo.",
-           "mlp.gate_proj.": "feed_forward.w1.", "mlp.up_proj.": "feed_forward.w3.",
-           "mlp.down_proj.": "feed_forward.w2.", "input_layernorm.": "attention_norm.",
-           "post_attention_layernorm.": "ffn_norm.", "lm_head.": "output."}
+RENAMES = {
+    "model.embed_tokens.": "model.tok_embeddings.",
+    "self_attn.o_proj.": "attention.wo.",
+    "mlp.gate_proj.": "feed_forward.w1.",
+    "mlp.up_proj.": "feed_forward.w3.",
+    "mlp.down_proj.": "feed_forward.w2.",
+    "input_layernorm.": "attention_norm.",
+    "post_attention_layernorm.": "ffn_norm.",
+    "lm_head.": "output.",
+}
 
 
 def _pack_wqkv(q, k, v, heads, kv):
@@ -36,7 +43,8 @@ def _to_internlm2(state: dict, heads: int = HEADS, kv: int = KV) -> dict:
             kind = key.rsplit(".", 1)[1]
             prefix = key.split(".self_attn.")[0]
             out[f"{prefix}.attention.wqkv.{kind}"] = _pack_wqkv(
-                value, state[key.replace("q_proj", "k_proj")], state[key.replace("q_proj", "v_proj")], heads, kv)
+                value, state[key.replace("q_proj", "k_proj")], state[key.replace("q_proj", "v_proj")], heads, kv
+            )
         elif ".self_attn.k_proj." in key or ".self_attn.v_proj." in key:
             continue
         else:
@@ -61,8 +69,9 @@ class InternLM2Rotary(torch.nn.Module):
     def inv_freq(self, seq_len: int) -> torch.Tensor:
         base = self.base
         if seq_len > self.max_position_embeddings:
-            base = self.base * ((self.scaling_factor * seq_len / self.max_position_embeddings)
-                                - (self.scaling_factor - 1)) ** (self.dim / (self.dim - 2))
+            base = self.base * (
+                (self.scaling_factor * seq_len / self.max_position_embeddings) - (self.scaling_factor - 1)
+            ) ** (self.dim / (self.dim - 2))
         return 1.0 / (base ** (torch.arange(0, self.dim, 2).float() / self.dim))
 
     def forward(self, x, position_ids):
@@ -79,25 +88,50 @@ def internlm2_checkpoint(llama, path, factor: float = 2.0):
     theta = c.rope_parameters["rope_theta"]
     llama.model.rotary_emb = InternLM2Rotary(c.head_dim, c.max_position_embeddings, theta, factor)
     state = {k: v.numpy() for k, v in llama.state_dict().items()}
-    safetensors.numpy.save_file(_to_internlm2(state, c.num_attention_heads, c.num_key_value_heads),
-                                path / "model.safetensors", metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads, "hidden_act": "silu", "rms_norm_eps": c.rms_norm_eps,
-        "max_position_embeddings": c.max_position_embeddings, "bias": c.attention_bias, "rope_theta": theta,
-        "rope_scaling": {"type": "dynamic", "factor": factor}, "tie_word_embeddings": False,
-        "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}))
+    safetensors.numpy.save_file(
+        _to_internlm2(state, c.num_attention_heads, c.num_key_value_heads),
+        path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "internlm2",
+                "architectures": ["InternLM2ForCausalLM"],
+                "vocab_size": c.vocab_size,
+                "hidden_size": c.hidden_size,
+                "intermediate_size": c.intermediate_size,
+                "num_hidden_layers": c.num_hidden_layers,
+                "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_key_value_heads,
+                "hidden_act": "silu",
+                "rms_norm_eps": c.rms_norm_eps,
+                "max_position_embeddings": c.max_position_embeddings,
+                "bias": c.attention_bias,
+                "rope_theta": theta,
+                "rope_scaling": {"type": "dynamic", "factor": factor},
+                "tie_word_embeddings": False,
+                "auto_map": {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=160, hidden_size=HIDDEN, intermediate_size=112, num_hidden_layers=3, num_attention_heads=HEADS,
-        num_key_value_heads=KV, attention_bias=True, max_position_embeddings=16, tie_word_embeddings=False,
-        rope_theta=10000.0)
+        vocab_size=160,
+        hidden_size=HIDDEN,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        attention_bias=True,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    )
     llama = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in llama.named_parameters():

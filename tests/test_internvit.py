@@ -1,4 +1,5 @@
 """InternViT parity against transformers' InternVLVisionModel, and InternVL's own (fused-qkv) checkpoint layout."""
+
 import json
 
 import jax
@@ -13,20 +14,34 @@ from flax import nnx
 import mgjax
 from tests.conftest import max_abs
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
-              patch_size=7, attention_bias=True, layer_norm_eps=1e-6)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=7,
+    attention_bias=True,
+    layer_norm_eps=1e-6,
+)
 VARIANTS = {  # 300M: LayerNorm, q/k/v biases, no qk-norm; 6B: RMSNorm, qk-norm, no biases
     "300m": {},
     "6b": dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
 }
 # InternVL's own key for each transformers key (the fused qkv is built separately)
-ORIGINAL = [("embeddings.cls_token", "embeddings.class_embedding"),
-            ("embeddings.position_embeddings", "embeddings.position_embedding"),
-            ("embeddings.patch_embeddings.projection.", "embeddings.patch_embedding."),
-            ("encoder.layer.", "encoder.layers."), (".attention.projection_layer.", ".attn.proj."),
-            (".attention.q_norm.", ".attn.q_norm."), (".attention.k_norm.", ".attn.k_norm."),
-            (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2."), (".lambda_1", ".ls1"),
-            (".lambda_2", ".ls2")]
+ORIGINAL = [
+    ("embeddings.cls_token", "embeddings.class_embedding"),
+    ("embeddings.position_embeddings", "embeddings.position_embedding"),
+    ("embeddings.patch_embeddings.projection.", "embeddings.patch_embedding."),
+    ("encoder.layer.", "encoder.layers."),
+    (".attention.projection_layer.", ".attn.proj."),
+    (".attention.q_norm.", ".attn.q_norm."),
+    (".attention.k_norm.", ".attn.k_norm."),
+    (".layernorm_before.", ".norm1."),
+    (".layernorm_after.", ".norm2."),
+    (".lambda_1", ".ls1"),
+    (".lambda_2", ".ls2"),
+]
 
 
 def _hf_model(variant, seed=0):
@@ -46,7 +61,8 @@ def _to_original(state: dict) -> dict:
             kind = key.rsplit(".", 1)[1]
             layer = key.split(".attention.")[0].replace("encoder.layer.", "encoder.layers.")
             out[f"{layer}.attn.qkv.{kind}"] = torch.cat(
-                [state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+                [state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            )
         elif ".attention.k_proj." in key or ".attention.v_proj." in key:
             continue
         else:
@@ -96,16 +112,28 @@ def test_internvl_layout_loads_and_saves(pair, tmp_path, report):
     original = tmp_path / "original"
     original.mkdir()
     safetensors.torch.save_file(_to_original(hf.state_dict()), original / "model.safetensors")
-    cfg = {"model_type": "intern_vit_6b", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-           "num_attention_heads": 4, "image_size": 28, "patch_size": 7, "qkv_bias": VISION["attention_bias"],
-           "qk_normalization": False, "norm_type": "layer_norm", "layer_norm_eps": 1e-6, "hidden_act": "gelu"}
+    cfg = {
+        "model_type": "intern_vit_6b",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "image_size": 28,
+        "patch_size": 7,
+        "qkv_bias": VISION["attention_bias"],
+        "qk_normalization": False,
+        "norm_type": "layer_norm",
+        "layer_norm_eps": 1e-6,
+        "hidden_act": "gelu",
+    }
     cfg.update({"300m": {}, "6b": {"qkv_bias": False, "qk_normalization": True, "norm_type": "rms_norm"}}[name])
     (original / "config.json").write_text(json.dumps(cfg))
     loaded = mgjax.from_pretrained(original, dtype=jnp.float32)
     assert loaded.config.original
     x = jnp.asarray(_pixels(seed=3).numpy())
-    report(f"{name} internvit layout vs hf layout", max_abs(loaded(x).last_hidden_state,
-                                                              model(x).last_hidden_state), 0.0)
+    report(
+        f"{name} internvit layout vs hf layout", max_abs(loaded(x).last_hidden_state, model(x).last_hidden_state), 0.0
+    )
     mgjax.save_pretrained(loaded, tmp_path / "again")  # written back in InternVL's own layout
     want = safetensors.torch.load_file(original / "model.safetensors")
     got = safetensors.torch.load_file(tmp_path / "again" / "model.safetensors")
@@ -136,5 +164,6 @@ def test_drop_path_is_per_sample_and_off_when_deterministic(tmp_path):
     with pytest.raises(ValueError, match="needs rngs"):
         model(x, deterministic=False)
     first = jax.tree.map(np.asarray, model.features(x, select_layer=1))  # layer 0 has rate 0: never dropped
-    np.testing.assert_allclose(first, model.features(x, select_layer=1, deterministic=False,
-                                                     rngs=nnx.Rngs(dropout=3)), atol=1e-6)
+    np.testing.assert_allclose(
+        first, model.features(x, select_layer=1, deterministic=False, rngs=nnx.Rngs(dropout=3)), atol=1e-6
+    )

@@ -1,5 +1,6 @@
 """Mini-InternVL assembled: parity with transformers' InternVLForConditionalGeneration, and InternVL's own checkpoint
 layout (``vision_model.* / mlp1.* / language_model.*``) mapped onto the same model."""
+
 import json
 
 import jax
@@ -17,23 +18,55 @@ from tests.test_internlm2 import _to_internlm2
 from tests.test_internvit import _to_original as vit_to_original
 
 IMAGE_TOKEN = 150
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=[28, 28],
-              patch_size=[7, 7], attention_bias=True)  # 4x4 patches -> 2x2 = 4 tokens per tile
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=[28, 28],
+    patch_size=[7, 7],
+    attention_bias=True,
+)  # 4x4 patches -> 2x2 = 4 tokens per tile
 TEXT = {
-    "qwen2": dict(model_type="qwen2", vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(
+        model_type="qwen2",
+        vocab_size=160,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     # InternVL2-2B's InternLM2 is a Llama in transformers' conversion (head_dim 16, as tests/test_internlm2 packs)
-    "llama": dict(model_type="llama", vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
-    "phi3": dict(model_type="phi3", vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, pad_token_id=0, eos_token_id=2, bos_token_id=1),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "phi3": dict(
+        model_type="phi3",
+        vocab_size=160,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    ),
 }
 
 
 def _hf_model(text):
     torch.manual_seed(0)
-    cfg = transformers.InternVLConfig(vision_config=VISION, text_config=TEXT[text], image_token_id=IMAGE_TOKEN,
-                                      tie_word_embeddings=False)
+    cfg = transformers.InternVLConfig(
+        vision_config=VISION, text_config=TEXT[text], image_token_id=IMAGE_TOKEN, tie_word_embeddings=False
+    )
     model = transformers.InternVLForConditionalGeneration(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -54,24 +87,42 @@ def _inputs():
 def _to_internvl(hf, text: str) -> tuple[dict, dict]:
     """InternVL's released layout and config for the same weights, written by hand."""
     state = hf.state_dict()
-    vit = vit_to_original({k[len("model.vision_tower."):]: v for k, v in state.items()
-                           if k.startswith("model.vision_tower.")})
+    vit = vit_to_original(
+        {k[len("model.vision_tower.") :]: v for k, v in state.items() if k.startswith("model.vision_tower.")}
+    )
     out = {f"vision_model.{k}": v for k, v in vit.items()}
     for i, name in ((0, "layer_norm"), (1, "linear_1"), (3, "linear_2")):
         for kind in ("weight", "bias"):
             out[f"mlp1.{i}.{kind}"] = state[f"model.multi_modal_projector.{name}.{kind}"]
     for k, v in state.items():
         if k.startswith("model.language_model."):
-            out["language_model.model." + k[len("model.language_model."):]] = v
+            out["language_model.model." + k[len("model.language_model.") :]] = v
     out["language_model.lm_head.weight"] = state["lm_head.weight"]
     llm = hf.config.text_config.to_dict()
     llm["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}[text]]
-    config = {"model_type": "internvl_chat", "architectures": ["InternVLChatModel"], "downsample_ratio": 0.5,
-              "ps_version": "v2", "select_layer": -1, "template": "Hermes-2", "llm_config": llm,
-              "vision_config": {"model_type": "intern_vit_6b", "hidden_size": 32, "intermediate_size": 64,
-                                "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 28, "patch_size": 7,
-                                "qkv_bias": True, "qk_normalization": False, "norm_type": "layer_norm",
-                                "layer_norm_eps": 1e-6, "hidden_act": "gelu"}}
+    config = {
+        "model_type": "internvl_chat",
+        "architectures": ["InternVLChatModel"],
+        "downsample_ratio": 0.5,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "Hermes-2",
+        "llm_config": llm,
+        "vision_config": {
+            "model_type": "intern_vit_6b",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 28,
+            "patch_size": 7,
+            "qkv_bias": True,
+            "qk_normalization": False,
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",
+        },
+    }
     return {k: v.contiguous() for k, v in out.items()}, config
 
 
@@ -93,8 +144,7 @@ def test_logits_match_transformers(pair, report):
     report(f"internvl[{text}] logits", max_abs(logits, ref.logits), 1e-4)
     with torch.no_grad():
         feats = hf.model.get_image_features(pixel_values=pixels).pooler_output
-    report(f"internvl[{text}] image features", max_abs(model.image_features(jnp.asarray(pixels.numpy())), feats),
-           1e-4)
+    report(f"internvl[{text}] image features", max_abs(model.image_features(jnp.asarray(pixels.numpy())), feats), 1e-4)
 
 
 def test_text_only_needs_no_pixels(pair, report):
@@ -170,14 +220,24 @@ def test_internvl2_2b_layout_with_packed_internlm2(tmp_path, report):
     """InternVL2-2B's release: the LLM is InternLM2 (packed wqkv, its own names) under ``language_model.``."""
     hf = _hf_model("llama")
     tensors, config = _to_internvl(hf, "qwen2")
-    llm = {k[len("language_model."):]: v.numpy() for k, v in tensors.items() if k.startswith("language_model.")}
+    llm = {k[len("language_model.") :]: v.numpy() for k, v in tensors.items() if k.startswith("language_model.")}
     tensors = {k: v for k, v in tensors.items() if not k.startswith("language_model.")}
     tensors.update({f"language_model.{k}": torch.from_numpy(v) for k, v in _to_internlm2(llm).items()})
-    config["llm_config"] = {"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], "vocab_size": 160,
-                            "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
-                            "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
-                            "rms_norm_eps": hf.config.text_config.rms_norm_eps, "bias": False, "rope_theta": 10000.0,
-                            "max_position_embeddings": 2048}
+    config["llm_config"] = {
+        "model_type": "internlm2",
+        "architectures": ["InternLM2ForCausalLM"],
+        "vocab_size": 160,
+        "hidden_size": 64,
+        "intermediate_size": 112,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "rms_norm_eps": hf.config.text_config.rms_norm_eps,
+        "bias": False,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "model.safetensors")
     model = mgjax.from_pretrained(tmp_path, dtype=jnp.float32, image_token_id=IMAGE_TOKEN)
@@ -186,8 +246,11 @@ def test_internvl2_2b_layout_with_packed_internlm2(tmp_path, report):
     ids, pixels = _inputs()
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=pixels).logits
-    report("internvl[internlm2] logits", max_abs(model(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy()))[0],
-                                                 ref), 1e-4)
+    report(
+        "internvl[internlm2] logits",
+        max_abs(model(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy()))[0], ref),
+        1e-4,
+    )
 
 
 def test_merged_embeddings_match_masked_scatter(pair, report):

@@ -1,6 +1,7 @@
 """The InternVL2 / Mini-InternVL releases (``mgjax.recipes.internvl_releases``): configs and recipes as the spec gives
 them, parameter counts against transformers' own InternVL (InternLM2, which transformers lacks, by arithmetic),
 and the memory table's trainable sets, all from abstract shapes."""
+
 import dataclasses
 import functools
 from pathlib import Path
@@ -38,15 +39,35 @@ def test_config_is_the_spec(name):
     template, width, (layers, heads, kv, head_dim, inter, vocab) = SPEC_RELEASES[name]
     d, c = releases.hf_config(name), releases.config(name)
     assert (d["template"], d["downsample_ratio"], d["ps_version"], d["select_layer"], d["max_dynamic_patch"]) == (
-        template, 0.5, "v2", -1, 12)
+        template,
+        0.5,
+        "v2",
+        -1,
+        12,
+    )
     llm = c.llm
-    assert (llm.hidden_size, llm.num_hidden_layers, llm.num_attention_heads, llm.num_key_value_heads, llm.head_dim,
-            llm.intermediate_size, llm.vocab_size, llm.tie_word_embeddings) == (
-        width, layers, heads, kv, head_dim, inter, vocab, False)
+    assert (
+        llm.hidden_size,
+        llm.num_hidden_layers,
+        llm.num_attention_heads,
+        llm.num_key_value_heads,
+        llm.head_dim,
+        llm.intermediate_size,
+        llm.vocab_size,
+        llm.tie_word_embeddings,
+    ) == (width, layers, heads, kv, head_dim, inter, vocab, False)
     v = c.vision
-    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size, v.image_size,
-            v.patch_size, v.attention_bias, v.use_qk_norm, v.norm_type) == (
-        1024, 24, 16, 4096, 448, 14, True, False, "layer_norm")
+    assert (
+        v.hidden_size,
+        v.num_hidden_layers,
+        v.num_attention_heads,
+        v.intermediate_size,
+        v.image_size,
+        v.patch_size,
+        v.attention_bias,
+        v.use_qk_norm,
+        v.norm_type,
+    ) == (1024, 24, 16, 4096, 448, 14, True, False, "layer_norm")
     assert c.tokens_per_tile == 256 and c.template == template and type(c).from_hf(c.to_hf()) == c
 
 
@@ -78,10 +99,14 @@ def _transformers_total(name: str) -> int:
     d = _native(name)
     # rotary tables hold no parameters, and the 4B entry leaves LongRoPE's factors to the checkpoint
     text = dict(d["text_config"], rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    config = InternVLConfig(vision_config=d["vision_config"], text_config=text, downsample_ratio=d["downsample_ratio"],
-                            vision_feature_layer=d["vision_feature_layer"],
-                            projector_hidden_act=d["projector_hidden_act"],
-                            tie_word_embeddings=d["tie_word_embeddings"])
+    config = InternVLConfig(
+        vision_config=d["vision_config"],
+        text_config=text,
+        downsample_ratio=d["downsample_ratio"],
+        vision_feature_layer=d["vision_feature_layer"],
+        projector_hidden_act=d["projector_hidden_act"],
+        tie_word_embeddings=d["tie_word_embeddings"],
+    )
     with torch.device("meta"):
         return _torch_count(InternVLForConditionalGeneration(config))
 
@@ -114,8 +139,15 @@ def test_internvl2_2b_count_is_its_arithmetic():
 def _lora(name: str, rank: int) -> int:
     """rank * (in + out) for each of q, k, v, o, gate, up and down, in every LLM layer."""
     _, d, (layers, heads, kv, head_dim, inter, _) = SPEC_RELEASES[name]
-    shapes = [(d, heads * head_dim), (d, kv * head_dim), (d, kv * head_dim), (heads * head_dim, d), (d, inter),
-              (d, inter), (inter, d)]
+    shapes = [
+        (d, heads * head_dim),
+        (d, kv * head_dim),
+        (d, kv * head_dim),
+        (heads * head_dim, d),
+        (d, inter),
+        (d, inter),
+        (inter, d),
+    ]
     return layers * sum(rank * (i + o) for i, o in shapes)
 
 
@@ -153,9 +185,17 @@ def test_run_configs_follow_the_recipes(name, mode):
     assert (c.model.compute_dtype, c.model.remat, c.train.stage) == ("bfloat16", "full", mode)
     assert c.data.template == releases.release(name).template
     assert (c.optim.lr, c.optim.weight_decay, c.optim.warmup_ratio, c.optim.clip_norm) == (
-        r.lr, r.weight_decay, r.warmup_ratio, r.clip_norm)
+        r.lr,
+        r.weight_decay,
+        r.warmup_ratio,
+        r.clip_norm,
+    )
     assert (c.train.global_batch, c.data.max_dynamic_patch, c.data.max_length, c.data.pack_length) == (
-        r.global_batch, r.max_tiles, r.max_length, r.packed_tokens)
+        r.global_batch,
+        r.max_tiles,
+        r.max_length,
+        r.packed_tokens,
+    )
     assert c.train.loss_weighting == r.loss_reduction
     if r.lora_rank:
         assert (c.train.lora_rank, c.train.lora_alpha) == (r.lora_rank, r.lora_alpha)

@@ -1,5 +1,6 @@
 """InternVL annotation records -> training inputs: dynamic tiles with the per-image budget, the <IMG_CONTEXT> runs
 they need, labels on the answers only, tile slots a batch can stack, and the model reading each row's own slots."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,8 +13,26 @@ from mgjax.data import samples, templates
 from tests.test_adapt import CONFIG
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>"]
-WORDS = ["<s>", "[PAD]", "[UNK]", *SPECIALS, "system", "user", "assistant", "What", "is", "it", "?", "A", "cat", ".",
-         "Compare", "them", "Same", "\n"]
+WORDS = [
+    "<s>",
+    "[PAD]",
+    "[UNK]",
+    *SPECIALS,
+    "system",
+    "user",
+    "assistant",
+    "What",
+    "is",
+    "it",
+    "?",
+    "A",
+    "cat",
+    ".",
+    "Compare",
+    "them",
+    "Same",
+    "\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +40,9 @@ def tokenizer():
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Whitespace()])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="[PAD]",
-                                                unk_token="[UNK]", additional_special_tokens=SPECIALS)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", pad_token="[PAD]", unk_token="[UNK]", additional_special_tokens=SPECIALS
+    )
 
 
 @pytest.fixture
@@ -37,8 +57,11 @@ def _make(tokenizer, folder, **kw):
 
 
 def _record(image, question="What is it ?", answer="A cat ."):
-    return {"id": "r1", "image": image, "conversations": [{"from": "human", "value": question},
-                                                          {"from": "gpt", "value": answer}]}
+    return {
+        "id": "r1",
+        "image": image,
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+    }
 
 
 def test_one_image_is_tiled_prepended_and_only_the_answer_is_trained(tokenizer, folder):
@@ -74,6 +97,6 @@ def test_the_model_reads_each_rows_own_tile_slots(tokenizer, folder):
     token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     slotted = model.embed(ids, jnp.asarray(np.stack([r["pixel_values"] for r in rows])), image_token_id=token)
     # the same tiles concatenated without slots: the row-major order transformers and InternVL use
-    tiles = np.concatenate([r["pixel_values"][:int(r["tiles"])] for r in rows])
+    tiles = np.concatenate([r["pixel_values"][: int(r["tiles"])] for r in rows])
     flat = model.embed(ids, jnp.asarray(tiles), image_token_id=token)
     assert float(jnp.max(jnp.abs(slotted - flat))) <= 1e-6  # the ViT ran on 10 tiles instead of 5: float noise

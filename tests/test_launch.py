@@ -1,6 +1,7 @@
 """The launchers in ``launch/``: ``--dry-run`` prints the exact commands, the real path hands the tool the same argv,
 local.sh runs and stops its processes, and bad command lines fail with a message. gcloud, xpk, sbatch and srun are
 stand-ins on PATH that print their argv, so nothing here needs a cloud or a cluster."""
+
 import json
 import os
 import re
@@ -27,8 +28,14 @@ def clean_env(**extra) -> dict[str, str]:
 
 
 def launch(script: str, *args: str, env: dict[str, str] | None = None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([BASH, str(LAUNCH / script), *args], capture_output=True, text=True, timeout=60,
-                          env=clean_env() if env is None else env, cwd=cwd)
+    return subprocess.run(
+        [BASH, str(LAUNCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env() if env is None else env,
+        cwd=cwd,
+    )
 
 
 def dry_run(script: str, *args: str, **kw) -> list[list[str]]:
@@ -51,24 +58,66 @@ def path_with(bin_dir: Path) -> dict[str, str]:
 
 
 def local_set(processes: int, i: int, port: int = 12355) -> list[str]:
-    return ["--set", "distributed.mode=explicit", "--set", f"distributed.coordinator=localhost:{port}",
-            "--set", f"distributed.num_processes={processes}", "--set", f"distributed.process_id={i}"]
+    return [
+        "--set",
+        "distributed.mode=explicit",
+        "--set",
+        f"distributed.coordinator=localhost:{port}",
+        "--set",
+        f"distributed.num_processes={processes}",
+        "--set",
+        f"distributed.process_id={i}",
+    ]
 
 
 def test_local_dry_run_cpu(tmp_path):
-    lines = dry_run("local.sh", "--processes", "2", "--devices-per-process", "4", "--port", "4321",
-                    "--log-dir", "logs dir", "--", *USER_ARGS, env=clean_env(XLA_FLAGS="--xla_dump_to=/tmp/x"),
-                    cwd=tmp_path)
+    lines = dry_run(
+        "local.sh",
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "4",
+        "--port",
+        "4321",
+        "--log-dir",
+        "logs dir",
+        "--",
+        *USER_ARGS,
+        env=clean_env(XLA_FLAGS="--xla_dump_to=/tmp/x"),
+        cwd=tmp_path,
+    )
     xla_flags = "XLA_FLAGS=--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
-    assert lines == [["env", "JAX_PLATFORMS=cpu", xla_flags, *TRAIN, *USER_ARGS, *local_set(2, i, 4321),
-                      ">", f"logs dir/process_{i}.log", "2>&1"] for i in range(2)]
+    assert lines == [
+        [
+            "env",
+            "JAX_PLATFORMS=cpu",
+            xla_flags,
+            *TRAIN,
+            *USER_ARGS,
+            *local_set(2, i, 4321),
+            ">",
+            f"logs dir/process_{i}.log",
+            "2>&1",
+        ]
+        for i in range(2)
+    ]
     assert not (tmp_path / "logs dir").exists()
 
 
 def test_local_dry_run_gpus():
     lines = dry_run("local.sh", "--processes", "2", "--gpus-per-process", "2")
-    assert lines == [[*TRAIN, *local_set(2, i), "--set", f"distributed.local_device_ids=[{2 * i},{2 * i + 1}]",
-                      ">", f"runs/launch_logs/process_{i}.log", "2>&1"] for i in range(2)]
+    assert lines == [
+        [
+            *TRAIN,
+            *local_set(2, i),
+            "--set",
+            f"distributed.local_device_ids=[{2 * i},{2 * i + 1}]",
+            ">",
+            f"runs/launch_logs/process_{i}.log",
+            "2>&1",
+        ]
+        for i in range(2)
+    ]
 
 
 # Stands in for mgjax.train: logs its argv and environment; the process named by FAIL_PROCESS exits 3 once the others
@@ -96,8 +145,18 @@ time.sleep(60)
 def run_local(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
     (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
     start = time.monotonic()
-    r = launch("local.sh", "--python", sys.executable, "--module", "fake_train", "--log-dir", str(tmp_path / "logs"),
-               *args, env=clean_env(PYTHONPATH=str(tmp_path), **env), cwd=tmp_path)
+    r = launch(
+        "local.sh",
+        "--python",
+        sys.executable,
+        "--module",
+        "fake_train",
+        "--log-dir",
+        str(tmp_path / "logs"),
+        *args,
+        env=clean_env(PYTHONPATH=str(tmp_path), **env),
+        cwd=tmp_path,
+    )
     return r, time.monotonic() - start
 
 
@@ -106,8 +165,10 @@ def test_local_runs_every_process(tmp_path):
     assert r.returncode == 0, r.stderr
     for i in range(2):
         log = json.loads((tmp_path / "logs" / f"process_{i}.log").read_text())
-        assert log == {"args": [*USER_ARGS, *local_set(2, i, 4321)],
-                       "env": ["cpu", "--xla_force_host_platform_device_count=3"]}
+        assert log == {
+            "args": [*USER_ARGS, *local_set(2, i, 4321)],
+            "env": ["cpu", "--xla_force_host_platform_device_count=3"],
+        }
 
 
 @pytest.mark.parametrize("ignore_term", [False, True])
@@ -129,49 +190,132 @@ def test_tpu_vm_dry_run_and_remote_quoting(tmp_path):
     repo = tmp_path / "my repo"
     repo.mkdir()
     hostile = ["--set", "data.path=it's $HOME/a b", "--set", "x=[1, 2]*;`true`"]
-    [argv] = dry_run("tpu_vm.sh", "--tpu", "my-tpu", "--zone", "us-central2-b", "--project", "proj",
-                     "--repo-dir", str(repo), "--", *USER_ARGS, *hostile)
-    assert argv[:-1] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone=us-central2-b",
-                         "--project=proj", "--worker=all"]
+    [argv] = dry_run(
+        "tpu_vm.sh",
+        "--tpu",
+        "my-tpu",
+        "--zone",
+        "us-central2-b",
+        "--project",
+        "proj",
+        "--repo-dir",
+        str(repo),
+        "--",
+        *USER_ARGS,
+        *hostile,
+    )
+    assert argv[:-1] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "my-tpu",
+        "--zone=us-central2-b",
+        "--project=proj",
+        "--worker=all",
+    ]
     remote = argv[-1].removeprefix("--command=")
     expected = [*TRAIN, *USER_ARGS, *hostile, "--set", "distributed.mode=tpu"]
     assert shlex.split(remote) == ["cd", str(repo), "&&", *expected]
     # the worker's login shell parses it: a POSIX sh with a python3 that reports its argv stands in for it
-    r = subprocess.run(["sh", "-c", remote], capture_output=True, text=True, timeout=30,
-                       env=path_with(stand_ins(tmp_path / "bin", "python3")))
+    r = subprocess.run(
+        ["sh", "-c", remote],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=path_with(stand_ins(tmp_path / "bin", "python3")),
+    )
     assert json.loads(r.stdout) == expected[1:]
     [argv] = dry_run("tpu_vm.sh", "--tpu=t", "--zone=z")
-    assert argv == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t", "--zone=z", "--worker=all",
-                    "--command=cd mgjax && python3 -m mgjax.train --set distributed.mode=tpu"]
+    assert argv == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "t",
+        "--zone=z",
+        "--worker=all",
+        "--command=cd mgjax && python3 -m mgjax.train --set distributed.mode=tpu",
+    ]
 
 
-@pytest.mark.parametrize("slices, user, hint", [
-    ("1", [], []),
-    ("2", [], ["--set", "mesh.dcn_data=2"]),
-    ("4", ["--set", "mesh.dcn_data=2"], []),
-    ("4", ["--set=mesh.dcn_data=2"], []),
-])
+@pytest.mark.parametrize(
+    "slices, user, hint",
+    [
+        ("1", [], []),
+        ("2", [], ["--set", "mesh.dcn_data=2"]),
+        ("4", ["--set", "mesh.dcn_data=2"], []),
+        ("4", ["--set=mesh.dcn_data=2"], []),
+    ],
+)
 def test_xpk_dry_run(slices, user, hint):
-    [argv] = dry_run("xpk.sh", "--cluster", "c", "--tpu-type", "v5p-128", "--num-slices", slices,
-                     "--docker-image", "gcr.io/p/img:1", "--workload", "run-1", "--", *USER_ARGS, *user)
-    assert argv[:-1] == ["xpk", "workload", "create", "--cluster", "c", "--workload", "run-1",
-                         "--docker-image", "gcr.io/p/img:1", "--tpu-type=v5p-128", f"--num-slices={slices}",
-                         "--command"]
+    [argv] = dry_run(
+        "xpk.sh",
+        "--cluster",
+        "c",
+        "--tpu-type",
+        "v5p-128",
+        "--num-slices",
+        slices,
+        "--docker-image",
+        "gcr.io/p/img:1",
+        "--workload",
+        "run-1",
+        "--",
+        *USER_ARGS,
+        *user,
+    )
+    assert argv[:-1] == [
+        "xpk",
+        "workload",
+        "create",
+        "--cluster",
+        "c",
+        "--workload",
+        "run-1",
+        "--docker-image",
+        "gcr.io/p/img:1",
+        "--tpu-type=v5p-128",
+        f"--num-slices={slices}",
+        "--command",
+    ]
     assert shlex.split(argv[-1]) == [*TRAIN, *USER_ARGS, *user, *hint, "--set", "distributed.mode=tpu"]
 
 
 def test_xpk_default_name_project_zone():
-    [argv] = dry_run("xpk.sh", "--cluster", "c", "--tpu-type", "v5p-8", "--docker-image", "img",
-                     "--project", "p", "--zone", "z")
+    [argv] = dry_run(
+        "xpk.sh", "--cluster", "c", "--tpu-type", "v5p-8", "--docker-image", "img", "--project", "p", "--zone", "z"
+    )
     assert re.fullmatch(r"mgjax-\d{8}-\d{6}", argv[argv.index("--workload") + 1])
     assert argv[-4:] == ["--project=p", "--zone=z", "--command", "python3 -m mgjax.train --set distributed.mode=tpu"]
 
 
 def test_slurm_dry_run():
-    [argv] = dry_run("slurm.sh", "--nodes", "2", "--partition", "gpu", "--time", "1:00:00",
-                     "--sbatch-option=--account=abc", "--", *USER_ARGS)
-    assert argv == ["sbatch", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
-                    "--time=1:00:00", "--account=abc", str(LAUNCH / "slurm.sbatch"), *USER_ARGS]
+    [argv] = dry_run(
+        "slurm.sh",
+        "--nodes",
+        "2",
+        "--partition",
+        "gpu",
+        "--time",
+        "1:00:00",
+        "--sbatch-option=--account=abc",
+        "--",
+        *USER_ARGS,
+    )
+    assert argv == [
+        "sbatch",
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--time=1:00:00",
+        "--account=abc",
+        str(LAUNCH / "slurm.sbatch"),
+        *USER_ARGS,
+    ]
     [argv] = dry_run("slurm.sh", "--nodes", "1", "--gpus-per-node", "4")
     assert argv == ["sbatch", "--nodes=1", "--ntasks-per-node=4", "--gpus-per-node=4", str(LAUNCH / "slurm.sbatch")]
 
@@ -181,8 +325,13 @@ def test_sbatch_script(tmp_path):
     header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
     assert {"#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"} <= set(header)
     assert not any("gpus-per-task" in line for line in header)
-    r = subprocess.run([BASH, str(script), *USER_ARGS], capture_output=True, text=True, timeout=30,
-                       env=path_with(stand_ins(tmp_path / "bin", "srun")))
+    r = subprocess.run(
+        [BASH, str(script), *USER_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=path_with(stand_ins(tmp_path / "bin", "srun")),
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == ["--kill-on-bad-exit=1", *TRAIN, *USER_ARGS, "--set", "distributed.mode=slurm"]
 
@@ -215,25 +364,34 @@ def test_missing_tool(tmp_path, script):
     assert dry_run(script, *args, env=empty)
 
 
-@pytest.mark.parametrize("script, args, message", [
-    ("local.sh", ["--processes", "2", "--bogus"], "unknown option --bogus"),
-    ("tpu_vm.sh", ["--tpu", "t", "--zone", "z", "--workers=all"], "unknown option --workers"),
-    ("xpk.sh", ["--cluster", "c", "--tpu-type", "v5p-8", "--docker-image", "i", "-x"], "unknown option -x"),
-    ("slurm.sh", ["--nodes", "1", "--gpus", "8"], "unknown option --gpus"),
-    ("slurm.sh", ["--nodes", "2", "configs/x.yaml"], "unexpected argument 'configs/x.yaml'"),
-    ("local.sh", [], "--processes is required"),
-    ("local.sh", ["--processes", "0"], "--processes must be an integer >= 1, not '0'"),
-    ("local.sh", ["--processes", "2", "--port", "70000"], "--port must be an integer >= 1 and <= 65535"),
-    ("local.sh", ["--processes", "2", "--devices-per-process", "2", "--gpus-per-process", "1"],
-     "--devices-per-process (CPU) and --gpus-per-process (GPU) exclude each other"),
-    ("tpu_vm.sh", ["--tpu", "t"], "--zone is required"),
-    ("tpu_vm.sh", ["--zone", "z", "--tpu"], "--tpu needs a value"),
-    ("slurm.sh", ["--nodes", "2", "--sbatch-option"], "--sbatch-option needs an sbatch option"),
-    ("xpk.sh", ["--cluster", "c", "--tpu-type", "v5p-8"], "--docker-image is required"),
-    ("xpk.sh", ["--cluster", "c", "--tpu-type", "v5p-8", "--docker-image", "i", "--num-slices", "two"],
-     "--num-slices must be an integer >= 1, not 'two'"),
-    ("slurm.sh", [], "--nodes is required"),
-])
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("local.sh", ["--processes", "2", "--bogus"], "unknown option --bogus"),
+        ("tpu_vm.sh", ["--tpu", "t", "--zone", "z", "--workers=all"], "unknown option --workers"),
+        ("xpk.sh", ["--cluster", "c", "--tpu-type", "v5p-8", "--docker-image", "i", "-x"], "unknown option -x"),
+        ("slurm.sh", ["--nodes", "1", "--gpus", "8"], "unknown option --gpus"),
+        ("slurm.sh", ["--nodes", "2", "configs/x.yaml"], "unexpected argument 'configs/x.yaml'"),
+        ("local.sh", [], "--processes is required"),
+        ("local.sh", ["--processes", "0"], "--processes must be an integer >= 1, not '0'"),
+        ("local.sh", ["--processes", "2", "--port", "70000"], "--port must be an integer >= 1 and <= 65535"),
+        (
+            "local.sh",
+            ["--processes", "2", "--devices-per-process", "2", "--gpus-per-process", "1"],
+            "--devices-per-process (CPU) and --gpus-per-process (GPU) exclude each other",
+        ),
+        ("tpu_vm.sh", ["--tpu", "t"], "--zone is required"),
+        ("tpu_vm.sh", ["--zone", "z", "--tpu"], "--tpu needs a value"),
+        ("slurm.sh", ["--nodes", "2", "--sbatch-option"], "--sbatch-option needs an sbatch option"),
+        ("xpk.sh", ["--cluster", "c", "--tpu-type", "v5p-8"], "--docker-image is required"),
+        (
+            "xpk.sh",
+            ["--cluster", "c", "--tpu-type", "v5p-8", "--docker-image", "i", "--num-slices", "two"],
+            "--num-slices must be an integer >= 1, not 'two'",
+        ),
+        ("slurm.sh", [], "--nodes is required"),
+    ],
+)
 def test_bad_command_line(script, args, message):
     r = launch(script, *args, "--dry-run")
     assert r.returncode == 2

@@ -1,4 +1,5 @@
 """The grain loader: seeded order, disjoint host slices, exact bad-sample counts with workers, resumable state."""
+
 import numpy as np
 import pytest
 
@@ -60,6 +61,7 @@ def test_state_restores_the_position():
 
 # ---------------------------------------------------------------- grouping by modality and length, buckets
 
+
 def _lengths(seed=0):
     """Distinct lengths (so sorted runs are unambiguous): 70 image records, 45 text-only ones, one of length 0."""
     rng = np.random.default_rng(seed)
@@ -71,7 +73,7 @@ def _lengths(seed=0):
 def _full_batches(order, lengths, batch):
     """grouped_order's full batches: the incomplete ones (one per modality, each < batch) come last."""
     n_full = sum(int(np.sum(m)) // batch for m in (lengths > 0, lengths <= 0))
-    return order[:n_full * batch].reshape(n_full, batch)
+    return order[: n_full * batch].reshape(n_full, batch)
 
 
 def test_grouped_order_is_a_permutation_that_never_mixes_modalities():
@@ -83,8 +85,8 @@ def test_grouped_order_is_a_permutation_that_never_mixes_modalities():
     assert (image.all(1) | ~image.any(1)).all()
     assert len(full) == 70 // 4 + 45 // 4
     # the remainders close the order: 70 % 4 image records, then 45 % 4 text-only ones
-    assert (lengths[order[len(full) * 4:]] > 0).tolist() == [True, True, False]
-    assert 0 < image.all(1)[:len(full) // 2].sum() < len(full) // 2  # the batches are shuffled across modalities
+    assert (lengths[order[len(full) * 4 :]] > 0).tolist() == [True, True, False]
+    assert 0 < image.all(1)[: len(full) // 2].sum() < len(full) // 2  # the batches are shuffled across modalities
 
 
 def test_grouped_order_cuts_sorted_megabatches():
@@ -93,7 +95,7 @@ def test_grouped_order_cuts_sorted_megabatches():
     full = np.abs(lengths[_full_batches(loader.grouped_order(lengths, 4, rng), lengths, 4)])
     assert (np.diff(full, axis=1) <= 0).all()  # each batch is a slice of a descending sort
     spread = (full.max(1) - full.min(1)).mean()
-    shuffled = np.abs(lengths[rng.permutation(len(lengths))[:len(full) * 4]]).reshape(-1, 4)
+    shuffled = np.abs(lengths[rng.permutation(len(lengths))[: len(full) * 4]]).reshape(-1, 4)
     assert spread < 0.3 * (shuffled.max(1) - shuffled.min(1)).mean()
     # One megabatch per modality: every batch is a contiguous run of its modality's sorted lengths.
     full = _full_batches(loader.grouped_order(lengths, 4, rng, megabatch=100), lengths, 4)
@@ -110,9 +112,20 @@ def test_grouped_order_is_seeded():
     assert loader.grouped_order([], 4, np.random.default_rng(0)).size == 0
 
 
-@pytest.mark.parametrize("length, max_length, buckets, want", [
-    (1, 64, 4, 16), (16, 64, 4, 16), (17, 64, 4, 32), (64, 64, 4, 64), (0, 64, 4, 16), (100, 64, 4, 64),
-    (5, 64, 1, 64), (1, 10, 3, 4), (9, 10, 3, 10)])
+@pytest.mark.parametrize(
+    "length, max_length, buckets, want",
+    [
+        (1, 64, 4, 16),
+        (16, 64, 4, 16),
+        (17, 64, 4, 32),
+        (64, 64, 4, 64),
+        (0, 64, 4, 16),
+        (100, 64, 4, 64),
+        (5, 64, 1, 64),
+        (1, 10, 3, 4),
+        (9, 10, 3, 10),
+    ],
+)
 def test_bucket(length, max_length, buckets, want):
     assert loader.bucket(length, max_length, buckets) == want
 
@@ -148,13 +161,21 @@ def _make_sequence(record):
     if i % 10 == 3:
         raise samples.BadSample(record["id"], "broken", "for the test")
     mask = np.arange(MAX_LENGTH) < _real(i)
-    return {"input_ids": np.where(mask, 5, 0).astype(np.int32), "labels": np.where(mask, 5, -100).astype(np.int32),
-            "attention_mask": mask, "images": np.full((3, 2, 2), i, np.float32), "x": np.int32(i)}
+    return {
+        "input_ids": np.where(mask, 5, 0).astype(np.int32),
+        "labels": np.where(mask, 5, -100).astype(np.int32),
+        "attention_mask": mask,
+        "images": np.full((3, 2, 2), i, np.float32),
+        "x": np.int32(i),
+    }
 
 
 def _sequence_batches(**kw):
-    return list(loader.Batches(RECORDS, _make_sequence, batch=4, micro_batches=2,
-                               report=samples.BadSamples(max_fraction=0.5), **kw))
+    return list(
+        loader.Batches(
+            RECORDS, _make_sequence, batch=4, micro_batches=2, report=samples.BadSamples(max_fraction=0.5), **kw
+        )
+    )
 
 
 def test_buckets_trim_sequence_keys_to_the_longest_row():
@@ -195,8 +216,13 @@ def _sequence(record):
     """A sample of 1-5 tokens (its id repeated) and one tile, as packing reads them."""
     x = _make(record)["x"]
     n = 1 + int(x) % 5
-    return {"input_ids": np.full(8, x, np.int32), "labels": np.full(8, x, np.int32),
-            "attention_mask": np.arange(8) < n, "pixel_values": np.full((1, 1), x, np.float32), "tiles": np.int32(1)}
+    return {
+        "input_ids": np.full(8, x, np.int32),
+        "labels": np.full(8, x, np.int32),
+        "attention_mask": np.arange(8) < n,
+        "pixel_values": np.full((1, 1), x, np.float32),
+        "tiles": np.int32(1),
+    }
 
 
 def test_packed_batches_resume_exactly():

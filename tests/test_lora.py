@@ -1,5 +1,6 @@
 """LoRA adapters: trained alone (the base weights stay bit-identical, optimizer state only for the adapters), and
 merged into a plain HF checkpoint that PyTorch's transformers loads with the adapted model's logits."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,15 @@ from mgjax.train import optim
 from mgjax.train.step import make_optimizer, train_step
 from tests.conftest import max_abs
 
-CONFIG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=16)
+CONFIG = LlamaConfig(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 def _ids(seed=0, batch=2, length=12):
@@ -37,7 +45,8 @@ def test_adapters_sit_on_every_attention_and_mlp_linear_and_start_as_the_base_mo
     model = mgjax.init(CONFIG, seed=0)
     names = lora.add(model, rank=4, alpha=8.0)
     assert sorted(n.rsplit(".", 1)[1] for n in names) == sorted(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     a = model.model.layers.self_attn.q_proj.lora_a
     assert a.shape == (2, 4, 64) and a.get_metadata()["out_sharding"] == ("layers", None, "embed")
     ids = _ids()

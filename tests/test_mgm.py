@@ -1,7 +1,8 @@
 """Mini-Gemini end to end against a PyTorch reference assembled in the test: transformers' CLIPVisionModel,
-ConvNextModel and LlamaForCausalLM / GemmaForCausalLM, plus patch info mining and MGM's splicing written in torch from the spec
-(``../shared/specs/mgm.md`` sections 1-3), in standard and HD modes. The mgjax model loads from an MGM-layout
-checkpoint written here by hand."""
+ConvNextModel and LlamaForCausalLM / GemmaForCausalLM, plus patch info mining and MGM's splicing written in torch
+from the spec (``../shared/specs/mgm.md`` sections 1-3), in standard and HD modes. The mgjax model loads from an
+MGM-layout checkpoint written here by hand."""
+
 import json
 
 import jax
@@ -21,14 +22,30 @@ from mgjax.nn import resize
 from tests.conftest import max_abs
 from tests.test_convnext import _timm_name
 
-CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
-            patch_size=7, hidden_act="quick_gelu")  # 4x4 = 16 low-res tokens
+CLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=28,
+    patch_size=7,
+    hidden_act="quick_gelu",
+)  # 4x4 = 16 low-res tokens
 CONVNEXT = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], layer_scale_init_value=0.5)  # 80 channels
-LLAMA = dict(vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, tie_word_embeddings=False)
-MODES = {"standard": dict(image_grid=1, image_global=False, image_size_aux=64),  # HR 16x16 map: 4x4 windows
-         "hd": dict(image_grid=2, image_global=True, image_size_aux=128),  # HR 32x32; crops and global 16x16
-         "gemma": dict(image_grid=1, image_global=False, image_size_aux=64)}  # MGM-2B: Gemma scales image tokens too
+LLAMA = dict(
+    vocab_size=160,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
+MODES = {
+    "standard": dict(image_grid=1, image_global=False, image_size_aux=64),  # HR 16x16 map: 4x4 windows
+    "hd": dict(image_grid=2, image_global=True, image_size_aux=128),  # HR 32x32; crops and global 16x16
+    "gemma": dict(image_grid=1, image_global=False, image_size_aux=64),
+}  # MGM-2B: Gemma scales image tokens too
 GEMMA = dict(LLAMA, head_dim=12, tie_word_embeddings=True)
 
 
@@ -52,8 +69,11 @@ class Reference(torch.nn.Module):
         self.convnext = _perturbed(transformers.ConvNextModel(transformers.ConvNextConfig(**convnext)))
         self.gemma = mode == "gemma"
         llm = llm or (GEMMA if self.gemma else LLAMA)
-        self.llm = _perturbed(transformers.GemmaForCausalLM(transformers.GemmaConfig(**llm)) if self.gemma
-                              else transformers.LlamaForCausalLM(transformers.LlamaConfig(**llm)))
+        self.llm = _perturbed(
+            transformers.GemmaForCausalLM(transformers.GemmaConfig(**llm))
+            if self.gemma
+            else transformers.LlamaForCausalLM(transformers.LlamaConfig(**llm))
+        )
         c, aux, d = clip["hidden_size"], sum(convnext["hidden_sizes"]), llm["hidden_size"]
         pre_norm = lambda i, o: torch.nn.Sequential(torch.nn.LayerNorm(i), torch.nn.Linear(i, o))  # noqa: E731
         self.query, self.key, self.val = pre_norm(c, c), pre_norm(aux, c), pre_norm(aux, c)
@@ -63,8 +83,11 @@ class Reference(torch.nn.Module):
     def hr_map(self, x):
         stages = self.convnext(x, output_hidden_states=True).hidden_states[1:]
         size = stages[0].shape[-2:]
-        return torch.cat([stages[0]] + [F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False)
-                                        for s in stages[1:]], dim=1)
+        return torch.cat(
+            [stages[0]]
+            + [F.interpolate(s.float(), size=size, mode="bilinear", align_corners=False) for s in stages[1:]],
+            dim=1,
+        )
 
     def mine(self, low, high):
         b, ch, h, w = high.shape
@@ -82,7 +105,7 @@ class Reference(torch.nn.Module):
             return self.mm_projector(self.mine(clip(images), high))
         b = images.shape[0]
         low = clip(torch.cat([images[:, :-1].flatten(0, 1), images[:, -1]]))
-        crops_low, glob_low = low[:4 * b], low[4 * b:]
+        crops_low, glob_low = low[: 4 * b], low[4 * b :]
         ch, h, w = high.shape[1:]
         crops = high.reshape(b, ch, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5).reshape(4 * b, ch, h // 2, w // 2)
         glob = F.interpolate(high, scale_factor=0.5, mode="bilinear", align_corners=False)
@@ -96,13 +119,13 @@ class Reference(torch.nn.Module):
         for b in range(ids.shape[0]):
             at = int((ids[b] == IMAGE_TOKEN_INDEX).nonzero())
             embed = lambda x: F.embedding(x, self.llm.model.embed_tokens.weight)  # noqa: E731
-            rows.append(torch.cat([embed(ids[b, :at]), feats[b], embed(ids[b, at + 1:])]))
+            rows.append(torch.cat([embed(ids[b, :at]), feats[b], embed(ids[b, at + 1 :])]))
         return torch.stack(rows)
 
     def logits(self, ids, images, images_aux):
         x = self.splice(ids, self.features(images, images_aux))
         if self.gemma:  # MGM-2B scaled the whole spliced sequence, image tokens included (spec 4.1)
-            x = x * torch.tensor(self.llm.config.hidden_size ** 0.5, dtype=x.dtype)
+            x = x * torch.tensor(self.llm.config.hidden_size**0.5, dtype=x.dtype)
         return self.llm(inputs_embeds=x).logits
 
     def checkpoint(self, path):
@@ -115,18 +138,29 @@ class Reference(torch.nn.Module):
             if not k.startswith("layernorm."):  # MGM keeps the trunk only
                 name = _timm_name(k).replace("stem.", "vision_stem.", 1).replace("stages.", "vision_stages.", 1)
                 out["model.vision_tower_aux." + name] = v
-        for name, seq in (("vlm_uni_query_projector", self.query), ("vlm_uni_aux_projector", self.key),
-                          ("vlm_uni_val_projector", self.val), ("mm_projector", self.mm_projector)):
+        for name, seq in (
+            ("vlm_uni_query_projector", self.query),
+            ("vlm_uni_aux_projector", self.key),
+            ("vlm_uni_val_projector", self.val),
+            ("mm_projector", self.mm_projector),
+        ):
             out.update({f"model.{name}.{k}": v for k, v in seq.state_dict().items()})
         tied = self.llm.config.tie_word_embeddings
         out.update({k: v for k, v in self.llm.state_dict().items() if not (tied and k == "lm_head.weight")})
         safetensors.torch.save_file({k: v.contiguous() for k, v in out.items()}, path / "model.safetensors")
         kind, arch = ("mgm_gemma", "MGMGemmaForCausalLM") if self.gemma else ("mgm", "MGMLlamaForCausalLM")
-        config = {**self.llm.config.to_dict(), "model_type": kind, "architectures": [arch],
-                  "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu",
-                  "mm_hidden_size": self.clip.config.hidden_size,
-                  "mm_hidden_size_aux": sum(self.convnext.config.hidden_sizes), **self.mode, "vision_config": self.clip.config.to_dict(),
-                  "vision_aux_config": {**self.convnext.config.to_dict(), "final_norm": False}}
+        config = {
+            **self.llm.config.to_dict(),
+            "model_type": kind,
+            "architectures": [arch],
+            "mm_vision_select_layer": -2,
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_hidden_size": self.clip.config.hidden_size,
+            "mm_hidden_size_aux": sum(self.convnext.config.hidden_sizes),
+            **self.mode,
+            "vision_config": self.clip.config.to_dict(),
+            "vision_aux_config": {**self.convnext.config.to_dict(), "final_norm": False},
+        }
         (path / "config.json").write_text(json.dumps(config))
         return out
 
@@ -140,8 +174,12 @@ def _inputs(mode, tokens):
     ids = torch.randint(0, 160, (2, 12), generator=g)
     ids[0, 2] = ids[1, 5] = IMAGE_TOKEN_INDEX
     # ours: the placeholder expanded to one id per image token, so every sequence keeps a static length
-    ours = np.stack([np.concatenate([r[:at], np.full(tokens, IMAGE_TOKEN_INDEX), r[at + 1:]])
-                     for r, at in ((ids[0].numpy(), 2), (ids[1].numpy(), 5))])
+    ours = np.stack(
+        [
+            np.concatenate([r[:at], np.full(tokens, IMAGE_TOKEN_INDEX), r[at + 1 :]])
+            for r, at in ((ids[0].numpy(), 2), (ids[1].numpy(), 5))
+        ]
+    )
     return ids, images, images_aux, ours
 
 
@@ -232,6 +270,7 @@ def test_bilinear_matrix_is_torch_bilinear(report):
 def test_greedy_decode_matches_the_reference(pair):
     """32 greedy tokens, against the torch reference recomputing the whole spliced sequence each step."""
     from mgjax.inference.decoding import greedy
+
     mode, ref, _, model = pair
     ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
     want = ids
@@ -240,18 +279,29 @@ def test_greedy_decode_matches_the_reference(pair):
             want = torch.cat([want, ref.logits(want, images, images_aux)[:, -1].argmax(-1, keepdim=True)], dim=1)
     embeds = model.embed(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
     got = np.asarray(greedy(model.language_model, jnp.asarray(ours), 32, inputs_embeds=embeds))
-    np.testing.assert_array_equal(got[:, ours.shape[1]:], want[:, ids.shape[1]:].numpy())
+    np.testing.assert_array_equal(got[:, ours.shape[1] :], want[:, ids.shape[1] :].numpy())
 
 
 def test_release_config_names_its_towers():
     """MGM's own config.json names the towers by local path; their architectures follow from the names."""
     from mgjax.models.mgm import MGMConfig
-    release = {"model_type": "mgm", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
-               "num_hidden_layers": 32, "num_attention_heads": 32, "rms_norm_eps": 1e-5,
-               "mm_vision_tower": "model_zoo/OpenAI/clip-vit-large-patch14-336",
-               "mm_vision_tower_aux": "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup",
-               "mm_vision_select_layer": -2, "mm_projector_type": "mlp2x_gelu", "image_size_aux": 1536,
-               "image_grid": 2, "image_global": True}
+
+    release = {
+        "model_type": "mgm",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "rms_norm_eps": 1e-5,
+        "mm_vision_tower": "model_zoo/OpenAI/clip-vit-large-patch14-336",
+        "mm_vision_tower_aux": "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup",
+        "mm_vision_select_layer": -2,
+        "mm_projector_type": "mlp2x_gelu",
+        "image_size_aux": 1536,
+        "image_grid": 2,
+        "image_global": True,
+    }
     c = MGMConfig.from_hf(release)
     assert (c.vision.image_size, c.vision.patch_size, c.vision.hidden_size) == (336, 14, 1024)
     assert c.vision_aux.hidden_sizes == (192, 384, 768, 1536) and c.vision_aux.depths == (3, 3, 27, 3)
@@ -268,10 +318,17 @@ def test_hr_tower_from_an_open_clip_file(pair, tmp_path, report):
     mode, _, path, model = pair
     tensors = safetensors.torch.load_file(path / "model.safetensors")
     aux = "model.vision_tower_aux."
-    trunk = {"visual.trunk." + k[len(aux):].replace("vision_stem.", "stem.", 1).replace("vision_stages.", "stages.", 1):
-             v for k, v in tensors.items() if k.startswith(aux)}
-    extras = {"visual.trunk.head.norm.weight": torch.zeros(32), "visual.head.mlp.fc1.weight": torch.zeros(4, 32),
-              "text.token_embedding.weight": torch.zeros(5, 4), "logit_scale": torch.zeros(())}
+    trunk = {
+        "visual.trunk." + k[len(aux) :].replace("vision_stem.", "stem.", 1).replace("vision_stages.", "stages.", 1): v
+        for k, v in tensors.items()
+        if k.startswith(aux)
+    }
+    extras = {
+        "visual.trunk.head.norm.weight": torch.zeros(32),
+        "visual.head.mlp.fc1.weight": torch.zeros(4, 32),
+        "text.token_embedding.weight": torch.zeros(5, 4),
+        "logit_scale": torch.zeros(()),
+    }
     safetensors.torch.save_file({**trunk, **extras}, tmp_path / "open_clip_model.safetensors")
     bare = tmp_path / "mgm"
     bare.mkdir()
@@ -280,8 +337,9 @@ def test_hr_tower_from_an_open_clip_file(pair, tmp_path, report):
     x = jnp.asarray(_inputs(mode, 0)[2].numpy())
     want = model.hr_features(x)
     for src in (bare, path):
-        loaded = mgjax.from_pretrained(src, dtype=jnp.float32, towers={
-            "vision_tower_aux": (tmp_path / "open_clip_model.safetensors", "open_clip")})
+        loaded = mgjax.from_pretrained(
+            src, dtype=jnp.float32, towers={"vision_tower_aux": (tmp_path / "open_clip_model.safetensors", "open_clip")}
+        )
         report(f"mgm {mode} HR tower from open_clip ({src.name})", max_abs(loaded.hr_features(x), want), 0.0)
     with pytest.raises(mgjax.convert.safetensors_io.CheckpointError, match="missing: model.vision_tower_aux"):
         mgjax.from_pretrained(bare)
@@ -302,8 +360,9 @@ def test_bf16_is_close_by_kl(pair):
     ids, images, images_aux, ours = _inputs(mode, model.config.tokens_per_image)
     with torch.no_grad():
         want = torch.log_softmax(ref.logits(ids, images, images_aux), -1).numpy()
-    logits, _ = model(jnp.asarray(ours), jnp.asarray(images.numpy(), jnp.bfloat16),
-                      jnp.asarray(images_aux.numpy(), jnp.bfloat16))
+    logits, _ = model(
+        jnp.asarray(ours), jnp.asarray(images.numpy(), jnp.bfloat16), jnp.asarray(images_aux.numpy(), jnp.bfloat16)
+    )
     logp = np.asarray(jax.nn.log_softmax(logits, -1))
     kl = float(np.mean(np.sum(np.exp(want) * (want - logp), -1)))
     print(f"[parity] mgm {mode} bf16 KL {kl:.2e} (bound 1e-2)")

@@ -2,6 +2,7 @@
 an OpenAI CLIP directory and an open_clip ConvNeXt file beside it. The PyTorch reference loads the towers as MGM's
 inference does (spec 7.1): ConvNeXt from open_clip's float32 file, CLIP from the OpenAI directory unless the
 checkpoint's copy sits in a shard MGM reads for its projectors, then the copy wins."""
+
 import copy
 import json
 
@@ -27,30 +28,62 @@ CONVNEXT_TINY = dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], laye
 # Names MGM's releases do not use: the directories' own config files say what the towers are.
 CLIP_DIR = "model_zoo/Lab/tiny-clip-vit-p7"
 CONVNEXT_DIR = "model_zoo/Lab/tiny_openclip_convnext"
-TEXT = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+TEXT = dict(
+    vocab_size=50,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=16,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
 TOWERS = ("model.vision_tower.", "model.vision_tower_aux.")
 
 
 def write_zoo(root, ref):
     """The two tower directories MGM's scripts expect under ``model_zoo/``: a full OpenAI-style CLIPModel, and
     open_clip's config and weights (the trunk under ``visual.trunk.``, next to text-tower tensors)."""
-    clip = transformers.CLIPModel(transformers.CLIPConfig(vision_config=test_mgm.CLIP, text_config=TEXT,
-                                                          projection_dim=8))
+    clip = transformers.CLIPModel(
+        transformers.CLIPConfig(vision_config=test_mgm.CLIP, text_config=TEXT, projection_dim=8)
+    )
     clip.vision_model.load_state_dict(ref.clip.state_dict())  # transformers 5 saves no vision_model. prefix
     clip.save_pretrained(root / CLIP_DIR)
-    trunk = {"visual.trunk." + _timm_name(k): v.contiguous() for k, v in ref.convnext.state_dict().items()
-             if not k.startswith("layernorm.")}
-    trunk.update({"visual.head.proj.weight": torch.zeros(8, 768), "text.token_embedding.weight": torch.zeros(5, 8),
-                  "logit_scale": torch.zeros(())})
+    trunk = {
+        "visual.trunk." + _timm_name(k): v.contiguous()
+        for k, v in ref.convnext.state_dict().items()
+        if not k.startswith("layernorm.")
+    }
+    trunk.update(
+        {
+            "visual.head.proj.weight": torch.zeros(8, 768),
+            "text.token_embedding.weight": torch.zeros(5, 8),
+            "logit_scale": torch.zeros(()),
+        }
+    )
     (root / CONVNEXT_DIR).mkdir(parents=True)
     safetensors.torch.save_file(trunk, root / CONVNEXT_DIR / "open_clip_model.safetensors")
-    vision = {"timm_model_name": "convnext_tiny", "timm_model_pretrained": False, "timm_pool": "",
-              "timm_proj": "linear", "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": 64}
-    (root / CONVNEXT_DIR / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": {"embed_dim": 8, "vision_cfg": vision, "text_cfg": {"context_length": 16, "width": 8}},
-         "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                            "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    vision = {
+        "timm_model_name": "convnext_tiny",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "timm_drop": 0.0,
+        "timm_drop_path": 0.1,
+        "image_size": 64,
+    }
+    (root / CONVNEXT_DIR / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": {"embed_dim": 8, "vision_cfg": vision, "text_cfg": {"context_length": 16, "width": 8}},
+                "preprocess_cfg": {
+                    "mean": [0.48145466, 0.4578275, 0.40821073],
+                    "std": [0.26862954, 0.26130258, 0.27577711],
+                },
+            }
+        )
+    )
 
 
 def write_checkpoint(ref, path, *, sharded: bool):
@@ -66,14 +99,16 @@ def write_checkpoint(ref, path, *, sharded: bool):
     if not sharded:
         safetensors.torch.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
         return
-    first = {k: v for k, v in tensors.items() if not k.startswith(("model.vlm_uni", "model.mm_projector",
-                                                                     TOWERS[1]))}
-    files = {"model-00001-of-00002.safetensors": first,
-             "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k not in first}}
+    first = {k: v for k, v in tensors.items() if not k.startswith(("model.vlm_uni", "model.mm_projector", TOWERS[1]))}
+    files = {
+        "model-00001-of-00002.safetensors": first,
+        "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k not in first},
+    }
     for name, part in files.items():
         safetensors.torch.save_file(part, path / name, metadata={"format": "pt"})
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: name for name, part in files.items() for k in part}}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: name for name, part in files.items() for k in part}})
+    )
 
 
 def _rounded(ref, *towers):
@@ -125,8 +160,10 @@ def test_towers_load_as_mgm_loads_them(zoo, layout, capsys, report):
     got = _logits(model)
     report(f"mgm {layout} logits vs towers as MGM loads them", max_abs(got, _logits(mgm, False)), 1e-4)
     # the other sources would have been measurably different: the bf16 ConvNeXt copy, CLIP from the other place
-    for what, other in (("ConvNeXt copy", _rounded(mgm, "convnext")),
-                        ("other CLIP", ref if layout == "single" else _rounded(ref, "clip"))):
+    for what, other in (
+        ("ConvNeXt copy", _rounded(mgm, "convnext")),
+        ("other CLIP", ref if layout == "single" else _rounded(ref, "clip")),
+    ):
         wrong = max_abs(got, _logits(other, False))
         print(f"[towers] {layout}: logits with the {what} instead differ by {wrong:.2e}")
         assert wrong > 1e-5
@@ -136,8 +173,11 @@ def test_checkpoint_copies_on_request(zoo, capsys, report):
     root, ref = zoo
     model = mgjax.from_pretrained(root / "MGM-sharded", towers_root=root, tower_source="checkpoint")
     assert "CLIP from the checkpoint's copy" in capsys.readouterr().err
-    report("mgm logits with the checkpoint's tower copies", max_abs(_logits(model), _logits(
-        _rounded(ref, "clip", "convnext"), False)), 1e-4)
+    report(
+        "mgm logits with the checkpoint's tower copies",
+        max_abs(_logits(model), _logits(_rounded(ref, "clip", "convnext"), False)),
+        1e-4,
+    )
 
 
 def test_where_tower_directories_are_searched(zoo, tmp_path, monkeypatch):
@@ -168,8 +208,10 @@ def test_unknown_names_are_quoted_as_configured(zoo, tmp_path):
     root, _ = zoo
     d = json.loads((root / "MGM-single" / "config.json").read_text())
     d["mm_vision_tower_aux"] = "model_zoo/Lab/my_convnext_tower"
-    with pytest.raises(mgm_towers.TowerNotFound, match="mm_vision_tower_aux='model_zoo/Lab/my_convnext_tower' is "
-                                                       "not a tower MGM knows by name"):
+    with pytest.raises(
+        mgm_towers.TowerNotFound,
+        match="mm_vision_tower_aux='model_zoo/Lab/my_convnext_tower' is not a tower MGM knows by name",
+    ):
         mgm_towers.resolve(d, root / "MGM-single", root=root)
     with pytest.raises(ValueError, match="mm_vision_tower_aux 'model_zoo/Lab/my_convnext_tower' is not a ConvNeXt"):
         MGMConfig.from_hf({**d, "mm_vision_tower": "model_zoo/OpenAI/clip-vit-large-patch14-336"})
@@ -177,11 +219,20 @@ def test_unknown_names_are_quoted_as_configured(zoo, tmp_path):
 
 def test_hr_tower_names_mgm_routes():
     """Every ConvNeXt MGM builds from a tower path (spec 1.3), without a directory."""
-    base = {"model_type": "mgm", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 1, "num_attention_heads": 4, "mm_vision_tower": "model_zoo/OpenAI/clip-vit-large-patch14-336"}
-    want = {"openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup": ((192, 384, 768, 1536), (3, 3, 27, 3), 1e-6),
-            "openclip-convnext-base-w-320-laion_aesthetic-s13B-b82K": ((128, 256, 512, 1024), (3, 3, 27, 3), 1e-6),
-            "openclip-convnext-xxlarge": ((384, 768, 1536, 3072), (3, 4, 30, 3), 1e-5)}
+    base = {
+        "model_type": "mgm",
+        "vocab_size": 32,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "mm_vision_tower": "model_zoo/OpenAI/clip-vit-large-patch14-336",
+    }
+    want = {
+        "openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup": ((192, 384, 768, 1536), (3, 3, 27, 3), 1e-6),
+        "openclip-convnext-base-w-320-laion_aesthetic-s13B-b82K": ((128, 256, 512, 1024), (3, 3, 27, 3), 1e-6),
+        "openclip-convnext-xxlarge": ((384, 768, 1536, 3072), (3, 4, 30, 3), 1e-5),
+    }
     for name, (sizes, depths, eps) in want.items():
         c = MGMConfig.from_hf({**base, "mm_vision_tower_aux": f"model_zoo/OpenAI/{name}"}).vision_aux
         assert (c.hidden_sizes, c.depths, c.block_norm_eps, c.final_norm) == (sizes, depths, eps, False), name
@@ -191,10 +242,14 @@ def test_a_missing_tower_is_named(tmp_path):
     """A checkpoint that carries its towers' configs (mgjax's) but lacks one tower's tensors."""
     ref = test_mgm.Reference("standard")
     tensors = ref.checkpoint(tmp_path)
-    safetensors.torch.save_file({k: v for k, v in tensors.items() if not k.startswith(TOWERS[1])},
-                                tmp_path / "model.safetensors")
-    with pytest.raises(KeyMismatch, match=r"^the checkpoint holds no ConvNeXt tower \(\d+ tensors "
-                                          r"model\.vision_tower_aux\.\* missing\)"):
+    safetensors.torch.save_file(
+        {k: v for k, v in tensors.items() if not k.startswith(TOWERS[1])}, tmp_path / "model.safetensors"
+    )
+    with pytest.raises(
+        KeyMismatch,
+        match=r"^the checkpoint holds no ConvNeXt tower \(\d+ tensors "
+        r"model\.vision_tower_aux\.\* missing\)",
+    ):
         mgjax.from_pretrained(tmp_path)
 
 

@@ -1,6 +1,7 @@
 """The Pallas mining kernel against the jnp reference, on CPU: in Pallas's interpreter and in its TPU simulator
 (two simulated TensorCores, race detection on), forward and gradients, ragged token counts, every window size
 MGM's resolutions give, float32 and bfloat16, and under shard_map on 4 simulated devices."""
+
 import json
 import os
 import subprocess
@@ -49,13 +50,16 @@ def test_kernel_matches_the_reference_forward_and_backward(m, c, tokens, dtype, 
     # blocks of 16 tokens (on a TPU they are 128 or more; the interpreters take any): every case has several, the
     # last one ragged; two or more chunks of slots, so both phases of each kernel cross chunk boundaries
     assert tokens > 16 and tokens % 16
-    blocks = mining_attention.Blocks(tokens=16, slots=max(d for d in (1, 2, 3, 4) if m * m % d == 0 and d < m * m),
-                                  vmem_limit=16 << 20)
+    blocks = mining_attention.Blocks(
+        tokens=16, slots=max(d for d in (1, 2, 3, 4) if m * m % d == 0 and d < m * m), vmem_limit=16 << 20
+    )
     out, back = jax.vjp(lambda q, k, v: mining_attention.attention(q, k, v, blocks, interpret), q, k, v)
     want, want_back = jax.vjp(mining.reference, q, k, v)
     errors = [_close(out, want, dtype)] + [_close(g, w, dtype) for g, w in zip(back(do), want_back(do))]
-    print(f"[kernel] M={m} C={c} T={tokens} {jnp.dtype(dtype).name} {mode}: max rel err out/dq/dk/dv "
-          + " ".join(f"{e:.1e}" for e in errors))
+    print(
+        f"[kernel] M={m} C={c} T={tokens} {jnp.dtype(dtype).name} {mode}: max rel err out/dq/dk/dv "
+        + " ".join(f"{e:.1e}" for e in errors)
+    )
     if mode == "tpu_simulator":
         assert not tpu_interpreter.races.races_found
 

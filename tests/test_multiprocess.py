@@ -3,6 +3,7 @@ train the demo model on one mesh (data across the two processes as across nodes,
 checkpoint; one process with 8 devices restores that checkpoint onto another mesh shape (fsdp 8) and takes the next
 step with the loss the two-process run had. A mesh that leaves too much of the model whole is refused before
 anything compiles."""
+
 import json
 import os
 import socket
@@ -23,10 +24,27 @@ def _free_port() -> int:
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     """mgjax.train's arguments."""
-    return ["--config", "configs/demo.yaml", "--set", f"train.out_dir={out}",
-            "--set", f"data.path={data / mgm_task.TRAIN_FILE}", "--set", f"eval.path={data / mgm_task.EVAL_FILE}",
-            "--set", "train.steps=4", "--set", "checkpoint.every=3", "--set", "train.global_batch=8",
-            "--set", "eval.compare_lr_only=false", "--set", "train.progress=false", *extra]
+    return [
+        "--config",
+        "configs/demo.yaml",
+        "--set",
+        f"train.out_dir={out}",
+        "--set",
+        f"data.path={data / mgm_task.TRAIN_FILE}",
+        "--set",
+        f"eval.path={data / mgm_task.EVAL_FILE}",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "checkpoint.every=3",
+        "--set",
+        "train.global_batch=8",
+        "--set",
+        "eval.compare_lr_only=false",
+        "--set",
+        "train.progress=false",
+        *extra,
+    ]
 
 
 def _env(devices: int) -> dict:
@@ -37,8 +55,14 @@ def _env(devices: int) -> dict:
 
 
 def _train(args: list[str], devices: int) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mgjax.train", *args], env=_env(devices), cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "mgjax.train", *args],
+        env=_env(devices),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -49,10 +73,29 @@ def test_two_processes_train_save_and_restore_onto_one_process_with_another_mesh
     data = tmp_path / "data"
     mgm_task.write_dataset(data, n_train=64, n_eval=16)
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = ["bash", "launch/local.sh", "--processes", "2", "--devices-per-process", "4", "--port", str(_free_port()),
-              "--python", sys.executable, "--log-dir", str(tmp_path / "logs"), "--"]
-    run = subprocess.run([*launch, *_args(data, two, "--set", "mesh.dcn_data=2", "--set", "mesh.fsdp=-1")],
-                         env=_env(1), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    launch = [
+        "bash",
+        "launch/local.sh",
+        "--processes",
+        "2",
+        "--devices-per-process",
+        "4",
+        "--port",
+        str(_free_port()),
+        "--python",
+        sys.executable,
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--",
+    ]
+    run = subprocess.run(
+        [*launch, *_args(data, two, "--set", "mesh.dcn_data=2", "--set", "mesh.fsdp=-1")],
+        env=_env(1),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
     assert run.returncode == 0, run.stderr[-3000:]
     assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1, 'expert': 1} on 8 devices, 2 process(es)" in logs[0]

@@ -1,5 +1,6 @@
 """Packed rows (several samples in one sequence, segment ids): each sample's loss equals its loss unpacked, and
 InternVL's loss weightings (token, sample, square) follow from the per-sample sums."""
+
 import json
 
 import jax.numpy as jnp
@@ -11,8 +12,15 @@ from mgjax.data import packing
 from mgjax.models.decoder import Qwen2Config, segment_positions
 from mgjax.train import optim
 
-CONFIG = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8)
+CONFIG = Qwen2Config(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
 LENGTHS = (7, 9, 5)
 
 
@@ -62,7 +70,7 @@ def test_loss_weightings_follow_the_per_sample_sums(weighting):
         total, n = optim.masked_next_token_loss(alone, jnp.asarray(s_labels[None], jnp.int32))
         sums.append(float(total))
         counts.append(int(n))
-    w = {"token": [1.0] * 3, "sample": [1 / n for n in counts], "square": [n ** -0.5 for n in counts]}[weighting]
+    w = {"token": [1.0] * 3, "sample": [1 / n for n in counts], "square": [n**-0.5 for n in counts]}[weighting]
     want = sum(wi * si for wi, si in zip(w, sums)) / sum(wi * n for wi, n in zip(w, counts))
     ids, labels, seg = _packed(samples)
     logits, _ = model(ids, segment_ids=seg)
@@ -77,12 +85,20 @@ def grounding(tmp_path_factory):
     """Tiny InternVL demo samples (images as dynamic tiles) and a random model to run them."""
     from mgjax.data import samples
     from mgjax.demo import grounding_task
+
     root = tmp_path_factory.mktemp("grounding")
     domain, _, _ = grounding_task.write_dataset(root, n_train=8, n_eval=1)
     tok = grounding_task.tokenizer()
     model = mgjax.init(grounding_task.model_config(tok.convert_tokens_to_ids("<IMG_CONTEXT>")), seed=0)
-    make = samples.InternVLSamples(model.config, tok, grounding_task.TEMPLATE, str(root), max_length=128,
-                                   max_dynamic_patch=grounding_task.MAX_DYNAMIC_PATCH, tile_slots=5)
+    make = samples.InternVLSamples(
+        model.config,
+        tok,
+        grounding_task.TEMPLATE,
+        str(root),
+        max_length=128,
+        max_dynamic_patch=grounding_task.MAX_DYNAMIC_PATCH,
+        tile_slots=5,
+    )
     records = [json.loads(line) for line in (root / "domain.jsonl").read_text().splitlines()]
     return model, [make(r) for r in records[:3]]
 
@@ -94,8 +110,11 @@ def test_packed_internvl_samples_keep_their_tiles_and_losses(grounding):
     assert int(row["samples"]) == 3 and int(row["tiles"]) == 15
     lengths = [int(s["attention_mask"].sum()) for s in built]
     assert np.bincount(row["segment_ids"])[1:].tolist() == lengths
-    logits, _ = model(jnp.asarray(row["input_ids"][None]), jnp.asarray(row["pixel_values"][None]),
-                      segment_ids=jnp.asarray(row["segment_ids"][None]))
+    logits, _ = model(
+        jnp.asarray(row["input_ids"][None]),
+        jnp.asarray(row["pixel_values"][None]),
+        segment_ids=jnp.asarray(row["segment_ids"][None]),
+    )
     for k, s in enumerate(built, 1):
         alone, _ = model(jnp.asarray(s["input_ids"][None]), jnp.asarray(s["pixel_values"][None]))
         want, n = optim.masked_next_token_loss(alone, jnp.asarray(s["labels"][None]))

@@ -1,5 +1,6 @@
 """The training plan: per-device memory and step time from shapes alone, consistent with the placement and FLOPs
 modules it builds on, and one-line errors for what it cannot plan."""
+
 import functools
 import json
 import re
@@ -113,8 +114,9 @@ def test_step_flops_and_time_follow_the_flops_module():
 
 def test_local_devices_plan_without_a_step_time(capsys):
     n = jax.device_count()
-    code, out, _ = cli(capsys, "--config", str(CONFIGS / "MGM-2B" / "stage2.yaml"), "--topology", "local",
-                       "--batch", str(2 * n))
+    code, out, _ = cli(
+        capsys, "--config", str(CONFIGS / "MGM-2B" / "stage2.yaml"), "--topology", "local", "--batch", str(2 * n)
+    )
     assert code == 0
     assert "time per step: unknown" in out and f"mesh: data=1 fsdp={n} tensor=1 expert=1" in out
 
@@ -129,21 +131,24 @@ def test_mgm_7b_stage2_on_8xh100_text_and_json(capsys):
     assert code == 0 and r["release"] == "MGM-7B" and r["mesh"]["fsdp"] == 8
     memory = r["bytes_per_device"]
     assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
-    assert r["fits"] == (memory["total"] <= 80 * 2 ** 30)
+    assert r["fits"] == (memory["total"] <= 80 * 2**30)
     assert r["parameters"]["count"] == 7_266_093_504  # configs/README.md's table
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--topology", "v9-1"), r"unknown topology 'v9-1'; known: 8xH100, .*v5p-128.*, local"),
-    (("--topology", "8xH100", "--mesh", "fsdp=3"), r"8xH100 has 8 chips: mesh .* needs 3 devices, not 8"),
-    (("--topology", "8xH100", "--mesh", "fsdp=8,pipeline=2"), r"--mesh 'fsdp=8,pipeline=2': expected AXIS=SIZE"),
-    (("--topology", "8xH100", "--set", "model.bogus=1"), r"unknown key model\.bogus"),
-    (("--topology", "8xH100", "--set", "model.remat=most"), r"model\.remat must be one of"),
-    (("--topology", "8xH100", "--batch", "12"), r"global batch 12 does not split into 1 micro-batch\(es\) x 8"),
-    (("--topology", "8xH100", "--mfu", "1.5"), r"--mfu must be in \(0, 1\]"),
-    (("--topology", "8xH100", "--batch", "0"), r"the global batch must be positive, not 0"),
-    (("--topology", "8xH100", "--set", "train.freeze=['(']"), r"train\.freeze: '\(' is not a regex"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--topology", "v9-1"), r"unknown topology 'v9-1'; known: 8xH100, .*v5p-128.*, local"),
+        (("--topology", "8xH100", "--mesh", "fsdp=3"), r"8xH100 has 8 chips: mesh .* needs 3 devices, not 8"),
+        (("--topology", "8xH100", "--mesh", "fsdp=8,pipeline=2"), r"--mesh 'fsdp=8,pipeline=2': expected AXIS=SIZE"),
+        (("--topology", "8xH100", "--set", "model.bogus=1"), r"unknown key model\.bogus"),
+        (("--topology", "8xH100", "--set", "model.remat=most"), r"model\.remat must be one of"),
+        (("--topology", "8xH100", "--batch", "12"), r"global batch 12 does not split into 1 micro-batch\(es\) x 8"),
+        (("--topology", "8xH100", "--mfu", "1.5"), r"--mfu must be in \(0, 1\]"),
+        (("--topology", "8xH100", "--batch", "0"), r"the global batch must be positive, not 0"),
+        (("--topology", "8xH100", "--set", "train.freeze=['(']"), r"train\.freeze: '\(' is not a regex"),
+    ],
+)
 def test_errors_are_one_line_and_exit_2(capsys, args, message):
     code, out, err = cli(capsys, "--config", str(CONFIGS / "MGM-2B" / "stage2.yaml"), *args)
     assert code == 2 and out == ""
@@ -179,10 +184,12 @@ def test_tpu_slices_are_planned_and_judged_only_by_the_compiler(capsys):
     xla = r["compiled_bytes_per_device"]
     assert code == 2 and r["fits"] is False
     # the compiler either compiles and reports a peak over the HBM, or refuses temporaries that alone exceed it
-    assert xla["peak"] > 16 * 2 ** 30 if "peak" in xla else xla["temporaries"] > 16 * 2 ** 30, xla
+    assert xla["peak"] > 16 * 2**30 if "peak" in xla else xla["temporaries"] > 16 * 2**30, xla
     assert err.count("\n") == 1 and "raise train.micro_batches" in err and "v5e-4 has 16.00 GiB" in err
-    print(f"[plan] demo at global batch 256 x 8192 on v5e-4: estimate {r['bytes_per_device']['total'] / 2**30:.2f} GiB, "
-          f"compiler: {xla}")
+    print(
+        f"[plan] demo at global batch 256 x 8192 on v5e-4: estimate {r['bytes_per_device']['total'] / 2**30:.2f} GiB, "
+        f"compiler: {xla}"
+    )
 
 
 def _estimate_and_compiled(c: RunConfig, slice_name: str, **kw) -> tuple[int, int]:
@@ -200,8 +207,10 @@ def test_the_estimate_is_within_15_percent_of_the_tpu_compiler_for_a_tiny_mgm(ba
     """The demo's model at bf16 under full remat (the recipes' setting) on v5p-8, compiled by XLA's TPU compiler."""
     c = cfg.load(RunConfig, "configs/demo.yaml", ["model.compute_dtype=bfloat16", "model.remat=full"])
     estimate, peak = _estimate_and_compiled(c, "v5p-8", batch=batch, seq_len=length)
-    print(f"[plan] demo {batch} x {length} on v5p-8: compiled {peak / 2**20:.1f} MiB, estimate "
-          f"{estimate / 2**20:.1f} MiB ({peak / estimate:.3f})")
+    print(
+        f"[plan] demo {batch} x {length} on v5p-8: compiled {peak / 2**20:.1f} MiB, estimate "
+        f"{estimate / 2**20:.1f} MiB ({peak / estimate:.3f})"
+    )
     assert 0.85 <= peak / estimate <= 1.15
 
 
@@ -212,16 +221,20 @@ def test_the_estimate_is_within_15_percent_of_the_tpu_compiler_for_a_release(rel
     each on 2 cores. (With the LLM cut to one layer the estimate is 0.78 of MGM-7B's compiled peak: it puts the
     working set of a layer being recomputed too high, which the whole depth's kept inputs make up for.)"""
     estimate, peak = _estimate_and_compiled(run_config(release), "v5p-32")
-    print(f"[plan] {release} on v5p-32: compiled {peak / 2**30:.2f} GiB, estimate {estimate / 2**30:.2f} GiB "
-          f"({peak / estimate:.3f})")
+    print(
+        f"[plan] {release} on v5p-32: compiled {peak / 2**30:.2f} GiB, estimate {estimate / 2**30:.2f} GiB "
+        f"({peak / estimate:.3f})"
+    )
     assert 0.85 <= peak / estimate <= 1.15
 
 
-@pytest.mark.parametrize("name, chips, hbm", [("v5p-128", 64, 95), ("2xv5p-128", 128, 95), ("v5e-256", 256, 16),
-                                              ("v4-64", 32, 32), ("v6e-8", 8, 32)])
+@pytest.mark.parametrize(
+    "name, chips, hbm",
+    [("v5p-128", 64, 95), ("2xv5p-128", 128, 95), ("v5e-256", 256, 16), ("v4-64", 32, 32), ("v6e-8", 8, 32)],
+)
 def test_tpu_slice_names_count_chips_as_cloud_tpu_does(name, chips, hbm):
     t = plan.topology(name)
-    assert (t.chips, t.hbm_bytes, t.platform) == (chips, hbm * 2 ** 30, "tpu")
+    assert (t.chips, t.hbm_bytes, t.platform) == (chips, hbm * 2**30, "tpu")
     assert t.peak_flops == flops.kind_peak_flops(topology.parse(name).generation.kind) > 0
 
 
@@ -233,31 +246,54 @@ def test_internvl_releases_plan_each_adaptation_mode(mode, tiles, length):
     r = plan.report(c, "v5p-16")
     counts = internvl_releases.memory("InternVL2-1B", mode)
     assert (r["parameters"]["count"], r["parameters"]["trainable"]) == (counts["params"], counts["trainable"])
-    assert r["batch"] == {"global": c.train.global_batch, "micro_batches": 1,
-                          "per_device": c.train.global_batch // 8, "seq_len": length, "tiles": tiles}
+    assert r["batch"] == {
+        "global": c.train.global_batch,
+        "micro_batches": 1,
+        "per_device": c.train.global_batch // 8,
+        "seq_len": length,
+        "tiles": tiles,
+    }
     model = plan.abstract_model(c)
     trainable = plan.trainable_filter(c)
     assert r["bytes_per_device"]["optimizer"] == 2 * plan.float32_bytes(model, trainable, r["mesh"])
     want = flops.internvl_step_flops(model, trainable, batch=c.train.global_batch, seq_len=length, tiles=tiles)
     assert r["step_flops"] == want
     token_arrays = 3 if mode == "full" else 2  # ids, labels (and segment ids of packed rows), int32
-    assert r["activation_bytes"]["inputs"] == r["batch"]["per_device"] * (tiles * 3 * 448 * 448 * 4
-                                                                           + token_arrays * length * 4)
+    assert r["activation_bytes"]["inputs"] == r["batch"]["per_device"] * (
+        tiles * 3 * 448 * 448 * 4 + token_arrays * length * 4
+    )
 
 
 def test_an_internvl_plan_needs_the_release(capsys):
-    code, _, err = cli(capsys, "--config", str(INTERNVL / "InternVL2-2B" / "lora.yaml"), "--topology", "8xH100",
-                       "--set", "model.release=")
+    code, _, err = cli(
+        capsys,
+        "--config",
+        str(INTERNVL / "InternVL2-2B" / "lora.yaml"),
+        "--topology",
+        "8xH100",
+        "--set",
+        "model.release=",
+    )
     assert code == 2 and "model.release" in err and err.count("\n") == 1
 
 
 def test_the_estimate_is_within_15_percent_of_the_tpu_compiler_for_a_tiny_internvl():
     """The InternVL demo's model at bf16 under full remat, packed rows weighted as Mini-InternVL's recipe
     (square), on v5p-8."""
-    c = cfg.load(RunConfig, INTERNVL / "demo_general.yaml", [
-        "model.compute_dtype=bfloat16", "model.remat=full", "data.pack_length=2048", "data.pack_tiles=24",
-        "train.loss_weighting=square"])
+    c = cfg.load(
+        RunConfig,
+        INTERNVL / "demo_general.yaml",
+        [
+            "model.compute_dtype=bfloat16",
+            "model.remat=full",
+            "data.pack_length=2048",
+            "data.pack_tiles=24",
+            "train.loss_weighting=square",
+        ],
+    )
     estimate, peak = _estimate_and_compiled(c, "v5p-8", batch=32)
-    print(f"[plan] InternVL demo 32 x 2048 packed, 24 tiles, on v5p-8: compiled {peak / 2**20:.1f} MiB, estimate "
-          f"{estimate / 2**20:.1f} MiB ({peak / estimate:.3f})")
+    print(
+        f"[plan] InternVL demo 32 x 2048 packed, 24 tiles, on v5p-8: compiled {peak / 2**20:.1f} MiB, estimate "
+        f"{estimate / 2**20:.1f} MiB ({peak / estimate:.3f})"
+    )
     assert 0.85 <= peak / estimate <= 1.15

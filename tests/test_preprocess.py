@@ -1,4 +1,5 @@
 """Host-side preprocessing against transformers' PIL image processors and torch's bilinear interpolation."""
+
 import numpy as np
 import pytest
 import torch
@@ -30,8 +31,9 @@ def test_mgm_views_derive_from_the_high_res_tensor(hd, report):
     """MGM: pad to square, CLIP processor at the HR size, LR by torch bilinear without antialias (HD: via 2x)."""
     img = _image(90, 60, seed=1)
     aux, low = (64, 16) if not hd else (128, 16)
-    images, images_aux = P.mgm_images(img, image_size_aux=aux, image_grid=2 if hd else 1, image_global=hd,
-                                      image_size=low)
+    images, images_aux = P.mgm_images(
+        img, image_size_aux=aux, image_grid=2 if hd else 1, image_global=hd, image_size=low
+    )
     square = P.expand_to_square(img, (122, 116, 104))
     assert square.size == (90, 90) and square.getpixel((0, 0)) == (122, 116, 104)
     assert square.getpixel((0, 15)) == img.getpixel((0, 0))  # the image is centred vertically
@@ -43,7 +45,7 @@ def test_mgm_views_derive_from_the_high_res_tensor(hd, report):
         report("mgm LR view", max_abs(images, want), 1e-5)
         return
     grid = F.interpolate(t, size=(2 * low, 2 * low), mode="bilinear", align_corners=False)
-    crops = [grid[0, :, r * low:(r + 1) * low, c * low:(c + 1) * low] for r in range(2) for c in range(2)]
+    crops = [grid[0, :, r * low : (r + 1) * low, c * low : (c + 1) * low] for r in range(2) for c in range(2)]
     glob = F.interpolate(grid, size=(low, low), mode="bilinear", align_corners=False)[0]
     want = torch.stack(crops + [glob]).numpy()
     assert images.shape == (5, 3, low, low)
@@ -57,8 +59,10 @@ def test_stage_one_crops_instead_of_padding():
     np.testing.assert_allclose(aux, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("size,grid", [((448, 448), (1, 1)), ((1000, 1000), (3, 3)), ((1920, 1080), (4, 2)),
-                                       ((2688, 896), (6, 2)), ((896, 448), (2, 1))])
+@pytest.mark.parametrize(
+    "size,grid",
+    [((448, 448), (1, 1)), ((1000, 1000), (3, 3)), ((1920, 1080), (4, 2)), ((2688, 896), (6, 2)), ((896, 448), (2, 1))],
+)
 def test_internvl_grid_choice(size, grid):
     assert P.closest_grid(*size, max_num=12) == grid
 
@@ -67,8 +71,13 @@ def test_internvl_grid_choice(size, grid):
 def test_internvl_tiles_match_transformers(w, h, max_num, report):
     img = _image(w, h, seed=3)
     proc = transformers.GotOcr2ImageProcessorPil(
-        crop_to_patches=True, size={"height": 56, "width": 56}, min_patches=1, max_patches=max_num,
-        image_mean=P.IMAGENET_MEAN, image_std=P.IMAGENET_STD)
+        crop_to_patches=True,
+        size={"height": 56, "width": 56},
+        min_patches=1,
+        max_patches=max_num,
+        image_mean=P.IMAGENET_MEAN,
+        image_std=P.IMAGENET_STD,
+    )
     want = proc(images=img, return_tensors="np").pixel_values
     got = P.internvl_pixels(img, image_size=56, max_num=max_num)
     assert got.shape == want.shape
@@ -89,9 +98,10 @@ def test_any_pil_mode_is_converted_as_the_loaders_do(mode):
     """A PIL image of any common mode gives what its ``convert('RGB')`` gives (both codebases load that way)."""
     img = _image(37, 29, seed=3).convert(mode)
     rgb = img.convert("RGB")
-    for got, want in ((P.mgm_images(img, image_size_aux=32, image_size=16), P.mgm_images(rgb, image_size_aux=32,
-                                                                                      image_size=16)),
-                      ((P.internvl_pixels(img, image_size=28),), (P.internvl_pixels(rgb, image_size=28),))):
+    for got, want in (
+        (P.mgm_images(img, image_size_aux=32, image_size=16), P.mgm_images(rgb, image_size_aux=32, image_size=16)),
+        ((P.internvl_pixels(img, image_size=28),), (P.internvl_pixels(rgb, image_size=28),)),
+    ):
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g, w)
 
@@ -128,6 +138,7 @@ def test_the_server_turns_images_upright_on_request(tmp_path):
     import io
 
     from mgjax.inference import serve
+
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 counter-clockwise to view"
     buf = io.BytesIO()

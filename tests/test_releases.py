@@ -1,5 +1,6 @@
-"""The released MGM models (``mgjax.recipes.mgm_releases``) and their run configs (``configs/mgm``): recipes as the spec's table
-gives them, and parameter counts that match transformers' own models of the same configs, all abstract."""
+"""The released MGM models (``mgjax.recipes.mgm_releases``) and their run configs (``configs/mgm``): recipes as the
+spec's table gives them, and parameter counts that match transformers' own models of the same configs, all abstract."""
+
 import functools
 from pathlib import Path
 from typing import NamedTuple
@@ -27,31 +28,44 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mgm"
 
 # Spec section 6.2, row by row: (template, lr, global batch, max length).
 SPEC = {
-    ("MGM-2B", "stage1"): ("gemma", 1e-3, 256, 2048), ("MGM-2B", "stage2"): ("gemma", 2e-5, 128, 2048),
+    ("MGM-2B", "stage1"): ("gemma", 1e-3, 256, 2048),
+    ("MGM-2B", "stage2"): ("gemma", 2e-5, 128, 2048),
     ("MGM-2B-HD", "stage2"): ("gemma", 2e-5, 128, 4096),
-    ("MGM-7B", "stage1"): ("plain", 1e-3, 256, 2048), ("MGM-7B", "stage2"): ("v1", 2e-5, 128, 2048),
+    ("MGM-7B", "stage1"): ("plain", 1e-3, 256, 2048),
+    ("MGM-7B", "stage2"): ("v1", 2e-5, 128, 2048),
     ("MGM-7B-HD", "stage2"): ("v1", 2e-5, 128, 4096),
-    ("MGM-13B", "stage1"): ("plain", 1e-3, 256, 2048), ("MGM-13B", "stage2"): ("v1", 2e-5, 128, 2048),
+    ("MGM-13B", "stage1"): ("plain", 1e-3, 256, 2048),
+    ("MGM-13B", "stage2"): ("v1", 2e-5, 128, 2048),
     ("MGM-13B-HD", "stage2"): ("v1", 2e-5, 128, 4096),
-    ("MGM-8B", "stage1"): ("llama_3", 1e-3, 256, 2048), ("MGM-8B", "stage2"): ("llama_3", 2e-5, 128, 2048),
+    ("MGM-8B", "stage1"): ("llama_3", 1e-3, 256, 2048),
+    ("MGM-8B", "stage2"): ("llama_3", 2e-5, 128, 2048),
     ("MGM-8B-HD", "stage2"): ("llama_3", 2e-5, 128, 4096),
     ("MGM-8x7B", "stage1"): ("plain", 1e-3, 256, 2048),
     ("MGM-8x7B", "stage2"): ("mistral_instruct", 1e-5, 128, 2048),
     ("MGM-8x7B-HD", "stage2"): ("mistral_instruct", 1e-5, 128, 4096),
-    ("MGM-34B", "stage1"): ("plain", 1e-3, 256, 2048), ("MGM-34B", "stage2"): ("chatml_direct", 1e-5, 128, 2048),
+    ("MGM-34B", "stage1"): ("plain", 1e-3, 256, 2048),
+    ("MGM-34B", "stage2"): ("chatml_direct", 1e-5, 128, 2048),
     ("MGM-34B-HD", "stage2"): ("chatml_direct", 1e-5, 128, 4096),
 }
 RUN_FILES = sorted(CONFIGS.glob("*/*.yaml"))
 # The base LLMs' exact sizes as their safetensors checkpoints total them: a check on the config dicts that does not
 # go through them.
-BASE_LLM_SIZES = {"gemma-2b-it": 2_506_172_416, "vicuna-7b-v1.5": 6_738_415_616, "vicuna-13b-v1.5": 13_015_864_320,
-                  "Meta-Llama-3-8B-Instruct": 8_030_261_248, "Mixtral-8x7B-Instruct-v0.1": 46_702_792_704,
-                  "Nous-Hermes-2-Yi-34B": 34_388_917_248}
+BASE_LLM_SIZES = {
+    "gemma-2b-it": 2_506_172_416,
+    "vicuna-7b-v1.5": 6_738_415_616,
+    "vicuna-13b-v1.5": 13_015_864_320,
+    "Meta-Llama-3-8B-Instruct": 8_030_261_248,
+    "Mixtral-8x7B-Instruct-v0.1": 46_702_792_704,
+    "Nous-Hermes-2-Yi-34B": 34_388_917_248,
+}
 
 
 def test_recipes_are_the_spec_table():
-    got = {(name, stage): (r.template, r.lr, r.global_batch, r.max_length)
-           for name, stages in mgm_releases.RECIPES.items() for stage, r in stages.items()}
+    got = {
+        (name, stage): (r.template, r.lr, r.global_batch, r.max_length)
+        for name, stages in mgm_releases.RECIPES.items()
+        for stage, r in stages.items()
+    }
     assert got == SPEC
 
 
@@ -128,8 +142,16 @@ def _hf_towers() -> tuple[int, int]:
     """transformers' CLIP ViT-L/14-336 whole (MGM's checkpoint and our tree hold its unused post_layernorm too),
     and its ConvNeXt-L less the pooled-output layernorm (MGM keeps only open_clip's stem and stages)."""
     with torch.device("meta"):
-        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                                num_attention_heads=16, image_size=336, patch_size=14))
+        clip = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=336,
+                patch_size=14,
+            )
+        )
         convnext = ConvNextModel(ConvNextConfig(hidden_sizes=[192, 384, 768, 1536], depths=[3, 3, 27, 3]))
     return _torch_count(clip), _torch_count(convnext) - _torch_count(convnext.layernorm)
 
@@ -156,10 +178,11 @@ class Counts(NamedTuple):
 def _ours(name: str) -> tuple[Counts, int]:
     """Our abstract model's counts by part, and of its whole tree."""
     model = nnx.eval_shape(lambda: MGMForCausalLM(mgm_releases.config(name), rngs=nnx.Rngs(0)))
-    projectors = sum(_count(getattr(model, p)) for p in ("mm_projector", "vlm_uni_query_projector",
-                                                         "vlm_uni_aux_projector", "vlm_uni_val_projector"))
-    parts = Counts(_count(model.language_model), _count(model.vision_tower), _count(model.vision_tower_aux),
-                   projectors)
+    projectors = sum(
+        _count(getattr(model, p))
+        for p in ("mm_projector", "vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector")
+    )
+    parts = Counts(_count(model.language_model), _count(model.vision_tower), _count(model.vision_tower_aux), projectors)
     return parts, _count(model)
 
 
@@ -180,5 +203,7 @@ def test_parameter_table():
         n, whole = _ours(name)
         assert whole == n.total
         mark = "" if mgm_releases.release(name).published else " (unreleased)"
-        print(f"{name:12s} {n.total / 1e9:7.3f}B {n.llm / 1e9:7.3f}B {(n.clip + n.convnext) / 1e9:7.3f}B "
-              f"{n.projectors / 1e6:9.2f}M{mark}")
+        print(
+            f"{name:12s} {n.total / 1e9:7.3f}B {n.llm / 1e9:7.3f}B {(n.clip + n.convnext) / 1e9:7.3f}B "
+            f"{n.projectors / 1e6:9.2f}M{mark}"
+        )

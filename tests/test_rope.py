@@ -5,6 +5,7 @@ PyTorch's CPU ``pow`` depends on the kernel it dispatches to (see ``mgjax.nn.rop
 (``ATEN_CPU_CAPABILITY=default``, conftest.py). A child process with PyTorch's own choice (AVX2 / AVX-512) checks
 that those kernels' tables stay within 2 ulps of ours and prints how many entries differ.
 """
+
 import json
 import os
 import subprocess
@@ -29,50 +30,87 @@ from mgjax.nn.rope import Rope
 from tests.conftest import max_abs
 from tests.test_internlm2 import InternLM2Rotary, internlm2_checkpoint
 
-FAMILIES = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, LlamaRotaryEmbedding),
-            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, Qwen2RotaryEmbedding),
-            "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, GemmaRotaryEmbedding),
-            "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, MixtralRotaryEmbedding),
-            "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, Phi3RotaryEmbedding),
-            "internlm2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, None)}
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, LlamaRotaryEmbedding),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, Qwen2RotaryEmbedding),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, GemmaRotaryEmbedding),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, MixtralRotaryEmbedding),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, Phi3RotaryEmbedding),
+    "internlm2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, None),
+}
 
 
 def _llama3(factor):
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
 
 
 # Phi-3-mini-128k's 48 short and long factors are not at hand offline: factors of the same shape (short near 1,
 # long rising to ~60), fixed here.
 _rng = np.random.default_rng(0)
-PHI3_LONGROPE = {"rope_type": "longrope",
-                 "short_factor": [round(float(x), 4) for x in 1 + np.sort(_rng.uniform(0, 0.5, 48))],
-                 "long_factor": [round(float(x), 4) for x in 1 + np.sort(_rng.uniform(0, 60, 48))]}
+PHI3_LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [round(float(x), 4) for x in 1 + np.sort(_rng.uniform(0, 0.5, 48))],
+    "long_factor": [round(float(x), 4) for x in 1 + np.sort(_rng.uniform(0, 60, 48))],
+}
 
 # Every supported LLM's rotary settings: (family, head_dim, config fields, where its context ends).
 LLMS = {
     "vicuna-7b-v1.5": ("llama", 128, dict(rope_theta=1e4, max_position_embeddings=4096), 8192),
-    "vicuna-7b-v1.5-16k": ("llama", 128, dict(rope_theta=1e4, max_position_embeddings=4096,
-                                              rope_scaling={"rope_type": "linear", "factor": 4.0}), 16384),
+    "vicuna-7b-v1.5-16k": (
+        "llama",
+        128,
+        dict(rope_theta=1e4, max_position_embeddings=4096, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+        16384,
+    ),
     "Nous-Hermes-2-Yi-34B": ("llama", 128, dict(rope_theta=5e6, max_position_embeddings=4096), 4096),
     "Meta-Llama-3-8B-Instruct": ("llama", 128, dict(rope_theta=5e5, max_position_embeddings=8192), 8192),
-    "Llama-3.1-8B-Instruct": ("llama", 128, dict(rope_theta=5e5, max_position_embeddings=131072,
-                                                 rope_scaling=_llama3(8.0)), 131072),
-    "Llama-3.2-1B-Instruct": ("llama", 64, dict(rope_theta=5e5, max_position_embeddings=131072,
-                                                rope_scaling=_llama3(32.0)), 131072),
-    "Llama-3.2-3B-Instruct": ("llama", 128, dict(rope_theta=5e5, max_position_embeddings=131072,
-                                                 rope_scaling=_llama3(32.0)), 131072),
+    "Llama-3.1-8B-Instruct": (
+        "llama",
+        128,
+        dict(rope_theta=5e5, max_position_embeddings=131072, rope_scaling=_llama3(8.0)),
+        131072,
+    ),
+    "Llama-3.2-1B-Instruct": (
+        "llama",
+        64,
+        dict(rope_theta=5e5, max_position_embeddings=131072, rope_scaling=_llama3(32.0)),
+        131072,
+    ),
+    "Llama-3.2-3B-Instruct": (
+        "llama",
+        128,
+        dict(rope_theta=5e5, max_position_embeddings=131072, rope_scaling=_llama3(32.0)),
+        131072,
+    ),
     "gemma-2b-it": ("gemma", 256, dict(rope_theta=1e4, max_position_embeddings=8192), 8192),
     "Mixtral-8x7B-Instruct-v0.1": ("mixtral", 128, dict(rope_theta=1e6, max_position_embeddings=32768), 32768),
     "Qwen2-0.5B-Instruct": ("qwen2", 64, dict(rope_theta=1e6, max_position_embeddings=32768), 32768),
     "Qwen2-7B-Instruct": ("qwen2", 128, dict(rope_theta=1e6, max_position_embeddings=32768), 32768),
     "Phi-3-mini-4k-instruct": ("phi3", 96, dict(rope_theta=1e4, max_position_embeddings=4096), 4096),
-    "Phi-3-mini-128k-instruct": ("phi3", 96, dict(rope_theta=1e4, max_position_embeddings=131072,
-                                                  original_max_position_embeddings=4096,
-                                                  rope_scaling=PHI3_LONGROPE), 131072),
+    "Phi-3-mini-128k-instruct": (
+        "phi3",
+        96,
+        dict(
+            rope_theta=1e4,
+            max_position_embeddings=131072,
+            original_max_position_embeddings=4096,
+            rope_scaling=PHI3_LONGROPE,
+        ),
+        131072,
+    ),
     # transformers' own dynamic NTK (no release uses it; InternLM2 has its own, below)
-    "dynamic-ntk": ("llama", 128, dict(rope_theta=1e6, max_position_embeddings=32768,
-                                       rope_scaling={"rope_type": "dynamic", "factor": 2.0}), 49152),
+    "dynamic-ntk": (
+        "llama",
+        128,
+        dict(rope_theta=1e6, max_position_embeddings=32768, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        49152,
+    ),
     "internlm2-chat-1_8b": ("internlm2", 128, dict(rope_theta=1e6, max_position_embeddings=32768), 49152),
 }
 INTERNLM2_FACTOR = 2.0
@@ -81,8 +119,9 @@ INTERNLM2_FACTOR = 2.0
 def _config(name, **tiny):
     family, head_dim, fields, _ = LLMS[name]
     extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2} if family == "phi3" else {}
-    return FAMILIES[family][0](hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim, **fields,
-                               **extra, **tiny)
+    return FAMILIES[family][0](
+        hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim, **fields, **extra, **tiny
+    )
 
 
 def _rotary(name):
@@ -96,9 +135,17 @@ def _rope(name) -> Rope:
     """mgjax's Rope, read from the config.json the model would ship with."""
     family, _, fields, _ = LLMS[name]
     if family == "internlm2":
-        return InternLM2Config.from_hf({**fields, "vocab_size": 1, "hidden_size": 256, "intermediate_size": 1,
-                                        "num_hidden_layers": 1, "num_attention_heads": 2,
-                                        "rope_scaling": {"type": "dynamic", "factor": INTERNLM2_FACTOR}}).rope
+        return InternLM2Config.from_hf(
+            {
+                **fields,
+                "vocab_size": 1,
+                "hidden_size": 256,
+                "intermediate_size": 1,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "rope_scaling": {"type": "dynamic", "factor": INTERNLM2_FACTOR},
+            }
+        ).rope
     return Rope.from_hf(_config(name).to_dict())
 
 
@@ -153,7 +200,7 @@ def test_cos_sin_tables_equal_transformers_within_rounding(name):
         ours = rope.cos_sin(jnp.asarray(positions.numpy()), head_dim)
         diff = max(max_abs(ours[0], cos.numpy()), max_abs(ours[1], sin.numpy()))
         print(f"[rope] {name}: cos/sin over positions 0..{n - 1} max-abs {diff:.3e}")
-        assert diff <= 2.0 ** -23 * scale
+        assert diff <= 2.0**-23 * scale
 
 
 def _vectorised_kernel_ulps() -> dict:
@@ -171,10 +218,17 @@ def test_vectorised_pytorch_tables_are_within_two_ulps(tmp_path):
     few entries: 1 ulp of the power, at most 2 after the reciprocal. Counted and printed for the record."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     # PyTorch fixes its kernel choice at the first query, before conftest.py (imported below) could pin it
-    child = ("import torch, runpy; torch.backends.cpu.get_cpu_capability(); "
-             "runpy.run_module('tests.test_rope', run_name='__main__')")
-    subprocess.run([sys.executable, "-c", child, str(tmp_path / "ulps.json")], check=True, env=env,
-                   cwd=Path(__file__).resolve().parents[1], timeout=600)
+    child = (
+        "import torch, runpy; torch.backends.cpu.get_cpu_capability(); "
+        "runpy.run_module('tests.test_rope', run_name='__main__')"
+    )
+    subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path / "ulps.json")],
+        check=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=600,
+    )
     report = json.loads((tmp_path / "ulps.json").read_text())
     for name, per_len in report["ulps"].items():
         print(f"[rope] {name} ({report['capability']}): [entries off, max ulps] per seq_len {per_len}")
@@ -184,10 +238,21 @@ def test_vectorised_pytorch_tables_are_within_two_ulps(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 # Logits at the end of each family's context, against the transformers model (PyTorch's default kernels)
 # ------------------------------------------------------------------------------------------------------------------
-LATE = ["vicuna-7b-v1.5", "vicuna-7b-v1.5-16k", "Nous-Hermes-2-Yi-34B", "Meta-Llama-3-8B-Instruct",
-        "Llama-3.1-8B-Instruct", "Llama-3.2-1B-Instruct", "gemma-2b-it", "Mixtral-8x7B-Instruct-v0.1",
-        "Qwen2-0.5B-Instruct", "Qwen2-7B-Instruct", "Phi-3-mini-128k-instruct", "dynamic-ntk",
-        "internlm2-chat-1_8b"]
+LATE = [
+    "vicuna-7b-v1.5",
+    "vicuna-7b-v1.5-16k",
+    "Nous-Hermes-2-Yi-34B",
+    "Meta-Llama-3-8B-Instruct",
+    "Llama-3.1-8B-Instruct",
+    "Llama-3.2-1B-Instruct",
+    "gemma-2b-it",
+    "Mixtral-8x7B-Instruct-v0.1",
+    "Qwen2-0.5B-Instruct",
+    "Qwen2-7B-Instruct",
+    "Phi-3-mini-128k-instruct",
+    "dynamic-ntk",
+    "internlm2-chat-1_8b",
+]
 VOCAB = 256
 
 
@@ -195,8 +260,14 @@ VOCAB = 256
 def late(request, tmp_path_factory):
     name = request.param
     family = LLMS[name][0]
-    tiny = dict(vocab_size=VOCAB, intermediate_size=256, num_hidden_layers=2, num_key_value_heads=1,
-                tie_word_embeddings=family == "gemma", initializer_range=0.08)
+    tiny = dict(
+        vocab_size=VOCAB,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=family == "gemma",
+        initializer_range=0.08,
+    )
     if family == "mixtral":
         tiny.update(num_local_experts=2, num_experts_per_tok=2)
     torch.manual_seed(0)
@@ -248,8 +319,9 @@ def test_cached_decoding_at_the_end_of_the_context(late, report):
     hf = _fresh(hf)
     with torch.no_grad():
         out = hf(prompt, position_ids=torch.arange(start, start + 64)[None], past_key_values=cache, use_cache=True)
-    ours, kv = _forward(model, jnp.asarray(prompt.numpy()), jnp.arange(start, start + 64)[None],
-                        model.init_cache(1, 80))
+    ours, kv = _forward(
+        model, jnp.asarray(prompt.numpy()), jnp.arange(start, start + 64)[None], model.init_cache(1, 80)
+    )
     worst = max_abs(ours, out.logits.numpy())
     ref_tokens, tokens = [], []
     ref_next, next_ = out.logits[:, -1].argmax(-1), int(np.asarray(ours)[0, -1].argmax())

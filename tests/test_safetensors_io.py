@@ -1,4 +1,5 @@
 """Our hand-written safetensors reader/writer against the reference `safetensors` library, both directions."""
+
 import json
 
 import ml_dtypes
@@ -15,8 +16,12 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 def _tensors():
     rng = np.random.default_rng(0)
-    return {"a.weight": rng.standard_normal((3, 5), np.float32), "b": np.arange(7, dtype=np.int64),
-            "c.half": rng.standard_normal((2, 2, 2)).astype(np.float16), "scalar": np.array(3.5, np.float32)}
+    return {
+        "a.weight": rng.standard_normal((3, 5), np.float32),
+        "b": np.arange(7, dtype=np.int64),
+        "c.half": rng.standard_normal((2, 2, 2)).astype(np.float16),
+        "scalar": np.array(3.5, np.float32),
+    }
 
 
 def test_reads_what_the_reference_library_writes(tmp_path):
@@ -41,8 +46,9 @@ def test_reads_torch_bfloat16(tmp_path):
 
 def test_reference_library_reads_what_we_write_sharded(tmp_path):
     want = {f"layer.{i}": np.full((64, 64), i, np.float32) for i in range(5)}
-    files = write(tmp_path, [TensorSpec(k, v.dtype, v.shape, lambda v=v: v) for k, v in want.items()],
-                  max_shard_bytes=40_000)
+    files = write(
+        tmp_path, [TensorSpec(k, v.dtype, v.shape, lambda v=v: v) for k, v in want.items()], max_shard_bytes=40_000
+    )
     assert len(files) == 3 and not list(tmp_path.glob("*.tmp"))
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 5 * 64 * 64 * 4

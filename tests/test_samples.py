@@ -1,5 +1,6 @@
 """LLaVA-format records -> MGM training inputs, with every kind of bad record counted and reported, and a batch
 of image and text-only rows through the train step."""
+
 import json
 
 import jax.numpy as jnp
@@ -15,15 +16,22 @@ from mgjax.train.step import make_optimizer, train_step
 from tests.test_generate import _tokenizer
 from tests.test_train_step import CONFIG
 
-GOOD = {"id": "good", "image": "cat.png", "conversations": [
-    {"from": "human", "value": "what is this ?\n<image>"}, {"from": "gpt", "value": "a red cat ."}]}
-TEXT = {"id": "text", "conversations": [{"from": "human", "value": "what is this ?"},
-                                        {"from": "gpt", "value": "a cat ."}]}
+GOOD = {
+    "id": "good",
+    "image": "cat.png",
+    "conversations": [{"from": "human", "value": "what is this ?\n<image>"}, {"from": "gpt", "value": "a red cat ."}],
+}
+TEXT = {
+    "id": "text",
+    "conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "a cat ."}],
+}
 BAD = {  # id -> (record changes, reason)
     "missing": ({"image": "nowhere.png"}, "missing or corrupt image"),
     "corrupt": ({"image": "broken.png"}, "missing or corrupt image"),
-    "two-marks": ({"conversations": [{"from": "human", "value": "<image> <image> what ?"},
-                                     {"from": "gpt", "value": "a cat ."}]}, "<image> count mismatch"),
+    "two-marks": (
+        {"conversations": [{"from": "human", "value": "<image> <image> what ?"}, {"from": "gpt", "value": "a cat ."}]},
+        "<image> count mismatch",
+    ),
     "no-answer": ({"conversations": [{"from": "human", "value": "<image> what ?"}]}, "tokenization mismatch"),
     "no-conv": ({"conversations": None}, "no conversations"),
 }
@@ -55,8 +63,9 @@ def test_bad_records_are_counted_by_reason_and_reported(folder, tmp_path):
     assert dict(report.reasons) == want
     report.write(tmp_path / "bad.json")
     written = json.loads((tmp_path / "bad.json").read_text())
-    assert written["skipped"] == 1 + len(BAD) and any("data.jsonl:3" in s for s in written["samples"]["unreadable "
-                                                                                                   "JSON line"])
+    assert written["skipped"] == 1 + len(BAD) and any(
+        "data.jsonl:3" in s for s in written["samples"]["unreadable JSON line"]
+    )
     assert any(s.startswith("corrupt: ") and "broken.png" in s for s in written["samples"]["missing or corrupt image"])
 
 
@@ -72,7 +81,7 @@ def test_sample_layout_and_over_length(folder):
     assert ids.shape == labels.shape == (40,) and (ids == IMAGE_TOKEN_INDEX).sum() == CONFIG.tokens_per_image
     trained = labels != templates.IGNORE_INDEX
     assert _tokenizer().decode(ids[trained]) == "a red cat . <|im_end|>"
-    assert not s["attention_mask"][trained.nonzero()[0][-1] + 1:].any()  # right padding
+    assert not s["attention_mask"][trained.nonzero()[0][-1] + 1 :].any()  # right padding
     with pytest.raises(samples.BadSample, match="over-length"):
         _make(folder, max_length=20)(GOOD)  # the answer would start past 20 tokens
 
@@ -81,8 +90,9 @@ def test_a_mixed_batch_trains(folder):
     """Image and text-only rows in one batch: the text-only row's zero image is computed but never merged."""
     make = _make(folder)
     batch = [make(GOOD), make(TEXT)]
-    stacked = {k: jnp.asarray(np.stack([b[k] for b in batch]))[None] for k in ("input_ids", "labels", "images",
-                                                                                 "images_aux")}
+    stacked = {
+        k: jnp.asarray(np.stack([b[k] for b in batch]))[None] for k in ("input_ids", "labels", "images", "images_aux")
+    }
     model = mgjax.init(CONFIG, seed=0)
     text_only = model.embed(stacked["input_ids"][0][1:])  # row 1 alone, no image at all
     mixed = model.embed(stacked["input_ids"][0], stacked["images"][0], stacked["images_aux"][0])

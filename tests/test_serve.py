@@ -1,5 +1,6 @@
-"""``mgjax.inference.serve`` through the official ``openai`` client: answers equal greedy decoding, streaming, concurrent
-requests batched (with the same answers), and 4xx errors after which the server keeps serving."""
+"""``mgjax.inference.serve`` through the official ``openai`` client: answers equal greedy decoding, streaming,
+concurrent requests batched (with the same answers), and 4xx errors after which the server keeps serving."""
+
 import base64
 import io
 import threading
@@ -25,8 +26,9 @@ def running(internvl_dir):
     service = serve.Service(model, tok, "tiny", max_batch=4, wait=0.5, max_prompt_tokens=120, max_tokens=6)
     httpd = serve.server(service, port=0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="unused",
-                           max_retries=0, timeout=300)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="unused", max_retries=0, timeout=300
+    )
     yield service, client, path
     httpd.shutdown()
 
@@ -49,7 +51,7 @@ def _greedy(service, messages, n=6) -> str:
     stops = stop_ids(service.tokenizer, "Hermes-2")
     embeds = service.model.embed(ids, **args) if args else None
     out = np.asarray(decoding.greedy(service.model.language_model, ids, n, inputs_embeds=embeds, stop_ids=stops))
-    return service.tokenizer.decode(decoding.cut(out[0, ids.shape[1]:].tolist(), stops), skip_special_tokens=True)
+    return service.tokenizer.decode(decoding.cut(out[0, ids.shape[1] :].tolist(), stops), skip_special_tokens=True)
 
 
 def test_models_and_an_answer_with_an_image(running):
@@ -73,8 +75,12 @@ def test_streaming_gives_the_same_text(running):
 def test_concurrent_requests_are_batched_with_their_own_answers(running):
     service, client, path = running
     image = _data_uri(path / "cat.png")
-    prompts = [_messages("what is this ?", image), _messages("what ?"), _messages("a cat is red .", image),
-               _messages("this is a cat ?")]
+    prompts = [
+        _messages("what is this ?", image),
+        _messages("what ?"),
+        _messages("a cat is red .", image),
+        _messages("this is a cat ?"),
+    ]
     before = len(service.batcher.batch_sizes)
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda m: client.chat.completions.create(model="tiny", messages=m), prompts))
@@ -101,9 +107,26 @@ def test_bad_requests_get_4xx_and_the_server_goes_on(running):
 def test_command_line_server(internvl_dir):
     import subprocess
     import sys
+
     _, path = internvl_dir
-    proc = subprocess.Popen([sys.executable, "-m", "mgjax.serve", "--model", str(path), "--port", "0", "--name",
-                             "cli", "--max-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mgjax.serve",
+            "--model",
+            str(path),
+            "--port",
+            "0",
+            "--name",
+            "cli",
+            "--max-tokens",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving cli on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() else "")

@@ -1,6 +1,7 @@
 """Training on 8 simulated CPU devices: every mesh gives the single-device losses, with parameters and optimizer
 state split as ``mgjax.parallel.mesh`` plans (ZeRO-3: each device holds about 1/shards of both) and kept so by the step.
 The devices exist only in a fresh process (XLA reads the flag at start-up)."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-MESHES = {"llama": [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],
-          "mixtral": [dict(fsdp=2, expert=4)],
-          "pallas_mining": [dict(data=2, fsdp=4)]}  # the kernel (interpreted here) runs per batch shard
+MESHES = {
+    "llama": [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],
+    "mixtral": [dict(fsdp=2, expert=4)],
+    "pallas_mining": [dict(data=2, fsdp=4)],
+}  # the kernel (interpreted here) runs per batch shard
 MORE_MESHES = {"llama": [dict(data=8, fsdp=1), dict(fsdp=8)], "mixtral": [dict(data=2, fsdp=1, expert=4)]}
 
 WORKER = """
@@ -96,8 +99,14 @@ def _check(meshes):
     root = Path(__file__).resolve().parents[1]
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # the suite's, and 8 devices
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    run = subprocess.run([sys.executable, "-c", WORKER, json.dumps(meshes)], capture_output=True, text=True,
-                         env=env, cwd=root, timeout=1200)
+    run = subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(meshes)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     loaded = out.pop("loaded")
@@ -113,8 +122,13 @@ def _check(meshes):
             assert max(abs(a - b) for a, b in zip(got["losses"], single)) < 1e-4, (family, sizes, got, single)
             shards = sizes.get("fsdp", 1) * sizes.get("tensor", 1) * sizes.get("expert", 1)
             ratios = [h / (t / shards) for h, t in zip(got["after"], got["total"])]
-            print(f"{family} {sizes}: max |loss - single| {max(abs(a - b) for a, b in zip(got['losses'], single)):.1e}"
-                  f"; bytes per device / (total / {shards}): parameters {ratios[0]:.3f}, optimizer {ratios[1]:.3f}")
-            assert got["before"][0] == got["planned"], (family, sizes)  # mgjax.parallel.mesh.placement is what devices hold
+            print(
+                f"{family} {sizes}: max |loss - single| {max(abs(a - b) for a, b in zip(got['losses'], single)):.1e}"
+                f"; bytes per device / (total / {shards}): parameters {ratios[0]:.3f}, optimizer {ratios[1]:.3f}"
+            )
+            assert got["before"][0] == got["planned"], (
+                family,
+                sizes,
+            )  # mgjax.parallel.mesh.placement is what devices hold
             assert got["after"] == got["before"], (family, sizes)  # the step keeps the planned layout
             assert max(ratios) <= 1.05, (family, sizes, ratios)

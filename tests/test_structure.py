@@ -1,4 +1,5 @@
 """Structural rules every model obeys, checked on abstract models (no memory, no compute)."""
+
 import pytest
 from flax import nnx
 

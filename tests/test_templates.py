@@ -1,5 +1,6 @@
 """Conversation templates: exact rendered text for every released model (hand-written from the original code's
 formats), and labels that train exactly each answer plus its closing separator, with a tokenizer built offline."""
+
 import numpy as np
 import pytest
 import transformers
@@ -7,41 +8,78 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from mgjax.data import templates as T
 
-SPECIALS = ["</s>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>",
-            "<|eot_id|>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>",
-            "<|assistant|>", "<|end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>", "<ref>", "</ref>", "<box>", "</box>"]
-CONVERSATION = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A red cat."},
-                {"from": "human", "value": "And its size?"}, {"from": "gpt", "value": "Small."}]
+SPECIALS = [
+    "</s>",
+    "<eos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "[INST]",
+    "[/INST]",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<image>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+]
+CONVERSATION = [
+    {"from": "human", "value": "What is this?\n<image>"},
+    {"from": "gpt", "value": "A red cat."},
+    {"from": "human", "value": "And its size?"},
+    {"from": "gpt", "value": "Small."},
+]
 S = T.INTERNVL_SYSTEM
 EXPECTED = {  # the whole training text for CONVERSATION
     "v1": f"{T.VICUNA_SYSTEM} USER: <image>\nWhat is this? ASSISTANT: A red cat.</s>USER: And its size? "
-          "ASSISTANT: Small.</s>",
+    "ASSISTANT: Small.</s>",
     "gemma": "<start_of_turn>user\n<image>\nWhat is this?<end_of_turn>\n<start_of_turn>model\nA red cat."
-             "<end_of_turn>\n<eos><start_of_turn>user\nAnd its size?<end_of_turn>\n<start_of_turn>model\nSmall."
-             "<end_of_turn>\n<eos>",
+    "<end_of_turn>\n<eos><start_of_turn>user\nAnd its size?<end_of_turn>\n<start_of_turn>model\nSmall."
+    "<end_of_turn>\n<eos>",
     "llama_3": f"<|start_header_id|>system<|end_header_id|>\n\n{T.LLAMA3_SYSTEM}<|eot_id|>"
-               "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
-               "<|start_header_id|>system<|end_header_id|>\n\nA red cat.<|eot_id|>"
-               "<|start_header_id|>user<|end_header_id|>\n\nAnd its size?<|eot_id|>"
-               "<|start_header_id|>system<|end_header_id|>\n\nSmall.<|eot_id|>",
+    "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
+    "<|start_header_id|>system<|end_header_id|>\n\nA red cat.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nAnd its size?<|eot_id|>"
+    "<|start_header_id|>system<|end_header_id|>\n\nSmall.<|eot_id|>",
     "mistral_instruct": "[INST] <image>\nWhat is this? [/INST] A red cat. </s><s>[INST] And its size? [/INST] "
-                        "Small. </s>",
+    "Small. </s>",
     "chatml_direct": "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is this?"
-                     "<|im_end|><|im_start|>assistant\nA red cat.<|im_end|><|im_start|>user\nAnd its size?<|im_end|>"
-                     "<|im_start|>assistant\nSmall.<|im_end|>",
+    "<|im_end|><|im_start|>assistant\nA red cat.<|im_end|><|im_start|>user\nAnd its size?<|im_end|>"
+    "<|im_start|>assistant\nSmall.<|im_end|>",
     "Hermes-2": f"<|im_start|>system\n{S}<|im_end|><|im_start|>user\nWhat is this?\n<image><|im_end|>"
-                "<|im_start|>assistant\nA red cat.<|im_end|><|im_start|>user\nAnd its size?<|im_end|>"
-                "<|im_start|>assistant\nSmall.<|im_end|>",
+    "<|im_start|>assistant\nA red cat.<|im_end|><|im_start|>user\nAnd its size?<|im_end|>"
+    "<|im_start|>assistant\nSmall.<|im_end|>",
     "phi3-chat": f"<|system|>\n{S}<|end|><|user|>\nWhat is this?\n<image><|end|><|assistant|>\nA red cat.<|end|>"
-                 "<|user|>\nAnd its size?<|end|><|assistant|>\nSmall.<|end|>",
+    "<|user|>\nAnd its size?<|end|><|assistant|>\nSmall.<|end|>",
 }
-TRAINED = {"v1": ["A red cat.</s>", "Small.</s>"], "gemma": ["A red cat.<end_of_turn>\n<eos>", "Small.<end_of_turn>\n<eos>"],
-           "llama_3": ["A red cat.<|eot_id|>", "Small.<|eot_id|>"], "mistral_instruct": ["A red cat. </s>", "Small. </s>"],
-           "chatml_direct": ["A red cat.<|im_end|>", "Small.<|im_end|>"],
-           "Hermes-2": ["A red cat.<|im_end|>", "Small.<|im_end|>"], "phi3-chat": ["A red cat.<|end|>", "Small.<|end|>"]}
-GENERATION_END = {"v1": "ASSISTANT:", "gemma": "<start_of_turn>model\n", "mistral_instruct": "[/INST]",
-                  "llama_3": "<|start_header_id|>system<|end_header_id|>\n\n", "Hermes-2": "<|im_start|>assistant\n",
-                  "phi3-chat": "<|assistant|>\n", "chatml_direct": "<|im_start|>assistant\n"}
+TRAINED = {
+    "v1": ["A red cat.</s>", "Small.</s>"],
+    "gemma": ["A red cat.<end_of_turn>\n<eos>", "Small.<end_of_turn>\n<eos>"],
+    "llama_3": ["A red cat.<|eot_id|>", "Small.<|eot_id|>"],
+    "mistral_instruct": ["A red cat. </s>", "Small. </s>"],
+    "chatml_direct": ["A red cat.<|im_end|>", "Small.<|im_end|>"],
+    "Hermes-2": ["A red cat.<|im_end|>", "Small.<|im_end|>"],
+    "phi3-chat": ["A red cat.<|end|>", "Small.<|end|>"],
+}
+GENERATION_END = {
+    "v1": "ASSISTANT:",
+    "gemma": "<start_of_turn>model\n",
+    "mistral_instruct": "[/INST]",
+    "llama_3": "<|start_header_id|>system<|end_header_id|>\n\n",
+    "Hermes-2": "<|im_start|>assistant\n",
+    "phi3-chat": "<|assistant|>\n",
+    "chatml_direct": "<|im_start|>assistant\n",
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +89,18 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     corpus = [T.VICUNA_SYSTEM, T.LLAMA3_SYSTEM, "What is this? A red cat. And its size? Small.", "hello " * 50] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=700, special_tokens=["<s>", *SPECIALS],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
-                                                additional_special_tokens=SPECIALS)
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=700, special_tokens=["<s>", *SPECIALS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", additional_special_tokens=SPECIALS
+    )
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

@@ -3,6 +3,7 @@ CPU machine, deviceless, as MaxText's train_compile.py checks a pod configuratio
 backward at MGM's width for every window size, tiny MGM and InternVL2 training steps on 4-chip FSDP and
 FSDP x tensor meshes, and the decode step. Nothing runs; what is checked is that TPU programs are produced and
 what the compiler says about their memory."""
+
 import dataclasses
 import re
 
@@ -36,8 +37,9 @@ def devices(name: str):
 
 
 def _replicated(tree, m):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, PartitionSpec())),
-                        tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(m, PartitionSpec())), tree
+    )
 
 
 def _cases(default, everything):
@@ -49,15 +51,20 @@ def _cases(default, everything):
 F32, BF16 = jnp.float32, jnp.bfloat16
 
 
-@pytest.mark.parametrize("gen, m, dtype", _cases(  # M=8: MGM's windows; M=3: W=9, no power of two
-    [(g, m, d) for g in SLICES for m in (3, 8) for d in (F32, BF16)],
-    [(g, m, d) for g in SLICES for m in (2, 3, 4, 8) for d in (F32, BF16)]))
+@pytest.mark.parametrize(
+    "gen, m, dtype",
+    _cases(  # M=8: MGM's windows; M=3: W=9, no power of two
+        [(g, m, d) for g in SLICES for m in (3, 8) for d in (F32, BF16)],
+        [(g, m, d) for g in SLICES for m in (2, 3, 4, 8) for d in (F32, BF16)],
+    ),
+)
 def test_mining_kernel_compiles_with_no_temporaries_around_it(gen, m, dtype):
     """Forward and backward (the vjp, the forward's output returned too) of 4 images of MGM's 576 tokens at
     C=1024, with the blocks ``mining`` picks for the chip: XLA adds at most 1% of the operands' bytes."""
     dev = devices(SLICES[gen])[0]
-    q = jax.ShapeDtypeStruct((4, 576, 1024), dtype, sharding=NamedSharding(jax.sharding.Mesh([dev], ("x",)),
-                                                                           PartitionSpec()))
+    q = jax.ShapeDtypeStruct(
+        (4, 576, 1024), dtype, sharding=NamedSharding(jax.sharding.Mesh([dev], ("x",)), PartitionSpec())
+    )
     k = jax.ShapeDtypeStruct((4, m * m, 576, 1024), dtype, sharding=q.sharding)
     b = mining.kernel_blocks(k.shape, dtype, dev)
 
@@ -66,12 +73,16 @@ def test_mining_kernel_compiles_with_no_temporaries_around_it(gen, m, dtype):
         return out, pullback(do)
 
     operands = sum(x.size * x.dtype.itemsize for x in (q, k, k, q))
-    for name, fn, args in (("forward", lambda q, k, v: mining_attention.attention(q, k, v, b, False), (q, k, k)),
-                           ("backward", both, (q, k, k, q))):
+    for name, fn, args in (
+        ("forward", lambda q, k, v: mining_attention.attention(q, k, v, b, False), (q, k, k)),
+        ("backward", both, (q, k, k, q)),
+    ):
         compiled = jax.jit(fn).lower(*args).compile()
         temporaries = compiled.memory_analysis().temp_size_in_bytes
-        print(f"[tpu] {gen} M={m} {jnp.dtype(dtype).name} {name}: {b}, temporaries {temporaries / 2**20:.2f} MiB "
-              f"({temporaries / operands:.3%} of {operands / 2**20:.0f} MiB operands)")
+        print(
+            f"[tpu] {gen} M={m} {jnp.dtype(dtype).name} {name}: {b}, temporaries {temporaries / 2**20:.2f} MiB "
+            f"({temporaries / operands:.3%} of {operands / 2**20:.0f} MiB operands)"
+        )
         assert "tpu_custom_call" in compiled.as_text()
         assert temporaries <= 0.01 * operands
 
@@ -89,16 +100,21 @@ def _train_step_memory(config, sizes, slice_name, patterns, frozen=()):
 
 def _mgm_batch(m, micro=2):
     batch = test_train_step._batch(micro=micro, per=8)
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding(m, v.ndim)) for k, v in
-            batch.items()}
+    return {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding(m, v.ndim)) for k, v in batch.items()
+    }
 
 
 FSDP, FSDP_TENSOR = dict(fsdp=4), dict(fsdp=2, tensor=2)
 
 
-@pytest.mark.parametrize("gen, sizes", _cases(
-    [("v4", FSDP), ("v5e", FSDP_TENSOR), ("v5p", FSDP), ("v6e", FSDP_TENSOR)],
-    [(g, s) for g in SLICES for s in (FSDP, FSDP_TENSOR)]))
+@pytest.mark.parametrize(
+    "gen, sizes",
+    _cases(
+        [("v4", FSDP), ("v5e", FSDP_TENSOR), ("v5p", FSDP), ("v6e", FSDP_TENSOR)],
+        [(g, s) for g in SLICES for s in (FSDP, FSDP_TENSOR)],
+    ),
+)
 def test_tiny_mgm_train_step_compiles(gen, sizes):
     """The kernel is what ``auto`` picks there, per batch shard; parameters and optimizer state split over the
     four chips as ``mgjax.parallel.mesh`` plans."""
@@ -124,9 +140,16 @@ def test_towers_run_on_each_chips_rows_only():
     chip, split over channels or heads (f32[8,17,128], f32[8,8,8,64])."""
     config = dataclasses.replace(
         test_train_step.CONFIG,
-        vision=CLIPVisionConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
-                                image_size=28, patch_size=7),
-        vision_aux=ConvNextConfig(hidden_sizes=(128, 256, 384, 512), depths=(1, 1, 1, 1), final_norm=False))
+        vision=CLIPVisionConfig(
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            image_size=28,
+            patch_size=7,
+        ),
+        vision_aux=ConvNextConfig(hidden_sizes=(128, 256, 384, 512), depths=(1, 1, 1, 1), final_norm=False),
+    )
     step, model, opt, m = _train_step_memory(config, FSDP, SLICES["v5p"], optim.MGM_STAGE2)
     batch = _mgm_batch(m)
     assert batch["images"].shape[1] == 8
@@ -136,8 +159,10 @@ def test_towers_run_on_each_chips_rows_only():
     assert "f32[2,17,512]" in hlo and "f32[2,16,16,128]" in hlo  # the rows each chip has
 
 
-@pytest.mark.parametrize("gen, mode", _cases([*((g, "lora") for g in SLICES), ("v5p", "full")],
-                                             [(g, m) for g in SLICES for m in ("full", "lora")]))
+@pytest.mark.parametrize(
+    "gen, mode",
+    _cases([*((g, "lora") for g in SLICES), ("v5p", "full")], [(g, m) for g in SLICES for m in ("full", "lora")]),
+)
 def test_tiny_internvl_train_step_compiles(gen, mode):
     c = test_adapt.CONFIG
 
@@ -149,8 +174,9 @@ def test_tiny_internvl_train_step_compiles(gen, mode):
     m = mesh.make_mesh(mesh.MeshConfig(fsdp=4), devices(SLICES[gen]))
     model, opt = nnx.eval_shape(build)
     batch = test_adapt._batch(rows=4)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding(m, v.ndim)) for k, v in
-             batch.items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding(m, v.ndim)) for k, v in batch.items()
+    }
     used = memory(ShardedStep(model, opt, m).compile(model, opt, batch))
     print(f"[tpu] tiny InternVL2 {mode} step {gen}: " + ", ".join(f"{k} {v:,}" for k, v in used.items()))
     assert used["peak"] > 0
@@ -174,8 +200,16 @@ def test_decode_step_compiles_updating_the_cache_in_place(gen):
     assert used["aliased"] >= cache_bytes  # the KV cache is donated: updated in place, not copied
 
 
-@pytest.mark.parametrize("name, devices_, grid", [("v4-8", 4, "2x2x1"), ("v5e-16", 16, "4x4"), ("v5p-128", 64, "4x4x4"),
-                                                 ("2xv5p-128", 128, "4x4x4"), ("v6e-8", 8, "2x4")])
+@pytest.mark.parametrize(
+    "name, devices_, grid",
+    [
+        ("v4-8", 4, "2x2x1"),
+        ("v5e-16", 16, "4x4"),
+        ("v5p-128", 64, "4x4x4"),
+        ("2xv5p-128", 128, "4x4x4"),
+        ("v6e-8", 8, "2x4"),
+    ],
+)
 def test_slice_names_give_their_chips(name, devices_, grid):
     got = devices(name)
     assert len(got) == devices_ and "x".join(map(str, topology.parse(name).grid)) == grid
@@ -193,6 +227,7 @@ def test_moe_dispatch_auto_follows_the_platform_compiled_for():
     """``moe_impl: auto`` is grouped (ragged_dot) in a program compiled for a TPU, here where the process's own
     backend is the CPU, and dense for the CPU: deviceless TPU compiles measure what a TPU would run."""
     from mgjax.models.moe import SparseMoeBlock
+
     block = SparseMoeBlock(16, 32, 4, 2, act="silu", impl="auto", dtype=F32, param_dtype=F32, rngs=nnx.Rngs(0))
     x = jnp.ones((2, 8, 16))
     trace = lambda: str(jax.make_jaxpr(lambda x: block(x))(x))  # noqa: E731

@@ -2,6 +2,7 @@
 twice that, and 128 rows do not split over 256 chips): it compiles where the estimate less its error bound first
 fits, walks back down while compiled steps still fit, writes one row per compile, compiles the largest slice
 where the estimate rules out every one and, run again, compiles nothing it has a row for."""
+
 import importlib.util
 from pathlib import Path
 
@@ -25,10 +26,16 @@ def tpu_fit(monkeypatch):
         if t.chips > 128:
             raise plan.PlanError("global batch 128 does not split")
         need = need_total["total"] // t.chips
-        r = {"release": "MGM-2B", "topology": {"chips": t.chips, "hbm_bytes": t.hbm_bytes},
-             "mesh": {"fsdp": t.chips}, "batch": {"global": 128, "per_device": 128 // t.chips, "seq_len": 2048},
-             "remat": "full",
-             "bytes_per_device": {"total": 2 * need}, "fits": None, "compiled_bytes_per_device": None}
+        r = {
+            "release": "MGM-2B",
+            "topology": {"chips": t.chips, "hbm_bytes": t.hbm_bytes},
+            "mesh": {"fsdp": t.chips},
+            "batch": {"global": 128, "per_device": 128 // t.chips, "seq_len": 2048},
+            "remat": "full",
+            "bytes_per_device": {"total": 2 * need},
+            "fits": None,
+            "compiled_bytes_per_device": None,
+        }
         if compile:
             compiles.append(name)
             r["compiled_bytes_per_device"] = {"peak": need, "temporaries": need}

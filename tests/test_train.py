@@ -1,5 +1,6 @@
 """``python -m mgjax.train`` on the demo config: outputs, evaluation, resume, SIGKILL/SIGTERM, config errors and a
 non-finite loss."""
+
 import json
 import os
 import signal
@@ -18,8 +19,16 @@ from mgjax.train import cli
 from mgjax.train.step import ShardedStep
 
 DEMO = "configs/demo.yaml"
-SMALL = ["--set", "train.global_batch=4", "--set", "checkpoint.every=2", "--set", "eval.compare_lr_only=false",
-         "--set", "train.progress=false"]
+SMALL = [
+    "--set",
+    "train.global_batch=4",
+    "--set",
+    "checkpoint.every=2",
+    "--set",
+    "eval.compare_lr_only=false",
+    "--set",
+    "train.progress=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +40,9 @@ def demo_set(tmp_path_factory) -> list[str]:
 
 
 def _run(tmp_path, *extra, steps=4):
-    return cli.main(["--config", DEMO, "--set", f"train.out_dir={tmp_path}", "--set", f"train.steps={steps}",
-                       *SMALL, *extra])
+    return cli.main(
+        ["--config", DEMO, "--set", f"train.out_dir={tmp_path}", "--set", f"train.steps={steps}", *SMALL, *extra]
+    )
 
 
 def _metrics(path):
@@ -69,11 +79,26 @@ def test_demo_trains_writes_everything_evaluates_and_resumes(tmp_path, capsys, d
 
 
 def _spawn(out, steps, *extra):
-    cmd = [sys.executable, "-m", "mgjax.train", "--config", DEMO, "--set", f"train.out_dir={out}",
-           "--set", f"train.steps={steps}", *SMALL, "--set", "checkpoint.every=1", "--set", "eval.enabled=false",
-           *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "mgjax.train",
+        "--config",
+        DEMO,
+        "--set",
+        f"train.out_dir={out}",
+        "--set",
+        f"train.steps={steps}",
+        *SMALL,
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "eval.enabled=false",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
 
 
 def _wait_for_step(out, step, proc, timeout=300):
@@ -112,8 +137,7 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert cli.main(["--config", DEMO, "--set", "optim.learnig_rate=1"]) == 2
     assert "unknown key optim.learnig_rate" in capsys.readouterr().err
     assert cli.main(["--config", DEMO, "--set", "train.stage=stage3"]) == 2
-    assert cli.main(["--config", DEMO, "--set", "model.mining_backend=cuda", "--set",
-                       f"train.out_dir={tmp_path}"]) == 2
+    assert cli.main(["--config", DEMO, "--set", "model.mining_backend=cuda", "--set", f"train.out_dir={tmp_path}"]) == 2
     assert "model.mining_backend must be one of" in capsys.readouterr().err
     assert cli.main(["--config", DEMO, "--set", "train.freeze=['vision_tower(']"]) == 2
     assert "train.freeze: 'vision_tower(' is not a regex" in capsys.readouterr().err
@@ -152,18 +176,23 @@ def test_every_kind_of_bad_sample_is_reported_and_training_goes_on(tmp_path):
     bad = {  # id -> (record, the reason the report gives)
         "missing": ({**good[0], "image": "images/nowhere.png"}, "missing or corrupt image"),
         "corrupt": ({**good[0], "image": "broken.png"}, "missing or corrupt image"),
-        "two-marks": ({**good[0], "conversations": [{**turns[0], "value": "<image> <image> " + turns[0]["value"]},
-                                                   *turns[1:]]}, "<image> count mismatch"),
-        "too-long": ({**good[0], "conversations": [{**turns[0], "value": turns[0]["value"] + " the" * 80},
-                                                  *turns[1:]]}, "over-length"),
+        "two-marks": (
+            {**good[0], "conversations": [{**turns[0], "value": "<image> <image> " + turns[0]["value"]}, *turns[1:]]},
+            "<image> count mismatch",
+        ),
+        "too-long": (
+            {**good[0], "conversations": [{**turns[0], "value": turns[0]["value"] + " the" * 80}, *turns[1:]]},
+            "over-length",
+        ),
         "no-answer": ({**good[0], "conversations": turns[:1]}, "tokenization mismatch"),
     }
     (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
     lines = [json.dumps(r) for r in good] + ["{not json"] + [json.dumps({**r, "id": k}) for k, (r, _) in bad.items()]
     (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    assert _run(out, "--set", f"data.path={tmp_path / 'data.jsonl'}", "--set", "data.max_bad_fraction=0.5",
-                steps=4) == 0
+    assert (
+        _run(out, "--set", f"data.path={tmp_path / 'data.jsonl'}", "--set", "data.max_bad_fraction=0.5", steps=4) == 0
+    )
     assert [x["step"] for x in _metrics(out)] == [1, 2, 3, 4]  # 16 good samples: all of the first epoch was read
     report = json.loads((out / "bad_samples.json").read_text())["samples"]
     for name, (_, reason) in bad.items():

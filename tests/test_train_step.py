@@ -1,4 +1,5 @@
 """The training step on a tiny MGM: stage-1 freezing, loss over target tokens, accumulation, HF's schedule."""
+
 import dataclasses
 import math
 
@@ -20,12 +21,21 @@ from mgjax.train import optim
 from mgjax.train.step import make_optimizer, train_step
 
 CONFIG = MGMConfig(
-    vision=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=28, patch_size=7),
+    vision=CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7
+    ),
     vision_aux=ConvNextConfig(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), final_norm=False),
-    llm=LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=8),
-    image_size_aux=64)
+    llm=LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    ),
+    image_size_aux=64,
+)
 
 
 def _batch(micro=1, per=4, seed=0):
@@ -34,20 +44,27 @@ def _batch(micro=1, per=4, seed=0):
     ids[..., 1:17] = IMAGE_TOKEN_INDEX  # 16 image tokens after a BOS-like first token
     labels = np.where(ids == IMAGE_TOKEN_INDEX, -100, ids)
     labels[..., :18] = -100  # only the answer part is trained
-    return {"input_ids": jnp.asarray(ids, jnp.int32), "labels": jnp.asarray(labels, jnp.int32),
-            "images": jnp.asarray(rng.normal(size=(micro, per, 3, 28, 28)), jnp.float32),
-            "images_aux": jnp.asarray(rng.normal(size=(micro, per, 3, 64, 64)), jnp.float32)}
+    return {
+        "input_ids": jnp.asarray(ids, jnp.int32),
+        "labels": jnp.asarray(labels, jnp.int32),
+        "images": jnp.asarray(rng.normal(size=(micro, per, 3, 28, 28)), jnp.float32),
+        "images_aux": jnp.asarray(rng.normal(size=(micro, per, 3, 64, 64)), jnp.float32),
+    }
 
 
 def _params(model, pattern):
-    return {params.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-            if pattern(p, v) is not None}
+    return {
+        params.path_string(p): np.asarray(v.get_value())
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if pattern(p, v) is not None
+    }
 
 
 def test_stage1_trains_projectors_only_and_learns():
     model = mgjax.init(CONFIG, seed=0)
-    before = {params.path_string(p): np.asarray(v.get_value())
-              for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    before = {
+        params.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     opt = make_optimizer(model, optim.MGM_STAGE1, optim.OptimConfig(lr=3e-3, warmup_ratio=0.0), total_steps=1000)
     trainable = params.count_params(model, opt.wrt)
     assert 0 < trainable < params.count_params(model) // 2
@@ -57,7 +74,9 @@ def test_stage1_trains_projectors_only_and_learns():
     batch = _batch()
     losses = [float(train_step(model, opt, batch)["loss"]) for _ in range(8)]
     assert losses[-1] < losses[0] - 0.05, losses
-    after = {params.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    after = {
+        params.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
     stage1 = params.trainable(optim.MGM_STAGE1)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = params.path_string(path)
@@ -67,7 +86,9 @@ def test_stage1_trains_projectors_only_and_learns():
 
 def test_accumulation_equals_one_big_batch():
     """Two micro-batches of 2 give the update of one batch of 4: the loss is a mean over all target tokens."""
-    lr_only = dataclasses.replace(CONFIG, mining=False)  # the arithmetic under test is the model's; a third of the compile
+    lr_only = dataclasses.replace(
+        CONFIG, mining=False
+    )  # the arithmetic under test is the model's; a third of the compile
     a, b = mgjax.init(lr_only, seed=0), mgjax.init(lr_only, seed=0)
     cfg = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0)
     opt_a = make_optimizer(a, optim.MGM_STAGE2, cfg, 100)
@@ -88,8 +109,11 @@ def test_loss_is_cross_entropy_over_shifted_targets():
     logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
     labels = jnp.array([[1, 2, -100, 4, 5], [-100, -100, 3, 3, -100]])
     total, count = optim.masked_next_token_loss(logits, labels)
-    ref = torch.nn.functional.cross_entropy(torch.from_numpy(np.array(logits[:, :-1])).reshape(-1, 7),
-                                            torch.from_numpy(np.asarray(labels[:, 1:], np.int64)).reshape(-1), reduction="sum")
+    ref = torch.nn.functional.cross_entropy(
+        torch.from_numpy(np.array(logits[:, :-1])).reshape(-1, 7),
+        torch.from_numpy(np.asarray(labels[:, 1:], np.int64)).reshape(-1),
+        reduction="sum",
+    )
     assert int(count) == 5
     np.testing.assert_allclose(float(total), ref.item(), rtol=1e-6)
 
@@ -140,12 +164,12 @@ def test_sample_weighted_loss_over_micro_batches(weighting="square"):
     forward = nnx.jit(lambda m, inputs: m(**inputs)[0])
     for a in range(2):
         for b in range(2):
-            row = {k: v[a, b:b + 1] for k, v in batch.items()}
+            row = {k: v[a, b : b + 1] for k, v in batch.items()}
             logits = forward(model, {k: v for k, v in row.items() if k != "labels"})
             total, n = optim.masked_next_token_loss(logits, row["labels"])
             sums.append(float(total))
             counts.append(int(n))
-    w = [1 / n if weighting == "sample" else n ** -0.5 for n in counts]
+    w = [1 / n if weighting == "sample" else n**-0.5 for n in counts]
     want = sum(wi * si for wi, si in zip(w, sums)) / sum(wi * n for wi, n in zip(w, counts))
     opt = make_optimizer(model, (r".*",), optim.OptimConfig(lr=0.0), total_steps=10)
     got = float(train_step(model, opt, batch, weighting=weighting)["loss"])

@@ -5,6 +5,7 @@ header before reading a byte, then materialises one parameter at a time: host bu
 freed. On CPU the device array adopts the aligned host buffer, so the peak is the model itself; elsewhere at
 most one parameter's host buffer exists at a time.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,7 @@ def _params(state) -> list[tuple[tuple, nnx.Variable]]:
 
 class Piece(NamedTuple):
     """``var[index]`` of parameter number ``param`` is (rows ``blocks`` of) a checkpoint tensor."""
+
     param: int
     index: tuple[int, ...]
     blocks: list[tuple[int, int, int]] | None  # (dst, src, n) row copies of a fused tensor; None: all of it
@@ -35,7 +37,7 @@ def _tensors(params, layout: KeyLayout) -> dict[str, tuple[tuple[int, ...], list
     """Checkpoint key -> (its shape, the parameter pieces it holds), in model order."""
     found: dict[str, list[tuple[Target, int, tuple, tuple]]] = {}
     for n, (path, var) in enumerate(params):
-        shape = tuple(var.shape[stack_depth(var):])
+        shape = tuple(var.shape[stack_depth(var) :])
         for index, k in hf_keys(path, var):
             t = layout.locate(k)
             found.setdefault(t.key, []).append((t, n, index, shape))
@@ -50,16 +52,21 @@ def _tensors(params, layout: KeyLayout) -> dict[str, tuple[tuple[int, ...], list
         hits.sort(key=lambda h: h[0].part)
         t = hits[0][0]
         if [h[0].part for h in hits] != list(range(t.parts)) or len({h[3][1:] for h in hits}) != 1:
-            raise ValueError(f"fused checkpoint key {key!r}: parts {[h[0].part for h in hits]} of {t.parts} with "
-                             f"shapes {[h[3] for h in hits]} do not stack")
+            raise ValueError(
+                f"fused checkpoint key {key!r}: parts {[h[0].part for h in hits]} of {t.parts} with "
+                f"shapes {[h[3] for h in hits]} do not stack"
+            )
         sizes = [h[3][0] for h in hits]
-        out[key] = ((sum(sizes), *hits[0][3][1:]),
-                    [Piece(n, index, row_blocks(sizes, t.part, t.groups)) for t, n, index, _ in hits])
+        out[key] = (
+            (sum(sizes), *hits[0][3][1:]),
+            [Piece(n, index, row_blocks(sizes, t.part, t.groups)) for t, n, index, _ in hits],
+        )
     return out
 
 
-def _plan(params, reader: SafetensorsReader, layout: KeyLayout, skip: frozenset[int] = frozenset()
-          ) -> dict[str, list[Piece]]:
+def _plan(
+    params, reader: SafetensorsReader, layout: KeyLayout, skip: frozenset[int] = frozenset()
+) -> dict[str, list[Piece]]:
     """What to read for every parameter not in ``skip``; raise one error listing every missing, extra or
     mis-shaped key. Keys of skipped parameters may be present or not."""
     tensors = _tensors(params, layout)
@@ -89,7 +96,7 @@ def host_buffer(shape, dtype, align: int = 64) -> np.ndarray:
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(n + align, np.uint8)
     off = (-raw.ctypes.data) % align
-    return raw[off:off + n].view(dtype).reshape(shape)
+    return raw[off : off + n].view(dtype).reshape(shape)
 
 
 def _to_device(buf: np.ndarray, var: nnx.Variable) -> jax.Array:
@@ -98,8 +105,10 @@ def _to_device(buf: np.ndarray, var: nnx.Variable) -> jax.Array:
 
 
 def _best_layout(params, reader: SafetensorsReader, layouts: dict[str, KeyLayout]) -> str:
-    hits = {name: sum(layout.locate(k).key in reader for p, v in params for _, k in hf_keys(p, v))
-            for name, layout in layouts.items()}
+    hits = {
+        name: sum(layout.locate(k).key in reader for p, v in params for _, k in hf_keys(p, v))
+        for name, layout in layouts.items()
+    }
     return max(hits, key=hits.get)
 
 
@@ -112,9 +121,16 @@ def pick_layout(abstract_model: nnx.Module, path: str | os.PathLike, layouts: di
 Source = str | os.PathLike | SafetensorsReader
 
 
-def load_into(abstract_model: nnx.Module, path: Source, *, layouts: dict[str, KeyLayout] | None = None,
-              layout: str = "auto", dtype=None, skip: tuple[str, ...] = (),
-              place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None) -> nnx.Module:
+def load_into(
+    abstract_model: nnx.Module,
+    path: Source,
+    *,
+    layouts: dict[str, KeyLayout] | None = None,
+    layout: str = "auto",
+    dtype=None,
+    skip: tuple[str, ...] = (),
+    place: Callable[[np.ndarray, nnx.Variable], jax.Array] | None = None,
+) -> nnx.Module:
     """Fill ``abstract_model`` (from ``nnx.eval_shape``) with the checkpoint at ``path`` (or an open reader).
 
     ``layouts`` are the key tables the model knows (default: HF's alone) and ``layout`` names one, or ``"auto"``
@@ -144,7 +160,7 @@ def load_into(abstract_model: nnx.Module, path: Source, *, layouts: dict[str, Ke
                 if piece.blocks is None:
                     reader.read(key, out=buf[piece.index])
                 for dst, src, rows in piece.blocks or ():
-                    reader.read(key, out=buf[piece.index][dst:dst + rows], rows=(src, src + rows))
+                    reader.read(key, out=buf[piece.index][dst : dst + rows], rows=(src, src + rows))
             var.set_value(place(buf, var))
             del buf
     return nnx.merge(graphdef, state)
@@ -162,7 +178,7 @@ def _assemble(shape, dtype, pieces: list[Piece], arrays) -> np.ndarray:
     for p in pieces:
         part = np.asarray(_host(arrays[p.param])[p.index], dtype)
         for dst, src, n in p.blocks:
-            out[src:src + n] = part[dst:dst + n]
+            out[src : src + n] = part[dst : dst + n]
     return out
 
 
@@ -177,8 +193,9 @@ def tensor_specs(model: nnx.Module, *, layout: KeyLayout = HF, dtype=None) -> li
     return specs
 
 
-def save(model: nnx.Module, out_dir: str | os.PathLike, *, layout: KeyLayout = HF, dtype=None,
-         max_shard_bytes: int = 4 << 30) -> list:
+def save(
+    model: nnx.Module, out_dir: str | os.PathLike, *, layout: KeyLayout = HF, dtype=None, max_shard_bytes: int = 4 << 30
+) -> list:
     """Writes the checkpoint (process 0 of a multi-process run; the others only help gather each tensor)."""
     specs = tensor_specs(model, layout=layout, dtype=dtype)
     if jax.process_index() != 0:

@@ -10,6 +10,7 @@ tensor whose rows hold several of our parameters, like Phi-3's ``qkv_proj`` or I
 ``wqkv``), and nested layouts for sub-models under a prefix (an InternVL checkpoint holds a ViT and an LLM,
 each in its own naming).
 """
+
 from __future__ import annotations
 
 import re
@@ -28,6 +29,7 @@ class Fused:
 
     With ``groups`` > 1 the rows come in that many equal groups, each holding its share of every part in order
     (InternLM2: per KV head, that head's queries, then its key, then its value)."""
+
     key: str
     parts: tuple[str, ...]
     groups: int = 1
@@ -36,6 +38,7 @@ class Fused:
 @dataclass(frozen=True)
 class Target:
     """Where one HF-named tensor lives in a checkpoint: all of ``key``, or part ``part`` of a fused ``key``."""
+
     key: str
     part: int = -1
     parts: int = 1
@@ -52,6 +55,7 @@ class KeyLayout:
     ``ignore``: regexes of checkpoint keys known to carry nothing the model needs (buffers, unused heads).
     ``fused``: tensors stored fused. ``children``: (model prefix, checkpoint prefix, layout) for sub-models; a
     key under a model prefix is mapped by that layout alone, then given the checkpoint prefix."""
+
     renames: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
     fused: tuple[Fused, ...] = ()
@@ -69,18 +73,18 @@ class KeyLayout:
     def locate(self, hf_key: str) -> Target:
         for model_prefix, ckpt_prefix, child in self.children:
             if hf_key.startswith(model_prefix):
-                t = child.locate(hf_key[len(model_prefix):])
+                t = child.locate(hf_key[len(model_prefix) :])
                 return replace(t, key=ckpt_prefix + t.key)
         for f in self.fused:
             for i, part in enumerate(f.parts):
                 if hf_key == part or hf_key.endswith("." + part):
-                    return Target(self.rename(hf_key[:len(hf_key) - len(part)] + f.key), i, len(f.parts), f.groups)
+                    return Target(self.rename(hf_key[: len(hf_key) - len(part)] + f.key), i, len(f.parts), f.groups)
         return Target(self.rename(hf_key))
 
     def ignored(self, key: str) -> bool:
         if any(re.fullmatch(p, key) for p in self.ignore):
             return True
-        return any(key.startswith(ckpt) and child.ignored(key[len(ckpt):]) for _, ckpt, child in self.children)
+        return any(key.startswith(ckpt) and child.ignored(key[len(ckpt) :]) for _, ckpt, child in self.children)
 
 
 HF = KeyLayout()

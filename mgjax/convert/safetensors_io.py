@@ -5,6 +5,7 @@ the raw bytes. Reading with ``readinto`` straight into the destination buffer (r
 map) keeps the file's pages out of this process's resident memory, so loading a checkpoint never holds a
 second copy of it. Nothing here unpickles anything.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,18 @@ import ml_dtypes
 import numpy as np
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
@@ -77,8 +86,10 @@ def _scan_file(path: Path) -> dict[str, TensorInfo]:
         begin, end = meta["data_offsets"]
         dtype, shape = DTYPES[meta["dtype"]], tuple(meta["shape"])
         if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or data_start + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit its "
-                                  f"shape {shape} {meta['dtype']} or the file size {size} (truncated file?)")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit its "
+                f"shape {shape} {meta['dtype']} or the file size {size} (truncated file?)"
+            )
         out[name] = TensorInfo(path, dtype, shape, data_start + begin, end - begin)
     return out
 
@@ -96,8 +107,9 @@ class SafetensorsReader:
         for file in self._files(path) if tensors is None else ():
             for name, info in _scan_file(file).items():
                 if name in self.tensors:
-                    raise CheckpointError(f"{path}: tensor {name!r} appears in both {self.tensors[name].file.name} "
-                                          f"and {file.name}")
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} appears in both {self.tensors[name].file.name} and {file.name}"
+                    )
                 self.tensors[name] = info
         self._handles: dict[Path, object] = {}
 
@@ -120,7 +132,11 @@ class SafetensorsReader:
         if found:
             return found
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        hint = f" (found {pickled}: pickled PyTorch files are never loaded; convert them to safetensors)" if pickled else ""
+        hint = (
+            f" (found {pickled}: pickled PyTorch files are never loaded; convert them to safetensors)"
+            if pickled
+            else ""
+        )
         raise CheckpointError(f"{path}: no safetensors checkpoint{hint}")
 
     def keys(self) -> list[str]:
@@ -179,6 +195,7 @@ class SafetensorsReader:
 @dataclass(frozen=True)
 class TensorSpec:
     """A tensor to be written: its bytes come from ``fetch`` only when its turn comes."""
+
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
@@ -193,7 +210,11 @@ def _write_file(path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -
     header: dict[str, dict] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {
+            "dtype": DTYPE_NAMES[s.dtype],
+            "shape": list(s.shape),
+            "data_offsets": [offset, offset + s.nbytes],
+        }
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned, as the reference writer does
@@ -211,8 +232,13 @@ def _write_file(path: Path, specs: list[TensorSpec], metadata: dict[str, str]) -
     os.replace(tmp, path)
 
 
-def write(out_dir: str | os.PathLike, specs: Iterable[TensorSpec], *, max_shard_bytes: int = 4 << 30,
-          metadata: dict[str, str] | None = None) -> list[Path]:
+def write(
+    out_dir: str | os.PathLike,
+    specs: Iterable[TensorSpec],
+    *,
+    max_shard_bytes: int = 4 << 30,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
     """Write tensors into ``out_dir`` as ``model.safetensors`` or, above ``max_shard_bytes``, as HF-style shards
     plus ``model.safetensors.index.json``. Each file is written to a temporary name and renamed when complete."""
     out_dir = Path(out_dir)
@@ -232,8 +258,10 @@ def write(out_dir: str | os.PathLike, specs: Iterable[TensorSpec], *, max_shard_
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         _write_file(out_dir / name, shard, metadata)
-    index = {"metadata": {"total_size": sum(s.nbytes for sh in shards for s in sh)},
-             "weight_map": {s.name: name for name, sh in zip(names, shards) for s in sh}}
+    index = {
+        "metadata": {"total_size": sum(s.nbytes for sh in shards for s in sh)},
+        "weight_map": {s.name: name for name, sh in zip(names, shards) for s in sh},
+    }
     tmp = out_dir / (INDEX_FILE + ".tmp")
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, out_dir / INDEX_FILE)

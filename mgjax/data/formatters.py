@@ -26,6 +26,7 @@ the file is the text the model sees. Phrasings and where they come from:
 Boxes are pixel ``(x1, y1, x2, y2)`` of the image as stored (no EXIF rotation, as InternVL opens it), normalised to
 ``int(v / extent * 1000)`` (spec 4.2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,16 @@ VIEW_SIZE = (896, 448)  # two 448 tiles per camera, so dynamic tiling cuts the c
 CANVAS_SIZE = (VIEW_SIZE[0] * GRID_COLUMNS, VIEW_SIZE[1] * len(CAMERAS) // GRID_COLUMNS)
 TAG_COLOUR = (255, 0, 255)
 TAG_FONT = ("DejaVuSans-Bold.ttf", 50)
-CAMERA_LAYOUT = ("The image stitches six camera views in two rows. Top row, left to right: {}. "
-                 "Bottom row, left to right: {}.").format(", ".join(CAMERAS[:GRID_COLUMNS]),
-                                                          ", ".join(CAMERAS[GRID_COLUMNS:]))
+CAMERA_LAYOUT = (
+    "The image stitches six camera views in two rows. Top row, left to right: {}. Bottom row, left to right: {}."
+).format(", ".join(CAMERAS[:GRID_COLUMNS]), ", ".join(CAMERAS[GRID_COLUMNS:]))
 
 CLASSIFY = "Classify the image within one of the given classes"
 LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
 OPEN_SUFFIX = "Answer with one word or short phrase."
-GROUNDING_QUESTION = ("Please provide the bounding box coordinate of the region this sentence describes: "
-                      "<ref>{expr}</ref>")
+GROUNDING_QUESTION = (
+    "Please provide the bounding box coordinate of the region this sentence describes: <ref>{expr}</ref>"
+)
 DETECT_QUESTION = "Detect <ref>{expr}</ref>"
 REGION_LABEL_QUESTION = "What object is in this location<box>{box}</box>"
 REGION_TEXT_QUESTION = "Please provide a short description for this region: <box>{box}</box>"
@@ -94,8 +96,17 @@ def _fill(template: str, key: str, value: str) -> str:
 
 # --- classification --------------------------------------------------------------------------------------------
 
-def classification(sample_id: Any, image: str, label: str, candidates: Sequence[str], *, seed: int = 0,
-                   num_options: int | None = None, letters: bool = True) -> dict:
+
+def classification(
+    sample_id: Any,
+    image: str,
+    label: str,
+    candidates: Sequence[str],
+    *,
+    seed: int = 0,
+    num_options: int | None = None,
+    letters: bool = True,
+) -> dict:
     """A multiple-choice record over ``candidates`` (which must hold ``label``). ``num_options``: the label plus
     that many minus one distractors drawn from the rest (default: every candidate). The draw and the option order
     come from ``random.Random(f"{seed}:{sample_id}")``, so a sample's options depend only on the seed, its id and
@@ -130,6 +141,7 @@ def _options(sample_id: Any, label: str, candidates: Sequence[str], seed: int, n
 
 # --- boxes: grounding and region perception ----------------------------------------------------------------------
 
+
 def normalise_box(sample_id: Any, box: Sequence[float], size: Size) -> list[int]:
     """Pixel ``(x1, y1, x2, y2)`` of a ``size = (width, height)`` image -> ``[x1, y1, x2, y2]`` in 0..1000.
 
@@ -161,8 +173,9 @@ def _as_boxes(sample_id: Any, box: Sequence) -> list[Sequence[float]]:
     return list(box) if isinstance(box[0], Sequence) else [box]
 
 
-def grounding(sample_id: Any, image: str, size: Size, expr: str, box: Sequence, *,
-              question: str = GROUNDING_QUESTION) -> dict:
+def grounding(
+    sample_id: Any, image: str, size: Size, expr: str, box: Sequence, *, question: str = GROUNDING_QUESTION
+) -> dict:
     """Referring expression -> box(es). ``box``: one pixel box or a list of them; ``question``: a template with
     ``{expr}`` (``GROUNDING_QUESTION`` or ``DETECT_QUESTION``)."""
     if not expr.strip():
@@ -171,8 +184,16 @@ def grounding(sample_id: Any, image: str, size: Size, expr: str, box: Sequence, 
     return _single(sample_id, image, _fill(question, "{expr}", expr), f"<ref>{expr}</ref><box>{boxes}</box>", size)
 
 
-def region(sample_id: Any, image: str, size: Size, box: Sequence[float], answer: str, *, kind: str = "label",
-           question: str | None = None) -> dict:
+def region(
+    sample_id: Any,
+    image: str,
+    size: Size,
+    box: Sequence[float],
+    answer: str,
+    *,
+    kind: str = "label",
+    question: str | None = None,
+) -> dict:
     """A question about one region given as a normalised ``<box>``. ``kind="label"``: the answer names the object
     and is written ``<ref>{answer}</ref><box>[[...]]</box>`` (paper); ``kind="text"``: a caption or any answer,
     written as given. ``question``: a template with ``{box}`` replacing the kind's default."""
@@ -187,6 +208,7 @@ def region(sample_id: Any, image: str, size: Size, box: Sequence[float], answer:
 
 
 # --- multi-view stitching (DriveLM) ------------------------------------------------------------------------------
+
 
 def stitch_views(views: Mapping[str, Any] | Sequence[Any], *, tags: bool = True) -> Image.Image:
     """Six camera views (PIL images or paths; a mapping keyed by ``CAMERAS`` or a sequence in that order) ->
@@ -233,8 +255,15 @@ def multiview_question(question: str) -> str:
     return f"{IMAGE}\n{CAMERA_LAYOUT}\n{question}"
 
 
-def multiview(sample_id: Any, views: Mapping[str, Any] | Sequence[Any], question: str, answer: str, image: str, *,
-              tags: bool = True) -> tuple[Image.Image, dict]:
+def multiview(
+    sample_id: Any,
+    views: Mapping[str, Any] | Sequence[Any],
+    question: str,
+    answer: str,
+    image: str,
+    *,
+    tags: bool = True,
+) -> tuple[Image.Image, dict]:
     """The stitched canvas and its record; ``image`` is the path (under the image root) the canvas is to be saved
     at, which ``save_canvas`` then does."""
     canvas = stitch_views(views, tags=tags)
@@ -267,6 +296,7 @@ def multiview_point(camera: str, x: float, y: float, size: Size = (1600, 900)) -
 
 # --- video -------------------------------------------------------------------------------------------------------
 
+
 def video(sample_id: Any, frames: Sequence[str], question: str, answer: str) -> dict:
     """Frames as a multi-image record: ``Frame1: <image>\\nFrame2: <image>\\n...`` then the question."""
     if not frames:
@@ -279,14 +309,16 @@ def video(sample_id: Any, frames: Sequence[str], question: str, answer: str) -> 
 
 COLUMNS = {
     "classification": "id, image, label; optional options (this row's candidates, ';'-separated; default: --labels,"
-                      " else every label in the file)",
+    " else every label in the file)",
     "grounding": "id, image, expr, x1, y1, x2, y2 (pixels); optional width, height (default: read from the image)",
     "region": "id, image, x1, y1, x2, y2 (pixels), answer; optional width, height, question (a template with {box})",
     "multiview": "id, question, answer, and one view path per camera: " + ", ".join(CAMERAS),
     "video": "id, frames (frame paths in order, ';'-separated), question, answer",
 }
-BAD_ROWS = ("A bad row is reported as 'FILE row N: reason' (N counts data rows from 1, the CSV header not"
-            " included); then nothing is written and the exit status is 2.")
+BAD_ROWS = (
+    "A bad row is reported as 'FILE row N: reason' (N counts data rows from 1, the CSV header not"
+    " included); then nothing is written and the exit status is 2."
+)
 MAX_REPORTED = 20
 
 
@@ -303,8 +335,11 @@ def _read_rows(path: Path) -> list[dict]:
         raise ValueError(f"{path}: expected a .csv, .json or .jsonl file")
     text = path.read_text(encoding="utf-8")
     try:
-        rows = json.loads(text) if path.suffix == ".json" else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = (
+            json.loads(text)
+            if path.suffix == ".json"
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -369,15 +404,23 @@ def _row_classification(row: dict, args: argparse.Namespace) -> dict:
     image = _text(row, "image")
     _existing(args.image_root, image)
     candidates = _list(row, "options") if row.get("options") else args.labels
-    return classification(_text(row, "id"), image, _text(row, "label"), candidates, seed=args.seed,
-                          num_options=args.num_options, letters=args.answer == "letter")
+    return classification(
+        _text(row, "id"),
+        image,
+        _text(row, "label"),
+        candidates,
+        seed=args.seed,
+        num_options=args.num_options,
+        letters=args.answer == "letter",
+    )
 
 
 def _row_grounding(row: dict, args: argparse.Namespace) -> dict:
     image = _text(row, "image")
     question = GROUNDING_QUESTION if args.question == "refcoco" else DETECT_QUESTION
-    return grounding(_text(row, "id"), image, _size(row, args.image_root, image), _text(row, "expr"), _box(row),
-                     question=question)
+    return grounding(
+        _text(row, "id"), image, _size(row, args.image_root, image), _text(row, "expr"), _box(row), question=question
+    )
 
 
 def _row_region(row: dict, args: argparse.Namespace) -> dict:
@@ -385,8 +428,15 @@ def _row_region(row: dict, args: argparse.Namespace) -> dict:
     question = _text(row, "question") if row.get("question") else None
     if question is not None and "{box}" not in question:
         raise RowError("column 'question' has no {box} placeholder")
-    return region(_text(row, "id"), image, _size(row, args.image_root, image), _box(row), _text(row, "answer"),
-                  kind=args.kind, question=question)
+    return region(
+        _text(row, "id"),
+        image,
+        _size(row, args.image_root, image),
+        _box(row),
+        _text(row, "answer"),
+        kind=args.kind,
+        question=question,
+    )
 
 
 def _row_multiview(row: dict, args: argparse.Namespace) -> dict:
@@ -408,8 +458,13 @@ def _row_video(row: dict, args: argparse.Namespace) -> dict:
     return video(_text(row, "id"), frames, _text(row, "question"), _text(row, "answer"))
 
 
-ROW_CONVERTERS = {"classification": _row_classification, "grounding": _row_grounding, "region": _row_region,
-                  "multiview": _row_multiview, "video": _row_video}
+ROW_CONVERTERS = {
+    "classification": _row_classification,
+    "grounding": _row_grounding,
+    "region": _row_region,
+    "multiview": _row_multiview,
+    "video": _row_video,
+}
 
 
 def _convert(args: argparse.Namespace, rows: list[dict]) -> tuple[list[dict], list[str]]:
@@ -450,31 +505,51 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m mgjax.formatters", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m mgjax.formatters",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a CSV/JSON/JSONL of labels into InternVL annotation JSONL (one record per row).",
         epilog="columns per task (image paths relative to --image-root):\n"
-               + "\n".join(f"  {task}: {cols}" for task, cols in COLUMNS.items())
-               + "\n\n" + BAD_ROWS)
+        + "\n".join(f"  {task}: {cols}" for task, cols in COLUMNS.items())
+        + "\n\n"
+        + BAD_ROWS,
+    )
     tasks = ap.add_subparsers(dest="task", required=True)
-    parsers = {task: tasks.add_parser(task, help=cols, description=f"columns: {cols}. {BAD_ROWS}")
-               for task, cols in COLUMNS.items()}
+    parsers = {
+        task: tasks.add_parser(task, help=cols, description=f"columns: {cols}. {BAD_ROWS}")
+        for task, cols in COLUMNS.items()
+    }
     for sub in parsers.values():
         sub.add_argument("--input", type=Path, required=True, help="labels: .csv (with a header), .json or .jsonl")
         sub.add_argument("--image-root", type=Path, required=True, help="the folder image paths are relative to")
         sub.add_argument("--out", type=Path, required=True, help="the annotation JSONL to write")
-    parsers["classification"].add_argument("--labels", type=lambda s: [v.strip() for v in s.split(";")],
-                                           help="the candidate labels, ';'-separated (default: every label seen)")
+    parsers["classification"].add_argument(
+        "--labels",
+        type=lambda s: [v.strip() for v in s.split(";")],
+        help="the candidate labels, ';'-separated (default: every label seen)",
+    )
     parsers["classification"].add_argument("--num-options", type=int, help="options per question (with the label)")
     parsers["classification"].add_argument("--seed", type=int, default=0, help="fixes distractors and order")
-    parsers["classification"].add_argument("--answer", choices=("letter", "label"), default="letter",
-                                           help="letter: lettered options, answer a letter; label: the paper's "
-                                                "open form, answer the label")
-    parsers["grounding"].add_argument("--question", choices=("refcoco", "detect"), default="refcoco",
-                                      help="refcoco: " + GROUNDING_QUESTION + "; detect: " + DETECT_QUESTION)
-    parsers["region"].add_argument("--kind", choices=("label", "text"), default="label",
-                                   help="label: answer <ref>answer</ref><box>..</box>; text: the answer as given")
-    parsers["multiview"].add_argument("--canvas-dir", default="stitch",
-                                      help="where canvases go, relative to --image-root: DIR/ID.jpg")
+    parsers["classification"].add_argument(
+        "--answer",
+        choices=("letter", "label"),
+        default="letter",
+        help="letter: lettered options, answer a letter; label: the paper's open form, answer the label",
+    )
+    parsers["grounding"].add_argument(
+        "--question",
+        choices=("refcoco", "detect"),
+        default="refcoco",
+        help="refcoco: " + GROUNDING_QUESTION + "; detect: " + DETECT_QUESTION,
+    )
+    parsers["region"].add_argument(
+        "--kind",
+        choices=("label", "text"),
+        default="label",
+        help="label: answer <ref>answer</ref><box>..</box>; text: the answer as given",
+    )
+    parsers["multiview"].add_argument(
+        "--canvas-dir", default="stitch", help="where canvases go, relative to --image-root: DIR/ID.jpg"
+    )
     parsers["multiview"].add_argument("--no-tags", action="store_true", help="do not draw camera names")
     return ap
 

@@ -11,6 +11,7 @@ samples are read again), or with packing past the records the slowest host had c
 Shapes are static, so grouping by length pays only with ``buckets``: each batch is cut to the shortest of a few
 padded lengths that holds its longest row (a handful of compiled shapes instead of one at ``max_length``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Sequence
@@ -44,10 +45,10 @@ def grouped_order(lengths: Sequence[int], batch: int, rng: np.random.Generator, 
     for group in (np.flatnonzero(lengths > 0), np.flatnonzero(lengths <= 0)):
         group = rng.permutation(group)
         for lo in range(0, len(group), batch * megabatch):
-            mb = group[lo:lo + batch * megabatch]
+            mb = group[lo : lo + batch * megabatch]
             mb = mb[np.argsort(-np.abs(lengths[mb]), kind="stable")]
             cut = len(mb) - len(mb) % batch
-            full += [mb[i:i + batch] for i in range(0, cut, batch)]
+            full += [mb[i : i + batch] for i in range(0, cut, batch)]
             rest.append(mb[cut:])
     full = [full[i] for i in rng.permutation(len(full))]
     return np.concatenate(full + rest) if full or rest else np.zeros(0, np.int64)
@@ -61,10 +62,23 @@ def bucket(length: int, max_length: int, buckets: int) -> int:
 
 
 class Batches:
-    def __init__(self, records: Sequence[Any], make: Callable[[dict], dict], *, batch: int, micro_batches: int = 1,
-                 seed: int = 0, epochs: int = 1, process_index: int = 0, process_count: int = 1, workers: int = 0,
-                 report: BadSamples | None = None, lengths: Sequence[int] | None = None, buckets: int = 1,
-                 pack: dict | None = None):
+    def __init__(
+        self,
+        records: Sequence[Any],
+        make: Callable[[dict], dict],
+        *,
+        batch: int,
+        micro_batches: int = 1,
+        seed: int = 0,
+        epochs: int = 1,
+        process_index: int = 0,
+        process_count: int = 1,
+        workers: int = 0,
+        report: BadSamples | None = None,
+        lengths: Sequence[int] | None = None,
+        buckets: int = 1,
+        pack: dict | None = None,
+    ):
         """``batch``: this host's examples per step (global batch / process_count), split into
         ``micro_batches`` for accumulation. Records are shuffled with ``seed`` (a fresh order each epoch), or
         grouped by ``lengths`` (``record_length``) when given; host ``process_index`` takes its contiguous share
@@ -77,10 +91,16 @@ class Batches:
         records = list(records)
         rng, whole = np.random.default_rng(seed), batch * process_count
         # no batch straddles two epochs' groupings
-        order = np.concatenate([np.zeros(0, np.int64)] + [
-            o[:len(o) - len(o) % whole] for o in (
-                rng.permutation(len(records)) if lengths is None else grouped_order(lengths, whole, rng)
-                for _ in range(epochs))])
+        order = np.concatenate(
+            [np.zeros(0, np.int64)]
+            + [
+                o[: len(o) - len(o) % whole]
+                for o in (
+                    rng.permutation(len(records)) if lengths is None else grouped_order(lengths, whole, rng)
+                    for _ in range(epochs)
+                )
+            ]
+        )
         mine = order.reshape(-1, process_count, batch)[:, process_index]
         self._records = [records[i] for i in mine.reshape(-1)]
         self._make, self._workers = make, workers
@@ -111,8 +131,10 @@ class Batches:
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [next(self._rows) for _ in range(self.batch)]  # a last partial batch is dropped (drop_last)
         self.served += 1
-        out = {k: np.stack([r[k] for r in rows]).reshape(self.micro, self.batch // self.micro,
-                                                         *np.shape(rows[0][k])) for k in rows[0]}
+        out = {
+            k: np.stack([r[k] for r in rows]).reshape(self.micro, self.batch // self.micro, *np.shape(rows[0][k]))
+            for k in rows[0]
+        }
         if self.buckets > 1:
             full = out["input_ids"].shape[-1]
             keep = bucket(int(out["attention_mask"].sum(-1).max()), full, self.buckets)

@@ -1,6 +1,7 @@
 """InternVL meta files (``{name: {root, annotation, repeat_time, length, ...}}`` over JSONL annotations, spec
 internvl.md 5.2) and the general-to-domain data mix of Mini-InternVL's domain adaptation (the paper's 1:4 and 1:1).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ def finite(v: Any) -> bool:
 class Source:
     """One dataset of a meta file, its records already cut or repeated by ``repeat_time`` (``apply_repeat_time``).
     ``root``: the folder its records' image paths are relative to."""
+
     name: str
     root: str
     annotation: str
@@ -102,7 +104,7 @@ def apply_repeat_time(items: list, repeat_time: float) -> list:
     product, as InternVL computes it; not a random subset), above 1 repeats the whole list that many times
     (``[a, b, a, b]``, the same objects again)."""
     if repeat_time < 1:
-        return items[:int(len(items) * repeat_time)]
+        return items[: int(len(items) * repeat_time)]
     if repeat_time > 1:
         return items * int(repeat_time)
     return items
@@ -170,7 +172,7 @@ def _allocate(total: int, sizes: list[int]) -> list[int]:
         return [0] * len(sizes)
     counts = [total * n // pool for n in sizes]
     by_remainder = sorted(range(len(sizes)), key=lambda i: -(total * sizes[i] % pool))
-    for i in by_remainder[:total - sum(counts)]:
+    for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     return counts
 

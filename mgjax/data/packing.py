@@ -7,6 +7,7 @@ are concatenated in sample order.
 Rows are filled greedily in data order (deterministic, so a resumed run packs exactly the same rows): a sample that
 does not fit closes the row and opens the next one.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -25,11 +26,18 @@ def pack(group: list[dict[str, np.ndarray]], length: int, tiles: int, pad_id: in
     at = used = 0
     for k, s in enumerate(group, 1):
         n, t = int(s["attention_mask"].sum()), int(s["tiles"])
-        ids[at:at + n], labels[at:at + n], segments[at:at + n] = s["input_ids"][:n], s["labels"][:n], k
-        pixels[used:used + t] = s["pixel_values"][:t]
+        ids[at : at + n], labels[at : at + n], segments[at : at + n] = s["input_ids"][:n], s["labels"][:n], k
+        pixels[used : used + t] = s["pixel_values"][:t]
         at, used = at + n, used + t
-    return {"input_ids": ids, "labels": labels, "segment_ids": segments, "attention_mask": segments > 0,
-            "pixel_values": pixels, "tiles": np.int32(used), "samples": np.int32(len(group))}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "segment_ids": segments,
+        "attention_mask": segments > 0,
+        "pixel_values": pixels,
+        "tiles": np.int32(used),
+        "samples": np.int32(len(group)),
+    }
 
 
 class Packer:
@@ -56,8 +64,10 @@ class Packer:
             s = self.pending
             n, t = int(s["attention_mask"].sum()), int(s["tiles"])
             if n > self.length or t > self.tiles:
-                raise ValueError(f"a sample of {n} tokens and {t} tiles cannot fit a packed row of {self.length} "
-                                 f"tokens and {self.tiles} tiles")
+                raise ValueError(
+                    f"a sample of {n} tokens and {t} tiles cannot fit a packed row of {self.length} "
+                    f"tokens and {self.tiles} tiles"
+                )
             if tokens + n > self.length or tiles + t > self.tiles:
                 break
             group.append(s)

@@ -11,6 +11,7 @@ a whole-image thumbnail last when there is more than one tile), ImageNet mean/st
 Outputs are float32 NCHW numpy arrays, ready for ``jax.device_put`` or a data loader. Every entry point takes any
 PIL image and makes it RGB as both codebases do (``rgb``), with one deliberate deviation: 16-bit greyscale.
 """
+
 from __future__ import annotations
 
 import os
@@ -76,6 +77,7 @@ def normalize(img: Image.Image, mean, std) -> np.ndarray:
 # Mini-Gemini
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """Centre ``img`` on a square canvas of colour ``fill`` (LLaVA's ``expand2square``)."""
     w, h = img.size
@@ -106,8 +108,15 @@ def bilinear_pixels(x: np.ndarray, size: int) -> np.ndarray:
     return (rows @ x.astype(np.float32) @ cols.T).astype(np.float32)  # matmuls: einsum takes no BLAS path here
 
 
-def mgm_images(img: Image.Image, *, image_size_aux: int = 768, image_grid: int = 1, image_global: bool = False,
-               image_size: int = 336, pad: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def mgm_images(
+    img: Image.Image,
+    *,
+    image_size_aux: int = 768,
+    image_grid: int = 1,
+    image_global: bool = False,
+    image_size: int = 336,
+    pad: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
     """``(images, images_aux)`` for one image: images [3, 336, 336] (HD: [views, 3, 336, 336], crops row-major,
     global view last), images_aux [3, S, S]. ``pad``: MGM's ``image_aspect_ratio='pad'`` (stage 2, inference);
     False centre-crops (stage 1's default)."""
@@ -119,7 +128,7 @@ def mgm_images(img: Image.Image, *, image_size_aux: int = 768, image_grid: int =
     if image_grid == 1:
         return low, high
     s = image_size
-    views = [low[:, r * s:(r + 1) * s, c * s:(c + 1) * s] for r in range(image_grid) for c in range(image_grid)]
+    views = [low[:, r * s : (r + 1) * s, c * s : (c + 1) * s] for r in range(image_grid) for c in range(image_grid)]
     if image_global:
         views.append(bilinear_pixels(low, s))
     return np.stack(views), high
@@ -129,12 +138,22 @@ def mgm_images(img: Image.Image, *, image_size_aux: int = 768, image_grid: int =
 # Mini-InternVL
 # ---------------------------------------------------------------------------------------------------------------
 
-def closest_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12,
-                 image_size: int = 448) -> tuple[int, int]:
+
+def closest_grid(
+    width: int, height: int, *, min_num: int = 1, max_num: int = 12, image_size: int = 448
+) -> tuple[int, int]:
     """(columns, rows) of InternVL's tiling: the grid whose aspect ratio is closest to the image's; on an exact
     tie the larger grid wins while the image's area exceeds half of the grid's canvas."""
-    grids = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                    if min_num <= i * j <= max_num}, key=lambda g: g[0] * g[1])
+    grids = sorted(
+        {
+            (i, j)
+            for n in range(min_num, max_num + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_num <= i * j <= max_num
+        },
+        key=lambda g: g[0] * g[1],
+    )
     aspect = width / height
     best, best_diff = (1, 1), float("inf")
     for i, j in grids:
@@ -146,21 +165,32 @@ def closest_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12
     return best
 
 
-def dynamic_tiles(img: Image.Image, *, min_num: int = 1, max_num: int = 12, image_size: int = 448,
-                  use_thumbnail: bool = True) -> list[Image.Image]:
+def dynamic_tiles(
+    img: Image.Image, *, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
     """InternVL's ``dynamic_preprocess``: resize to the chosen grid, cut tiles row-major, thumbnail last."""
     img = rgb(img)
     cols, rows = closest_grid(*img.size, min_num=min_num, max_num=max_num, image_size=image_size)
     resized = img.resize((cols * image_size, rows * image_size), Image.BICUBIC)
-    tiles = [resized.crop(((k % cols) * image_size, (k // cols) * image_size,
-                           (k % cols + 1) * image_size, (k // cols + 1) * image_size)) for k in range(cols * rows)]
+    tiles = [
+        resized.crop(
+            (
+                (k % cols) * image_size,
+                (k // cols) * image_size,
+                (k % cols + 1) * image_size,
+                (k // cols + 1) * image_size,
+            )
+        )
+        for k in range(cols * rows)
+    ]
     if use_thumbnail and len(tiles) > 1:
         tiles.append(img.resize((image_size, image_size), Image.BICUBIC))
     return tiles
 
 
-def internvl_pixels(img: Image.Image, *, min_num: int = 1, max_num: int = 12, image_size: int = 448,
-                    use_thumbnail: bool = True) -> np.ndarray:
+def internvl_pixels(
+    img: Image.Image, *, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> np.ndarray:
     """[tiles, 3, 448, 448] float32 with ImageNet normalisation."""
     tiles = dynamic_tiles(img, min_num=min_num, max_num=max_num, image_size=image_size, use_thumbnail=use_thumbnail)
     return np.stack([normalize(t, IMAGENET_MEAN, IMAGENET_STD) for t in tiles])

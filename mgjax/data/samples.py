@@ -7,6 +7,7 @@ tokenization that straddles a prompt/answer boundary, no trained token left with
 ``BadSample`` carrying its id and reason, and ``BadSamples`` keeps the tally, writes the report, and stops the run
 when they exceed the allowed fraction.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,6 +63,7 @@ class TooManyBadSamples(RuntimeError):
 class BadSamples:
     """The tally of skipped records. ``check`` raises once they exceed ``max_fraction`` of those seen (mid-run
     only after ``min_seen`` records, so a bad first record does not end a run on its own)."""
+
     max_fraction: float = 0.01
     min_seen: int = 100
     seen: int = 0
@@ -82,13 +84,14 @@ class BadSamples:
 
     def check(self, final: bool = False) -> None:
         if (final or self.seen >= self.min_seen) and self.count > self.max_fraction * self.seen:
-            raise TooManyBadSamples(f"{self.count} of {self.seen} samples are unusable (> {self.max_fraction:.1%}): "
-                               + "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
-                               + " (see the bad-sample report)")
+            raise TooManyBadSamples(
+                f"{self.count} of {self.seen} samples are unusable (> {self.max_fraction:.1%}): "
+                + "; ".join(f"{r}: {n}" for r, n in self.reasons.most_common())
+                + " (see the bad-sample report)"
+            )
 
     def write(self, path: str | os.PathLike) -> None:
-        report = {"seen": self.seen, "skipped": self.count, "by_reason": dict(self.reasons),
-                  "samples": self.examples}
+        report = {"seen": self.seen, "skipped": self.count, "by_reason": dict(self.reasons), "samples": self.examples}
         tmp = Path(f"{path}.tmp")
         tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
         os.replace(tmp, path)
@@ -99,6 +102,7 @@ class MGMSamples:
     """One record -> ``input_ids``/``labels`` [max_length] (right-padded with ``pad_id`` / -100) and
     ``images``/``images_aux`` (zeros for text-only records, which still carry a ``has_image`` of 0).
     ``pad_to_square``: stage 2 and inference (MGM's ``image_aspect_ratio='pad'``); stage 1 centre-crops."""
+
     config: MGMConfig
     tokenizer: Any
     template: str
@@ -128,25 +132,33 @@ class MGMSamples:
             raise BadSample(sample, "no conversations", f"{type(convs).__name__} instead of a list")
         marks = sum(str(t.get("value", "")).count(templates.IMAGE) for t in convs if isinstance(t, dict))
         if marks != int(image is not None):
-            raise BadSample(sample, "<image> count mismatch", f"{marks} placeholders for "
-                                                              f"{int(image is not None)} image")
+            raise BadSample(
+                sample, "<image> count mismatch", f"{marks} placeholders for {int(image is not None)} image"
+            )
         try:
             segments = templates.render(templates.get(self.template), convs, sample=sample)
-            ids, labels = templates.encode(segments, self.tokenizer, sample=sample, image_id=IMAGE_TOKEN_INDEX,
-                                           image_tokens=c.tokens_per_image)
+            ids, labels = templates.encode(
+                segments, self.tokenizer, sample=sample, image_id=IMAGE_TOKEN_INDEX, image_tokens=c.tokens_per_image
+            )
         except templates.TokenizationError as e:
             raise BadSample(sample, "tokenization mismatch", str(e)) from None
-        ids, labels = ids[:self.max_length], labels[:self.max_length]
+        ids, labels = ids[: self.max_length], labels[: self.max_length]
         if image is not None and (ids == IMAGE_TOKEN_INDEX).sum() != c.tokens_per_image:
             raise BadSample(sample, "over-length", f"the image tokens end past max_length {self.max_length}")
         if not (labels != templates.IGNORE_INDEX).any():
             raise BadSample(sample, "over-length", f"no answer token within max_length {self.max_length}")
         out_ids = np.full(self.max_length, self.pad_id, np.int32)
         out_labels = np.full(self.max_length, templates.IGNORE_INDEX, np.int32)
-        out_ids[:len(ids)], out_labels[:len(labels)] = ids, labels
+        out_ids[: len(ids)], out_labels[: len(labels)] = ids, labels
         images, aux = self._pixels(image)
-        return {"input_ids": out_ids, "labels": out_labels, "attention_mask": (np.arange(self.max_length) < len(ids)),
-                "images": images, "images_aux": aux, "has_image": np.int32(image is not None)}
+        return {
+            "input_ids": out_ids,
+            "labels": out_labels,
+            "attention_mask": (np.arange(self.max_length) < len(ids)),
+            "images": images,
+            "images_aux": aux,
+            "has_image": np.int32(image is not None),
+        }
 
     def _pixels(self, image) -> tuple[np.ndarray, np.ndarray]:
         c = self.config
@@ -165,6 +177,7 @@ class InternVLSamples:
     ``max_dynamic_patch`` tiles, or ``max_dynamic_patch // images`` each when a record has several (InternVL's
     per-image budget), a thumbnail added; ``<image>`` is prepended to the first human turn of a one-image
     record that lacks it, as InternVL's loader does."""
+
     config: Any  # InternVLConfig
     tokenizer: Any
     template: str
@@ -181,8 +194,9 @@ class InternVLSamples:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise BadSample(sample, "unsupported image field", f"{record.get('image')!r}")
         try:
-            return [preprocess.load_image(Path(self.image_folder) / n, exif_transpose=self.exif_transpose)
-                    for n in names]
+            return [
+                preprocess.load_image(Path(self.image_folder) / n, exif_transpose=self.exif_transpose) for n in names
+            ]
         except preprocess.ImageError as e:
             raise BadSample(sample, "missing or corrupt image", str(e)) from None
 
@@ -200,11 +214,11 @@ class InternVLSamples:
 
     def _tiles(self, images: list, sample: str) -> list[np.ndarray]:
         budget = max(1, self.max_dynamic_patch // max(len(images), 1))
-        tiles = [preprocess.internvl_pixels(img, max_num=budget, image_size=self.config.vision.image_size)
-                 for img in images]
+        tiles = [
+            preprocess.internvl_pixels(img, max_num=budget, image_size=self.config.vision.image_size) for img in images
+        ]
         if sum(len(t) for t in tiles) > self.tile_slots:
-            raise BadSample(sample, "too many tiles", f"{sum(len(t) for t in tiles)} tiles for {self.tile_slots} "
-                                                      "slots")
+            raise BadSample(sample, "too many tiles", f"{sum(len(t) for t in tiles)} tiles for {self.tile_slots} slots")
         return tiles
 
     def _encode(self, record: dict[str, Any], generation: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -218,11 +232,17 @@ class InternVLSamples:
         tiles = self._tiles(images, sample)
         counts = iter([len(t) for t in tiles])
         try:
-            segments = [templates.Segment(templates.expand_internvl_images(
-                seg.text, [next(counts) for _ in range(seg.text.count(templates.IMAGE))],
-                self.config.tokens_per_tile), seg.trained)
-                for seg in templates.render(templates.get(self.template), convs, sample=sample,
-                                            generation=generation)]
+            segments = [
+                templates.Segment(
+                    templates.expand_internvl_images(
+                        seg.text,
+                        [next(counts) for _ in range(seg.text.count(templates.IMAGE))],
+                        self.config.tokens_per_tile,
+                    ),
+                    seg.trained,
+                )
+                for seg in templates.render(templates.get(self.template), convs, sample=sample, generation=generation)
+            ]
             ids, labels = templates.encode(segments, self.tokenizer, sample=sample)
         except templates.TokenizationError as e:
             raise BadSample(sample, "tokenization mismatch", str(e)) from None
@@ -232,16 +252,21 @@ class InternVLSamples:
         pixels = np.zeros((self.tile_slots, 3, s, s), np.float32)
         if tiles:
             stacked = np.concatenate(tiles)
-            pixels[:len(stacked)] = stacked
+            pixels[: len(stacked)] = stacked
         return ids, labels, pixels, sum(len(t) for t in tiles)
 
     def __call__(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         ids, labels, pixels, tiles = self._encode(record, generation=False)
         out_ids = np.full(self.max_length, self.pad_id, np.int32)
         out_labels = np.full(self.max_length, templates.IGNORE_INDEX, np.int32)
-        out_ids[:len(ids)], out_labels[:len(labels)] = ids, labels
-        return {"input_ids": out_ids, "labels": out_labels, "attention_mask": np.arange(self.max_length) < len(ids),
-                "pixel_values": pixels, "tiles": np.int32(tiles)}
+        out_ids[: len(ids)], out_labels[: len(labels)] = ids, labels
+        return {
+            "input_ids": out_ids,
+            "labels": out_labels,
+            "attention_mask": np.arange(self.max_length) < len(ids),
+            "pixel_values": pixels,
+            "tiles": np.int32(tiles),
+        }
 
     def prompt(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         """The record's generation prompt (its last answer left out): unpadded ``input_ids`` [T] and
@@ -252,8 +277,14 @@ class InternVLSamples:
 
 def mgm_pixels(config: MGMConfig, image, *, pad: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``(images, images_aux)`` of one PIL image at the model's own sizes (``preprocess.mgm_images``)."""
-    return preprocess.mgm_images(image, image_size_aux=config.image_size_aux, image_grid=config.image_grid,
-                                 image_global=config.image_global, image_size=config.vision.image_size, pad=pad)
+    return preprocess.mgm_images(
+        image,
+        image_size_aux=config.image_size_aux,
+        image_grid=config.image_grid,
+        image_global=config.image_global,
+        image_size=config.vision.image_size,
+        pad=pad,
+    )
 
 
 class Safe:

@@ -6,6 +6,7 @@ labelling each token by where it ends reproduces the original token ids exactly 
 originals' per-round length arithmetic, which silently zeroes a sample's labels when it miscounts. A token that
 straddles a trained/untrained boundary is an error naming the sample.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,12 +16,17 @@ import numpy as np
 
 IGNORE_INDEX = -100
 IMAGE = "<image>"
-INTERNVL_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
-                   "是一个有用无害的人工智能助手。")
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the user's questions.")
-LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
-                 "that the user provides, and assist the user with a variety of tasks using natural language.")
+INTERNVL_SYSTEM = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content "
+    "that the user provides, and assist the user with a variety of tasks using natural language."
+)
 
 
 class TokenizationError(ValueError):
@@ -35,6 +41,7 @@ class Template:
     ``caption``: MGM's ``plain`` pretraining format (the human turn becomes a bare ``<image>``).
     ``generation_strip``: the generation prompt drops the assistant prefix's trailing space (SeparatorStyle TWO
     and LLAMA_2). ``stop``: where generation ends."""
+
     name: str
     system: str
     user: str
@@ -50,29 +57,63 @@ class Template:
 
 
 def _chatml(name: str, system: str, image_first: bool, strip: bool = False) -> Template:
-    return Template(name, system, "<|im_start|>user\n", "<|im_end|>", "<|im_start|>assistant\n", "<|im_end|>",
-                    "<|im_end|>", image_first=image_first, strip=strip)
+    return Template(
+        name,
+        system,
+        "<|im_start|>user\n",
+        "<|im_end|>",
+        "<|im_start|>assistant\n",
+        "<|im_end|>",
+        "<|im_end|>",
+        image_first=image_first,
+        strip=strip,
+    )
 
 
-TEMPLATES: dict[str, Template] = {t.name: t for t in (
-    # MGM (mgm/conversation.py)
-    Template("plain", "", "", "", "", "\n", "\n", caption=True),
-    Template("v1", VICUNA_SYSTEM + " ", "USER: ", " ", "ASSISTANT: ", "</s>", "</s>", generation_strip=True),
-    Template("gemma", "", "<start_of_turn>user\n", "<end_of_turn>\n", "<start_of_turn>model\n",
-             "<end_of_turn>\n<eos>", "<end_of_turn>"),
-    # MGM's llama_3 labels the assistant turn with a *system* header (sic)
-    Template("llama_3", f"<|start_header_id|>system<|end_header_id|>\n\n{LLAMA3_SYSTEM}<|eot_id|>",
-             "<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>",
-             "<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>", "<|eot_id|>"),
-    Template("mistral_instruct", "", "[INST] ", " [/INST]", " ", " </s>", "</s>", next_round="<s>",
-             generation_strip=True),
-    _chatml("chatml_direct", "<|im_start|>system\nAnswer the questions.<|im_end|>", image_first=True),
-    # Mini-InternVL (internvl_chat/internvl/conversation.py, SeparatorStyle.MPT: no newline after separators)
-    _chatml("Hermes-2", f"<|im_start|>system\n{INTERNVL_SYSTEM}<|im_end|>", image_first=False),
-    _chatml("internlm2-chat", f"<|im_start|>system\n{INTERNVL_SYSTEM}<|im_end|>", image_first=False, strip=True),
-    Template("phi3-chat", f"<|system|>\n{INTERNVL_SYSTEM}<|end|>", "<|user|>\n", "<|end|>", "<|assistant|>\n",
-             "<|end|>", "<|end|>", image_first=False),
-)}
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        # MGM (mgm/conversation.py)
+        Template("plain", "", "", "", "", "\n", "\n", caption=True),
+        Template("v1", VICUNA_SYSTEM + " ", "USER: ", " ", "ASSISTANT: ", "</s>", "</s>", generation_strip=True),
+        Template(
+            "gemma",
+            "",
+            "<start_of_turn>user\n",
+            "<end_of_turn>\n",
+            "<start_of_turn>model\n",
+            "<end_of_turn>\n<eos>",
+            "<end_of_turn>",
+        ),
+        # MGM's llama_3 labels the assistant turn with a *system* header (sic)
+        Template(
+            "llama_3",
+            f"<|start_header_id|>system<|end_header_id|>\n\n{LLAMA3_SYSTEM}<|eot_id|>",
+            "<|start_header_id|>user<|end_header_id|>\n\n",
+            "<|eot_id|>",
+            "<|start_header_id|>system<|end_header_id|>\n\n",
+            "<|eot_id|>",
+            "<|eot_id|>",
+        ),
+        Template(
+            "mistral_instruct", "", "[INST] ", " [/INST]", " ", " </s>", "</s>", next_round="<s>", generation_strip=True
+        ),
+        _chatml("chatml_direct", "<|im_start|>system\nAnswer the questions.<|im_end|>", image_first=True),
+        # Mini-InternVL (internvl_chat/internvl/conversation.py, SeparatorStyle.MPT: no newline after separators)
+        _chatml("Hermes-2", f"<|im_start|>system\n{INTERNVL_SYSTEM}<|im_end|>", image_first=False),
+        _chatml("internlm2-chat", f"<|im_start|>system\n{INTERNVL_SYSTEM}<|im_end|>", image_first=False, strip=True),
+        Template(
+            "phi3-chat",
+            f"<|system|>\n{INTERNVL_SYSTEM}<|end|>",
+            "<|user|>\n",
+            "<|end|>",
+            "<|assistant|>\n",
+            "<|end|>",
+            "<|end|>",
+            image_first=False,
+        ),
+    )
+}
 
 
 class Segment(NamedTuple):
@@ -93,13 +134,16 @@ def _turns(conversation: Sequence[dict[str, Any]], sample: str) -> list[tuple[st
     for i, (role, value) in enumerate(turns):
         want = ("human", "user") if i % 2 == 0 else ("gpt", "assistant")
         if role not in want or not isinstance(value, str):
-            raise TokenizationError(f"sample {sample}: turn {i} is {role!r} with a {type(value).__name__} value; "
-                                    f"conversations alternate human/gpt with text values")
+            raise TokenizationError(
+                f"sample {sample}: turn {i} is {role!r} with a {type(value).__name__} value; "
+                f"conversations alternate human/gpt with text values"
+            )
     return turns
 
 
-def render(template: Template, conversation: Sequence[dict[str, Any]], *, sample: str = "?",
-           generation: bool = False) -> list[Segment]:
+def render(
+    template: Template, conversation: Sequence[dict[str, Any]], *, sample: str = "?", generation: bool = False
+) -> list[Segment]:
     """Segments of one conversation. ``generation``: end with the assistant prefix (a trailing user turn is the
     prompt) instead of requiring every question to have its answer."""
     t = template
@@ -142,13 +186,14 @@ def _trained_chars(segments: Sequence[Segment]) -> np.ndarray:
     mask = np.zeros(sum(len(s.text) for s in segments), bool)
     at = 0
     for seg in segments:
-        mask[at:at + len(seg.text)] = seg.trained
+        mask[at : at + len(seg.text)] = seg.trained
         at += len(seg.text)
     return mask
 
 
-def encode(segments: Sequence[Segment], tokenizer, *, sample: str = "?", image_id: int | None = None,
-           image_tokens: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    segments: Sequence[Segment], tokenizer, *, sample: str = "?", image_id: int | None = None, image_tokens: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Token ids and labels (``IGNORE_INDEX`` where not trained) of rendered segments.
 
     A token is trained when its last character is. With ``image_id`` (MGM), each ``<image>`` becomes
@@ -177,8 +222,10 @@ def encode(segments: Sequence[Segment], tokenizer, *, sample: str = "?", image_i
             other = [c for c, t in zip(text[start:end], trained[start:end]) if t != last]
             if "".join(other).strip():
                 piece = tokenizer.convert_ids_to_tokens(int(tok))
-                raise TokenizationError(f"sample {sample}: token {len(ids) - 1} {piece!r} straddles a prompt/answer "
-                                        f"boundary in {text[start:end]!r}; the template and tokenizer disagree")
+                raise TokenizationError(
+                    f"sample {sample}: token {len(ids) - 1} {piece!r} straddles a prompt/answer "
+                    f"boundary in {text[start:end]!r}; the template and tokenizer disagree"
+                )
             labels.append(tok if last else IGNORE_INDEX)
         at += len(chunk)
     return np.asarray(ids, np.int64), np.asarray(labels, np.int64)

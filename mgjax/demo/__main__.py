@@ -1,4 +1,5 @@
 """``python -m mgjax.demo``: see ``mgjax.demo.tour``."""
+
 import sys
 
 from mgjax.demo.tour import main

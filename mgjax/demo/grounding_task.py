@@ -9,6 +9,7 @@ perception for every colour (a box -> the colour of the square in it) and ground
 and yellow squares, which the general model has never been asked for. Images are cut into 2 x 2 tiles of 32 pixels
 and a thumbnail (InternVL's dynamic tiling at ``max_dynamic_patch`` 4).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,20 +30,48 @@ MAX_DYNAMIC_PATCH = 4
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (225, 200, 30)}
 GENERAL_COLORS = ("red", "green")  # grounded in the general data; the others are the domain's
 TEMPLATE = "Hermes-2"  # InternVL2-1B's
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>",
-            "<ref>", "</ref>", "<box>", "</box>"]
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<quad>",
+    "</quad>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+]
 VOCAB = 512
 META, GENERAL_META, EVAL_FILE = "domain_meta.json", "general_meta.json", "eval.jsonl"  # under write_dataset's root
 
 
 def model_config(image_token_id: int) -> InternVLConfig:
     return InternVLConfig(
-        vision=InternVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=TILE, patch_size=8),
-        llm=Qwen2Config(vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
-                        tie_word_embeddings=False),
-        image_token_id=image_token_id, template=TEMPLATE)
+        vision=InternVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=TILE,
+            patch_size=8,
+        ),
+        llm=Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=96,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        ),
+        image_token_id=image_token_id,
+        template=TEMPLATE,
+    )
 
 
 def _corpus() -> list[str]:
@@ -62,14 +91,25 @@ def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIALS[1:])
+    tok.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=VOCAB,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=SPECIALS[1:]
+    )
 
 
 def _box(cell: int) -> list[int]:

@@ -6,6 +6,7 @@ resolution) view is 32 pixels: the square's colour survives the 4x downsampling,
 and the word is illegible. Reading the word needs the 128-pixel ConvNeXt view that patch info mining brings in,
 which is the paper's claim in miniature; README.md reports what a CPU budget actually shows.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,23 +24,46 @@ SIZE = 128  # the HR canvas; the LR view is SIZE // 4
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (225, 200, 30)}
 TEXTS = ("cat", "dog", "sun", "box", "pen", "cup", "hat", "key")
 COUNTS = ("one", "two", "three", "four")
-QUESTIONS = {"color": "what color is the square ?", "count": "how many dots are there ?",
-             "word": "what word is written ?"}
+QUESTIONS = {
+    "color": "what color is the square ?",
+    "count": "how many dots are there ?",
+    "word": "what word is written ?",
+}
 SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<image>"]
-WORDS = SPECIALS + ["system", "user", "assistant", "Answer", "the", "questions", "."] + sorted(
-    {w for q in QUESTIONS.values() for w in q.split()}) + [*COLORS, *TEXTS, *COUNTS]
+WORDS = (
+    SPECIALS
+    + ["system", "user", "assistant", "Answer", "the", "questions", "."]
+    + sorted({w for q in QUESTIONS.values() for w in q.split()})
+    + [*COLORS, *TEXTS, *COUNTS]
+)
 TEMPLATE = "chatml_direct"
 TRAIN_FILE, EVAL_FILE = "train.json", "eval.json"  # under write_dataset's root
 
 
 def model_config(*, mining: bool = True) -> MGMConfig:
     return MGMConfig(
-        vision=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                image_size=SIZE // 4, patch_size=8),
+        vision=CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=SIZE // 4,
+            patch_size=8,
+        ),
         vision_aux=ConvNextConfig(hidden_sizes=(32, 48, 64, 96), depths=(1, 1, 1, 1), final_norm=False),
-        llm=LlamaConfig(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
-        image_size_aux=SIZE, mining=mining)
+        llm=LlamaConfig(
+            vocab_size=len(WORDS),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=128,
+        ),
+        image_size_aux=SIZE,
+        mining=mining,
+    )
 
 
 def tokenizer():
@@ -49,8 +73,14 @@ def tokenizer():
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", WORDS.index("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
-                                   unk_token="[UNK]", additional_special_tokens=SPECIALS[4:])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        additional_special_tokens=SPECIALS[4:],
+    )
 
 
 def _place(rng: np.random.Generator, w: int, h: int, taken: list[tuple[int, int, int, int]], gap: int = 3):
@@ -83,8 +113,10 @@ def draw(rng: np.random.Generator) -> tuple[Image.Image, dict[str, str]]:
 def _turns(kinds, answers) -> list[dict[str, str]]:
     turns = []
     for i, kind in enumerate(kinds):
-        turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + QUESTIONS[kind]},
-                  {"from": "gpt", "value": answers[kind]}]
+        turns += [
+            {"from": "human", "value": ("<image>\n" if i == 0 else "") + QUESTIONS[kind]},
+            {"from": "gpt", "value": answers[kind]},
+        ]
     return turns
 
 
@@ -100,11 +132,14 @@ def write_dataset(root: str | Path, n_train: int = 2000, n_eval: int = 200, seed
         name = f"images/{i}.png"
         img.save(root / name)
         if i < n_train:
-            train.append({"id": str(i), "image": name, "conversations": _turns(rng.permutation(list(QUESTIONS)),
-                                                                                answers)})
+            train.append(
+                {"id": str(i), "image": name, "conversations": _turns(rng.permutation(list(QUESTIONS)), answers)}
+            )
         else:
-            held_out += [{"id": f"{i}-{kind}", "type": kind, "image": name, "conversations": _turns([kind], answers)}
-                         for kind in QUESTIONS]
+            held_out += [
+                {"id": f"{i}-{kind}", "type": kind, "image": name, "conversations": _turns([kind], answers)}
+                for kind in QUESTIONS
+            ]
     paths = root / TRAIN_FILE, root / EVAL_FILE
     for path, records in zip(paths, (train, held_out)):
         path.write_text(json.dumps(records))

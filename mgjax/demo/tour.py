@@ -6,6 +6,7 @@ For each model: build it from an embedded config, write it as an HF checkpoint, 
 tensor is bit-identical), and run it: CLIP and ConvNeXt on a synthetic image, the Llama decoder generating
 greedily with its KV cache, checked token for token against cache-free recomputation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,20 @@ from mgjax.models.convnext import ConvNextConfig
 from mgjax.models.decoder import LlamaConfig
 from mgjax.nn.rope import Rope
 
-LLAMA = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                    num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                    rope=Rope(theta=500000.0, type="llama3", factor=8.0, original_max_position_embeddings=64))
-CLIP = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                        image_size=56, patch_size=14)
+LLAMA = LlamaConfig(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rope=Rope(theta=500000.0, type="llama3", factor=8.0, original_max_position_embeddings=64),
+)
+CLIP = CLIPVisionConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14
+)
 CONVNEXT = ConvNextConfig(hidden_sizes=(16, 32, 48, 64), depths=(1, 1, 3, 1), patch_size=4)
 
 
@@ -62,7 +72,8 @@ def main(argv=None) -> None:
         print("[1/3] vision towers")
         clip = roundtrip(mgjax.init(CLIP, seed=args.seed), f"{tmp}/clip")
         feats = jax.jit(lambda m, x: m.features(x, select_layer=-2))(clip, synthetic_image(CLIP.image_size))
-        print(f"  CLIP features (layer -2, CLS dropped): {tuple(feats.shape)}, mean |x| {float(jnp.abs(feats).mean()):.4f}")
+        mean = float(jnp.abs(feats).mean())
+        print(f"  CLIP features (layer -2, CLS dropped): {tuple(feats.shape)}, mean |x| {mean:.4f}")
         convnext = roundtrip(mgjax.init(CONVNEXT, seed=args.seed), f"{tmp}/convnext")
         stages = jax.jit(lambda m, x: m(x).hidden_states[1:])(convnext, synthetic_image(64))
         print("  ConvNeXt stage maps (NHWC): " + ", ".join(str(tuple(s.shape)) for s in stages))
@@ -74,14 +85,16 @@ def main(argv=None) -> None:
         t = time.perf_counter()
         out = jax.block_until_ready(greedy(llama, prompt, args.new_tokens))
         secs = time.perf_counter() - t
-        print(f"  generated {args.new_tokens} tokens x 2 sequences in {secs:.2f} s "
-              f"({2 * args.new_tokens / secs:.0f} tokens/s with the KV cache)")
+        print(
+            f"  generated {args.new_tokens} tokens x 2 sequences in {secs:.2f} s "
+            f"({2 * args.new_tokens / secs:.0f} tokens/s with the KV cache)"
+        )
         print(f"  sequence 0: {np.asarray(out[0]).tolist()}")
 
         print("[3/3] cache check: every generated token = argmax of a cache-free forward on its prefix")
         logits, _ = jax.jit(lambda m, x: m(x))(llama, out)
-        recomputed = np.asarray(jnp.argmax(logits[:, prompt.shape[1] - 1:-1], -1))
-        agree = (recomputed == np.asarray(out[:, prompt.shape[1]:])).mean()
+        recomputed = np.asarray(jnp.argmax(logits[:, prompt.shape[1] - 1 : -1], -1))
+        agree = (recomputed == np.asarray(out[:, prompt.shape[1] :])).mean()
         print(f"  agreement {agree:.0%}")
         if agree < 1.0:
             raise SystemExit("KV-cache decoding disagrees with the full forward")

@@ -1,4 +1,5 @@
 """``python -m mgjax.eval``: see ``mgjax.eval.harness``."""
+
 import sys
 
 from mgjax.eval.harness import main

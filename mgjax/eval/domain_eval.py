@@ -22,6 +22,7 @@ internvl.md 4.2, 5.3, 8). Pure Python: the answers come from a generation run ma
 An answer with no box, or no single choice, is wrong and counted in ``unparsed``; a malformed reference is an
 error, since it is the data, not the model, that is broken.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ ARTICLE_WORDS = 3  # past this many words a lone "A" is more likely the article 
 
 
 # --- boxes -------------------------------------------------------------------------------------------------------
+
 
 def parse_boxes(text: Any) -> list[Box]:
     """Every ``[x1, y1, x2, y2]`` in ``text``, in order, as floats (several from one ``<box>[[..], [..]]</box>``);
@@ -107,8 +109,9 @@ def _judge_box(answer: Any, reference: Any, size: Sequence[float] | None) -> dic
     return {"box": boxes[0], "iou": overlap, "right": overlap >= THRESHOLD}
 
 
-def grounding_accuracy(predictions: Sequence[Any], references: Sequence[Any],
-                       sizes: Sequence[Sequence[float]] | None = None) -> dict:
+def grounding_accuracy(
+    predictions: Sequence[Any], references: Sequence[Any], sizes: Sequence[Sequence[float]] | None = None
+) -> dict:
     """Share of answers whose first box has IoU >= 0.5 with the reference box.
 
     A reference is ``[x1, y1, x2, y2]`` or a text holding exactly one box (such as a formatter's answer). Without
@@ -121,6 +124,7 @@ def grounding_accuracy(predictions: Sequence[Any], references: Sequence[Any],
 
 
 # --- multiple choice ---------------------------------------------------------------------------------------------
+
 
 def extract_choice(text: Any, options: Mapping[str, str]) -> str | None:
     """The option letter (a key of ``options``, ``{letter: label}``) that ``text`` answers, or ``None`` when no
@@ -166,8 +170,9 @@ def _judge_choice(answer: Any, reference: Any, options: Any) -> dict:
     return {"choice": choice, "reference": target, "right": choice == target}
 
 
-def choice_accuracy(predictions: Sequence[Any], references: Sequence[Any],
-                    options_list: Sequence[Mapping[str, str]]) -> dict:
+def choice_accuracy(
+    predictions: Sequence[Any], references: Sequence[Any], options_list: Sequence[Mapping[str, str]]
+) -> dict:
     """Share of answers whose extracted choice is the reference letter (or the letter of the reference label), one
     ``{letter: label}`` per sample. Returns ``{"right", "total", "accuracy", "unparsed"}``."""
     results = _judged(_judge_choice, range(len(predictions)), predictions, references, options_list)
@@ -175,6 +180,7 @@ def choice_accuracy(predictions: Sequence[Any], references: Sequence[Any],
 
 
 # --- both --------------------------------------------------------------------------------------------------------
+
 
 def _judged(judge: Callable[..., dict], ids: Sequence[Any], *columns: Sequence[Any]) -> list[dict]:
     """``judge`` over the samples in order, each result led by its id; a bad reference names its sample."""
@@ -191,8 +197,12 @@ def _judged(judge: Callable[..., dict], ids: Sequence[Any], *columns: Sequence[A
 
 def _summary(results: Sequence[dict], parsed_key: str) -> dict:
     right, total = sum(r["right"] for r in results), len(results)
-    return {"right": right, "total": total, "accuracy": right / total if total else 0.0,
-            "unparsed": sum(r[parsed_key] is None for r in results)}
+    return {
+        "right": right,
+        "total": total,
+        "accuracy": right / total if total else 0.0,
+        "unparsed": sum(r[parsed_key] is None for r in results),
+    }
 
 
 JUDGES = {"grounding": (_judge_box, "box"), "choice": (_judge_choice, "choice")}
@@ -235,6 +245,11 @@ def score(kind: str, records: Sequence[Mapping[str, Any]], *, pixels: bool = Fal
     if pixels and kind != "grounding":
         raise ValueError("pixels=True applies to grounding only")
     judge, parsed_key = JUDGES[kind]
-    results = _judged(judge, _unique_ids(records), _column(records, "answer"), _column(records, "reference"),
-                      _third_column(kind, records, pixels))
+    results = _judged(
+        judge,
+        _unique_ids(records),
+        _column(records, "answer"),
+        _column(records, "reference"),
+        _third_column(kind, records, pixels),
+    )
     return {"summary": _summary(results, parsed_key), "results": results}

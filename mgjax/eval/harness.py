@@ -8,6 +8,7 @@ resumes where it stopped; then ``OUT/results.json`` gets the summary and the per
 summary is printed. ``--answers FILE`` scores existing answers without a model. Data are the user's: nothing is
 downloaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,21 @@ from mgjax.inference.generate import (
 
 # Answer budgets of the papers' scripts: MGM's 128 for short answers and 1024 for reasoning (MathVista; MMBench's
 # 1024 is cut to 64: a letter is asked for), InternVL's 100 for documents and charts.
-MAX_NEW_TOKENS = {"textvqa": 128, "pope": 128, "mme": 128, "gqa": 128, "scienceqa": 128, "mmbench": 64,
-                  "ai2d": 64, "mmmu": 128, "mathvista": 1024, "chartqa": 100, "docvqa": 100, "infovqa": 100,
-                  "ocrbench": 100}
+MAX_NEW_TOKENS = {
+    "textvqa": 128,
+    "pope": 128,
+    "mme": 128,
+    "gqa": 128,
+    "scienceqa": 128,
+    "mmbench": 64,
+    "ai2d": 64,
+    "mmmu": 128,
+    "mathvista": 1024,
+    "chartqa": 100,
+    "docvqa": 100,
+    "infovqa": 100,
+    "ocrbench": 100,
+}
 BUCKET = 64  # prompts padded to a multiple of this: a handful of compiled shapes for a whole benchmark
 # MGM scores MMMU with beam-sample (5 beams, temperature 1, seed 42); every other task is greedy.
 SAMPLING = {"mmmu": decoding.Sampling(num_beams=5, temperature=1.0, seed=42)}
@@ -61,8 +74,18 @@ def _inputs(model, tokenizer, template: str | None, record: dict, data: Path, ex
     return ids[0], args
 
 
-def answer(model, tokenizer, template: str | None, records: list[dict], data: Path, *, max_new_tokens: int,
-           sampling: decoding.Sampling, batch: int, exif_transpose: bool = False) -> list[str]:
+def answer(
+    model,
+    tokenizer,
+    template: str | None,
+    records: list[dict],
+    data: Path,
+    *,
+    max_new_tokens: int,
+    sampling: decoding.Sampling,
+    batch: int,
+    exif_transpose: bool = False,
+) -> list[str]:
     """The model's answers to ``records``, decoded ``batch`` at a time (left-padded; questions with and without an
     image in separate batches)."""
     stops = stop_ids(tokenizer, template)
@@ -72,18 +95,31 @@ def answer(model, tokenizer, template: str | None, records: list[dict], data: Pa
     for has_image in (True, False):
         order = [i for i, (_, args) in enumerate(prepared) if bool(args) == has_image]
         for lo in range(0, len(order), batch):
-            chunk = order[lo:lo + batch]
-            ids, mask = decoding.left_pad([prepared[i][0] for i in chunk], tokenizer.pad_token_id or 0,
-                                          bucket=BUCKET)
+            chunk = order[lo : lo + batch]
+            ids, mask = decoding.left_pad([prepared[i][0] for i in chunk], tokenizer.pad_token_id or 0, bucket=BUCKET)
             ids, mask = jnp.asarray(ids), jnp.asarray(mask)
             embeds = batch_embeds(model, ids, [prepared[i][1] for i in chunk])
             if sampling.num_beams > 1:
-                new = decoding.beam_search(lm, ids, max_new_tokens, sampling=sampling, attention_mask=mask,
-                                           inputs_embeds=embeds, stop_ids=stops)
+                new = decoding.beam_search(
+                    lm,
+                    ids,
+                    max_new_tokens,
+                    sampling=sampling,
+                    attention_mask=mask,
+                    inputs_embeds=embeds,
+                    stop_ids=stops,
+                )
             else:
-                full = decoding.generate(lm, ids, max_new_tokens, attention_mask=mask, inputs_embeds=embeds,
-                                         sampling=sampling, stop_ids=stops)
-                new = np.asarray(full)[:, ids.shape[1]:].tolist()
+                full = decoding.generate(
+                    lm,
+                    ids,
+                    max_new_tokens,
+                    attention_mask=mask,
+                    inputs_embeds=embeds,
+                    sampling=sampling,
+                    stop_ids=stops,
+                )
+                new = np.asarray(full)[:, ids.shape[1] :].tolist()
             for i, tokens in zip(chunk, new):
                 out[i] = tokenizer.decode(decoding.cut(tokens, stops), skip_special_tokens=True)
     return out
@@ -104,8 +140,9 @@ def _print_summary(task: str, summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mgjax.eval", description=__doc__.split("\n\n")[0],
-                                 epilog=f"tasks: {', '.join(scoring.TASKS)}")
+    ap = argparse.ArgumentParser(
+        prog="python -m mgjax.eval", description=__doc__.split("\n\n")[0], epilog=f"tasks: {', '.join(scoring.TASKS)}"
+    )
     ap.add_argument("--task", required=True, choices=scoring.TASKS)
     ap.add_argument("--data", required=True, help="a folder with questions.jsonl and its images")
     ap.add_argument("--model", help="a converted checkpoint directory (with tokenizer files)")
@@ -151,17 +188,28 @@ def _run(args, records: list[dict], data: Path, out: Path) -> dict[Any, str]:
     model, tokenizer = load_model(args)
     template = args.template or default_template(model, tokenizer)
     s = SAMPLING.get(args.task, decoding.Sampling())
-    sampling = decoding.Sampling(num_beams=args.num_beams or s.num_beams, seed=s.seed,
-                                 temperature=s.temperature if args.temperature is None else args.temperature)
+    sampling = decoding.Sampling(
+        num_beams=args.num_beams or s.num_beams,
+        seed=s.seed,
+        temperature=s.temperature if args.temperature is None else args.temperature,
+    )
     budget = args.max_new_tokens or MAX_NEW_TOKENS[args.task]
     with open(out / "answers.jsonl", "a", encoding="utf-8") as f:
         for lo in range(0, len(todo), args.batch):
-            chunk = todo[lo:lo + args.batch]
-            texts = answer(model, tokenizer, template, chunk, data, max_new_tokens=budget, sampling=sampling,
-                           batch=args.batch, exif_transpose=args.exif_transpose)
+            chunk = todo[lo : lo + args.batch]
+            texts = answer(
+                model,
+                tokenizer,
+                template,
+                chunk,
+                data,
+                max_new_tokens=budget,
+                sampling=sampling,
+                batch=args.batch,
+                exif_transpose=args.exif_transpose,
+            )
             for record, text in zip(chunk, texts):
-                f.write(json.dumps({"question_id": record["question_id"], "answer": text}, ensure_ascii=False)
-                        + "\n")
+                f.write(json.dumps({"question_id": record["question_id"], "answer": text}, ensure_ascii=False) + "\n")
                 done[record["question_id"]] = text
             f.flush()
     return done

@@ -2,6 +2,7 @@
 argmax reproduces every labelled token of its answer (end-of-turn marker included); that is exactly what greedy
 decoding would produce for the answer, at the cost of one batched forward pass instead of one per token.
 ``answers``: greedy answers of a VLM to prompts, for scores that parse free text (boxes, option letters)."""
+
 from __future__ import annotations
 
 import functools
@@ -30,13 +31,24 @@ def exact_answers(model: nnx.Module, batch: dict[str, jax.Array], labels: jax.Ar
     return jnp.all(hit, axis=-1) & jnp.any(valid, axis=-1)
 
 
-def accuracy(model: nnx.Module, records: Sequence[dict], make: Callable[[dict], dict], *, batch: int = 64,
-             mesh: jax.sharding.Mesh | None = None) -> dict[str, dict[str, float]]:
+def accuracy(
+    model: nnx.Module,
+    records: Sequence[dict],
+    make: Callable[[dict], dict],
+    *,
+    batch: int = 64,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, dict[str, float]]:
     """Per ``type`` field of the records (``"all"`` without one): ``{"right", "total", "accuracy"}``, plus
     ``"skipped"`` for records ``make`` rejects (counted under their type, never scored as wrong or right).
     With the ``mesh`` of a (possibly multi-process) sharded model, every process scores the same records."""
-    put = jnp.asarray if mesh is None else functools.partial(
-        jax.make_array_from_process_local_data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    put = (
+        jnp.asarray
+        if mesh is None
+        else functools.partial(
+            jax.make_array_from_process_local_data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        )
+    )
     right, total, skipped = defaultdict(int), defaultdict(int), defaultdict(int)
     made = [(r.get("type", "all"), samples.Safe(make)(r)) for r in records]
     for kind, s in made:
@@ -44,7 +56,7 @@ def accuracy(model: nnx.Module, records: Sequence[dict], make: Callable[[dict], 
             skipped[kind] += 1
     good = [(kind, s) for kind, s in made if not isinstance(s, samples.BadSample)]
     for lo in range(0, len(good), batch):
-        chunk = good[lo:lo + batch]
+        chunk = good[lo : lo + batch]
         padded = chunk + [chunk[-1]] * (batch - len(chunk))  # one compiled shape; the copies are not scored
         stacked = {k: put(np.stack([s[k] for _, s in padded])) for k in (*INPUTS, "labels")}
         hits = process_allgather(exact_answers(model, {k: stacked[k] for k in INPUTS}, stacked["labels"]), tiled=True)
@@ -52,8 +64,15 @@ def accuracy(model: nnx.Module, records: Sequence[dict], make: Callable[[dict], 
             right[kind] += int(hit)
             total[kind] += 1
     kinds = sorted(set(total) | set(skipped))
-    return {k: {"right": right[k], "total": total[k], "skipped": skipped[k],
-                "accuracy": right[k] / total[k] if total[k] else float("nan")} for k in kinds}
+    return {
+        k: {
+            "right": right[k],
+            "total": total[k],
+            "skipped": skipped[k],
+            "accuracy": right[k] / total[k] if total[k] else float("nan"),
+        }
+        for k in kinds
+    }
 
 
 @nnx.jit
@@ -61,8 +80,14 @@ def _embed(model: nnx.Module, input_ids: jax.Array, pixel_values: jax.Array) -> 
     return model.embed(input_ids, pixel_values)
 
 
-def answers(model: nnx.Module, prompts: Sequence[dict[str, np.ndarray]], *, max_new_tokens: int,
-            stop_ids: Sequence[int], batch: int = 16) -> list[list[int]]:
+def answers(
+    model: nnx.Module,
+    prompts: Sequence[dict[str, np.ndarray]],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    batch: int = 16,
+) -> list[list[int]]:
     """Greedy answer token ids (cut before the first of ``stop_ids``) of an InternVL model to ``prompts``
     (``InternVLSamples.prompt``: ``input_ids`` [T], ``pixel_values`` [slots, 3, S, S]). Prompts of one length
     decode together, so no row is padded and a batch decodes exactly as its rows would one by one."""
@@ -73,12 +98,15 @@ def answers(model: nnx.Module, prompts: Sequence[dict[str, np.ndarray]], *, max_
     stops = tuple(stop_ids)
     for length, rows in sorted(by_length.items()):
         for lo in range(0, len(rows), batch):
-            chunk = rows[lo:lo + batch]
+            chunk = rows[lo : lo + batch]
             filled = chunk + [chunk[-1]] * (batch - len(chunk))  # one compiled shape per length
             ids = jnp.asarray(np.stack([prompts[i]["input_ids"] for i in filled]))
             pixels = jnp.asarray(np.stack([prompts[i]["pixel_values"] for i in filled]))
-            new = np.asarray(greedy(model.language_model, ids, max_new_tokens,
-                                    inputs_embeds=_embed(model, ids, pixels), stop_ids=stops))[:, length:]
+            new = np.asarray(
+                greedy(
+                    model.language_model, ids, max_new_tokens, inputs_embeds=_embed(model, ids, pixels), stop_ids=stops
+                )
+            )[:, length:]
             for i, row in zip(chunk, new.tolist()):
                 out[i] = cut(row, stops)
     return out

@@ -68,6 +68,7 @@ its 0-200-per-subtask scale and OCRBench its count of right answers.
 A record missing a field, or with a malformed one, is a ValueError naming its question_id: the data is broken,
 not the model.
 """
+
 from __future__ import annotations
 
 import random
@@ -76,14 +77,28 @@ import string
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Sequence
 
-TASKS: tuple[str, ...] = ("textvqa", "pope", "mme", "mmbench", "scienceqa", "gqa", "mmmu", "mathvista", "ai2d",
-                          "chartqa", "docvqa", "infovqa", "ocrbench")
+TASKS: tuple[str, ...] = (
+    "textvqa",
+    "pope",
+    "mme",
+    "mmbench",
+    "scienceqa",
+    "gqa",
+    "mmmu",
+    "mathvista",
+    "ai2d",
+    "chartqa",
+    "docvqa",
+    "infovqa",
+    "ocrbench",
+)
 
 Record = dict[str, Any]
 Result = dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------------- records
+
 
 def _qid(record: Record) -> Any:
     return record["question_id"]
@@ -165,8 +180,20 @@ def levenshtein(a: str, b: str) -> int:
 
 # ------------------------------------------------------------------------------------ TextVQA (EvalAI)
 
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = frozenset({"a", "an", "the"})
 _VQA_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 _PERIOD = re.compile(r"\.(?!\d)")  # EvalAI's "(?!<=\d)" is a lookahead that never fires: only the digit test acts
@@ -189,7 +216,7 @@ def _misspellings(form: str) -> list[str]:
     gaps = [i for i, c in enumerate(form) if c == "'"]
     if len(gaps) == 1:
         return [form.replace("'", "")]
-    return [form[:i] + form[i + 1:] for i in gaps]
+    return [form[:i] + form[i + 1 :] for i in gaps]
 
 
 _CONTRACTIONS = {typo: form for form in _CONTRACTED for typo in _misspellings(form)}
@@ -237,6 +264,7 @@ def _score_textvqa(records: list[Record]) -> dict:
 
 # ------------------------------------------------------------------------------------------------ POPE
 
+
 def pope_parse(answer: str) -> str:
     """LLaVA ``eval_pope.py``: yes unless the first sentence has a negating word."""
     words = answer.split(".")[0].replace(",", "").split(" ")
@@ -254,9 +282,13 @@ def binary_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[st
     fp = pairs.count(("yes", "no"))
     tn = pairs.count(("no", "no"))
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + pairs.count(("no", "yes")))
-    return {"accuracy": (tp + tn) / len(pairs), "precision": precision, "recall": recall,
-            "f1": _ratio(2 * precision * recall, precision + recall),
-            "yes_ratio": list(predictions).count("yes") / len(pairs)}
+    return {
+        "accuracy": (tp + tn) / len(pairs),
+        "precision": precision,
+        "recall": recall,
+        "f1": _ratio(2 * precision * recall, precision + recall),
+        "yes_ratio": list(predictions).count("yes") / len(pairs),
+    }
 
 
 def _score_pope(records: list[Record]) -> dict:
@@ -275,8 +307,18 @@ def _score_pope(records: list[Record]) -> dict:
 
 # ------------------------------------------------------------------------------------------------- MME
 
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "OCR")
+MME_PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
@@ -309,16 +351,22 @@ def _score_mme(records: list[Record]) -> dict:
         results.append(_result(record, prediction == label, pred=prediction))
         groups[category][_field(record, "image")].append(prediction == label)
     categories = {c: mme_category_score(groups[c]) for c in MME_PERCEPTION + MME_COGNITION if c in groups}
-    summary = {"perception": sum(v["score"] for c, v in categories.items() if c in MME_PERCEPTION),
-               "cognition": sum(v["score"] for c, v in categories.items() if c in MME_COGNITION),
-               "categories": categories}
+    summary = {
+        "perception": sum(v["score"] for c, v in categories.items() if c in MME_PERCEPTION),
+        "cognition": sum(v["score"] for c, v in categories.items() if c in MME_COGNITION),
+        "categories": categories,
+    }
     return {"summary": summary, "results": results}
 
 
 # --------------------------------------------------------------------------- MMBench / AI2D (VLMEvalKit)
 
-_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
-             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
 _OPTION_SEPARATORS = re.compile(r"[.()\[\],:;!*#{}]")
 
 
@@ -350,8 +398,7 @@ def infer_option(answer: str, options: dict[str, str]) -> str | None:
 def _letter_options(record: Record) -> dict[str, str]:
     options = _field(record, "options", dict)
     kept = {k: v for k, v in options.items() if v is not None}
-    if not kept or not all(k in string.ascii_uppercase and len(k) == 1 and isinstance(v, str)
-                           for k, v in kept.items()):
+    if not kept or not all(k in string.ascii_uppercase and len(k) == 1 and isinstance(v, str) for k, v in kept.items()):
         raise ValueError(f"question_id {_qid(record)!r}: field 'options' must map letters to option texts")
     return kept
 
@@ -364,8 +411,11 @@ def _score_mmbench(records: list[Record]) -> dict:
         prediction = infer_option(record["answer"], options)
         results.append(_result(record, prediction == label, pred=prediction, unparsed=prediction is None))
         groups[_field(record, "index")].append(prediction == label)
-    summary = {"accuracy": _mean([float(all(g)) for g in groups.values()]),
-               "vanilla_accuracy": _mean([float(r["right"]) for r in results]), "unparsed": _unparsed(results)}
+    summary = {
+        "accuracy": _mean([float(all(g)) for g in groups.values()]),
+        "vanilla_accuracy": _mean([float(r["right"]) for r in results]),
+        "unparsed": _unparsed(results),
+    }
     return {"summary": summary, "results": results}
 
 
@@ -435,6 +485,7 @@ def _score_scienceqa(records: list[Record]) -> dict:
 
 # ------------------------------------------------------------------------------------------------- GQA
 
+
 def gqa_normalize(answer: str) -> str:
     """LLaVA ``convert_gqa_for_eval.py``; GQA's ``eval.py`` then compares strings exactly."""
     return answer.rstrip(".").lower()
@@ -476,7 +527,7 @@ def _mmmu_candidates(padded: str, letters: str, options: Sequence[str]) -> dict[
 
 def mmmu_parse_choice(answer: str, options: Sequence[str], question_id: Any) -> tuple[str, bool]:
     """MMMU ``parse_multi_choice_response``: (letter, parsed). An unparsed answer gets a seeded random letter."""
-    letters = string.ascii_uppercase[:len(options)]
+    letters = string.ascii_uppercase[: len(options)]
     for edge in _MMMU_EDGES:
         answer = answer.strip(edge)
     candidates = _mmmu_candidates(f" {answer} ", letters, options)
@@ -558,8 +609,9 @@ def _mmmu_record(record: Record) -> Result:
     label = _field(record, "label", (str, list))
     if kind == "open":
         predictions = mmmu_parse_open(record["answer"])
-        return _result(record, mmmu_open_right(_strings(record, "label"), predictions), pred=predictions,
-                       unparsed=False)
+        return _result(
+            record, mmmu_open_right(_strings(record, "label"), predictions), pred=predictions, unparsed=False
+        )
     letter, parsed = mmmu_parse_choice(record["answer"], _list_options(record, "options"), _qid(record))
     right = letter in label if isinstance(label, list) else letter == label
     return _result(record, right, pred=letter, unparsed=not parsed)
@@ -622,7 +674,7 @@ def _mathvista_choice(extraction: str, choices: Sequence[str]) -> str:
     bracketed = _MV_BRACKETED.findall(extraction)
     if bracketed:
         extraction = bracketed[0].upper()
-    letters = list(string.ascii_uppercase[:len(choices)])
+    letters = list(string.ascii_uppercase[: len(choices)])
     if extraction in letters:
         return choices[letters.index(extraction)]
     return min(choices, key=lambda choice: levenshtein(extraction, choice))  # the first of equals, as MathVista
@@ -666,6 +718,7 @@ def _score_mathvista(records: list[Record]) -> dict:
 
 # --------------------------------------------------------------------------------------------- ChartQA
 
+
 def _chart_float(text: str) -> float | None:
     try:
         return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
@@ -688,6 +741,7 @@ def _score_chartqa(records: list[Record]) -> dict:
 
 # ------------------------------------------------------------------------------------------ DocVQA ANLS
 
+
 def _anls_distance(prediction: str, reference: str) -> float:
     a = " ".join(reference.strip().lower().split())
     b = " ".join(prediction.strip().lower().split())
@@ -709,10 +763,18 @@ def _score_anls(records: list[Record]) -> dict:
 
 # -------------------------------------------------------------------------------------------- OCRBench
 
-OCRBENCH_CATEGORIES = ("Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
-                       "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition",
-                       "Scene Text-centric VQA", "Doc-oriented VQA", "Key Information Extraction",
-                       "Handwritten Mathematical Expression Recognition")
+OCRBENCH_CATEGORIES = (
+    "Regular Text Recognition",
+    "Irregular Text Recognition",
+    "Artistic Text Recognition",
+    "Handwriting Recognition",
+    "Digit String Recognition",
+    "Non-Semantic Text Recognition",
+    "Scene Text-centric VQA",
+    "Doc-oriented VQA",
+    "Key Information Extraction",
+    "Handwritten Mathematical Expression Recognition",
+)
 _HME = "Handwritten Mathematical Expression Recognition"
 
 
@@ -741,9 +803,18 @@ def _score_ocrbench(records: list[Record]) -> dict:
 # ---------------------------------------------------------------------------------------------- entry
 
 _SCORERS: dict[str, Callable[[list[Record]], dict]] = {
-    "textvqa": _score_textvqa, "pope": _score_pope, "mme": _score_mme, "mmbench": _score_mmbench,
-    "scienceqa": _score_scienceqa, "gqa": _score_gqa, "mmmu": _score_mmmu, "mathvista": _score_mathvista,
-    "ai2d": _score_ai2d, "chartqa": _score_chartqa, "docvqa": _score_anls, "infovqa": _score_anls,
+    "textvqa": _score_textvqa,
+    "pope": _score_pope,
+    "mme": _score_mme,
+    "mmbench": _score_mmbench,
+    "scienceqa": _score_scienceqa,
+    "gqa": _score_gqa,
+    "mmmu": _score_mmmu,
+    "mathvista": _score_mathvista,
+    "ai2d": _score_ai2d,
+    "chartqa": _score_chartqa,
+    "docvqa": _score_anls,
+    "infovqa": _score_anls,
     "ocrbench": _score_ocrbench,
 }
 

@@ -6,6 +6,7 @@ conversation, MGM one), ``/reset`` starts a new conversation, ``/quit`` (or end 
 an MGM model for an image with every message (MGM's `` <GEN>``); with ``--sd-model DIR`` (a local diffusers
 pipeline) the prompt it writes inside ``<h>…</h>`` is drawn and saved under ``--image-dir``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from mgjax.inference.generate import add_model_arguments, conversation_inputs, d
 @dataclass
 class Chat:
     """A conversation with a model: ``say`` streams the answer's text as it grows and keeps both turns."""
+
     model: Any
     tokenizer: Any
     template: str | None
@@ -54,19 +56,23 @@ class Chat:
         embeds = self.model.embed(ids, **image_args) if image_args else None
         stops = stop_ids(self.tokenizer, self.template)
         tokens, shown = [], ""
-        for step in decoding.stream(lm, ids, self.max_new_tokens, inputs_embeds=embeds, sampling=self.sampling,
-                                    stop_ids=stops):
+        for step in decoding.stream(
+            lm, ids, self.max_new_tokens, inputs_embeds=embeds, sampling=self.sampling, stop_ids=stops
+        ):
             tokens.append(int(step[0]))
             answer = self.tokenizer.decode(decoding.cut(tokens, stops), skip_special_tokens=True)
             if answer.startswith(shown) and answer != shown:  # a byte-level piece may complete a character later
-                yield answer[len(shown):]
+                yield answer[len(shown) :]
                 shown = answer
             if tokens[-1] in stops:
                 break
         self.turns = [*turns, {"from": "gpt", "value": shown}]
         self.images, self.pending = images, []
-        self.last_image = (imagegen.imagine(shown, self.draw, self.image_dir, f"{len(self.turns) // 2:03d}")
-                           if self.draw is not None else None)
+        self.last_image = (
+            imagegen.imagine(shown, self.draw, self.image_dir, f"{len(self.turns) // 2:03d}")
+            if self.draw is not None
+            else None
+        )
 
 
 def _lines() -> Iterator[str]:
@@ -82,8 +88,9 @@ def _lines() -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mgjax.chat", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(
+        prog="python -m mgjax.chat", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1]
+    )
     ap.add_argument("--model", required=True, help="a converted checkpoint directory (with tokenizer files)")
     ap.add_argument("--image", help="an image for the first message")
     ap.add_argument("--template", help="conversation template; default: the model's own")
@@ -98,10 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         model, tokenizer = load_model(args)
-        chat = Chat(model, tokenizer, args.template or default_template(model, tokenizer), args.max_new_tokens,
-                    decoding.Sampling(temperature=args.temperature, top_p=args.top_p), gen=args.gen,
-                    draw=imagegen.DiffusersBackend(args.sd_model, steps=args.sd_steps) if args.sd_model else None,
-                    image_dir=args.image_dir, exif_transpose=args.exif_transpose)
+        chat = Chat(
+            model,
+            tokenizer,
+            args.template or default_template(model, tokenizer),
+            args.max_new_tokens,
+            decoding.Sampling(temperature=args.temperature, top_p=args.top_p),
+            gen=args.gen,
+            draw=imagegen.DiffusersBackend(args.sd_model, steps=args.sd_steps) if args.sd_model else None,
+            image_dir=args.image_dir,
+            exif_transpose=args.exif_transpose,
+        )
         if args.image:
             chat.attach(args.image)
     except (ValueError, OSError, ImportError) as e:

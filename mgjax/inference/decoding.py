@@ -6,6 +6,7 @@ tokens, so one compiled prefill and one compiled step serve every batch of that 
 the model's (hashable) graphdef and the ``Sampling`` as static arguments. Padding is masked out of every attention
 and positions count real tokens only, so a row decodes as it would alone (up to float summation order).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ class Sampling:
     softmax(logits / temperature) restricted to the ``top_k`` likeliest tokens (0: all) and then to the smallest
     set whose probability reaches ``top_p``, transformers' order of warpers. ``num_beams`` > 1: beam search
     (``beam_search``), sampled within the beams when ``temperature`` > 0, as MGM scores MMMU."""
+
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -33,8 +35,9 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.num_beams < 1:
-            raise ValueError(f"bad sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1, "
-                             "num_beams >= 1")
+            raise ValueError(
+                f"bad sampling settings {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1, num_beams >= 1"
+            )
 
 
 def _keep_top(x: jax.Array, s: Sampling) -> jax.Array:
@@ -71,7 +74,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> 
     mask = np.zeros((len(prompts), length), np.int32)
     for i, p in enumerate(prompts):
         if len(p):
-            ids[i, -len(p):], mask[i, -len(p):] = p, 1
+            ids[i, -len(p) :], mask[i, -len(p) :] = p, 1
     return ids, mask
 
 
@@ -120,9 +123,16 @@ def _mask(attention_mask, input_ids, max_new_tokens: int) -> jax.Array:
     return jnp.concatenate([prompt, jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
 
 
-def stream(model: nnx.Module, input_ids: jax.Array, max_new_tokens: int, *, attention_mask: jax.Array | None = None,
-           inputs_embeds: jax.Array | None = None, sampling: Sampling = Sampling(),
-           stop_ids: Sequence[int] = ()) -> Iterator[np.ndarray]:
+def stream(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    attention_mask: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+    sampling: Sampling = Sampling(),
+    stop_ids: Sequence[int] = (),
+) -> Iterator[np.ndarray]:
     """Each step's new tokens [B] for ``input_ids`` [B, T] (left-padded, ``attention_mask`` 1 on real tokens),
     until ``max_new_tokens`` or until every row has produced one of ``stop_ids`` (a row that stopped keeps
     decoding until then; callers cut at its first stop). ``model`` is a causal LM; ``inputs_embeds`` [B, T, D]
@@ -143,8 +153,9 @@ def stream(model: nnx.Module, input_ids: jax.Array, max_new_tokens: int, *, atte
         if t + len(out) == restart:
             new = jnp.stack(out, 1)
             embeds = None if inputs_embeds is None else jnp.concatenate([inputs_embeds, model.embed(new)], 1)
-            token, cache = _prefill(graphdef, state, jnp.concatenate([input_ids, new], 1), embeds, mask, max_len,
-                                    sampling, next(keys))
+            token, cache = _prefill(
+                graphdef, state, jnp.concatenate([input_ids, new], 1), embeds, mask, max_len, sampling, next(keys)
+            )
         else:
             token, cache = _step(graphdef, state, token, cache, mask, sampling, next(keys))
         out.append(token)
@@ -158,8 +169,14 @@ def generate(model: nnx.Module, input_ids: jax.Array, max_new_tokens: int, **kw)
     return jnp.concatenate([jnp.asarray(input_ids), jnp.asarray(np.stack(steps, axis=1))], axis=1)
 
 
-def greedy(model: nnx.Module, input_ids: jax.Array, max_new_tokens: int, *, inputs_embeds: jax.Array | None = None,
-           stop_ids: Sequence[int] = ()) -> jax.Array:
+def greedy(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    stop_ids: Sequence[int] = (),
+) -> jax.Array:
     """``generate`` with argmax tokens and no padding."""
     return generate(model, input_ids, max_new_tokens, inputs_embeds=inputs_embeds, stop_ids=stop_ids)
 
@@ -167,7 +184,7 @@ def greedy(model: nnx.Module, input_ids: jax.Array, max_new_tokens: int, *, inpu
 def cut(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     """A row's tokens before its first stop token."""
     tokens = list(tokens)
-    return tokens[:next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))]
+    return tokens[: next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))]
 
 
 # ------------------------------------------------------------------------------------------------ beam search
@@ -199,8 +216,7 @@ def _beam_prefill(graphdef, state, ids, embeds, mask, key, max_len, sampling):
 def _beam_step(graphdef, state, tokens, cache, scores, mask, key, sampling):
     """One step of every beam [B*K]; the 2K best continuations per row [B, 2K]: totals, beam, token."""
     positions = _positions(mask, cache.index)[:, None]
-    logits, cache = nnx.merge(graphdef, state)(tokens[:, None], attention_mask=mask, positions=positions,
-                                               cache=cache)
+    logits, cache = nnx.merge(graphdef, state)(tokens[:, None], attention_mask=mask, positions=positions, cache=cache)
     v = logits.shape[-1]
     totals = (_beam_log_probs(logits[:, -1], sampling) + scores.reshape(-1, 1)).reshape(scores.shape[0], -1)
     totals, idx = _candidates(totals, sampling, key)
@@ -210,15 +226,23 @@ def _beam_step(graphdef, state, tokens, cache, scores, mask, key, sampling):
 @dataclass
 class _Row:
     """One prompt's beam search: live beams (token lists) with their totals, and the K best finished."""
+
     beams: list[list[int]]
     scores: list[float]
     done: list[tuple[float, list[int]]]
     open: bool = True
 
 
-def beam_search(model: nnx.Module, input_ids: jax.Array, max_new_tokens: int, *, sampling: Sampling,
-                attention_mask: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
-                stop_ids: Sequence[int] = ()) -> list[list[int]]:
+def beam_search(
+    model: nnx.Module,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    sampling: Sampling,
+    attention_mask: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+    stop_ids: Sequence[int] = (),
+) -> list[list[int]]:
     """The best sequence of new tokens per row (a final stop token included) by transformers' beam search with
     ``sampling.num_beams`` beams and its default ``early_stopping=False``: each step takes 2K continuations;
     those among the top K that end on a stop token (or reach ``max_new_tokens``) are finished, scored by their
@@ -232,11 +256,20 @@ def beam_search(model: nnx.Module, input_ids: jax.Array, max_new_tokens: int, *,
     mask = jnp.repeat(_mask(attention_mask, input_ids, max_new_tokens), k, axis=0)
     keys = iter(jax.random.split(jax.random.key(sampling.seed), max_new_tokens))
     rows = [_Row([[]], [0.0], []) for _ in range(b)]
-    totals, origin, token, cache = _beam_prefill(graphdef, state, input_ids, inputs_embeds, mask[::k], next(keys),
-                                                 t + max_new_tokens, sampling)
+    totals, origin, token, cache = _beam_prefill(
+        graphdef, state, input_ids, inputs_embeds, mask[::k], next(keys), t + max_new_tokens, sampling
+    )
     for length in range(1, max_new_tokens + 1):
-        keep = _advance(rows, np.asarray(totals), np.asarray(origin), np.asarray(token), set(stop_ids), length,
-                        length == max_new_tokens, sampling)
+        keep = _advance(
+            rows,
+            np.asarray(totals),
+            np.asarray(origin),
+            np.asarray(token),
+            set(stop_ids),
+            length,
+            length == max_new_tokens,
+            sampling,
+        )
         if not any(r.open for r in rows) or length == max_new_tokens:
             break
         cache = jax.tree.map(lambda x: x[:, keep] if x.ndim > 1 else x, cache)  # each beam's own history
@@ -253,8 +286,12 @@ def _advance(rows: list[_Row], totals, origin, token, stops: set, length: int, l
         ends = [int(tok) in stops or last for tok in token[r]]
         for rank in range(k):
             if ends[rank] and row.open:
-                row.done.append((float(totals[r, rank]) / length ** s.length_penalty,
-                                 row.beams[origin[r, rank]] + [int(token[r, rank])]))
+                row.done.append(
+                    (
+                        float(totals[r, rank]) / length**s.length_penalty,
+                        row.beams[origin[r, rank]] + [int(token[r, rank])],
+                    )
+                )
         row.done = sorted(row.done, key=lambda d: -d[0])[:k]
         # live beams: the K best that did not end (ended ones sink, as transformers' -1e9 does)
         ranked = sorted(range(2 * k), key=lambda i: (ends[i], -totals[r, i]))[:k]
@@ -263,5 +300,5 @@ def _advance(rows: list[_Row], totals, origin, token, stops: set, length: int, l
         row.scores = [float(totals[r, i]) - 1e9 * ends[i] for i in ranked]
         keep += [r * len(parents) + int(origin[r, i]) for i in ranked]
         worst = row.done[-1][0] if len(row.done) == k else -1e9
-        row.open = row.open and max(row.scores) / length ** s.length_penalty > worst
+        row.open = row.open and max(row.scores) / length**s.length_penalty > worst
     return keep

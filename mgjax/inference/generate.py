@@ -1,8 +1,10 @@
-"""``python -m mgjax.generate``: one prompt (and image) through any converted model, decoded by ``mgjax.inference.decoding``.
+"""``python -m mgjax.generate``: one prompt (and image) through any converted model, decoded by
+``mgjax.inference.decoding``.
 
-    python -m mgjax.generate --model DIR [--image PATH] --prompt TEXT [--max-new-tokens 64] [--template NAME]
-        [--temperature T --top-p P --top-k K --seed S] [--num-beams N]
+python -m mgjax.generate --model DIR [--image PATH] --prompt TEXT [--max-new-tokens 64] [--template NAME]
+    [--temperature T --top-p P --top-k K --seed S] [--num-beams N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +23,17 @@ from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares (generate, chat, serve, eval)."""
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--towers-root", help=mgm_towers.ROOT_HELP)
     ap.add_argument("--towers", default="mgm", choices=mgm_towers.SOURCES, help=mgm_towers.SOURCE_HELP)
-    ap.add_argument("--exif-transpose", action="store_true",
-                    help="turn images upright by their EXIF orientation first (MGM and InternVL do not)")
+    ap.add_argument(
+        "--exif-transpose",
+        action="store_true",
+        help="turn images upright by their EXIF orientation first (MGM and InternVL do not)",
+    )
 
 
 def load_model(args: argparse.Namespace):
@@ -35,8 +41,10 @@ def load_model(args: argparse.Namespace):
     import transformers  # noqa: PLC0415  (slow imports only a model run needs)
 
     import mgjax  # noqa: PLC0415
-    model = mgjax.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root,
-                                  tower_source=args.towers)
+
+    model = mgjax.from_pretrained(
+        args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root, tower_source=args.towers
+    )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as e:
@@ -60,15 +68,18 @@ def default_template(model, tokenizer) -> str | None:
     return None
 
 
-def conversation_inputs(model, tokenizer, template: str | None, conversation: list[dict], images: list
-                        ) -> tuple[np.ndarray, dict]:
+def conversation_inputs(
+    model, tokenizer, template: str | None, conversation: list[dict], images: list
+) -> tuple[np.ndarray, dict]:
     """Token ids [1, T] of a conversation ending on a human turn, ready for the answer, and the image arguments
     of ``model.embed``: one image per ``<image>`` of the turns, in order (MGM takes one per conversation)."""
     c = model.config
     marks = sum(str(t.get("value", "")).count(templates.IMAGE) for t in conversation)
     if marks != len(images):
-        raise ValueError(f"the conversation has {marks} {templates.IMAGE} placeholders but {len(images)} image"
-                         f"{'s were' if len(images) != 1 else ' was'} given")
+        raise ValueError(
+            f"the conversation has {marks} {templates.IMAGE} placeholders but {len(images)} image"
+            f"{'s were' if len(images) != 1 else ' was'} given"
+        )
     if template is None:
         if images:
             raise ValueError("a text-only model cannot take images")
@@ -101,8 +112,9 @@ def batch_embeds(model, ids: jax.Array, image_args: list[dict]) -> jax.Array | N
     if not rows:
         return None
     if "pixel_values" in rows[0]:
-        return model.embed(ids, jnp.concatenate([a["pixel_values"] for a in rows]),
-                           image_token_id=rows[0]["image_token_id"])
+        return model.embed(
+            ids, jnp.concatenate([a["pixel_values"] for a in rows]), image_token_id=rows[0]["image_token_id"]
+        )
     return model.embed(ids, **{k: jnp.concatenate([a[k] for a in rows]) for k in ("images", "images_aux")})
 
 
@@ -111,8 +123,9 @@ def _inputs(model, tokenizer, template, prompt: str, image) -> tuple[np.ndarray,
     codebases put it."""
     if image is not None and templates.IMAGE not in prompt:
         prompt = templates.IMAGE + "\n" + prompt
-    return conversation_inputs(model, tokenizer, template, [{"from": "human", "value": prompt}],
-                               [] if image is None else [image])
+    return conversation_inputs(
+        model, tokenizer, template, [{"from": "human", "value": prompt}], [] if image is None else [image]
+    )
 
 
 def stop_ids(tokenizer, template: str | None) -> tuple[int, ...]:
@@ -125,12 +138,16 @@ def stop_ids(tokenizer, template: str | None) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mgjax.generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a converted checkpoint directory (config.json, safetensors, "
-                                                    "tokenizer files)")
+    ap.add_argument(
+        "--model", required=True, help="a converted checkpoint directory (config.json, safetensors, tokenizer files)"
+    )
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--image", help="an image file (MGM and InternVL models)")
-    ap.add_argument("--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}); default: the "
-                                       "model's own; 'none' sends the prompt as is")
+    ap.add_argument(
+        "--template",
+        help=f"conversation template ({', '.join(templates.TEMPLATES)}); default: the "
+        "model's own; 'none' sends the prompt as is",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     add_model_arguments(ap)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -142,11 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tokenizer = load_model(args)
         image = preprocess.load_image(args.image, exif_transpose=args.exif_transpose) if args.image else None
-        template = default_template(model, tokenizer) if args.template is None else (
-            None if args.template == "none" else args.template)
+        template = (
+            default_template(model, tokenizer)
+            if args.template is None
+            else (None if args.template == "none" else args.template)
+        )
         ids, image_args = _inputs(model, tokenizer, template, args.prompt, image)
-        sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            num_beams=args.num_beams, seed=args.seed)
+        sampling = Sampling(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams, seed=args.seed
+        )
     except (ValueError, OSError) as e:  # CheckpointError, ImageError, TokenizationError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,6 +179,6 @@ def main(argv: list[str] | None = None) -> int:
         new = beam_search(lm, ids, args.max_new_tokens, sampling=sampling, inputs_embeds=embeds, stop_ids=stops)[0]
     else:
         out = generate(lm, ids, args.max_new_tokens, inputs_embeds=embeds, sampling=sampling, stop_ids=stops)
-        new = np.asarray(out)[0, ids.shape[1]:].tolist()
+        new = np.asarray(out)[0, ids.shape[1] :].tolist()
     print(tokenizer.decode(cut(new, stops), skip_special_tokens=True))
     return 0

@@ -6,6 +6,7 @@ answer. ``<GEN>``, ``<h>`` and ``</h>`` are plain text, not special tokens.
 The backend needs the optional ``gen`` extra (``pip install -e ".[gen]"``); nothing is downloaded: the pipeline
 is read from a local directory, safetensors only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,10 +16,12 @@ from PIL import Image
 
 GEN = "<GEN>"
 # MGM passes a fixed negative prompt of common artefacts; this list is ours, written to the same purpose.
-NEGATIVE_PROMPT = ("out of frame, lowres, text, error, cropped, worst quality, low quality, jpeg artifacts, ugly, "
-                   "duplicate, morbid, mutilated, extra fingers, mutated hands, poorly drawn hands, poorly drawn "
-                   "face, deformed, blurry, bad anatomy, bad proportions, extra limbs, disfigured, watermark, "
-                   "signature, username")
+NEGATIVE_PROMPT = (
+    "out of frame, lowres, text, error, cropped, worst quality, low quality, jpeg artifacts, ugly, "
+    "duplicate, morbid, mutilated, extra fingers, mutated hands, poorly drawn hands, poorly drawn "
+    "face, deformed, blurry, bad anatomy, bad proportions, extra limbs, disfigured, watermark, "
+    "signature, username"
+)
 
 TextToImage = Callable[[str], Image.Image]
 
@@ -41,14 +44,23 @@ class DiffusersBackend:
     """A local ``diffusers`` pipeline as a ``TextToImage``: MGM calls SDXL with its defaults (50 steps, guidance
     5.0, 1024 pixels) and its negative prompt; ``seed`` fixes the noise (MGM's is random)."""
 
-    def __init__(self, path: str | Path, *, steps: int = 50, guidance: float = 5.0, size: int | None = None,
-                 seed: int | None = None, dtype: str = "float32"):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        steps: int = 50,
+        guidance: float = 5.0,
+        size: int | None = None,
+        seed: int | None = None,
+        dtype: str = "float32",
+    ):
         import diffusers  # noqa: PLC0415  (the optional extra)
         import torch  # noqa: PLC0415
 
         self.torch = torch
         self.pipe = diffusers.DiffusionPipeline.from_pretrained(
-            path, torch_dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True)
+            path, torch_dtype=getattr(torch, dtype), use_safetensors=True, local_files_only=True
+        )
         if torch.cuda.is_available():
             self.pipe = self.pipe.to("cuda")
         self.steps, self.guidance, self.size, self.seed = steps, guidance, size, seed
@@ -56,8 +68,14 @@ class DiffusersBackend:
     def __call__(self, prompt: str) -> Image.Image:
         generator = None if self.seed is None else self.torch.Generator().manual_seed(self.seed)
         size = {} if self.size is None else {"height": self.size, "width": self.size}
-        return self.pipe(prompt, negative_prompt=NEGATIVE_PROMPT, num_inference_steps=self.steps,
-                         guidance_scale=self.guidance, generator=generator, **size).images[0]
+        return self.pipe(
+            prompt,
+            negative_prompt=NEGATIVE_PROMPT,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
+            generator=generator,
+            **size,
+        ).images[0]
 
 
 def imagine(answer: str, backend: TextToImage, out_dir: str | Path, stem: str) -> Path | None:

@@ -9,6 +9,7 @@ malformed messages, an image that does not decode or is not a data URI, a prompt
 gets a 4xx error in OpenAI's format and the server goes on. A system message is put before the first user
 message's text: the templates fix their own system prompt. Nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ class RequestError(Exception):
 class Job:
     """One request: its prompt, how to decode it, and the queue its text goes out through (pieces, then a
     ``(finish_reason, completion_tokens)`` tuple)."""
+
     ids: np.ndarray
     image_args: dict
     sampling: decoding.Sampling
@@ -87,8 +89,9 @@ def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if role not in ("system", "user", "assistant") or not isinstance(parts, list):
-            raise RequestError(400, f"messages[{i}]: needs a role (system, user, assistant) and a content",
-                               param=f"messages[{i}]")
+            raise RequestError(
+                400, f"messages[{i}]: needs a role (system, user, assistant) and a content", param=f"messages[{i}]"
+            )
         text = []
         for j, part in enumerate(parts):
             kind = part.get("type") if isinstance(part, dict) else None
@@ -96,8 +99,13 @@ def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict
                 text.append(part["text"])
             elif kind == "image_url" and role == "user":
                 url = part.get("image_url", {})
-                images.append(_image(url.get("url", "") if isinstance(url, dict) else str(url),
-                                     f"messages[{i}].content[{j}]", exif_transpose))
+                images.append(
+                    _image(
+                        url.get("url", "") if isinstance(url, dict) else str(url),
+                        f"messages[{i}].content[{j}]",
+                        exif_transpose,
+                    )
+                )
                 text.append(templates.IMAGE + "\n")
             else:
                 raise RequestError(400, f"messages[{i}].content[{j}]: unsupported part", param=f"messages[{i}]")
@@ -136,7 +144,7 @@ class Batcher:
                 except queue.Empty:
                     break
             key = self._key(held[0])
-            batch = [j for j in held if self._key(j) == key][:self.max_batch]
+            batch = [j for j in held if self._key(j) == key][: self.max_batch]
             held = [j for j in held if j not in batch]
             self._decode(batch)
 
@@ -162,13 +170,19 @@ class Batcher:
             job.out.put((job.finished or "length", len(job.tokens)))
 
     def _steps(self, batch: list[Job]):
-        ids, mask = decoding.left_pad([j.ids for j in batch], self.tokenizer.pad_token_id or 0,
-                                     bucket=BUCKET)
+        ids, mask = decoding.left_pad([j.ids for j in batch], self.tokenizer.pad_token_id or 0, bucket=BUCKET)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         embeds = batch_embeds(self.model, ids, [j.image_args for j in batch])
         lm = getattr(self.model, "language_model", self.model)
-        return decoding.stream(lm, ids, max(j.max_tokens for j in batch), attention_mask=mask,
-                               inputs_embeds=embeds, sampling=batch[0].sampling, stop_ids=self.stop_ids)
+        return decoding.stream(
+            lm,
+            ids,
+            max(j.max_tokens for j in batch),
+            attention_mask=mask,
+            inputs_embeds=embeds,
+            sampling=batch[0].sampling,
+            stop_ids=self.stop_ids,
+        )
 
     def _advance(self, job: Job, token: int) -> None:
         if token in self.stop_ids:
@@ -180,7 +194,7 @@ class Batcher:
         if cut >= 0:
             text, job.finished = text[:cut], "stop"
         if text.startswith(job.text) and len(text) > len(job.text):  # bytes of a character may come later
-            job.out.put(text[len(job.text):])
+            job.out.put(text[len(job.text) :])
             job.text = text
         if job.finished is None and len(job.tokens) >= job.max_tokens:
             job.finished = "length"
@@ -189,9 +203,19 @@ class Batcher:
 class Service:
     """Requests -> jobs: validation, prompts, and the OpenAI response shapes."""
 
-    def __init__(self, model, tokenizer, name: str, *, template: str | None = None, max_batch: int = 8,
-                 wait: float = 0.05, max_prompt_tokens: int = 4096, max_tokens: int = 512,
-                 exif_transpose: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        *,
+        template: str | None = None,
+        max_batch: int = 8,
+        wait: float = 0.05,
+        max_prompt_tokens: int = 4096,
+        max_tokens: int = 512,
+        exif_transpose: bool = False,
+    ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.exif_transpose = exif_transpose
         self.template = template or default_template(model, tokenizer)
@@ -202,18 +226,29 @@ class Service:
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         if body.get("model") != self.name:
-            raise RequestError(404, f"model {body.get('model')!r} does not exist; this server has {self.name!r}",
-                               code="model_not_found", param="model")
+            raise RequestError(
+                404,
+                f"model {body.get('model')!r} does not exist; this server has {self.name!r}",
+                code="model_not_found",
+                param="model",
+            )
         turns, images = conversation(body.get("messages"), self.exif_transpose)
         try:
             ids, image_args = conversation_inputs(self.model, self.tokenizer, self.template, turns, images)
-            sampling = decoding.Sampling(temperature=float(body.get("temperature") or 0.0),
-                                         top_p=float(body.get("top_p") or 1.0), seed=int(body.get("seed") or 0))
+            sampling = decoding.Sampling(
+                temperature=float(body.get("temperature") or 0.0),
+                top_p=float(body.get("top_p") or 1.0),
+                seed=int(body.get("seed") or 0),
+            )
         except (ValueError, TypeError) as e:
             raise RequestError(400, str(e)) from None
         if ids.shape[1] > self.max_prompt_tokens:
-            raise RequestError(400, f"the prompt has {ids.shape[1]} tokens, more than this server's "
-                                    f"{self.max_prompt_tokens}", code="context_length_exceeded", param="messages")
+            raise RequestError(
+                400,
+                f"the prompt has {ids.shape[1]} tokens, more than this server's {self.max_prompt_tokens}",
+                code="context_length_exceeded",
+                param="messages",
+            )
         budget = body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
         stops = body.get("stop") or []
         stops = [stops] if isinstance(stops, str) else stops
@@ -226,15 +261,23 @@ class Service:
         return job
 
     def chunk(self, rid: str, delta: dict, finish: str | None = None) -> dict:
-        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
 
     def completion(self, rid: str, job: Job, text: str, finish: str, used: int) -> dict:
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(job.ids), "completion_tokens": used,
-                          "total_tokens": len(job.ids) + used}}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(job.ids), "completion_tokens": used, "total_tokens": len(job.ids) + used},
+        }
 
 
 def _pieces(job: Job):
@@ -264,13 +307,27 @@ def handler(service: Service):
             self.wfile.write(data)
 
         def _error(self, e: RequestError) -> None:
-            self._json(e.status, {"error": {"message": str(e), "type": "invalid_request_error" if e.status < 500
-                                            else "server_error", "param": e.param, "code": e.code}})
+            self._json(
+                e.status,
+                {
+                    "error": {
+                        "message": str(e),
+                        "type": "invalid_request_error" if e.status < 500 else "server_error",
+                        "param": e.param,
+                        "code": e.code,
+                    }
+                },
+            )
 
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": service.name, "object": "model",
-                                                             "created": 0, "owned_by": "mgjax"}]})
+                self._json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": service.name, "object": "model", "created": 0, "owned_by": "mgjax"}],
+                    },
+                )
             else:
                 self._error(RequestError(404, f"no route {self.path}", code="not_found"))
 
@@ -339,14 +396,23 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from pathlib import Path  # noqa: PLC0415
+
     try:
         model, tokenizer = load_model(args)
     except (ValueError, OSError) as e:  # no config, a bad checkpoint, no tokenizer files: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    service = Service(model, tokenizer, args.name or Path(args.model).resolve().name, template=args.template,
-                      max_batch=args.max_batch, wait=args.batch_wait, max_prompt_tokens=args.max_prompt_tokens,
-                      max_tokens=args.max_tokens, exif_transpose=args.exif_transpose)
+    service = Service(
+        model,
+        tokenizer,
+        args.name or Path(args.model).resolve().name,
+        template=args.template,
+        max_batch=args.max_batch,
+        wait=args.batch_wait,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        exif_transpose=args.exif_transpose,
+    )
     httpd = server(service, args.host, args.port)
     print(f"serving {service.name} on http://{args.host}:{httpd.server_address[1]}/v1", flush=True)
     try:

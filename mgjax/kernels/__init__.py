@@ -1,2 +1,1 @@
-"""Pallas kernels (TPU; interpret mode elsewhere): the mining attention. Above ``parallel`` only.
-"""
+"""Pallas kernels (TPU; interpret mode elsewhere): the mining attention. Above ``parallel`` only."""

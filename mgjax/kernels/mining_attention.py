@@ -18,6 +18,7 @@ fetched again:
 Numerics follow ``mining.reference`` (MGM's): logits rounded to the input dtype and passed through nan_to_num,
 a float32 softmax, probabilities rounded to v's dtype, float32 accumulation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,6 +40,7 @@ MAX_SLOTS = 4  # slots per chunk: each is unrolled in the kernels, and 4 already
 class Blocks:
     """``tokens`` per block (bt) and window slots per chunk (wc, a divisor of W); ``vmem_limit``: the scoped VMEM
     the compiler is given, bytes."""
+
     tokens: int
     slots: int
     vmem_limit: int
@@ -127,8 +129,9 @@ def _forward_kernel(w, q_ref, k_ref, v_ref, o_ref, stats_ref, logits_ref, acc_re
             o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _backward_kernel(w, q_ref, k_ref, v_ref, do_ref, stats_ref, dq_ref, dk_ref, dv_ref,
-                     p_ref, dp_ref, pdpk_ref, pk_ref):
+def _backward_kernel(
+    w, q_ref, k_ref, v_ref, do_ref, stats_ref, dq_ref, dk_ref, dv_ref, p_ref, dp_ref, pdpk_ref, pk_ref
+):
     """Slot s's probability and do·v live in lane s of ``p_ref`` and ``dp_ref`` [bt, 128] (others zero)."""
     phase, j = pl.program_id(2), pl.program_id(3)
     wc, scale = k_ref.shape[0], 1.0 / math.sqrt(q_ref.shape[-1])
@@ -182,12 +185,23 @@ def _call(kernel, inputs, in_specs, outputs, out_specs, scratch, b: Blocks, inte
     q = inputs[0]
     chunks = inputs[1].shape[1] // b.slots
     tpu = interpret is False or isinstance(interpret, pltpu.InterpretParams)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"),
-                                  vmem_limit_bytes=b.vmem_limit) if tpu else None
+    params = (
+        pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=b.vmem_limit
+        )
+        if tpu
+        else None
+    )
     return pl.pallas_call(
-        kernel, out_shape=outputs, grid=(q.shape[0], pl.cdiv(q.shape[1], b.tokens), 2, chunks),
-        in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch, compiler_params=params,
-        interpret=interpret)(*inputs)
+        kernel,
+        out_shape=outputs,
+        grid=(q.shape[0], pl.cdiv(q.shape[1], b.tokens), 2, chunks),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=scratch,
+        compiler_params=params,
+        interpret=interpret,
+    )(*inputs)
 
 
 def _tile(b: Blocks):
@@ -203,8 +217,16 @@ def _forward(q, k, v, b: Blocks, interpret, stats: bool):
     out = jax.ShapeDtypeStruct(q.shape, v.dtype)
     kernel = functools.partial(_forward_kernel, k.shape[1])
     if stats:
-        return _call(kernel, (q, k, v), [row, first, second], [out, jax.ShapeDtypeStruct((n, 8, t), F32)],
-                     [row, stat], scratch, b, interpret)
+        return _call(
+            kernel,
+            (q, k, v),
+            [row, first, second],
+            [out, jax.ShapeDtypeStruct((n, 8, t), F32)],
+            [row, stat],
+            scratch,
+            b,
+            interpret,
+        )
     without = lambda q, k, v, o, *scratch: kernel(q, k, v, o, None, *scratch)  # noqa: E731
     return _call(without, (q, k, v), [row, first, second], [out], [row], scratch, b, interpret)
 
@@ -228,8 +250,18 @@ def _attention_bwd(b, interpret, saved, do):
     row, stat, first, second = _specs(b, c, w // b.slots)
     like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
     scratch = [_tile(b), _tile(b), pltpu.VMEM((b.tokens, c), F32), pltpu.VMEM((b.tokens, c), F32)]
-    return tuple(_call(functools.partial(_backward_kernel, w), (q, k, v, do.astype(v.dtype), stats), [row, first, first, row, stat],
-                       like, [row, second, first], scratch, b, interpret))
+    return tuple(
+        _call(
+            functools.partial(_backward_kernel, w),
+            (q, k, v, do.astype(v.dtype), stats),
+            [row, first, first, row, stat],
+            like,
+            [row, second, first],
+            scratch,
+            b,
+            interpret,
+        )
+    )
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

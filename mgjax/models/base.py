@@ -1,4 +1,5 @@
 """What every pretrained model shares: a frozen config that round-trips HF ``config.json``, and its key layouts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from mgjax.models.registry import model_class
 class ModelConfig:
     """Base of every model config. ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype, ``remat`` a
     name from ``layers.REMAT_POLICIES``; ``hf`` keeps the original ``config.json`` so export writes it back."""
+
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
@@ -52,7 +54,9 @@ def require(d: Mapping[str, Any], key: str, where: str):
 
 
 class Pretrained:
-    """Mixin for models that load from and save to HF checkpoints (see ``mgjax.pretrained``; classes by ``model_type`` in ``mgjax.models.registry``)."""
+    """Mixin for models that load from and save to HF checkpoints (see ``mgjax.pretrained``; classes by
+    ``model_type`` in ``mgjax.models.registry``)."""
+
     config_class: ClassVar[type[ModelConfig]]
     key_layouts: ClassVar[dict[str, KeyLayout]] = {"hf": HF}
 

@@ -3,6 +3,7 @@
 Parameter paths equal ``CLIPVisionModel`` state-dict keys. ``features`` gives what MGM consumes: the hidden
 state of a chosen layer (MGM: the second to last) with the CLS token dropped, running only the layers needed.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +17,17 @@ from mgjax.convert.keymap import HF, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
 from mgjax.nn import layers, resize
 
-FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-          "image_size", "patch_size", "hidden_act", "layer_norm_eps")
+FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,18 +56,24 @@ class CLIPVisionConfig(ModelConfig):
         return cls(**{**kw, "hf": dict(d), **overrides})
 
     def to_hf(self) -> dict[str, Any]:
-        return {**self.hf, "model_type": self.model_type, "architectures": ["CLIPVisionModel"],
-                **{k: getattr(self, k) for k in FIELDS}}
+        return {
+            **self.hf,
+            "model_type": self.model_type,
+            "architectures": ["CLIPVisionModel"],
+            **{k: getattr(self, k) for k in FIELDS},
+        }
 
 
 class CLIPVisionEmbeddings(nnx.Module):
     def __init__(self, c: CLIPVisionConfig, rngs: nnx.Rngs):
         d, p = c.hidden_size, c.patch_size
-        self.class_embedding = layers.param(rngs, layers.normal(d ** -0.5), (d,), ("embed",), c.param_dtype)
-        self.patch_embedding = layers.Conv2d(c.num_channels, d, p, stride=p, bias=False, dtype=c.dtype,
-                                             param_dtype=c.param_dtype, rngs=rngs)
-        self.position_embedding = layers.Embedding(c.grid ** 2 + 1, d, axes=("positions", "embed"),
-                                                   param_dtype=c.param_dtype, rngs=rngs)
+        self.class_embedding = layers.param(rngs, layers.normal(d**-0.5), (d,), ("embed",), c.param_dtype)
+        self.patch_embedding = layers.Conv2d(
+            c.num_channels, d, p, stride=p, bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs
+        )
+        self.position_embedding = layers.Embedding(
+            c.grid**2 + 1, d, axes=("positions", "embed"), param_dtype=c.param_dtype, rngs=rngs
+        )
         self.config = c
 
     def positions(self, grid_h: int, grid_w: int) -> jax.Array:
@@ -72,8 +88,10 @@ class CLIPVisionEmbeddings(nnx.Module):
         c = self.config
         b, _, h, w = pixel_values.shape
         if (h, w) != (c.image_size, c.image_size) and not interpolate_pos_encoding:
-            raise ValueError(f"image size {h}x{w} differs from the model's {c.image_size}x{c.image_size}; "
-                             "pass interpolate_pos_encoding=True to interpolate the position embeddings")
+            raise ValueError(
+                f"image size {h}x{w} differs from the model's {c.image_size}x{c.image_size}; "
+                "pass interpolate_pos_encoding=True to interpolate the position embeddings"
+            )
         x = self.patch_embedding(pixel_values.transpose(0, 2, 3, 1))  # [B, H/p, W/p, D]
         gh, gw = x.shape[1:3]
         x = x.reshape(b, gh * gw, -1)
@@ -94,8 +112,9 @@ class CLIPAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
-        out = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                               scale=(d // self.heads) ** -0.5)
+        out = layers.attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), scale=(d // self.heads) ** -0.5
+        )
         return self.out_proj(out.reshape(b, t, d))
 
 
@@ -105,8 +124,9 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm1 = layers.LayerNorm(c.hidden_size, **norm)
         self.self_attn = CLIPAttention(c, rngs)
         self.layer_norm2 = layers.LayerNorm(c.hidden_size, **norm)
-        self.mlp = layers.FeedForward(c.hidden_size, c.intermediate_size, act=c.hidden_act, dtype=c.dtype,
-                                       param_dtype=c.param_dtype, rngs=rngs)
+        self.mlp = layers.FeedForward(
+            c.hidden_size, c.intermediate_size, act=c.hidden_act, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs
+        )
 
     def __call__(self, x, _, *, keep: bool):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -128,9 +148,16 @@ class CLIPEncoder(nnx.Module):
 # A full ``CLIPModel`` checkpoint (OpenAI's, which MGM loads) and transformers 4 saves prefix every tower key
 # with ``vision_model.``; the text tower and projections are not ours, nor the ``position_ids`` buffer that older
 # transformers versions saved.
-PREFIXED = KeyLayout(renames=((r"^", "vision_model."),),
-                     ignore=(r"text_model\..*", r"text_projection\..*", r"visual_projection\..*", r"logit_scale",
-                             r"vision_model\.embeddings\.position_ids"))
+PREFIXED = KeyLayout(
+    renames=((r"^", "vision_model."),),
+    ignore=(
+        r"text_model\..*",
+        r"text_projection\..*",
+        r"visual_projection\..*",
+        r"logit_scale",
+        r"vision_model\.embeddings\.position_ids",
+    ),
+)
 
 
 class CLIPVisionModel(nnx.Module, Pretrained):
@@ -163,8 +190,14 @@ class CLIPVisionModel(nnx.Module, Pretrained):
         hidden = x[None] if per_layer is None else jnp.concatenate([x[None], per_layer])
         return CLIPOutput(last, pooled, hidden)
 
-    def features(self, pixel_values: jax.Array, *, select_layer: int = -2, drop_cls: bool = True,
-                 interpolate_pos_encoding: bool = False) -> jax.Array:
+    def features(
+        self,
+        pixel_values: jax.Array,
+        *,
+        select_layer: int = -2,
+        drop_cls: bool = True,
+        interpolate_pos_encoding: bool = False,
+    ) -> jax.Array:
         """HF ``hidden_states[select_layer]`` (index 0 = embeddings), CLS dropped: [B, N, D]."""
         n_layers = layers.hidden_state_index(select_layer, self.config.num_hidden_layers)
         _, h, _ = self._run(pixel_values, interpolate_pos_encoding, n_layers, False)

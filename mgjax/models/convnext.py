@@ -5,6 +5,7 @@ Parameter paths equal ``ConvNextModel`` state-dict keys; ``TIMM`` maps them to t
 checkpoint uses. Activations are NHWC throughout (``pixel_values`` arrive NCHW, as HF processors give them), so
 every LayerNorm — HF's channels-first ones included — normalises the last axis.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +20,18 @@ from mgjax.convert.keymap import HF, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
 from mgjax.nn import layers
 
-FIELDS = ("num_channels", "patch_size", "hidden_sizes", "depths", "hidden_act", "layer_norm_eps",
-          "layer_scale_init_value", "drop_path_rate", "final_norm", "block_norm_eps")
+FIELDS = (
+    "num_channels",
+    "patch_size",
+    "hidden_sizes",
+    "depths",
+    "hidden_act",
+    "layer_norm_eps",
+    "layer_scale_init_value",
+    "drop_path_rate",
+    "final_norm",
+    "block_norm_eps",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +40,7 @@ class ConvNextConfig(ModelConfig):
     keeps: no). ``block_norm_eps``: the eps of the stem, downsampling and block norms (HF hard-codes 1e-6, timm's
     ``convnext_xxlarge`` uses 1e-5); ``layer_norm_eps`` is the final norm's only. Neither is an HF field; ``to_hf``
     writes them anyway so an exported trunk reloads as one."""
+
     model_type: ClassVar[str] = "convnext"
     num_channels: int = 3
     patch_size: int = 4
@@ -63,8 +75,12 @@ class ConvNextConfig(ModelConfig):
         return cls(**{**kw, "hf": dict(d), **overrides})
 
     def to_hf(self) -> dict[str, Any]:
-        out = {**self.hf, "model_type": self.model_type, "architectures": ["ConvNextModel"],
-               **{k: getattr(self, k) for k in FIELDS}}
+        out = {
+            **self.hf,
+            "model_type": self.model_type,
+            "architectures": ["ConvNextModel"],
+            **{k: getattr(self, k) for k in FIELDS},
+        }
         out.update(hidden_sizes=list(self.hidden_sizes), depths=list(self.depths), num_stages=len(self.depths))
         return out
 
@@ -75,9 +91,15 @@ def _norm(dim: int, c: ConvNextConfig, rngs: nnx.Rngs, eps: float | None = None)
 
 class ConvNextEmbeddings(nnx.Module):
     def __init__(self, c: ConvNextConfig, rngs: nnx.Rngs):
-        self.patch_embeddings = layers.Conv2d(c.num_channels, c.hidden_sizes[0], c.patch_size,
-                                              stride=c.patch_size, dtype=c.dtype, param_dtype=c.param_dtype,
-                                              rngs=rngs)
+        self.patch_embeddings = layers.Conv2d(
+            c.num_channels,
+            c.hidden_sizes[0],
+            c.patch_size,
+            stride=c.patch_size,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            rngs=rngs,
+        )
         self.layernorm = _norm(c.hidden_sizes[0], c, rngs)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
@@ -96,9 +118,12 @@ class ConvNextLayer(nnx.Module):
         self.pwconv2 = layers.Linear(4 * dim, dim, axes=("embed", "mlp"), bias=True, **kw)
         self.act = layers.activation(c.hidden_act)
         self.layer_scale_parameter = (
-            layers.param(rngs, lambda k, s, d: jnp.full(s, c.layer_scale_init_value, d), (dim,), ("norm",),
-                         c.param_dtype)
-            if c.layer_scale_init_value > 0 else None)
+            layers.param(
+                rngs, lambda k, s, d: jnp.full(s, c.layer_scale_init_value, d), (dim,), ("norm",), c.param_dtype
+            )
+            if c.layer_scale_init_value > 0
+            else None
+        )
 
     def __call__(self, x: jax.Array, drop: tuple[jax.Array, jax.Array] | None):
         """``drop``: ``(rate, key)`` for this block, or None for no stochastic depth."""
@@ -114,10 +139,14 @@ class ConvNextStage(nnx.Module):
     def __init__(self, c: ConvNextConfig, index: int, rngs: nnx.Rngs):
         dim, prev = c.hidden_sizes[index], c.hidden_sizes[index - 1]
         # Stage 0 follows the stem directly (HF holds an empty ModuleList there: no keys).
-        self.downsampling_layer = nnx.List([
-            _norm(prev, c, rngs),
-            layers.Conv2d(prev, dim, 2, stride=2, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs),
-        ] if index > 0 else [])
+        self.downsampling_layer = nnx.List(
+            [
+                _norm(prev, c, rngs),
+                layers.Conv2d(prev, dim, 2, stride=2, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs),
+            ]
+            if index > 0
+            else []
+        )
         self.layers = layers.stack(lambda r: ConvNextLayer(c, dim, r), c.depths[index], rngs)
         self.remat = c.remat
 
@@ -169,11 +198,13 @@ class ConvNextModel(nnx.Module, Pretrained):
         self.config = config
         self.embeddings = ConvNextEmbeddings(config, rngs)
         self.encoder = ConvNextEncoder(config, rngs)
-        self.layernorm = (_norm(config.hidden_sizes[-1], config, rngs, eps=config.layer_norm_eps)
-                          if config.final_norm else None)
+        self.layernorm = (
+            _norm(config.hidden_sizes[-1], config, rngs, eps=config.layer_norm_eps) if config.final_norm else None
+        )
 
-    def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> ConvNextOutput:
+    def __call__(
+        self, pixel_values: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> ConvNextOutput:
         """``pixel_values``: [B, C, H, W] (NCHW). Outputs are NHWC (see ``ConvNextOutput``).
 
         With ``deterministic=False`` and ``drop_path_rate > 0`` each block's residual branch is dropped per sample

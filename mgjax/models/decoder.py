@@ -8,6 +8,7 @@ tensors differently (Phi-3's fused ``qkv_proj``/``gate_up_proj``, InternLM2's na
 a leading ``layers`` axis and run with ``lax.scan`` (compile time independent of depth), with a functional KV
 cache for decoding.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class DecoderConfig(ModelConfig):
     ``norm_offset``: RMSNorm scales by ``offset + w`` in float32 before casting (Gemma: 1) instead of casting
     first and scaling by ``w`` (Llama: 0). ``scale_embeddings``: multiply the input sequence by sqrt(hidden)
     (Gemma) — applied to ``inputs_embeds`` too, since MGM scaled its spliced image+text sequence."""
+
     model_type: ClassVar[str]
     architecture: ClassVar[str]
     vocab_size: int
@@ -67,28 +69,47 @@ class DecoderConfig(ModelConfig):
         heads = require(d, "num_attention_heads", where)
         hidden = require(d, "hidden_size", where)
         kw = dict(
-            vocab_size=require(d, "vocab_size", where), hidden_size=hidden,
+            vocab_size=require(d, "vocab_size", where),
+            hidden_size=hidden,
             intermediate_size=require(d, "intermediate_size", where),
-            num_hidden_layers=require(d, "num_hidden_layers", where), num_attention_heads=heads,
+            num_hidden_layers=require(d, "num_hidden_layers", where),
+            num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or hidden // heads, hidden_act=d.get("hidden_act", "silu"),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope=rope.Rope.from_hf(d),
+            head_dim=d.get("head_dim") or hidden // heads,
+            hidden_act=d.get("hidden_act", "silu"),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope=rope.Rope.from_hf(d),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False), hf=dict(d))
+            attention_bias=d.get("attention_bias", False),
+            mlp_bias=d.get("mlp_bias", False),
+            hf=dict(d),
+        )
         kw.update(cls.family_fields(d))
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf(self) -> dict[str, Any]:
         d = {k: v for k, v in self.hf.items() if k not in ("rope_scaling", "rope_theta")}
-        d.update(model_type=self.model_type, architectures=[self.architecture], vocab_size=self.vocab_size,
-                 hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, hidden_act=self.hidden_act,
-                 rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_position_embeddings,
-                 tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
-                 mlp_bias=self.mlp_bias, sliding_window=self.sliding_window, **self.rope.to_hf())
+        d.update(
+            model_type=self.model_type,
+            architectures=[self.architecture],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act=self.hidden_act,
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.attention_bias,
+            mlp_bias=self.mlp_bias,
+            sliding_window=self.sliding_window,
+            **self.rope.to_hf(),
+        )
         return d
 
 
@@ -107,8 +128,10 @@ class Qwen2Config(DecoderConfig):
     @classmethod
     def family_fields(cls, d):
         if d.get("use_sliding_window"):
-            raise ValueError("qwen2 config: use_sliding_window=true is not supported (sliding-window attention "
-                             "is not implemented; InternVL2's Qwen2 checkpoints do not use it)")
+            raise ValueError(
+                "qwen2 config: use_sliding_window=true is not supported (sliding-window attention "
+                "is not implemented; InternVL2's Qwen2 checkpoints do not use it)"
+            )
         return {}
 
 
@@ -120,15 +143,22 @@ class MixtralConfig(DecoderConfig):
 
     @classmethod
     def family_fields(cls, d):
-        return {"num_local_experts": d.get("num_local_experts", 8),
-                "num_experts_per_tok": d.get("num_experts_per_tok", 2), "sliding_window": d.get("sliding_window"),
-                "output_router_logits": d.get("output_router_logits", False),
-                "router_aux_loss_coef": d.get("router_aux_loss_coef", 0.001)}
+        return {
+            "num_local_experts": d.get("num_local_experts", 8),
+            "num_experts_per_tok": d.get("num_experts_per_tok", 2),
+            "sliding_window": d.get("sliding_window"),
+            "output_router_logits": d.get("output_router_logits", False),
+            "router_aux_loss_coef": d.get("router_aux_loss_coef", 0.001),
+        }
 
     def to_hf(self):
-        return {**super().to_hf(), "num_local_experts": self.num_local_experts,
-                "num_experts_per_tok": self.num_experts_per_tok, "output_router_logits": self.output_router_logits,
-                "router_aux_loss_coef": self.router_aux_loss_coef}
+        return {
+            **super().to_hf(),
+            "num_local_experts": self.num_local_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "output_router_logits": self.output_router_logits,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,13 +174,16 @@ class GemmaConfig(DecoderConfig):
     def family_fields(cls, d):
         # Gemma's released configs say "gelu" but mean the tanh approximation (transformers remaps it too).
         act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-        return {"hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act,
-                "tie_word_embeddings": d.get("tie_word_embeddings", True)}
+        return {
+            "hidden_act": "gelu_pytorch_tanh" if act == "gelu" else act,
+            "tie_word_embeddings": d.get("tie_word_embeddings", True),
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
 class Phi3Config(DecoderConfig):
     """Phi-3 (Mini-InternVL-4B's LLM): LongRoPE, optional sliding window; fused tensors in the checkpoint."""
+
     model_type: ClassVar[str] = "phi3"
     architecture: ClassVar[str] = "Phi3ForCausalLM"
     rms_norm_eps: float = 1e-5
@@ -171,6 +204,7 @@ class InternLM2Config(DecoderConfig):
     """InternLM2 (Mini-InternVL-2B's LLM; remote code on the Hub): Llama math, its own names, ``bias`` for all
     four attention projections, dynamic NTK rotary scaling past ``max_position_embeddings`` with the rescaled
     base computed in Python floats as its remote code does (``Rope.dynamic_base``)."""
+
     model_type: ClassVar[str] = "internlm2"
     architecture: ClassVar[str] = "InternLM2ForCausalLM"
     rms_norm_eps: float = 1e-5
@@ -193,6 +227,7 @@ class DecoderOutput(NamedTuple):
 
 class KVCache(NamedTuple):
     """Keys/values of every layer, [L, B, S, KVH, D], and how many positions are filled."""
+
     k: jax.Array
     v: jax.Array
     index: jax.Array  # int32 scalar
@@ -224,7 +259,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
             cache = (k, v)
-        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5, mask=mask)
+        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -249,8 +284,16 @@ class DecoderLayer(nnx.Module):
         self.is_moe = c.num_local_experts > 0
         if self.is_moe:
             self.block_sparse_moe = SparseMoeBlock(
-                c.hidden_size, c.intermediate_size, c.num_local_experts, c.num_experts_per_tok, act=c.hidden_act,
-                impl=c.moe_impl, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_local_experts,
+                c.num_experts_per_tok,
+                act=c.hidden_act,
+                impl=c.moe_impl,
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+                rngs=rngs,
+            )
         else:
             self.mlp = MLP(c, rngs)
 
@@ -264,22 +307,32 @@ class DecoderLayer(nnx.Module):
 
 class DecoderModel(nnx.Module):
     def __init__(self, c: DecoderConfig, rngs: nnx.Rngs):
-        self.embed_tokens = layers.Embedding(c.vocab_size, c.hidden_size, axes=("vocab", "embed"),
-                                             param_dtype=c.param_dtype, rngs=rngs)
+        self.embed_tokens = layers.Embedding(
+            c.vocab_size, c.hidden_size, axes=("vocab", "embed"), param_dtype=c.param_dtype, rngs=rngs
+        )
         self.layers = layers.stack(lambda r: DecoderLayer(c, r), c.num_hidden_layers, rngs)
-        self.norm = layers.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset,
-                                   param_dtype=c.param_dtype, rngs=rngs)
+        self.norm = layers.RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, offset=c.norm_offset, param_dtype=c.param_dtype, rngs=rngs
+        )
         self.config = c
 
     def __call__(self, embeds, positions, mask, cache: KVCache | None):
         c = self.config
         x = embeds.astype(c.dtype)
         if c.scale_embeddings:  # HF rounds the scale to the compute dtype before multiplying
-            x = x * jnp.asarray(c.hidden_size ** 0.5, c.dtype)
+            x = x * jnp.asarray(c.hidden_size**0.5, c.dtype)
         cos, sin = c.rope.cos_sin(positions, c.head_dim)
         index = cache.index if cache is not None else 0
-        x, (kv, router) = layers.scan(self.layers, x, None if cache is None else (cache.k, cache.v),
-                                      remat=c.remat, cos=cos, sin=sin, mask=mask, index=index)
+        x, (kv, router) = layers.scan(
+            self.layers,
+            x,
+            None if cache is None else (cache.k, cache.v),
+            remat=c.remat,
+            cos=cos,
+            sin=sin,
+            mask=mask,
+            index=index,
+        )
         if cache is not None:
             cache = KVCache(kv[0], kv[1], cache.index + embeds.shape[1])
         return self.norm(x), cache, router
@@ -294,25 +347,54 @@ class CausalLM(nnx.Module, Pretrained):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.model = DecoderModel(config, rngs)
-        self.lm_head = None if config.tie_word_embeddings else layers.Linear(
-            config.hidden_size, config.vocab_size, axes=("vocab", "embed"), bias=False, dtype=config.dtype,
-            param_dtype=config.param_dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else layers.Linear(
+                config.hidden_size,
+                config.vocab_size,
+                axes=("vocab", "embed"),
+                bias=False,
+                dtype=config.dtype,
+                param_dtype=config.param_dtype,
+                rngs=rngs,
+            )
+        )
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings as stored (Gemma's sqrt(hidden) scale is applied to the whole input sequence later)."""
         return self.model.embed_tokens(input_ids).astype(self.config.dtype)
 
-    def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 cache: KVCache | None = None, segment_ids: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """Logits [B, T, V] (float32) and the updated cache; see ``forward``."""
-        return self.forward(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                            positions=positions, cache=cache, segment_ids=segment_ids)[:2]
+        return self.forward(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            positions=positions,
+            cache=cache,
+            segment_ids=segment_ids,
+        )[:2]
 
-    def forward(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
-                attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                cache: KVCache | None = None, segment_ids: jax.Array | None = None) -> DecoderOutput:
+    def forward(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> DecoderOutput:
         """Logits, cache and (MoE with ``output_router_logits``, cache-free) the router load-balancing loss.
 
         ``attention_mask`` [B, S] marks real tokens (1) vs padding (0) over the whole key range (S = T without a
@@ -327,8 +409,11 @@ class CausalLM(nnx.Module, Pretrained):
         if segment_ids is not None and cache is not None:
             raise ValueError("packed samples (segment_ids) are for training forwards, without a cache")
         if positions is None:
-            positions = (segment_positions(segment_ids) if segment_ids is not None else
-                         jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t)))
+            positions = (
+                segment_positions(segment_ids)
+                if segment_ids is not None
+                else jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+            )
         key_pos = jnp.arange(s, dtype=jnp.int32)
         query_pos = (start + jnp.arange(t, dtype=jnp.int32))[None, None, :, None]
         mask = key_pos[None, None, None, :] <= query_pos
@@ -365,21 +450,32 @@ def _qkv(suffix: str) -> tuple[str, ...]:
     return tuple(f"self_attn.{p}_proj.{suffix}" for p in "qkv")
 
 
-PHI3 = KeyLayout(ignore=ROTARY_BUFFERS, fused=(
-    Fused("self_attn.qkv_proj.weight", _qkv("weight")),
-    Fused("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"))))
+PHI3 = KeyLayout(
+    ignore=ROTARY_BUFFERS,
+    fused=(
+        Fused("self_attn.qkv_proj.weight", _qkv("weight")),
+        Fused("mlp.gate_up_proj.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    ),
+)
 
 
 def internlm2_layout(kv_heads: int) -> KeyLayout:
     """InternLM2's names; ``wqkv`` rows are ``[kv_heads, queries per kv head + 2, head_dim]``: each KV head's
     queries, then its key, then its value."""
     return KeyLayout(
-        renames=((r"\.embed_tokens\.", ".tok_embeddings."), (r"\.self_attn\.o_proj\.", ".attention.wo."),
-                 (r"\.mlp\.gate_proj\.", ".feed_forward.w1."), (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
-                 (r"\.mlp\.down_proj\.", ".feed_forward.w2."), (r"\.input_layernorm\.", ".attention_norm."),
-                 (r"\.post_attention_layernorm\.", ".ffn_norm."), (r"^lm_head\.", "output.")),
+        renames=(
+            (r"\.embed_tokens\.", ".tok_embeddings."),
+            (r"\.self_attn\.o_proj\.", ".attention.wo."),
+            (r"\.mlp\.gate_proj\.", ".feed_forward.w1."),
+            (r"\.mlp\.up_proj\.", ".feed_forward.w3."),
+            (r"\.mlp\.down_proj\.", ".feed_forward.w2."),
+            (r"\.input_layernorm\.", ".attention_norm."),
+            (r"\.post_attention_layernorm\.", ".ffn_norm."),
+            (r"^lm_head\.", "output."),
+        ),
         fused=tuple(Fused(f"attention.wqkv.{s}", _qkv(s), groups=kv_heads) for s in ("weight", "bias")),
-        ignore=ROTARY_BUFFERS)
+        ignore=ROTARY_BUFFERS,
+    )
 
 
 class LlamaForCausalLM(CausalLM):
@@ -406,6 +502,7 @@ class Phi3ForCausalLM(CausalLM):
 class InternLM2ForCausalLM(CausalLM):
     """Loads and writes InternLM2's own layout (``"internlm2"``); ``"hf"`` reads the split, Llama-named
     conversion of the same weights (transformers has no InternLM2; its InternVL converter writes that)."""
+
     config_class = InternLM2Config
 
     @classmethod

@@ -5,6 +5,7 @@ dropped afterwards, and no final norm (``use_mean_pooling``). InternVL's own che
 ``vision_model.*`` inside InternVL2) name everything differently and fuse q/k/v into one ``qkv``; that is the
 ``internvit`` key layout.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ def _square(value, name: str) -> int:
 @dataclass(frozen=True, kw_only=True)
 class InternVisionConfig(ModelConfig):
     """``original``: read from InternVL's ``intern_vit_6b`` config; written back and saved the same way."""
+
     model_type: ClassVar[str] = "internvl_vision"
     hidden_size: int = 1024
     intermediate_size: int = 4096
@@ -65,36 +67,73 @@ class InternVisionConfig(ModelConfig):
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"):
             require(d, key, where)
         original = d.get("model_type") == ORIGINAL_TYPE
-        kw = dict(hidden_size=d["hidden_size"], intermediate_size=d.get("intermediate_size", 4 * d["hidden_size"]),
-                  num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
-                  num_channels=d.get("num_channels", 3), image_size=_square(d["image_size"], "image_size"),
-                  patch_size=_square(d["patch_size"], "patch_size"), hidden_act=d.get("hidden_act", "gelu"),
-                  layer_norm_eps=d.get("layer_norm_eps", 1e-6), norm_type=d.get("norm_type", "layer_norm"),
-                  drop_path_rate=d.get("drop_path_rate", 0.0), original=original, hf=dict(d))
+        kw = dict(
+            hidden_size=d["hidden_size"],
+            intermediate_size=d.get("intermediate_size", 4 * d["hidden_size"]),
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            num_channels=d.get("num_channels", 3),
+            image_size=_square(d["image_size"], "image_size"),
+            patch_size=_square(d["patch_size"], "patch_size"),
+            hidden_act=d.get("hidden_act", "gelu"),
+            layer_norm_eps=d.get("layer_norm_eps", 1e-6),
+            norm_type=d.get("norm_type", "layer_norm"),
+            drop_path_rate=d.get("drop_path_rate", 0.0),
+            original=original,
+            hf=dict(d),
+        )
         if original:
-            kw.update(attention_bias=d.get("qkv_bias", True), use_qk_norm=d.get("qk_normalization", False),
-                      layer_scale_init_value=d.get("initializer_factor", 0.1))
+            kw.update(
+                attention_bias=d.get("qkv_bias", True),
+                use_qk_norm=d.get("qk_normalization", False),
+                layer_scale_init_value=d.get("initializer_factor", 0.1),
+            )
         else:
-            kw.update(attention_bias=d.get("attention_bias", False), use_qk_norm=d.get("use_qk_norm", False),
-                      use_mean_pooling=d.get("use_mean_pooling", True),
-                      layer_scale_init_value=d.get("layer_scale_init_value", 0.1))
+            kw.update(
+                attention_bias=d.get("attention_bias", False),
+                use_qk_norm=d.get("use_qk_norm", False),
+                use_mean_pooling=d.get("use_mean_pooling", True),
+                layer_scale_init_value=d.get("layer_scale_init_value", 0.1),
+            )
         if kw["norm_type"] not in ("layer_norm", "rms_norm"):
             raise ValueError(f"{where}: norm_type {kw['norm_type']!r} is not layer_norm or rms_norm")
         return cls(**{**kw, **overrides})
 
     def to_hf(self) -> dict[str, Any]:
-        d = {**self.hf, "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-             "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
-             "num_channels": self.num_channels, "hidden_act": self.hidden_act, "layer_norm_eps": self.layer_norm_eps,
-             "norm_type": self.norm_type, "drop_path_rate": self.drop_path_rate}
+        d = {
+            **self.hf,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_channels": self.num_channels,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            "norm_type": self.norm_type,
+            "drop_path_rate": self.drop_path_rate,
+        }
         if self.original:
-            return {**d, "model_type": ORIGINAL_TYPE, "architectures": ["InternVisionModel"],
-                    "image_size": self.image_size, "patch_size": self.patch_size, "qkv_bias": self.attention_bias,
-                    "qk_normalization": self.use_qk_norm, "initializer_factor": self.layer_scale_init_value}
-        return {**d, "model_type": self.model_type, "architectures": ["InternVLVisionModel"],
-                "image_size": [self.image_size] * 2, "patch_size": [self.patch_size] * 2,
-                "attention_bias": self.attention_bias, "use_qk_norm": self.use_qk_norm,
-                "use_mean_pooling": self.use_mean_pooling, "layer_scale_init_value": self.layer_scale_init_value}
+            return {
+                **d,
+                "model_type": ORIGINAL_TYPE,
+                "architectures": ["InternVisionModel"],
+                "image_size": self.image_size,
+                "patch_size": self.patch_size,
+                "qkv_bias": self.attention_bias,
+                "qk_normalization": self.use_qk_norm,
+                "initializer_factor": self.layer_scale_init_value,
+            }
+        return {
+            **d,
+            "model_type": self.model_type,
+            "architectures": ["InternVLVisionModel"],
+            "image_size": [self.image_size] * 2,
+            "patch_size": [self.patch_size] * 2,
+            "attention_bias": self.attention_bias,
+            "use_qk_norm": self.use_qk_norm,
+            "use_mean_pooling": self.use_mean_pooling,
+            "layer_scale_init_value": self.layer_scale_init_value,
+        }
 
 
 def _norm(c: InternVisionConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -105,8 +144,15 @@ def _norm(c: InternVisionConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 class PatchEmbeddings(nnx.Module):
     def __init__(self, c: InternVisionConfig, rngs: nnx.Rngs):
-        self.projection = layers.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size,
-                                        dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.projection = layers.Conv2d(
+            c.num_channels,
+            c.hidden_size,
+            c.patch_size,
+            stride=c.patch_size,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            rngs=rngs,
+        )
 
 
 class InternVisionEmbeddings(nnx.Module):
@@ -114,8 +160,9 @@ class InternVisionEmbeddings(nnx.Module):
         d = c.hidden_size
         self.cls_token = layers.param(rngs, layers.normal(0.02), (1, 1, d), (None, None, "embed"), c.param_dtype)
         self.patch_embeddings = PatchEmbeddings(c, rngs)
-        self.position_embeddings = layers.param(rngs, layers.normal(0.02), (1, c.grid ** 2 + 1, d),
-                                                (None, "positions", "embed"), c.param_dtype)
+        self.position_embeddings = layers.param(
+            rngs, layers.normal(0.02), (1, c.grid**2 + 1, d), (None, "positions", "embed"), c.param_dtype
+        )
         self.config = c
 
     def positions(self, grid_h: int, grid_w: int) -> jax.Array:
@@ -166,14 +213,17 @@ class InternVisionLayer(nnx.Module):
         self.attention = InternVisionAttention(c, rngs)
         self.lambda_1 = layers.param(rngs, scale, (c.hidden_size,), ("norm",), c.param_dtype)
         self.layernorm_after = _norm(c, rngs)
-        self.mlp = layers.FeedForward(c.hidden_size, c.intermediate_size, act=c.hidden_act, dtype=c.dtype,
-                                       param_dtype=c.param_dtype, rngs=rngs)
+        self.mlp = layers.FeedForward(
+            c.hidden_size, c.intermediate_size, act=c.hidden_act, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs
+        )
         self.lambda_2 = layers.param(rngs, scale, (c.hidden_size,), ("norm",), c.param_dtype)
 
     def __call__(self, x, drop, *, keep: bool):
         """``drop``: ``(rate, key)`` for this layer's two stochastic-depth draws, or None."""
-        branches = ((self.layernorm_before, self.attention, self.lambda_1),
-                    (self.layernorm_after, self.mlp, self.lambda_2))
+        branches = (
+            (self.layernorm_before, self.attention, self.lambda_1),
+            (self.layernorm_after, self.mlp, self.lambda_2),
+        )
         keys = (None, None) if drop is None else jax.random.split(drop[1])
         for (norm, f, scale), key in zip(branches, keys):
             h = f(norm(x)) * scale[...].astype(x.dtype)
@@ -198,13 +248,20 @@ def _qkv(kind: str) -> tuple[str, ...]:
 # InternVL's own names (InternViT-300M-448px, ``vision_model.*`` in InternVL2 checkpoints): fused qkv rows
 # [q | k | v], ls1/ls2 layer scales, norm1/norm2.
 INTERNVIT = KeyLayout(
-    renames=((r"^embeddings\.cls_token$", "embeddings.class_embedding"),
-             (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
-             (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
-             (r"^encoder\.layer\.", "encoder.layers."), (r"\.attention\.projection_layer\.", ".attn.proj."),
-             (r"\.attention\.", ".attn."), (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
-             (r"\.lambda_1$", ".ls1"), (r"\.lambda_2$", ".ls2")),
-    fused=(Fused("attention.qkv.weight", _qkv("weight")), Fused("attention.qkv.bias", _qkv("bias"))))
+    renames=(
+        (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
+        (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
+        (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
+        (r"^encoder\.layer\.", "encoder.layers."),
+        (r"\.attention\.projection_layer\.", ".attn.proj."),
+        (r"\.attention\.", ".attn."),
+        (r"\.layernorm_before\.", ".norm1."),
+        (r"\.layernorm_after\.", ".norm2."),
+        (r"\.lambda_1$", ".ls1"),
+        (r"\.lambda_2$", ".ls2"),
+    ),
+    fused=(Fused("attention.qkv.weight", _qkv("weight")), Fused("attention.qkv.bias", _qkv("bias"))),
+)
 
 
 class InternVisionModel(nnx.Module, Pretrained):
@@ -219,8 +276,13 @@ class InternVisionModel(nnx.Module, Pretrained):
         self.config = config
         self.embeddings = InternVisionEmbeddings(config, rngs)
         self.encoder = InternVisionEncoder(config, rngs)
-        self.layernorm = None if config.use_mean_pooling else layers.LayerNorm(
-            config.hidden_size, eps=config.layer_norm_eps, param_dtype=config.param_dtype, rngs=rngs)
+        self.layernorm = (
+            None
+            if config.use_mean_pooling
+            else layers.LayerNorm(
+                config.hidden_size, eps=config.layer_norm_eps, param_dtype=config.param_dtype, rngs=rngs
+            )
+        )
 
     def _drops(self, deterministic: bool, rngs: nnx.Rngs | None):
         c = self.config
@@ -242,8 +304,9 @@ class InternVisionModel(nnx.Module, Pretrained):
         last, per_layer = layers.scan(stack, x, drops, remat=self.config.remat, keep=keep)
         return x, last, per_layer
 
-    def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None) -> InternVisionOutput:
+    def __call__(
+        self, pixel_values: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> InternVisionOutput:
         """``pixel_values``: [B, C, H, W] (NCHW). ``deterministic=False`` applies stochastic depth (InternVL
         trains even its frozen ViT that way) with keys from ``rngs.dropout()``."""
         drops = self._drops(deterministic, rngs)
@@ -252,8 +315,15 @@ class InternVisionModel(nnx.Module, Pretrained):
             last = self.layernorm(last)
         return InternVisionOutput(last, jnp.concatenate([x[None], per_layer]))
 
-    def features(self, pixel_values: jax.Array, *, select_layer: int = -1, drop_cls: bool = True,
-                 deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def features(
+        self,
+        pixel_values: jax.Array,
+        *,
+        select_layer: int = -1,
+        drop_cls: bool = True,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """What InternVL feeds its connector: HF ``hidden_states[select_layer]`` (-1: the last layer, no norm),
         CLS dropped after the encoder: [B, N, D]."""
         n_layers = layers.hidden_state_index(select_layer, self.config.num_hidden_layers)

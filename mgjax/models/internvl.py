@@ -12,6 +12,7 @@ so generation and caching are the decoder's own. Two checkpoint layouts map onto
   (our own tree). ``hf_modules``: the same under transformers' module names (``model.vision_tower.*``,
   ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head``), as some Hub repos store it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class InternVLConfig(ModelConfig):
     config lacks the key). ``image_token_id``: ``<IMG_CONTEXT>``'s id (in transformers' config; InternVL's own
     config leaves it to the tokenizer, so it may be None until the tokenizer is read). ``native``: the config came
     from transformers (``internvl``) rather than InternVL (``internvl_chat``)."""
+
     model_type: ClassVar[str] = "internvl_chat"
     vision: InternVisionConfig
     llm: DecoderConfig
@@ -68,10 +70,18 @@ class InternVLConfig(ModelConfig):
         ps = "v2" if native else d.get("ps_version", "v1")
         if ps not in ("v1", "v2"):
             raise ValueError(f"{where}: ps_version {ps!r} is not v1 or v2")
-        kw = dict(vision=vision, llm=llm, downsample_ratio=d.get("downsample_ratio", 0.5), ps_version=ps,
-                  select_layer=d.get("vision_feature_layer" if native else "select_layer", -1),
-                  projector_act=d.get("projector_hidden_act", "gelu"), image_token_id=d.get("image_token_id"),
-                  template=d.get("template"), native=native, hf=dict(d))
+        kw = dict(
+            vision=vision,
+            llm=llm,
+            downsample_ratio=d.get("downsample_ratio", 0.5),
+            ps_version=ps,
+            select_layer=d.get("vision_feature_layer" if native else "select_layer", -1),
+            projector_act=d.get("projector_hidden_act", "gelu"),
+            image_token_id=d.get("image_token_id"),
+            template=d.get("template"),
+            native=native,
+            hf=dict(d),
+        )
         if native and d.get("vision_feature_select_strategy", "default") != "default":
             raise ValueError(f"{where}: vision_feature_select_strategy must be 'default' (CLS dropped)")
         return cls(**{**kw, **own}, **shared)
@@ -81,12 +91,24 @@ class InternVLConfig(ModelConfig):
         if self.image_token_id is not None:
             d["image_token_id"] = self.image_token_id
         if self.native:
-            return {**d, "model_type": "internvl", "architectures": ["InternVLForConditionalGeneration"],
-                    "text_config": self.llm.to_hf(), "vision_feature_layer": self.select_layer,
-                    "projector_hidden_act": self.projector_act, "tie_word_embeddings": self.llm.tie_word_embeddings}
-        return {**d, "model_type": self.model_type, "architectures": ["InternVLChatModel"],
-                "llm_config": self.llm.to_hf(), "ps_version": self.ps_version, "select_layer": self.select_layer,
-                "template": self.template}
+            return {
+                **d,
+                "model_type": "internvl",
+                "architectures": ["InternVLForConditionalGeneration"],
+                "text_config": self.llm.to_hf(),
+                "vision_feature_layer": self.select_layer,
+                "projector_hidden_act": self.projector_act,
+                "tie_word_embeddings": self.llm.tie_word_embeddings,
+            }
+        return {
+            **d,
+            "model_type": self.model_type,
+            "architectures": ["InternVLChatModel"],
+            "llm_config": self.llm.to_hf(),
+            "ps_version": self.ps_version,
+            "select_layer": self.select_layer,
+            "template": self.template,
+        }
 
 
 def pixel_unshuffle(x: jax.Array, factor: int, version: str = "v2") -> jax.Array:
@@ -121,18 +143,27 @@ class InternVLChatModel(nnx.Module, Pretrained):
         llm = registered(config.llm.model_type).layouts(config.llm)
         vit = InternVisionModel.layouts(config.vision)
         internvl = KeyLayout(
-            renames=((r"^multi_modal_projector\.layer_norm\.", "mlp1.0."),
-                     (r"^multi_modal_projector\.linear_1\.", "mlp1.1."),
-                     (r"^multi_modal_projector\.linear_2\.", "mlp1.3.")),
-            children=(("vision_tower.", "vision_model.", vit["internvit"]),
-                      ("language_model.", "language_model.", next(iter(llm.values())))))
-        hf = KeyLayout(children=(("vision_tower.", "vision_tower.", vit["hf"]),
-                                 ("language_model.", "language_model.", llm["hf"])))
+            renames=(
+                (r"^multi_modal_projector\.layer_norm\.", "mlp1.0."),
+                (r"^multi_modal_projector\.linear_1\.", "mlp1.1."),
+                (r"^multi_modal_projector\.linear_2\.", "mlp1.3."),
+            ),
+            children=(
+                ("vision_tower.", "vision_model.", vit["internvit"]),
+                ("language_model.", "language_model.", next(iter(llm.values()))),
+            ),
+        )
+        hf = KeyLayout(
+            children=(("vision_tower.", "vision_tower.", vit["hf"]), ("language_model.", "language_model.", llm["hf"]))
+        )
         hf_modules = KeyLayout(
             renames=((r"^multi_modal_projector\.", "model.multi_modal_projector."),),
-            children=(("vision_tower.", "model.vision_tower.", vit["hf"]),
-                      ("language_model.model.", "model.language_model.", llm["hf"]),
-                      ("language_model.lm_head.", "lm_head.", HF)))
+            children=(
+                ("vision_tower.", "model.vision_tower.", vit["hf"]),
+                ("language_model.model.", "model.language_model.", llm["hf"]),
+                ("language_model.lm_head.", "lm_head.", HF),
+            ),
+        )
         if config.native:
             return {"hf": hf, "hf_modules": hf_modules, "internvl": internvl}
         return {"internvl": internvl, "hf": hf, "hf_modules": hf_modules}
@@ -141,24 +172,37 @@ class InternVLChatModel(nnx.Module, Pretrained):
         self.config = config
         self.vision_tower = InternVisionModel(config.vision, rngs=rngs)
         self.multi_modal_projector = Projector(
-            config.vision.hidden_size * config.unshuffle ** 2, config.llm.hidden_size, act=config.projector_act,
-            dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+            config.vision.hidden_size * config.unshuffle**2,
+            config.llm.hidden_size,
+            act=config.projector_act,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            rngs=rngs,
+        )
         self.language_model = registered(config.llm.model_type)(config.llm, rngs=rngs)
 
-    def image_features(self, pixel_values: jax.Array, *, deterministic: bool = True,
-                       rngs: nnx.Rngs | None = None) -> jax.Array:
+    def image_features(
+        self, pixel_values: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         """Tiles [N, 3, H, W] -> LLM-width image embeddings [N, tokens_per_tile, D_llm]."""
         c = self.config
-        x = self.vision_tower.features(pixel_values, select_layer=c.select_layer, deterministic=deterministic,
-                                       rngs=rngs)
+        x = self.vision_tower.features(
+            pixel_values, select_layer=c.select_layer, deterministic=deterministic, rngs=rngs
+        )
         n, t, d = x.shape
-        side = round(t ** 0.5)
+        side = round(t**0.5)
         x = pixel_unshuffle(x.reshape(n, side, side, d), c.unshuffle, c.ps_version)
         return self.multi_modal_projector(x)
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, *,
-              image_token_id: int | None = None, deterministic: bool = True,
-              rngs: nnx.Rngs | None = None) -> jax.Array:
+    def embed(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        *,
+        image_token_id: int | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """The LLM's input embeddings [B, T, D]: every ``image_token_id`` position of ``input_ids`` (row-major over
         the batch) takes the next image embedding of ``pixel_values``' tiles [N, 3, H, W], in order; text-only
         batches pass no pixels and run no vision tower. Training batches (static shapes) give each row its own tile
@@ -171,8 +215,9 @@ class InternVLChatModel(nnx.Module, Pretrained):
         if token is None:
             raise ValueError("no image_token_id: pass the tokenizer's <IMG_CONTEXT> id")
         slots = pixel_values.shape[:-4]
-        feats = self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:]), deterministic=deterministic,
-                                    rngs=rngs)
+        feats = self.image_features(
+            pixel_values.reshape(-1, *pixel_values.shape[-3:]), deterministic=deterministic, rngs=rngs
+        )
         if slots:  # [B, slots]: per row
             feats = feats.reshape(slots[0], -1, feats.shape[-1])
             check_image_tokens(input_ids, token, feats.shape[1], up_to=True)
@@ -181,11 +226,20 @@ class InternVLChatModel(nnx.Module, Pretrained):
             check_image_tokens(input_ids, token, feats.shape[0])
         return merge_image_embeddings(embeds, input_ids == token, feats)
 
-    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, *,
-                 attention_mask: jax.Array | None = None, image_token_id: int | None = None,
-                 segment_ids: jax.Array | None = None, deterministic: bool = True, rngs: nnx.Rngs | None = None):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        *,
+        attention_mask: jax.Array | None = None,
+        image_token_id: int | None = None,
+        segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ):
         """Logits [B, T, V] and the LLM cache (see ``embed`` for how images enter; ``segment_ids``: packed
         samples, see the decoder's ``forward``)."""
-        embeds = self.embed(input_ids, pixel_values, image_token_id=image_token_id, deterministic=deterministic,
-                            rngs=rngs)
+        embeds = self.embed(
+            input_ids, pixel_values, image_token_id=image_token_id, deterministic=deterministic, rngs=rngs
+        )
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, segment_ids=segment_ids)

@@ -11,6 +11,7 @@ released MGM checkpoint (LLM keys at the top level, ``model.vision_tower.vision_
 ``model.vision_tower_aux.vision_stem/vision_stages.*`` in timm names, ``model.mm_projector.{0,2}``,
 ``model.vlm_uni_{query,aux,val}_projector.{0,1}``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,16 @@ IMAGE_TOKEN_INDEX = -200  # MGM's placeholder id: never a vocabulary entry
 FAMILIES = {"mgm": "llama", "mini_gemini": "llama", "mgm_gemma": "gemma", "mgm_mixtral": "mixtral"}
 
 # The towers MGM names by local path in config.json (mm_vision_tower / mm_vision_tower_aux), as configs.
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 # The timm ConvNeXt trunks open_clip builds MGM's HR tower from (MGM drops the head, so no final norm); tiny and
 # small are open_clip trunks too (no MGM release uses them).
 TIMM_TRUNKS = {
@@ -45,21 +54,26 @@ TIMM_TRUNKS = {
     "convnext_xxlarge": dict(hidden_sizes=(384, 768, 1536, 3072), depths=(3, 4, 30, 3), block_norm_eps=1e-5),
 }
 # MGM's routing of an HR tower path (spec 1.3): name fragments -> trunk, checked in MGM's order.
-CONVNEXT_NAMES = ((("large", "d-320"), "convnext_large"), (("base", "w-320"), "convnext_base"),
-                  (("xxlarge",), "convnext_xxlarge"))
+CONVNEXT_NAMES = (
+    (("large", "d-320"), "convnext_large"),
+    (("base", "w-320"), "convnext_base"),
+    (("xxlarge",), "convnext_xxlarge"),
+)
 HR_DROP_PATH = 0.1  # open_clip's timm_drop_path, live unless MGM's config says drop_path: false
 
 
 def convnext_trunk(timm_name: str, drop_path_rate: float, **shared) -> ConvNextConfig:
-    return ConvNextConfig(**TIMM_TRUNKS[timm_name], layer_norm_eps=1e-6, drop_path_rate=drop_path_rate,
-                          final_norm=False, **shared)
+    return ConvNextConfig(
+        **TIMM_TRUNKS[timm_name], layer_norm_eps=1e-6, drop_path_rate=drop_path_rate, final_norm=False, **shared
+    )
 
 
 def convnext_by_name(tower: str) -> str | None:
     """The timm trunk MGM builds for an HR tower path, or None if MGM would not recognise it."""
     name = tower.replace("_", "-")
-    return next((trunk for parts, trunk in CONVNEXT_NAMES
-                 if "convnext" in name and all(p in name for p in parts)), None)
+    return next(
+        (trunk for parts, trunk in CONVNEXT_NAMES if "convnext" in name and all(p in name for p in parts)), None
+    )
 
 
 def _vision(d: Mapping[str, Any], shared) -> CLIPVisionConfig:
@@ -67,9 +81,11 @@ def _vision(d: Mapping[str, Any], shared) -> CLIPVisionConfig:
         return CLIPVisionConfig.from_hf(d["vision_config"], **shared)
     tower = d.get("mm_vision_tower", "")
     if "clip-vit-large-patch14-336" not in tower:
-        raise ValueError(f"mgm config: mm_vision_tower {tower!r} is not a CLIP MGM's releases use; load the "
-                         "checkpoint with its tower directory in reach (towers_root) so its config.json is read, "
-                         "or add a 'vision_config'")
+        raise ValueError(
+            f"mgm config: mm_vision_tower {tower!r} is not a CLIP MGM's releases use; load the "
+            "checkpoint with its tower directory in reach (towers_root) so its config.json is read, "
+            "or add a 'vision_config'"
+        )
     return CLIPVisionConfig(**CLIP_L_336, **shared)
 
 
@@ -79,10 +95,12 @@ def _vision_aux(d: Mapping[str, Any], shared) -> ConvNextConfig:
     tower = d.get("mm_vision_tower_aux", "")
     trunk = convnext_by_name(tower)
     if trunk is None:
-        raise ValueError(f"mgm config: mm_vision_tower_aux {tower!r} is not a ConvNeXt MGM knows by name "
-                         "(convnext + large + d-320, base + w-320, or xxlarge); load the checkpoint with its tower "
-                         "directory in reach (towers_root) so its open_clip_config.json is read, or add a "
-                         "'vision_aux_config'")
+        raise ValueError(
+            f"mgm config: mm_vision_tower_aux {tower!r} is not a ConvNeXt MGM knows by name "
+            "(convnext + large + d-320, base + w-320, or xxlarge); load the checkpoint with its tower "
+            "directory in reach (towers_root) so its open_clip_config.json is read, or add a "
+            "'vision_aux_config'"
+        )
     return convnext_trunk(trunk, HR_DROP_PATH if d.get("drop_path", True) else 0.0, **shared)
 
 
@@ -102,11 +120,11 @@ class MGMConfig(ModelConfig):
     @property
     def views(self) -> int:
         """336-pixel images per sample: 1, or the grid's crops plus the global view (HD: 5)."""
-        return self.image_grid ** 2 + int(self.image_global) if self.image_grid > 1 else 1
+        return self.image_grid**2 + int(self.image_global) if self.image_grid > 1 else 1
 
     @property
     def tokens_per_image(self) -> int:
-        return self.views * self.vision.grid ** 2
+        return self.views * self.vision.grid**2
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], **overrides) -> "MGMConfig":
@@ -119,20 +137,36 @@ class MGMConfig(ModelConfig):
         llm_d = {k: v for k, v in d.items() if k not in ("vision_config", "vision_aux_config")}
         llm_d["model_type"] = FAMILIES[kind]
         llm = registered(FAMILIES[kind]).config_class.from_hf(llm_d, **shared)
-        kw = dict(vision=_vision(d, shared), vision_aux=_vision_aux(d, shared), llm=llm,
-                  select_layer=d.get("mm_vision_select_layer", -2), image_size_aux=d.get("image_size_aux", 768),
-                  image_grid=d.get("image_grid", 1), image_global=d.get("image_global", False),
-                  mining=d.get("mining", True), hf=dict(d))
+        kw = dict(
+            vision=_vision(d, shared),
+            vision_aux=_vision_aux(d, shared),
+            llm=llm,
+            select_layer=d.get("mm_vision_select_layer", -2),
+            image_size_aux=d.get("image_size_aux", 768),
+            image_grid=d.get("image_grid", 1),
+            image_global=d.get("image_global", False),
+            mining=d.get("mining", True),
+            hf=dict(d),
+        )
         return cls(**{**kw, **own}, **shared)
 
     def to_hf(self) -> dict[str, Any]:
         kind = next(k for k, fam in FAMILIES.items() if fam == self.llm.model_type)
-        return {**self.hf, **self.llm.to_hf(), "model_type": kind, "mm_vision_select_layer": self.select_layer,
-                "mm_hidden_size": self.vision.hidden_size, "mm_hidden_size_aux": sum(self.vision_aux.hidden_sizes),
-                "mm_projector_type": "mlp2x_gelu", "image_size_aux": self.image_size_aux,
-                "image_grid": self.image_grid, "image_global": self.image_global,
-                **({} if self.mining else {"mining": False}),  # mgjax's LR-only ablation; MGM has no such key
-                "vision_config": self.vision.to_hf(), "vision_aux_config": self.vision_aux.to_hf()}
+        return {
+            **self.hf,
+            **self.llm.to_hf(),
+            "model_type": kind,
+            "mm_vision_select_layer": self.select_layer,
+            "mm_hidden_size": self.vision.hidden_size,
+            "mm_hidden_size_aux": sum(self.vision_aux.hidden_sizes),
+            "mm_projector_type": "mlp2x_gelu",
+            "image_size_aux": self.image_size_aux,
+            "image_grid": self.image_grid,
+            "image_global": self.image_global,
+            **({} if self.mining else {"mining": False}),  # mgjax's LR-only ablation; MGM has no such key
+            "vision_config": self.vision.to_hf(),
+            "vision_aux_config": self.vision_aux.to_hf(),
+        }
 
 
 class PreNormLinear(nnx.Module):
@@ -140,8 +174,9 @@ class PreNormLinear(nnx.Module):
 
     def __init__(self, d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.norm = layers.LayerNorm(d_in, eps=1e-5, param_dtype=param_dtype, rngs=rngs)
-        self.linear = layers.Linear(d_in, d_out, axes=("embed", "mlp"), bias=True, dtype=dtype,
-                                    param_dtype=param_dtype, rngs=rngs)
+        self.linear = layers.Linear(
+            d_in, d_out, axes=("embed", "mlp"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x):
         return self.linear(self.norm(x))
@@ -160,8 +195,9 @@ def shared_norm_projections(x: jax.Array, *heads: PreNormLinear) -> list[jax.Arr
     weights = [f32(h.linear.weight) * f32(h.norm.weight) for h in heads]
     biases = [f32(h.linear.weight) @ f32(h.norm.bias) + f32(h.linear.bias) for h in heads]
     dtype = heads[0].linear.dtype
-    y = jax.lax.dot_general(normed.astype(dtype), jnp.concatenate(weights).astype(dtype), (((x.ndim - 1,), (1,)),
-                                                                                           ((), ())))
+    y = jax.lax.dot_general(
+        normed.astype(dtype), jnp.concatenate(weights).astype(dtype), (((x.ndim - 1,), (1,)), ((), ()))
+    )
     y = y + jnp.concatenate(biases).astype(dtype)
     return jnp.split(y, len(heads), axis=-1)
 
@@ -179,8 +215,9 @@ class MLPProjector(nnx.Module):
 
 
 # MGM keeps open_clip's ConvNeXt trunk as ``vision_stem`` / ``vision_stages`` in timm's block names.
-MGM_CONVNEXT = KeyLayout(renames=TIMM.renames + ((r"^stem\.", "vision_stem."), (r"^stages\.", "vision_stages.")),
-                         ignore=TIMM.ignore)
+MGM_CONVNEXT = KeyLayout(
+    renames=TIMM.renames + ((r"^stem\.", "vision_stem."), (r"^stages\.", "vision_stages.")), ignore=TIMM.ignore
+)
 
 
 class MGMForCausalLM(nnx.Module, Pretrained):
@@ -189,14 +226,21 @@ class MGMForCausalLM(nnx.Module, Pretrained):
     @classmethod
     def layouts(cls, config: MGMConfig) -> dict[str, KeyLayout]:
         llm = next(iter(registered(config.llm.model_type).layouts(config.llm).values()))
-        return {"mgm": KeyLayout(
-            renames=((r"^mm_projector\.linear_1\.", "model.mm_projector.0."),
-                     (r"^mm_projector\.linear_2\.", "model.mm_projector.2."),
-                     (r"^(vlm_uni_\w+_projector)\.norm\.", r"model.\1.0."),
-                     (r"^(vlm_uni_\w+_projector)\.linear\.", r"model.\1.1.")),
-            children=(("vision_tower.", "model.vision_tower.vision_tower.", PREFIXED),
-                      ("vision_tower_aux.", "model.vision_tower_aux.", MGM_CONVNEXT),
-                      ("language_model.", "", llm)))}
+        return {
+            "mgm": KeyLayout(
+                renames=(
+                    (r"^mm_projector\.linear_1\.", "model.mm_projector.0."),
+                    (r"^mm_projector\.linear_2\.", "model.mm_projector.2."),
+                    (r"^(vlm_uni_\w+_projector)\.norm\.", r"model.\1.0."),
+                    (r"^(vlm_uni_\w+_projector)\.linear\.", r"model.\1.1."),
+                ),
+                children=(
+                    ("vision_tower.", "model.vision_tower.vision_tower.", PREFIXED),
+                    ("vision_tower_aux.", "model.vision_tower_aux.", MGM_CONVNEXT),
+                    ("language_model.", "", llm),
+                ),
+            )
+        }
 
     def __init__(self, config: MGMConfig, *, rngs: nnx.Rngs):
         c = config
@@ -212,8 +256,9 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         self.mm_projector = MLPProjector(width, c.llm.hidden_size, **kw)
         self.language_model = registered(c.llm.model_type)(c.llm, rngs=rngs)
 
-    def hr_features(self, images_aux: jax.Array, *, deterministic: bool = True,
-                    rngs: nnx.Rngs | None = None) -> jax.Array:
+    def hr_features(
+        self, images_aux: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         """[B, 3, S, S] -> [B, S/4, S/4, sum(stage widths)]: every stage map resized (bilinear, float32) to the
         first stage's size and concatenated on channels."""
         stages = self.vision_tower_aux(images_aux, deterministic=deterministic, rngs=rngs).hidden_states[1:]
@@ -229,8 +274,9 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         v = mining.windows(self.vlm_uni_val_projector(high), n)
         return low + mining.local_window_attention(q, k, v, backend=self.config.mining_backend).astype(low.dtype)
 
-    def image_features(self, images: jax.Array, images_aux: jax.Array, *, deterministic: bool = True,
-                       rngs: nnx.Rngs | None = None) -> jax.Array:
+    def image_features(
+        self, images: jax.Array, images_aux: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         """LLM-width image tokens [B, tokens_per_image, D]. ``images``: [B, 3, 336, 336], or HD
         [B, views, 3, 336, 336] (crops row-major, then the global view); ``images_aux``: [B, 3, S, S]."""
         c = self.config
@@ -244,14 +290,21 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         low = low.reshape(b, c.views, *low.shape[1:])
         _, h, w, ch = hr.shape
         crops = hr.reshape(b, g, h // g, g, w // g, ch).transpose(0, 1, 3, 2, 4, 5).reshape(-1, h // g, w // g, ch)
-        tokens = self.mine(low[:, :g * g].reshape(b * g * g, *low.shape[2:]), crops).reshape(b, -1, low.shape[-1])
+        tokens = self.mine(low[:, : g * g].reshape(b * g * g, *low.shape[2:]), crops).reshape(b, -1, low.shape[-1])
         if c.image_global:  # the global view pairs with the HR map's 2x2 average, and comes first
             glob = self.mine(low[:, -1], resize.bilinear(hr, h // g, w // g).astype(hr.dtype))
             tokens = jnp.concatenate([glob, tokens], axis=1)
         return self.mm_projector(tokens)
 
-    def embed(self, input_ids: jax.Array, images: jax.Array | None = None, images_aux: jax.Array | None = None,
-              *, deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def embed(
+        self,
+        input_ids: jax.Array,
+        images: jax.Array | None = None,
+        images_aux: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """The LLM's input embeddings [B, T, D]. A row's image (``images[b]``) occupies ``tokens_per_image``
         consecutive ``IMAGE_TOKEN_INDEX`` (-200) ids (static shapes; MGM splices one -200 dynamically); a
         text-only row has none, and its (zero) image is ignored."""
@@ -263,9 +316,16 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         check_image_tokens(input_ids, IMAGE_TOKEN_INDEX, feats.shape[1], per_row=True)
         return merge_image_embeddings(embeds, is_image, feats)
 
-    def __call__(self, input_ids: jax.Array, images: jax.Array | None = None, images_aux: jax.Array | None = None,
-                 *, attention_mask: jax.Array | None = None, deterministic: bool = True,
-                 rngs: nnx.Rngs | None = None):
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        images: jax.Array | None = None,
+        images_aux: jax.Array | None = None,
+        *,
+        attention_mask: jax.Array | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ):
         """Logits [B, T, V] and the LLM cache (see ``embed`` for how images enter)."""
         embeds = self.embed(input_ids, images, images_aux, deterministic=deterministic, rngs=rngs)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)

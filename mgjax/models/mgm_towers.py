@@ -15,6 +15,7 @@ one shard (MGM itself needs an index). ``source="checkpoint"`` takes both towers
 instead, for users without the tower directories. A checkpoint that carries its towers' configs
 (``vision_config`` / ``vision_aux_config``, as mgjax writes it) holds its towers and needs no directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,14 @@ CONFIG_KEYS = {"vision_tower": "vision_config", "vision_tower_aux": "vision_aux_
 SOURCES = ("mgm", "checkpoint")
 PROJECTOR_SHARD_MARKS = ("vlm_uni", "vision_fpn", "vision_stages")  # what makes MGM read a shard
 FIX = "pass towers_root= (--towers-root, model.towers_root) naming the directory that holds model_zoo/"
-ROOT_HELP = ("MGM: the directory holding the model_zoo/ that the checkpoint's config.json names its towers in "
-             "(searched after it: the working directory, then beside the checkpoint)")
-SOURCE_HELP = ("MGM: 'mgm' loads the towers as MGM does (CLIP from its OpenAI directory, ConvNeXt from open_clip's "
-               "file); 'checkpoint' uses the copies inside the checkpoint")
+ROOT_HELP = (
+    "MGM: the directory holding the model_zoo/ that the checkpoint's config.json names its towers in "
+    "(searched after it: the working directory, then beside the checkpoint)"
+)
+SOURCE_HELP = (
+    "MGM: 'mgm' loads the towers as MGM does (CLIP from its OpenAI directory, ConvNeXt from open_clip's "
+    "file); 'checkpoint' uses the copies inside the checkpoint"
+)
 
 
 class TowerNotFound(CheckpointError):
@@ -96,8 +101,9 @@ def convnext_config(directory: Path | None, configured: str, drop_path: bool) ->
         vision = _json(path).get("model_cfg", {}).get("vision_cfg", {})
         trunk = vision.get("timm_model_name")
         if trunk not in TIMM_TRUNKS:
-            raise CheckpointError(f"{path}: timm_model_name {trunk!r} is not a ConvNeXt trunk mgjax builds "
-                                  f"({', '.join(TIMM_TRUNKS)})")
+            raise CheckpointError(
+                f"{path}: timm_model_name {trunk!r} is not a ConvNeXt trunk mgjax builds ({', '.join(TIMM_TRUNKS)})"
+            )
         rate = float(vision.get("timm_drop_path") or 0.0)
     else:
         trunk = convnext_by_name(configured)
@@ -110,6 +116,7 @@ def convnext_config(directory: Path | None, configured: str, drop_path: bool) ->
 class Resolution:
     """``config``: the checkpoint's config.json with the towers' configs filled in; ``towers``: submodules read
     from elsewhere than the checkpoint, as ``from_pretrained`` takes them; ``sources``: one phrase per tower."""
+
     config: dict
     towers: dict[str, tuple[Any, str]] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
@@ -128,13 +135,16 @@ def _tower_tensors(reader: SafetensorsReader, attr: str) -> dict[str, TensorInfo
 
 def _missing(attr: str, configured: str, checkpoint: Path, root, why: str) -> TowerNotFound:
     searched = ", ".join(str(c) for c in candidates(configured, checkpoint, root))
-    return TowerNotFound(f"{checkpoint}: the {NAMES[attr]} tower {FIELDS[attr]}={configured!r} {why}; searched: "
-                         f"{searched}. {FIX}, or source='checkpoint' (--towers checkpoint) to use the copies inside "
-                         "the checkpoint")
+    return TowerNotFound(
+        f"{checkpoint}: the {NAMES[attr]} tower {FIELDS[attr]}={configured!r} {why}; searched: "
+        f"{searched}. {FIX}, or source='checkpoint' (--towers checkpoint) to use the copies inside "
+        "the checkpoint"
+    )
 
 
-def resolve(d: Mapping[str, Any], checkpoint: str | os.PathLike, *, root: str | os.PathLike | None = None,
-            source: str = "mgm") -> Resolution:
+def resolve(
+    d: Mapping[str, Any], checkpoint: str | os.PathLike, *, root: str | os.PathLike | None = None, source: str = "mgm"
+) -> Resolution:
     """How to load an MGM checkpoint whose config names its towers by path (see the module docstring)."""
     if source not in SOURCES:
         raise ValueError(f"towers source must be one of {SOURCES}, not {source!r}")
@@ -147,23 +157,33 @@ def resolve(d: Mapping[str, Any], checkpoint: str | os.PathLike, *, root: str | 
         for attr in wanted:
             configured = str(d.get(FIELDS[attr], ""))
             directory = locate(configured, checkpoint, root) if configured else None
-            cfg = (clip_config(directory, configured) if attr == "vision_tower" else
-                   convnext_config(directory, configured, d.get("drop_path", True)))
+            cfg = (
+                clip_config(directory, configured)
+                if attr == "vision_tower"
+                else convnext_config(directory, configured, d.get("drop_path", True))
+            )
             if cfg is None:
-                raise _missing(attr, configured, checkpoint, root, "is not a tower MGM knows by name and its "
-                               "directory (with its config) was not found")
+                raise _missing(
+                    attr,
+                    configured,
+                    checkpoint,
+                    root,
+                    "is not a tower MGM knows by name and its directory (with its config) was not found",
+                )
             out.config[CONFIG_KEYS[attr]] = cfg
             copies = _tower_tensors(reader, attr)
             if source == "checkpoint" or (attr == "vision_tower_aux" and d.get("optimize_vision_tower_aux")):
                 if not copies:
-                    raise _missing(attr, configured, checkpoint, root, f"is not in the checkpoint "
-                                   f"(no {PREFIXES[attr]}* tensors)")
+                    raise _missing(
+                        attr, configured, checkpoint, root, f"is not in the checkpoint (no {PREFIXES[attr]}* tensors)"
+                    )
                 out.sources[attr] = f"the checkpoint's copy ({len(copies)} tensors)"
             elif directory is None:
                 raise _missing(attr, configured, checkpoint, root, "was not found")
             else:
-                out.towers[attr], out.sources[attr] = _from_directory(attr, directory, copies,
-                                                                      _projector_shards(reader))
+                out.towers[attr], out.sources[attr] = _from_directory(
+                    attr, directory, copies, _projector_shards(reader)
+                )
     return out
 
 
@@ -189,10 +209,17 @@ def explain(error: KeyMismatch, d: Mapping[str, Any]) -> CheckpointError:
     for attr, prefix in PREFIXES.items():
         if error.missing and all(k.startswith(prefix) for k in error.missing):
             configured = d.get(FIELDS[attr])
-            where = (f"MGM reads it from {FIELDS[attr]}={configured!r}: drop 'vision_config' / "
-                     f"'vision_aux_config' from config.json so that directory is used, and {FIX}"
-                     if configured else f"load a checkpoint that holds it, or name its directory in {FIELDS[attr]}")
-            return KeyMismatch(f"the checkpoint holds no {NAMES[attr]} tower ({len(error.missing)} tensors "
-                               f"{prefix}* missing); {where}.\n{error}", error.missing, error.unexpected,
-                               error.misshaped)
+            where = (
+                f"MGM reads it from {FIELDS[attr]}={configured!r}: drop 'vision_config' / "
+                f"'vision_aux_config' from config.json so that directory is used, and {FIX}"
+                if configured
+                else f"load a checkpoint that holds it, or name its directory in {FIELDS[attr]}"
+            )
+            return KeyMismatch(
+                f"the checkpoint holds no {NAMES[attr]} tower ({len(error.missing)} tensors "
+                f"{prefix}* missing); {where}.\n{error}",
+                error.missing,
+                error.unexpected,
+                error.misshaped,
+            )
     return error

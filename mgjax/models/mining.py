@@ -17,6 +17,7 @@ fits the chip's VMEM, ``auto`` takes the reference and prints why.
 Windows are slot-major, ``[B, W, N, C]``: slot ``w`` of every window is one ``[N, C]`` plane, the layout the
 kernel reads without a relayout (W = M² need not be a multiple of a TPU tile).
 """
+
 from __future__ import annotations
 
 import sys
@@ -41,8 +42,9 @@ def windows(x: jax.Array, n: int) -> jax.Array:
     return x.reshape(b, n, m_h, n, m_w, c).transpose(0, 2, 4, 1, 3, 5).reshape(b, m_h * m_w, n * n, c)
 
 
-def local_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto",
-                           interpret=None) -> jax.Array:
+def local_window_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto", interpret=None
+) -> jax.Array:
     """Single-head attention of each query over its own window: q [B, N, C], k/v [B, W, N, C] (``windows``) ->
     [B, N, C] in v's dtype. ``backend``: auto | xla (``reference``) | pallas (``interpret``: None = on CPUs, or
     True / ``pltpu.InterpretParams``). Inside a mesh context (``jax.set_mesh``) the kernel runs per batch shard."""
@@ -57,8 +59,10 @@ def local_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend:
         raise ValueError("the mining kernel is written for TPUs; on GPUs use backend 'xla' (or interpret mode)")
     blocks = kernel_blocks(k.shape, k.dtype, device)
     if blocks is None:
-        reason = (f"mining: no kernel block of {k.shape[1]} slots x {k.shape[-1]} channels ({k.dtype}) fits "
-                  f"{device.device_kind}'s VMEM")
+        reason = (
+            f"mining: no kernel block of {k.shape[1]} slots x {k.shape[-1]} channels ({k.dtype}) fits "
+            f"{device.device_kind}'s VMEM"
+        )
         if backend == "pallas":
             raise ValueError(reason)
         print(reason + "; using the XLA reference", file=sys.stderr)
@@ -89,7 +93,7 @@ def reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """The jnp form, as MGM computes it: scale 1/sqrt(C) on the keys, nan_to_num on the logits (NaN -> 0, +-inf
     -> the dtype's extremes), float32 softmax over the W positions; the output is in v's dtype."""
     c = q.shape[-1]
-    k = k / jnp.asarray(c ** 0.5, k.dtype)
+    k = k / jnp.asarray(c**0.5, k.dtype)
     logits = jnp.einsum("bnc,bwnc->bwn", q, k, preferred_element_type=jnp.float32).astype(q.dtype)
     logits = jnp.nan_to_num(logits)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=1).astype(v.dtype)

@@ -7,6 +7,7 @@ grouped on TPU, where ``ragged_dot`` has a native grouped-matmul lowering, and d
 H100 (jax 0.11.2) and on CPU, XLA's ``ragged_dot`` runs 1.7-1.9x slower than dense dispatch despite 4x fewer
 FLOPs (``bench/moe.py``, docs/benchmarks.md).
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,7 +19,8 @@ from mgjax.parallel import topology
 
 # tokens [N, in] x expert weights [E, out, in] (torch layout, contracted in place rather than transposed per call)
 TORCH_LAYOUT = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0]
+)
 
 
 class Expert(nnx.Module):
@@ -32,14 +34,30 @@ class Expert(nnx.Module):
 class SparseMoeBlock(nnx.Module):
     """HF ``block_sparse_moe``: a router ``gate`` and ``experts`` stacked on a leading ``experts`` axis."""
 
-    def __init__(self, hidden: int, inner: int, num_experts: int, top_k: int, *, act: str, impl: str, dtype,
-                 param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        hidden: int,
+        inner: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        act: str,
+        impl: str,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         if impl not in ("auto", "dense", "grouped"):
             raise ValueError(f"moe_impl must be 'auto', 'dense' or 'grouped', not {impl!r}")
-        self.gate = layers.Linear(hidden, num_experts, axes=(None, "embed"), bias=False, dtype=jnp.float32,
-                                  param_dtype=param_dtype, rngs=rngs)
-        self.experts = layers.stack(lambda r: Expert(hidden, inner, dtype=dtype, param_dtype=param_dtype, rngs=r),
-                                    num_experts, rngs, axis="experts")
+        self.gate = layers.Linear(
+            hidden, num_experts, axes=(None, "embed"), bias=False, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs
+        )
+        self.experts = layers.stack(
+            lambda r: Expert(hidden, inner, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            num_experts,
+            rngs,
+            axis="experts",
+        )
         self.top_k, self.impl, self.act, self.dtype = top_k, impl, layers.activation(act), dtype
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -62,8 +80,9 @@ class SparseMoeBlock(nnx.Module):
     def _dense(self, x, weights, idx, w1, w2, w3):
         h = self.act(jnp.einsum("td,eid->tei", x, w1)) * jnp.einsum("td,eid->tei", x, w3)
         y = jnp.einsum("tei,edi->ted", h, w2)
-        combine = jnp.zeros((x.shape[0], w1.shape[0]), jnp.float32).at[
-            jnp.arange(x.shape[0])[:, None], idx].add(weights)
+        combine = (
+            jnp.zeros((x.shape[0], w1.shape[0]), jnp.float32).at[jnp.arange(x.shape[0])[:, None], idx].add(weights)
+        )
         return jnp.einsum("ted,te->td", y.astype(jnp.float32), combine)
 
     def _grouped(self, x, weights, idx, w1, w2, w3):
@@ -91,4 +110,3 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | 
     prob = jnp.einsum("lne,n->e", probs, m)
     rows = n_layers * m.sum()
     return e * jnp.sum((counts / rows) * (prob / rows))
-

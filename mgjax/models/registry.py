@@ -1,5 +1,6 @@
 """HF ``model_type`` -> the mgjax class that implements it, imported when first asked for (the model modules import
 ``models.base``, which looks classes up here)."""
+
 from __future__ import annotations
 
 import importlib

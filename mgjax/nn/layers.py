@@ -5,6 +5,7 @@ Weights keep the PyTorch layout (Linear ``weight`` is ``[out, in]``, convolution
 parameter's path and shape equal its Hugging Face key and shape; XLA folds the transposed contraction into
 the matmul, so this costs nothing at run time and makes conversion a rename.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -21,6 +22,7 @@ Axes = tuple[str | None, ...]
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
     """A parameter annotated with logical axis names (one per dimension).
@@ -50,12 +52,23 @@ def normal(std: float) -> Callable:
 # Layers
 # ---------------------------------------------------------------------------------------------------------------
 
+
 class Linear(nnx.Module):
     """``y = x @ weight.T + bias`` with ``weight: [out, in]`` exactly as ``torch.nn.Linear`` stores it; plus
     ``lora_scale * (x @ lora_a.T) @ lora_b.T`` once ``mgjax.nn.lora`` has given it a low-rank adapter."""
 
-    def __init__(self, d_in: int, d_out: int, *, axes: tuple[str, str], bias: bool, dtype, param_dtype,
-                 rngs: nnx.Rngs, std: float = 0.02):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        axes: tuple[str, str],
+        bias: bool,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        std: float = 0.02,
+    ):
         self.weight = param(rngs, normal(std), (d_out, d_in), axes, param_dtype)
         self.bias = param(rngs, zeros, (d_out,), (axes[0],), param_dtype) if bias else None
         self.dtype = dtype
@@ -78,8 +91,21 @@ class Conv2d(nnx.Module):
     """2-D convolution on NHWC activations with a ``torch.nn.Conv2d``-layout kernel
     ``weight: [out, in/groups, kh, kw]``."""
 
-    def __init__(self, d_in: int, d_out: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
-                 bias: bool = True, dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        std: float = 0.02,
+    ):
         axes = ("conv_out", "conv_in", "conv_kernel", "conv_kernel")
         self.weight = param(rngs, normal(std), (d_out, d_in // groups, kernel, kernel), axes, param_dtype)
         self.bias = param(rngs, zeros, (d_out,), ("conv_out",), param_dtype) if bias else None
@@ -91,8 +117,9 @@ class Conv2d(nnx.Module):
         x, w = sharding.constrain_batch(x.astype(self.dtype)), sharding.gathered(self.weight[...].astype(self.dtype))
         if self.groups == x.shape[-1] == w.shape[0] and self.stride == 1:
             # XLA:CPU differentiates a depthwise conv ~30x slower than the same sum of shifted products.
-            y = jax.lax.platform_dependent(x, w, cpu=partial(_depthwise_shifted, padding=self.padding),
-                                           default=self._conv)
+            y = jax.lax.platform_dependent(
+                x, w, cpu=partial(_depthwise_shifted, padding=self.padding), default=self._conv
+            )
         else:
             y = self._conv(x, w)
         if self.bias is not None:
@@ -100,9 +127,14 @@ class Conv2d(nnx.Module):
         return sharding.constrain_batch(y)
 
     def _conv(self, x: jax.Array, w: jax.Array) -> jax.Array:
-        return jax.lax.conv_general_dilated(x, w, window_strides=(self.stride,) * 2,
-                                            padding=[(self.padding, self.padding)] * 2,
-                                            feature_group_count=self.groups, dimension_numbers=("NHWC", "OIHW", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=(self.stride,) * 2,
+            padding=[(self.padding, self.padding)] * 2,
+            feature_group_count=self.groups,
+            dimension_numbers=("NHWC", "OIHW", "NHWC"),
+        )
 
 
 def _depthwise_shifted(x: jax.Array, w: jax.Array, padding: int) -> jax.Array:
@@ -110,14 +142,15 @@ def _depthwise_shifted(x: jax.Array, w: jax.Array, padding: int) -> jax.Array:
     kh, kw = w.shape[2:]
     h, wd = x.shape[1] + 2 * padding - kh + 1, x.shape[2] + 2 * padding - kw + 1
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    return sum(xp[:, i:i + h, j:j + wd, :] * w[:, 0, i, j] for i in range(kh) for j in range(kw))
+    return sum(xp[:, i : i + h, j : j + wd, :] * w[:, 0, i, j] for i in range(kh) for j in range(kw))
 
 
 class LayerNorm(nnx.Module):
     """LayerNorm over the last axis, statistics in float32 (as PyTorch computes them for f32/bf16 inputs)."""
 
-    def __init__(self, dim: int, *, eps: float, axis_name: str = "norm", param_dtype, rngs: nnx.Rngs,
-                 bias: bool = True):
+    def __init__(
+        self, dim: int, *, eps: float, axis_name: str = "norm", param_dtype, rngs: nnx.Rngs, bias: bool = True
+    ):
         self.weight = param(rngs, ones, (dim,), (axis_name,), param_dtype)
         self.bias = param(rngs, zeros, (dim,), (axis_name,), param_dtype) if bias else None
         self.eps = eps
@@ -151,8 +184,7 @@ class RMSNorm(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, num: int, dim: int, *, axes: tuple[str, str], param_dtype, rngs: nnx.Rngs,
-                 std: float = 0.02):
+    def __init__(self, num: int, dim: int, *, axes: tuple[str, str], param_dtype, rngs: nnx.Rngs, std: float = 0.02):
         self.weight = param(rngs, normal(std), (num, dim), axes, param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -193,8 +225,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 # Attention
 # ---------------------------------------------------------------------------------------------------------------
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None
-              ) -> jax.Array:
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None) -> jax.Array:
     """Grouped-query attention with a float32 softmax.
 
     q: [B, T, H, D]; k, v: [B, S, KVH, D] with H a multiple of KVH; mask: boolean, broadcastable to
@@ -280,5 +312,3 @@ def hidden_state_index(select_layer: int, n_layers: int) -> int:
     if not -(n_layers + 1) <= select_layer <= n_layers:
         raise ValueError(f"select_layer {select_layer} out of range for {n_layers} layers")
     return select_layer % (n_layers + 1)
-
-

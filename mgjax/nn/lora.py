@@ -7,6 +7,7 @@ the weight's logical axes, so they shard like it. ``TRAINABLE`` selects them for
 ``W + scale * B @ A`` back into each weight and removes the adapters, after which ``save_pretrained`` writes an
 ordinary HF checkpoint.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,8 +32,9 @@ def _linears(model: nnx.Module, targets: Sequence[str]):
             yield path_string(path), node
 
 
-def add(model: nnx.Module, *, rank: int = 16, alpha: float = 32.0, targets: Sequence[str] = LLM_LINEARS,
-        seed: int = 0) -> list[str]:
+def add(
+    model: nnx.Module, *, rank: int = 16, alpha: float = 32.0, targets: Sequence[str] = LLM_LINEARS, seed: int = 0
+) -> list[str]:
     """Adapters on the matching linear layers, in place; returns their paths (an error when none match)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, not {rank}")
@@ -44,11 +46,12 @@ def add(model: nnx.Module, *, rank: int = 16, alpha: float = 32.0, targets: Sequ
         w = linear.weight
         *lead, d_out, d_in = w.shape
         *lead_axes, out_axis, in_axis = w.get_metadata()["out_sharding"]
-        bound = 1.0 / d_in ** 0.5
+        bound = 1.0 / d_in**0.5
         a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, rank, d_in), w.dtype, -bound, bound)
         linear.lora_a = nnx.Param(a, out_sharding=(*lead_axes, None, in_axis), eager_sharding=False)
-        linear.lora_b = nnx.Param(jnp.zeros((*lead, d_out, rank), w.dtype), out_sharding=(*lead_axes, out_axis, None),
-                                  eager_sharding=False)
+        linear.lora_b = nnx.Param(
+            jnp.zeros((*lead, d_out, rank), w.dtype), out_sharding=(*lead_axes, out_axis, None), eager_sharding=False
+        )
         linear.lora_scale = alpha / rank
     return [name for name, _ in found]
 

@@ -4,6 +4,7 @@ The prompt already holds one placeholder token per image embedding (InternVL's `
 expanded ``<image>``), so the merge is a gather plus a select: no sequence changes length, and one compiled program
 serves every batch of the same shape.
 """
+
 from __future__ import annotations
 
 import jax
@@ -27,8 +28,9 @@ def merge_image_embeddings(embeds: jax.Array, is_image: jax.Array, features: jax
     return jnp.where(is_image[..., None], picked.astype(embeds.dtype), embeds)
 
 
-def check_image_tokens(input_ids: jax.Array, token: int, n_features: int, per_row: bool = False,
-                       up_to: bool = False) -> None:
+def check_image_tokens(
+    input_ids: jax.Array, token: int, n_features: int, per_row: bool = False, up_to: bool = False
+) -> None:
     """Raise if the placeholder count differs from the number of embeddings (``per_row``: each row holds none or
     exactly ``n_features``; ``up_to``: each row at most ``n_features``, its slots past them unused). Checked
     whenever the ids are concrete; under ``jit`` the data pipeline is responsible."""
@@ -37,12 +39,16 @@ def check_image_tokens(input_ids: jax.Array, token: int, n_features: int, per_ro
     counts = (np.asarray(input_ids) == token).sum(axis=-1)
     if up_to:
         if counts.max(initial=0) > n_features:
-            raise ValueError(f"a row holds {int(counts.max())} image placeholder tokens (id {token}) for "
-                             f"{n_features} embedding slots")
+            raise ValueError(
+                f"a row holds {int(counts.max())} image placeholder tokens (id {token}) for "
+                f"{n_features} embedding slots"
+            )
     elif per_row:
         bad = [int(c) for c in counts if c not in (0, n_features)]
         if bad:
             raise ValueError(f"rows hold {bad} image placeholder tokens (id {token}); each needs 0 or {n_features}")
     elif int(counts.sum()) != n_features:
-        raise ValueError(f"the prompt holds {int(counts.sum())} image placeholder tokens (id {token}) but the "
-                         f"images give {n_features} embeddings")
+        raise ValueError(
+            f"the prompt holds {int(counts.sum())} image placeholder tokens (id {token}) but the "
+            f"images give {n_features} embeddings"
+        )

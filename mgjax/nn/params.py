@@ -1,4 +1,5 @@
 """Parameters by their HF-style dotted paths: regex selection (what trains, what stays frozen) and counts."""
+
 from __future__ import annotations
 
 import re
@@ -18,8 +19,11 @@ def trainable(patterns: Sequence[str], frozen: Sequence[str] = ()):
 
     def select(path, value) -> bool:
         name = path_string(path)
-        return (isinstance(value, nnx.Param) and any(p.fullmatch(name) for p in compiled)
-                and not any(p.fullmatch(name) for p in held))
+        return (
+            isinstance(value, nnx.Param)
+            and any(p.fullmatch(name) for p in compiled)
+            and not any(p.fullmatch(name) for p in held)
+        )
 
     return select
 

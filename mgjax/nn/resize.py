@@ -4,6 +4,7 @@
 reproduce ``torch.nn.functional.interpolate``; a resize is linear and separable, so one [out, in] matrix per axis
 reproduces it exactly.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -38,8 +39,13 @@ def bicubic_grid(grid: jax.Array, height: int, width: int) -> jax.Array:
 
     HIGHEST precision: a one-off on a small table (position embeddings), and default TPU/GPU matmul precision
     would round it to bf16/tf32."""
-    return jnp.einsum("hi,ijd,wj->hwd", _bicubic(grid.shape[0], height), grid.astype(jnp.float32),
-                      _bicubic(grid.shape[1], width), precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum(
+        "hi,ijd,wj->hwd",
+        _bicubic(grid.shape[0], height),
+        grid.astype(jnp.float32),
+        _bicubic(grid.shape[1], width),
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -64,5 +70,10 @@ def bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
     """Resize ``x`` [..., H, W, C] to [..., height, width, C] as torch bilinear (align_corners=False) does, in
     float32 (MGM resizes its feature maps in float32 too)."""
     h, w = x.shape[-3:-1]
-    return jnp.einsum("hi,...ijc,wj->...hwc", _bilinear(h, height), x.astype(jnp.float32), _bilinear(w, width),
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum(
+        "hi,...ijc,wj->...hwc",
+        _bilinear(h, height),
+        x.astype(jnp.float32),
+        _bilinear(w, width),
+        precision=jax.lax.Precision.HIGHEST,
+    )

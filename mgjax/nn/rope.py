@@ -8,6 +8,7 @@ kernels, SLEEF's ``powf``, differ in 1 ulp on a few entries of some tables: Gemm
 Phi-3's among the releases). We round the exact power once (float64 ``pow``, then float32), which is what
 PyTorch's scalar kernel gives for every released table; ``docs/fidelity.md`` has the measurements.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,6 +48,7 @@ class Rope:
 
     ``dynamic_base``: how the rescaled NTK base is computed — ``"float32"`` as transformers' tensor operations do,
     ``"float64"`` as InternLM2's remote code does in Python floats before rounding it to float32."""
+
     theta: float = 10000.0
     type: str = "default"  # one of SUPPORTED
     factor: float = 1.0
@@ -77,24 +79,36 @@ class Rope:
         factor = p.get("factor")
         if kind == "longrope" and factor is None:
             factor = d["max_position_embeddings"] / original
-        return cls(theta=float(p["rope_theta"]), type=kind, factor=float(factor or 1.0),
-                   low_freq_factor=float(p.get("low_freq_factor", 1.0)),
-                   high_freq_factor=float(p.get("high_freq_factor", 4.0)),
-                   original_max_position_embeddings=original,
-                   max_position_embeddings=d.get("max_position_embeddings") if kind == "dynamic" else None,
-                   short_factor=tuple(p.get("short_factor", ())), long_factor=tuple(p.get("long_factor", ())),
-                   attention_factor=p.get("attention_factor"), **fields)
+        return cls(
+            theta=float(p["rope_theta"]),
+            type=kind,
+            factor=float(factor or 1.0),
+            low_freq_factor=float(p.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(p.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=original,
+            max_position_embeddings=d.get("max_position_embeddings") if kind == "dynamic" else None,
+            short_factor=tuple(p.get("short_factor", ())),
+            long_factor=tuple(p.get("long_factor", ())),
+            attention_factor=p.get("attention_factor"),
+            **fields,
+        )
 
     def to_hf(self) -> dict[str, Any]:
         p: dict[str, Any] = {"rope_type": self.type, "rope_theta": self.theta}
         if self.type != "default":
             p["factor"] = self.factor
         if self.type == "llama3":
-            p.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
-                     original_max_position_embeddings=self.original_max_position_embeddings)
+            p.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
         if self.type == "longrope":
-            p.update(short_factor=list(self.short_factor), long_factor=list(self.long_factor),
-                     original_max_position_embeddings=self.original_max_position_embeddings)
+            p.update(
+                short_factor=list(self.short_factor),
+                long_factor=list(self.long_factor),
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
             if self.attention_factor is not None:
                 p["attention_factor"] = self.attention_factor
         return {"rope_parameters": p}
@@ -124,7 +138,8 @@ class Rope:
         factor = f32(self.factor)
         scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
         smooth = (_reciprocal(wavelen) * f32(old) - f32(self.low_freq_factor)) / f32(
-            self.high_freq_factor - self.low_freq_factor)
+            self.high_freq_factor - self.low_freq_factor
+        )
         smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(f32)
@@ -153,7 +168,7 @@ class Rope:
                 base = r32(self.theta * (factor * s / limit - (factor - 1)) ** exponent)
             else:  # transformers: float32 tensor operations on the int64 sequence length
                 ratio = r32(r32(r32(f32(factor) * s) / f32(limit)) - f32(factor - 1))
-                base = r32(f32(self.theta) * r32(ratio ** exponent))  # tensor ** float: a float64 pow
+                base = r32(f32(self.theta) * r32(ratio**exponent))  # tensor ** float: a float64 pow
             power = r32(base ** _exponents(head_dim).astype(np.float64))
             return (1.0 / power).astype(jnp.float32)
 
@@ -166,8 +181,9 @@ class Rope:
             scale = self.longrope_scale()
         elif self.type == "dynamic":
             seq_len = jnp.max(positions) + 1
-            inv = jnp.where(seq_len > self.max_position_embeddings, self._dynamic(head_dim, seq_len),
-                            self.base_inv_freq(head_dim))
+            inv = jnp.where(
+                seq_len > self.max_position_embeddings, self._dynamic(head_dim, seq_len), self.base_inv_freq(head_dim)
+            )
         else:
             inv = jnp.asarray(self.inv_freq(head_dim))
         freqs = positions.astype(jnp.float32)[..., None] * inv

@@ -4,6 +4,7 @@ Every process runs the same program; ``jax.distributed.initialize`` connects the
 after which ``jax.devices()`` lists the devices of all processes and a mesh spans them. The launchers in
 ``launch/`` set ``distributed.mode`` (and for ``explicit`` the coordinator and process numbers).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,15 +17,20 @@ MODES = ("auto", "none", "tpu", "slurm", "explicit")
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    mode: str = field(default="auto", metadata={
-        "help": "auto (explicit when a coordinator is set, else slurm or tpu from the environment, else none) | "
-                "none (one process) | tpu (Cloud TPU: everything discovered) | slurm (one process per GPU, "
-                "from SLURM's variables) | explicit (coordinator, num_processes, process_id)"})
+    mode: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (explicit when a coordinator is set, else slurm or tpu from the environment, else none) | "
+            "none (one process) | tpu (Cloud TPU: everything discovered) | slurm (one process per GPU, "
+            "from SLURM's variables) | explicit (coordinator, num_processes, process_id)"
+        },
+    )
     coordinator: str = field(default="", metadata={"help": "explicit: host:port of process 0"})
     num_processes: int = 0
     process_id: int = -1
-    local_device_ids: tuple[int, ...] = field(default=(), metadata={
-        "help": "the local devices this process drives (default: all it sees)"})
+    local_device_ids: tuple[int, ...] = field(
+        default=(), metadata={"help": "the local devices this process drives (default: all it sees)"}
+    )
 
 
 def _multi_host_tpu() -> bool:
@@ -53,8 +59,10 @@ def initialize(c: DistributedConfig) -> str:
         jax.distributed.initialize(local_device_ids=local)
     elif mode == "explicit":
         if not c.coordinator or c.num_processes < 1 or not 0 <= c.process_id < c.num_processes:
-            raise ValueError("distributed.mode explicit needs distributed.coordinator (host:port), "
-                             "distributed.num_processes >= 1 and 0 <= distributed.process_id < num_processes; got "
-                             f"{c.coordinator!r}, {c.num_processes}, {c.process_id}")
+            raise ValueError(
+                "distributed.mode explicit needs distributed.coordinator (host:port), "
+                "distributed.num_processes >= 1 and 0 <= distributed.process_id < num_processes; got "
+                f"{c.coordinator!r}, {c.num_processes}, {c.process_id}"
+            )
         jax.distributed.initialize(c.coordinator, c.num_processes, c.process_id, local_device_ids=local)
     return mode

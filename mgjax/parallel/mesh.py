@@ -1,12 +1,12 @@
 """The device mesh ``(data, fsdp, tensor, expert)`` from config, and where each parameter lands on it.
 
-A parameter's placement follows from its logical axes (``layers.param``) and the rules in ``mgjax.parallel.sharding``: each
-dimension takes the mesh axes its logical name maps to, unless an earlier dimension already took them or their
-size does not divide it (then that dimension is replicated). ``placement`` reports the bytes each device would
-hold, computed from shapes alone, so a plan for MGM-34B on 128 chips runs on a laptop. ``shard`` places a model
-or an optimizer (Adam's moments carry their parameter's axes) and ``batch_sharding`` splits the batch over
-``(data, fsdp)``; XLA's SPMD partitioner does the rest.
-"""
+A parameter's placement follows from its logical axes (``layers.param``) and the rules in
+``mgjax.parallel.sharding``: each dimension takes the mesh axes its logical name maps to, unless an earlier
+dimension already took them or their size does not divide it (then that dimension is replicated). ``placement``
+reports the bytes each device would hold, computed from shapes alone, so a plan for MGM-34B on 128 chips runs on a
+laptop. ``shard`` places a model or an optimizer (Adam's moments carry their parameter's axes) and
+``batch_sharding`` splits the batch over ``(data, fsdp)``; XLA's SPMD partitioner does the rest."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ class MeshConfig:
     """Axis sizes within a slice (TPU) or node (GPUs), one of them may be -1: whatever the device count leaves;
     ``dcn_*``: how many slices or nodes the axis also spans, over the slower network between them (data
     parallelism there, as MaxText does: only gradients cross it)."""
+
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
@@ -69,10 +70,10 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     across = config.across()
     if prod(across.values()) == 1:
-        return jax.make_mesh(tuple(config.sizes(len(devices)).values()), MESH_AXES, devices=devices,
-                             axis_types=auto)
-    return jax.sharding.Mesh(_hybrid(config.within(len(devices) // prod(across.values())), across, devices),
-                             MESH_AXES, axis_types=auto)
+        return jax.make_mesh(tuple(config.sizes(len(devices)).values()), MESH_AXES, devices=devices, axis_types=auto)
+    return jax.sharding.Mesh(
+        _hybrid(config.within(len(devices) // prod(across.values())), across, devices), MESH_AXES, axis_types=auto
+    )
 
 
 def _hybrid(within: dict[str, int], across: dict[str, int], devices: list) -> np.ndarray:
@@ -81,15 +82,19 @@ def _hybrid(within: dict[str, int], across: dict[str, int], devices: list) -> np
     ordered = sorted(devices, key=lambda d: (getattr(d, "slice_index", None) or 0, d.process_index, d.id))
     n, k = prod(across.values()), len(MESH_AXES)
     per = len(ordered) // n
-    groups = [mesh_utils.create_device_mesh(tuple(within.values()), ordered[i * per:(i + 1) * per])
-              for i in range(n)]
+    groups = [mesh_utils.create_device_mesh(tuple(within.values()), ordered[i * per : (i + 1) * per]) for i in range(n)]
     grid = np.stack(groups).reshape(*across.values(), *within.values())
     grid = grid.transpose([j for i in range(k) for j in (i, k + i)])
     return grid.reshape([across[a] * within[a] for a in MESH_AXES])
 
 
-def spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mapping[str, int], rules=DEFAULT_RULES,
-         fill: Sequence[str] = ZERO3_AXES) -> PartitionSpec:
+def spec(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mapping[str, int],
+    rules=DEFAULT_RULES,
+    fill: Sequence[str] = ZERO3_AXES,
+) -> PartitionSpec:
     """The PartitionSpec of one parameter with logical ``axes`` on a mesh of axis sizes ``mesh``; the ``fill``
     axes the rules left unused then split the largest dimension they divide (ZeRO-3: no parameter whole)."""
     table = dict(rules)
@@ -188,5 +193,4 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> j
 
 def global_batch(mesh: jax.sharding.Mesh, local: Mapping[str, np.ndarray], rules=DEFAULT_RULES) -> dict:
     """One global batch from each process's own rows ([micro_batches, rows, ...]): no host ever holds the rest."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v)
-            for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim, rules), v) for k, v in local.items()}

@@ -1,6 +1,7 @@
 """Logical axis names: the one vocabulary every parameter is annotated with, and the default logical->mesh
 rules (data, not code). ``mgjax.parallel.mesh`` turns them into placements on a ``(data, fsdp, tensor, expert)`` mesh.
 """
+
 from __future__ import annotations
 
 from math import prod

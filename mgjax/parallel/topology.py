@@ -6,6 +6,7 @@ from a CPU VM; ``chip("v5p-128")`` says what one chip holds. Slice names follow 
 TensorCores (two per chip, driven as one megacore device), v5e and v6e count chips. Needs libtpu
 (``pip install "jax[tpu]"``, also in the test extra); on a CPU machine it only compiles.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,7 @@ class Generation:
     """``prefix``: the generation's name in libtpu topology strings; ``kind``: its devices' ``device_kind``;
     ``cores_in_name``: TensorCores a slice name counts per chip; ``hbm_gib``: HBM per chip (one megacore device
     on v4 / v5p); ``vmem_mib``: VMEM per TensorCore (``pltpu.get_tpu_info_for_chip``'s)."""
+
     name: str
     prefix: str
     kind: str
@@ -64,7 +66,7 @@ class Slice:
 
     @property
     def hbm_bytes(self) -> int:
-        return int(self.generation.hbm_gib * 2 ** 30)
+        return int(self.generation.hbm_gib * 2**30)
 
 
 def parse(name: str) -> Slice:
@@ -74,8 +76,10 @@ def parse(name: str) -> Slice:
         raise ValueError(f"TPU slice {name!r}: expected GEN-N or KxGEN-N with GEN one of {', '.join(GENERATIONS)}")
     slices, gen, n = int(m.group(1) or 1), GENERATIONS[m.group(2)], int(m.group(3))
     if n % gen.cores_in_name or n // gen.cores_in_name & (n // gen.cores_in_name - 1):
-        raise ValueError(f"TPU slice {name!r}: {gen.name} slices come in powers of two of "
-                         f"{gen.cores_in_name} {'TensorCores' if gen.cores_in_name > 1 else 'chips'}")
+        raise ValueError(
+            f"TPU slice {name!r}: {gen.name} slices come in powers of two of "
+            f"{gen.cores_in_name} {'TensorCores' if gen.cores_in_name > 1 else 'chips'}"
+        )
     return Slice(gen, n // gen.cores_in_name, slices)
 
 
@@ -86,6 +90,7 @@ def devices(name: str) -> tuple:
     # compiling touches no chip: let this process load libtpu beside others that hold it (tests, a training run)
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies  # noqa: PLC0415  (loads libtpu)
+
     topology = f"{s.generation.prefix}:{'x'.join(map(str, s.grid))}"
     kw = {"chip_config_name": "megacore"} if s.generation.megacore else {}
     if s.slices > 1:
@@ -115,6 +120,7 @@ def compiling_for(device):
 def target():
     """The device programs are being compiled for: ``compiling_for``'s, else this process's first."""
     import jax  # noqa: PLC0415
+
     return _COMPILING_FOR.get() or jax.devices()[0]
 
 

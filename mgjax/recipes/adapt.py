@@ -10,6 +10,7 @@ Our model keeps q, k and v (and gate/up) apart where InternLM2 and Phi-3 checkpo
 gives each projection its own rank-r adapter where InternVL adapts the fused matrix with one; merged exports are
 exact either way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -11,6 +11,7 @@ Phi-3-mini-128k's LongRoPE takes 2 x 48 per-frequency factors that the spec does
 rotary type and lengths but leaves them out, so a model built from ``config("InternVL2-4B")`` must take its rotary
 factors from the checkpoint's own ``config.json`` (``from_pretrained`` reads that) before it runs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,38 +29,99 @@ from mgjax.recipes import adapt
 # InternViT-300M-448px as InternVL2's chat configs embed it, keeping the fields that shape the network;
 # initializer_factor is its LayerScale init. Training scripts set their own drop_path_rate (see RECIPES).
 VISION: dict[str, Any] = dict(
-    architectures=["InternVisionModel"], model_type="intern_vit_6b", hidden_size=1024, intermediate_size=4096,
-    num_hidden_layers=24, num_attention_heads=16, num_channels=3, image_size=448, patch_size=14, hidden_act="gelu",
-    norm_type="layer_norm", layer_norm_eps=1e-6, qkv_bias=True, qk_normalization=False, initializer_factor=1.0,
-    drop_path_rate=0.0)
+    architectures=["InternVisionModel"],
+    model_type="intern_vit_6b",
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_channels=3,
+    image_size=448,
+    patch_size=14,
+    hidden_act="gelu",
+    norm_type="layer_norm",
+    layer_norm_eps=1e-6,
+    qkv_bias=True,
+    qk_normalization=False,
+    initializer_factor=1.0,
+    drop_path_rate=0.0,
+)
 
 # The base LLMs as InternVL2's llm_config holds them: vocabularies grown by InternVL's special tokens, and every
 # LM head untied (InternVL unties Qwen2-0.5B's too).
 LLMS: dict[str, dict[str, Any]] = {
     "Qwen2-0.5B-Instruct": dict(
-        architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=151655, hidden_size=896,
-        intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-        hidden_act="silu", rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
-        use_sliding_window=False, tie_word_embeddings=False, torch_dtype="bfloat16"),
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        vocab_size=151655,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=32768,
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    ),
     "internlm2-chat-1_8b": dict(
-        architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=92553, hidden_size=2048,
-        intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
-        hidden_act="silu", rms_norm_eps=1e-5, bias=False, rope_theta=1e6,
-        rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=32768, tie_word_embeddings=False,
-        torch_dtype="bfloat16"),
+        architectures=["InternLM2ForCausalLM"],
+        model_type="internlm2",
+        vocab_size=92553,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        bias=False,
+        rope_theta=1e6,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    ),
     "Phi-3-mini-128k-instruct": dict(  # "su": LongRoPE under its first name; factors not listed (module doc)
-        architectures=["Phi3ForCausalLM"], model_type="phi3", vocab_size=32020, hidden_size=3072,
-        intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling={"type": "su"},
-        max_position_embeddings=131072, original_max_position_embeddings=4096, tie_word_embeddings=False,
-        torch_dtype="bfloat16"),
+        architectures=["Phi3ForCausalLM"],
+        model_type="phi3",
+        vocab_size=32020,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling={"type": "su"},
+        max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    ),
 }
 
 # What every InternVL2 chat config holds besides its towers (spec 6.1).
 CHAT_COMMON: dict[str, Any] = dict(
-    architectures=["InternVLChatModel"], model_type="internvl_chat", downsample_ratio=0.5, ps_version="v2",
-    select_layer=-1, force_image_size=448, dynamic_image_size=True, use_thumbnail=True, min_dynamic_patch=1,
-    max_dynamic_patch=12, use_backbone_lora=0, use_llm_lora=0, pad2square=False, torch_dtype="bfloat16")
+    architectures=["InternVLChatModel"],
+    model_type="internvl_chat",
+    downsample_ratio=0.5,
+    ps_version="v2",
+    select_layer=-1,
+    force_image_size=448,
+    dynamic_image_size=True,
+    use_thumbnail=True,
+    min_dynamic_patch=1,
+    max_dynamic_patch=12,
+    use_backbone_lora=0,
+    use_llm_lora=0,
+    pad2square=False,
+    torch_dtype="bfloat16",
+)
 
 
 @dataclass(frozen=True)
@@ -83,6 +145,7 @@ class Recipe:
     ``global_batch`` counts samples, or packed sequences of up to ``packed_tokens`` tokens where that is set;
     ``loss_reduction`` weighs samples as ``optim.packed_next_token_loss`` does. The scripts' LoRA dropout (0.05)
     has no counterpart in ``mgjax.nn.lora``."""
+
     lr: float
     global_batch: int
     max_tiles: int
@@ -100,12 +163,20 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # Mini-InternVL's domain adaptation (mini_internvl/domain_adaptation/*): 8 GPUs x 1 packed sequence x 8
     # accumulation steps (DriveLM: 1 step, so 8 in all); each domain's max_steps sets the length
-    "full": Recipe(lr=1e-5, global_batch=64, max_tiles=12, max_length=8192, drop_path=0.1, packed_tokens=16384,
-                   loss_reduction="square"),
+    "full": Recipe(
+        lr=1e-5,
+        global_batch=64,
+        max_tiles=12,
+        max_length=8192,
+        drop_path=0.1,
+        packed_tokens=16384,
+        loss_reduction="square",
+    ),
     # InternVL2's 2nd-stage fine-tuning, *_full.sh (freeze_backbone) and *_lora.sh (use_llm_lora 16, alpha 2r)
     "frozen_vit": Recipe(lr=4e-5, global_batch=128, max_tiles=6, max_length=4096, drop_path=0.1),
-    "lora": Recipe(lr=4e-5, global_batch=16, max_tiles=6, max_length=4096, drop_path=0.0, lora_rank=16,
-                   lora_alpha=32.0),
+    "lora": Recipe(
+        lr=4e-5, global_batch=16, max_tiles=6, max_length=4096, drop_path=0.0, lora_rank=16, lora_alpha=32.0
+    ),
 }
 MODES: tuple[str, ...] = tuple(RECIPES)
 
@@ -125,8 +196,12 @@ def recipe(mode: str) -> Recipe:
 def hf_config(name: str) -> dict[str, Any]:
     """The release's ``config.json`` as InternVL writes it (a fresh copy)."""
     r = release(name)
-    return {**copy.deepcopy(CHAT_COMMON), "vision_config": copy.deepcopy(VISION),
-            "llm_config": copy.deepcopy(LLMS[r.llm]), "template": r.template}
+    return {
+        **copy.deepcopy(CHAT_COMMON),
+        "vision_config": copy.deepcopy(VISION),
+        "llm_config": copy.deepcopy(LLMS[r.llm]),
+        "template": r.template,
+    }
 
 
 def config(name: str, **overrides) -> InternVLConfig:
@@ -142,8 +217,9 @@ def shapes_config(name: str, **overrides) -> InternVLConfig:
     if rope.type != "longrope" or rope.short_factor:
         return c
     ones = (1.0,) * (c.llm.head_dim // 2)
-    return dataclasses.replace(c, llm=dataclasses.replace(
-        c.llm, rope=dataclasses.replace(rope, short_factor=ones, long_factor=ones)))
+    return dataclasses.replace(
+        c, llm=dataclasses.replace(c.llm, rope=dataclasses.replace(rope, short_factor=ones, long_factor=ones))
+    )
 
 
 @functools.cache
@@ -164,8 +240,7 @@ def memory(name: str, mode: str) -> dict[str, int]:
     """Parameter counts of the release under ``mode`` and the bytes its trainable set needs beyond the weights:
     float32 gradients and AdamW's two float32 moments (frozen parameters get neither)."""
     params, train = _counts(name, mode)
-    return dict(params=params, trainable=train, gradient_bytes=4 * train, optimizer_bytes=8 * train,
-                bytes=12 * train)
+    return dict(params=params, trainable=train, gradient_bytes=4 * train, optimizer_bytes=8 * train, bytes=12 * train)
 
 
 def table() -> Iterator[dict[str, Any]]:
@@ -178,11 +253,13 @@ def table() -> Iterator[dict[str, Any]]:
 
 
 def _format(row: dict[str, Any]) -> str:
-    gib = 2 ** 30
+    gib = 2**30
     saving = row["saving_bytes"]
     share = f"{saving / gib:6.2f} GiB ({100 * saving / (row['bytes'] + saving):4.1f}%)" if saving else "-"
-    return (f"{row['release']:13s} {row['mode']:11s} {row['params'] / 1e9:7.3f}B {row['trainable'] / 1e6:9.2f}M "
-            f"{row['bytes'] / gib:7.2f} GiB  {share}")
+    return (
+        f"{row['release']:13s} {row['mode']:11s} {row['params'] / 1e9:7.3f}B {row['trainable'] / 1e6:9.2f}M "
+        f"{row['bytes'] / gib:7.2f} GiB  {share}"
+    )
 
 
 def main() -> None:

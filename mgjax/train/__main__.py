@@ -1,4 +1,5 @@
 """``python -m mgjax.train``: see ``mgjax.train.cli``."""
+
 import sys
 
 from mgjax.train.cli import main

@@ -4,6 +4,7 @@ asynchronously and atomically (Orbax commits a step directory only when complete
 Restoring goes into the *abstract* state of a freshly built model and optimizer, so arrays come back with the
 shardings those abstract arrays carry (a different mesh than the one that saved is fine).
 """
+
 from __future__ import annotations
 
 import os
@@ -18,13 +19,15 @@ class Checkpoints:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, asynchronous: bool = True):
         self.manager = ocp.CheckpointManager(
             os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous),
+        )
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, loader_state: dict[str, Any]) -> None:
         """Start writing ``step`` (returns before the bytes are on disk when asynchronous)."""
         state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state)))
+        self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader_state))
+        )
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -37,8 +40,9 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
         target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore())
+        )
         nnx.update(model, out["state"]["model"])
         nnx.update(optimizer, out["state"]["optimizer"])
         return step, out["loader"]

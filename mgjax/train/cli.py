@@ -8,6 +8,7 @@ synthetic question-answering set, trains a tiny MGM on it on a CPU, evaluates it
 ``configs/internvl/demo_general.yaml`` then ``demo.yaml`` train a tiny InternVL2 on general data and adapt it to a
 synthetic grounding domain.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,22 +26,29 @@ from mgjax.train.run_config import RunConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mgjax.train", description=__doc__.split("\n\n")[0],
-                                 epilog="config fields (set with --set key=value):\n  "
-                                        + "\n  ".join(cfg.describe(RunConfig)),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m mgjax.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="config fields (set with --set key=value):\n  " + "\n  ".join(cfg.describe(RunConfig)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", help="a YAML run config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    ap.add_argument("--check", action="store_true",
-                    help="read and check the run config (fields, values, stage, freeze patterns), then exit")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="read and check the run config (fields, values, stage, freeze patterns), then exit",
+    )
     args = ap.parse_args(argv)
     try:  # config errors, missing model or data files, unreadable JSON, too many bad samples: one line, exit 2
         c = cfg.load(RunConfig, args.config, args.set)
         family = families.family(c.model.family)
         if c.train.stage not in family.stages:
-            raise cfg.ConfigError(f"train.stage must be one of {sorted(family.stages)} for model.family "
-                                  f"{c.model.family}, not {c.train.stage!r}")
+            raise cfg.ConfigError(
+                f"train.stage must be one of {sorted(family.stages)} for model.family "
+                f"{c.model.family}, not {c.train.stage!r}"
+            )
         for pattern in c.train.freeze:
             try:
                 re.compile(pattern)
@@ -63,8 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                 data = dataclasses.replace(c.data, path=str(root / mgm_task.TRAIN_FILE))
                 held_out = dataclasses.replace(c.eval, path=c.eval.path or str(root / mgm_task.EVAL_FILE))
             runs["lr_only"] = dataclasses.replace(
-                c, model=dataclasses.replace(c.model, mining=False), data=data, eval=held_out,
-                train=dataclasses.replace(c.train, out_dir=str(Path(c.train.out_dir) / "lr_only")))
+                c,
+                model=dataclasses.replace(c.model, mining=False),
+                data=data,
+                eval=held_out,
+                train=dataclasses.replace(c.train, out_dir=str(Path(c.train.out_dir) / "lr_only")),
+            )
         results = {}
         for name, run_config in runs.items():
             if len(runs) > 1:
@@ -80,4 +92,3 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         print_accuracy(family.eval_title, results)
     return 0
-

@@ -8,6 +8,7 @@ from, which parameters train, how records become batches, how the trained model 
   multiple-choice and short answers scored on greedy generations (``domain_eval``); LoRA adapters merged into the
   exported weights, so ``final/`` is a plain checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +42,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @dataclass
 class Data:
     """Training records and how each becomes a sample; held-out records (None: no evaluation) and their maker."""
+
     records: list
     make: Callable[[dict], dict]
     eval_records: list | None
@@ -78,9 +80,11 @@ class MGM:
         """One batch of ``batch`` rows as the loader hands it over: int32 ids and labels, float32 images."""
         side = config.vision.image_size
         images = (batch, config.views, 3, side, side) if config.views > 1 else (batch, 3, side, side)
-        out = {"input_ids": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
-               "labels": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
-               "images": jax.ShapeDtypeStruct(images, jnp.float32)}
+        out = {
+            "input_ids": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
+            "labels": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32),
+            "images": jax.ShapeDtypeStruct(images, jnp.float32),
+        }
         if config.mining:
             aux = config.image_size_aux
             out["images_aux"] = jax.ShapeDtypeStruct((batch, 3, aux, aux), jnp.float32)
@@ -94,14 +98,17 @@ class MGM:
             demo = mgm_task.model_config()
             return type(demo).from_hf(demo.to_hf(), **over)
         if not m.release:
-            raise cfg.ConfigError(f"model.init {m.init!r}: plans take the architecture from model.release, which is "
-                                  "not set")
+            raise cfg.ConfigError(
+                f"model.init {m.init!r}: plans take the architecture from model.release, which is not set"
+            )
         from mgjax.recipes import mgm_releases
+
         return mgm_releases.config(m.release, **over)
 
     def new_model(self, c, config) -> nnx.Module:
         """A fresh model of ``config`` as the run trains it."""
         from mgjax.models.registry import model_class
+
         return model_class(config.model_type)(config, rngs=nnx.Rngs(0))
 
     def patterns(self, c) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -116,32 +123,44 @@ class MGM:
         out = dict(_dtypes(m), mining_backend=m.mining_backend)
         if m.release:
             from mgjax.recipes import mgm_releases
+
             out.update(mgm_releases.mgm_fields(m.release))
         return out if m.mining else {**out, "mining": False}
 
     def build(self, m, mesh: jax.sharding.Mesh | None = None):
         """The model and its tokenizer, as the model section says; with a ``mesh``, born sharded."""
         from mgjax.pretrained import assemble, model_class, read_config
+
         over = self.overrides(m)
         if m.init == "demo":  # through from_hf, so that dtype and remat reach every sub-model's config
             demo = mgm_task.model_config()
             return mgjax.init(type(demo).from_hf(demo.to_hf(), **over), seed=0, mesh=mesh), mgm_task.tokenizer()
         from transformers import AutoTokenizer
+
         if m.init == "pretrained":
-            return (mgjax.from_pretrained(m.path, mesh=mesh, towers_root=m.towers_root or None, tower_source=m.towers,
-                                          **over), AutoTokenizer.from_pretrained(m.path))
+            return (
+                mgjax.from_pretrained(
+                    m.path, mesh=mesh, towers_root=m.towers_root or None, tower_source=m.towers, **over
+                ),
+                AutoTokenizer.from_pretrained(m.path),
+            )
         if m.init != "parts":
             raise cfg.ConfigError(f"model.init must be 'demo', 'pretrained' or 'parts', not {m.init!r}")
         if not (m.release and m.llm and m.vision and (m.vision_aux or not m.mining)):
-            raise cfg.ConfigError("model.init 'parts' needs model.release, model.llm, model.vision and "
-                                  "model.vision_aux")
+            raise cfg.ConfigError(
+                "model.init 'parts' needs model.release, model.llm, model.vision and model.vision_aux"
+            )
         from mgjax.recipes import mgm_releases
+
         release = mgm_releases.config(m.release, **over)
         llm_hf = read_config(Path(m.llm))
         llm = model_class(llm_hf.get("model_type")).config_class.from_hf(llm_hf, **_dtypes(m))
         config = dataclasses.replace(release, llm=llm)
-        parts = {"language_model": m.llm, "vision_tower": m.vision,
-                 **({"vision_tower_aux": m.vision_aux} if config.mining else {})}
+        parts = {
+            "language_model": m.llm,
+            "vision_tower": m.vision,
+            **({"vision_tower_aux": m.vision_aux} if config.mining else {}),
+        }
         return assemble(config, parts, mesh=mesh), AutoTokenizer.from_pretrained(m.llm)
 
     def trainable(self, c, model, mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -155,15 +174,22 @@ class MGM:
             train, held_out = mgm_task.write_dataset(out / "data")
             d = dataclasses.replace(d, path=str(train), image_folder=str(train.parent))
         images = d.image_folder or str(Path(d.path).parent)
-        make = samples.MGMSamples(model.config, tok, d.template or mgm_task.TEMPLATE, images,
-                                  max_length=d.max_length, pad_to_square=d.pad_to_square, pad_id=tok.pad_token_id or 0,
-                                  exif_transpose=d.exif_transpose)
+        make = samples.MGMSamples(
+            model.config,
+            tok,
+            d.template or mgm_task.TEMPLATE,
+            images,
+            max_length=d.max_length,
+            pad_to_square=d.pad_to_square,
+            pad_id=tok.pad_token_id or 0,
+            exif_transpose=d.exif_transpose,
+        )
         records = list(samples.read_records(d.path))
-        lengths = ([record_length(r, model.config.tokens_per_image) for r in records] if d.group_by_length
-                   else None)
+        lengths = [record_length(r, model.config.tokens_per_image) for r in records] if d.group_by_length else None
         eval_records, _ = _held_out(c, held_out)
-        return Data(records, make, eval_records, dataclasses.replace(make, image_folder=c.eval.image_folder or images),
-                    lengths)
+        return Data(
+            records, make, eval_records, dataclasses.replace(make, image_folder=c.eval.image_folder or images), lengths
+        )
 
     def step_flops(self, c, model, wrt, batch: int | None = None) -> Callable[[int], dict]:
         """``seq_len`` -> the FLOPs of a step of ``batch`` (default ``train.global_batch``) rows, by role."""
@@ -192,9 +218,12 @@ class InternVL:
         """One batch of ``batch`` rows (packed rows with ``data.pack_length``) of ``_row_tiles`` tile slots each."""
         side = config.vision.image_size
         tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-        return {"input_ids": tokens, "labels": tokens,
-                "pixel_values": jax.ShapeDtypeStruct((batch, _row_tiles(c.data), 3, side, side), jnp.float32),
-                **({"segment_ids": tokens} if c.data.pack_length else {})}
+        return {
+            "input_ids": tokens,
+            "labels": tokens,
+            "pixel_values": jax.ShapeDtypeStruct((batch, _row_tiles(c.data), 3, side, side), jnp.float32),
+            **({"segment_ids": tokens} if c.data.pack_length else {}),
+        }
 
     def architecture(self, m):
         """The config of the model ``m`` trains, from ``model.release`` (or the demo's) alone (see ``MGM``)."""
@@ -202,9 +231,12 @@ class InternVL:
             demo = grounding_task.model_config(grounding_task.tokenizer().convert_tokens_to_ids("<IMG_CONTEXT>"))
             return type(demo).from_hf(demo.to_hf(), **_dtypes(m))
         if not m.release:
-            raise cfg.ConfigError(f"model.init {m.init!r}: plans take the architecture from model.release (an "
-                                  "InternVL2 release), which is not set")
+            raise cfg.ConfigError(
+                f"model.init {m.init!r}: plans take the architecture from model.release (an "
+                "InternVL2 release), which is not set"
+            )
         from mgjax.recipes import internvl_releases
+
         return internvl_releases.shapes_config(m.release, image_token_id=0, **_dtypes(m))
 
     def new_model(self, c, config) -> nnx.Module:
@@ -226,6 +258,7 @@ class InternVL:
         if m.init != "pretrained":
             raise cfg.ConfigError(f"model.init must be 'demo' or 'pretrained' for an InternVL model, not {m.init!r}")
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(m.path, trust_remote_code=False)
         token = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
         if token is None or token == tok.unk_token_id:
@@ -243,10 +276,17 @@ class InternVL:
 
     def _make(self, c, model, tok, image_folder: str) -> samples.InternVLSamples:
         d = c.data
-        return samples.InternVLSamples(model.config, tok, self._template(c, model), image_folder,
-                                       max_length=d.max_length, max_dynamic_patch=d.max_dynamic_patch,
-                                       tile_slots=_sample_tiles(d), pad_id=tok.pad_token_id or 0,
-                                       exif_transpose=d.exif_transpose)
+        return samples.InternVLSamples(
+            model.config,
+            tok,
+            self._template(c, model),
+            image_folder,
+            max_length=d.max_length,
+            max_dynamic_patch=d.max_dynamic_patch,
+            tile_slots=_sample_tiles(d),
+            pad_id=tok.pad_token_id or 0,
+            exif_transpose=d.exif_transpose,
+        )
 
     def data(self, c, model, tok, out: Path) -> Data:
         d, held_out = c.data, None
@@ -261,15 +301,23 @@ class InternVL:
             raise cfg.ConfigError("an InternVL run needs data.meta (an InternVL meta file) or data.path (JSONL)")
         eval_records, eval_path = _held_out(c, held_out)
         eval_images = c.eval.image_folder or (str(eval_path.parent) if eval_path else "")
-        lengths = ([record_length(r, model.config.tokens_per_tile * (d.max_dynamic_patch + 1)) for r in records]
-                   if d.group_by_length else None)
-        return Data(records, self._make(c, model, tok, images), eval_records,
-                    self._make(c, model, tok, eval_images), lengths, _packing(c, tok))
+        lengths = (
+            [record_length(r, model.config.tokens_per_tile * (d.max_dynamic_patch + 1)) for r in records]
+            if d.group_by_length
+            else None
+        )
+        return Data(
+            records,
+            self._make(c, model, tok, images),
+            eval_records,
+            self._make(c, model, tok, eval_images),
+            lengths,
+            _packing(c, tok),
+        )
 
     def step_flops(self, c, model, wrt, batch: int | None = None) -> Callable[[int], dict]:
         tiles, batch = _row_tiles(c.data), batch or c.train.global_batch
-        return lambda seq_len: flops.internvl_step_flops(model, wrt, batch=batch, seq_len=seq_len,
-                                                         tiles=tiles)
+        return lambda seq_len: flops.internvl_step_flops(model, wrt, batch=batch, seq_len=seq_len, tiles=tiles)
 
     def evaluate(self, c, model, tok, data: Data, mesh, out: Path) -> dict:
         """Greedy answers to the held-out records, scored by kind (a record's ``type``, else ``choice`` with
@@ -287,10 +335,21 @@ class InternVL:
                 print(f"held-out {bad}: skipped")
                 skipped[kind] += 1
                 continue
-            rows.append({"id": str(record.get("id", i)), "kind": kind, "reference": reference,
-                         **({"options": record["options"]} if kind == "choice" else {})})
-        tokens = heldout.answers(model, prompts, max_new_tokens=c.eval.max_new_tokens,
-                                 stop_ids=stop_ids(tok, self._template(c, model)), batch=c.eval.batch)
+            rows.append(
+                {
+                    "id": str(record.get("id", i)),
+                    "kind": kind,
+                    "reference": reference,
+                    **({"options": record["options"]} if kind == "choice" else {}),
+                }
+            )
+        tokens = heldout.answers(
+            model,
+            prompts,
+            max_new_tokens=c.eval.max_new_tokens,
+            stop_ids=stop_ids(tok, self._template(c, model)),
+            batch=c.eval.batch,
+        )
         for row, answer in zip(rows, tokens):
             row["answer"] = tok.decode(answer, skip_special_tokens=False)
         scores = _score(rows, skipped)
@@ -322,11 +381,14 @@ def _packing(c, tok) -> dict | None:
     if not d.pack_length:
         return None
     if d.pack_length < d.max_length:
-        raise cfg.ConfigError(f"data.pack_length {d.pack_length} must hold a whole sample (data.max_length "
-                              f"{d.max_length})")
+        raise cfg.ConfigError(
+            f"data.pack_length {d.pack_length} must hold a whole sample (data.max_length {d.max_length})"
+        )
     if not c.train.steps:
-        raise cfg.ConfigError("data.pack_length: set train.steps (how many samples a packed row holds is only "
-                              "known as the data is read, so epochs do not give a step count)")
+        raise cfg.ConfigError(
+            "data.pack_length: set train.steps (how many samples a packed row holds is only "
+            "known as the data is read, so epochs do not give a step count)"
+        )
     tiles = _row_tiles(d)
     if tiles < _sample_tiles(d):
         raise cfg.ConfigError(f"data.pack_tiles {tiles} must hold a whole sample's {_sample_tiles(d)} tiles")
@@ -346,8 +408,9 @@ def _meta_records(d) -> list[dict]:
 def _kind(record: dict) -> tuple[str, str]:
     turns = record.get("conversations") or [{}]
     reference = str(turns[-1].get("value", "")) if isinstance(turns[-1], dict) else ""
-    kind = record.get("type") or ("choice" if "options" in record else
-                                  "grounding" if domain_eval.parse_boxes(reference) else "exact")
+    kind = record.get("type") or (
+        "choice" if "options" in record else "grounding" if domain_eval.parse_boxes(reference) else "exact"
+    )
     return kind, reference
 
 
@@ -361,8 +424,11 @@ def _score(rows: list[dict], skipped: dict[str, int]) -> dict[str, dict]:
             right = sum(r["answer"].strip() == r["reference"].strip() for r in mine)
             summary = {"right": right, "total": len(mine)}
         total = summary["total"]
-        out[kind] = {**summary, "skipped": skipped[kind],
-                     "accuracy": summary["right"] / total if total else float("nan")}
+        out[kind] = {
+            **summary,
+            "skipped": skipped[kind],
+            "accuracy": summary["right"] / total if total else float("nan"),
+        }
     return out
 
 

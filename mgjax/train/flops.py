@@ -6,6 +6,7 @@ costs 6N per token, a frozen one on the gradient path 4N (MGM stage 1's LLM) and
 trainable parameter 2N. Attention scores cost 4·T²·width per layer forward, halved when causal. Padded positions
 are counted: they are computed. Embedding lookups are not matmuls and are not counted.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -17,8 +18,17 @@ from mgjax.models.mgm import MGMConfig
 from mgjax.nn import layers
 
 # Dense bf16 peak FLOP/s per chip (vendor figures), matched against ``jax.Device.device_kind``.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
 
 
 def peak_flops(device: jax.Device | None = None) -> float | None:
@@ -48,12 +58,12 @@ def _by_top_module(model: nnx.Module, which) -> Counter:
 def _convnext_forward(c, size: int) -> float:
     """Conv FLOPs: every stage's parameters are applied once per position of that stage's map."""
     side, flops, prev = size // c.patch_size, 0.0, c.num_channels
-    flops += 2 * side ** 2 * (c.patch_size ** 2 * prev * c.hidden_sizes[0])
+    flops += 2 * side**2 * (c.patch_size**2 * prev * c.hidden_sizes[0])
     for s, (width, depth) in enumerate(zip(c.hidden_sizes, c.depths)):
         if s:
             side //= 2
-            flops += 2 * side ** 2 * (4 * prev * width)
-        flops += 2 * side ** 2 * depth * (49 * width + 8 * width * width)
+            flops += 2 * side**2 * (4 * prev * width)
+        flops += 2 * side**2 * depth * (49 * width + 8 * width * width)
         prev = width
     return flops
 
@@ -72,22 +82,33 @@ def mgm_step_flops(model: nnx.Module, trainable, *, batch: int, seq_len: int) ->
     ``frozen_on_gradient_path``, ``frozen``) and in ``total``. ``trainable``: the optimizer's parameter filter."""
     c: MGMConfig = model.config
     v = c.vision
-    clip_tokens = v.grid ** 2 + 1
+    clip_tokens = v.grid**2 + 1
     lr_tokens = c.tokens_per_image
     runs = layers.hidden_state_index(c.select_layer, v.num_hidden_layers)  # CLIP layers after the selected are idle
     idle = _count(model.vision_tower.encoder.layers) * (v.num_hidden_layers - runs) // v.num_hidden_layers
     forward = [  # (module names in compute order, forward FLOPs per sample)
-        (("vision_tower",), c.views * (2 * (_count(model.vision_tower) - idle) * clip_tokens
-                                       + runs * 4 * clip_tokens ** 2 * v.hidden_size))]
+        (
+            ("vision_tower",),
+            c.views
+            * (2 * (_count(model.vision_tower) - idle) * clip_tokens + runs * 4 * clip_tokens**2 * v.hidden_size),
+        )
+    ]
     if c.mining:
         aux, hr = sum(c.vision_aux.hidden_sizes), (c.image_size_aux // 4) ** 2
-        window = hr // (lr_tokens // c.views if c.image_grid == 1 else v.grid ** 2 * c.image_grid ** 2)
-        forward += [(("vision_tower_aux",), _convnext_forward(c.vision_aux, c.image_size_aux)),
-                    (("vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"),
-                     2 * lr_tokens * v.hidden_size ** 2 + 2 * 2 * hr * aux * v.hidden_size
-                     + 4 * lr_tokens * window * v.hidden_size)]
-    forward += [(("mm_projector",), 2 * lr_tokens * _count(model.mm_projector)),
-                (("language_model",), _llm_forward(model.language_model, seq_len))]
+        window = hr // (lr_tokens // c.views if c.image_grid == 1 else v.grid**2 * c.image_grid**2)
+        forward += [
+            (("vision_tower_aux",), _convnext_forward(c.vision_aux, c.image_size_aux)),
+            (
+                ("vlm_uni_query_projector", "vlm_uni_aux_projector", "vlm_uni_val_projector"),
+                2 * lr_tokens * v.hidden_size**2
+                + 2 * 2 * hr * aux * v.hidden_size
+                + 4 * lr_tokens * window * v.hidden_size,
+            ),
+        ]
+    forward += [
+        (("mm_projector",), 2 * lr_tokens * _count(model.mm_projector)),
+        (("language_model",), _llm_forward(model.language_model, seq_len)),
+    ]
     return _by_role(model, trainable, forward, batch)
 
 
@@ -96,22 +117,29 @@ def internvl_step_flops(model: nnx.Module, trainable, *, batch: int, seq_len: in
     static-shape batch is computed, filled or not)."""
     c = model.config
     v = c.vision
-    tokens = v.grid ** 2 + 1
-    forward = [(("vision_tower",), tiles * (2 * _count(model.vision_tower) * tokens
-                                            + v.num_hidden_layers * 4 * tokens ** 2 * v.hidden_size)),
-               (("multi_modal_projector",), 2 * tiles * c.tokens_per_tile * _count(model.multi_modal_projector)),
-               (("language_model",), _llm_forward(model.language_model, seq_len))]
+    tokens = v.grid**2 + 1
+    forward = [
+        (
+            ("vision_tower",),
+            tiles * (2 * _count(model.vision_tower) * tokens + v.num_hidden_layers * 4 * tokens**2 * v.hidden_size),
+        ),
+        (("multi_modal_projector",), 2 * tiles * c.tokens_per_tile * _count(model.multi_modal_projector)),
+        (("language_model",), _llm_forward(model.language_model, seq_len)),
+    ]
     return _by_role(model, trainable, forward, batch)
 
 
 def _llm_forward(lm: nnx.Module, seq_len: int) -> float:
     c = lm.config
-    return (2 * seq_len * _llm_matmul_params(lm)
-            + c.num_hidden_layers * 4 * seq_len ** 2 * c.num_attention_heads * c.head_dim / 2)
+    return (
+        2 * seq_len * _llm_matmul_params(lm)
+        + c.num_hidden_layers * 4 * seq_len**2 * c.num_attention_heads * c.head_dim / 2
+    )
 
 
-def _by_role(model: nnx.Module, trainable, forward: list[tuple[tuple[str, ...], float]],
-             batch: int) -> dict[str, float]:
+def _by_role(
+    model: nnx.Module, trainable, forward: list[tuple[tuple[str, ...], float]], batch: int
+) -> dict[str, float]:
     """Step FLOPs by role of components given as (module names in compute order, forward FLOPs per sample). A
     component's trainable share is its trainable parameters' share (LoRA adapters: a small share of the LLM)."""
     out = {"trainable": 0.0, "frozen_on_gradient_path": 0.0, "frozen": 0.0}

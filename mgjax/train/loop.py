@@ -1,6 +1,7 @@
 """One training run, from its config to ``final/``: the model, data and optimizer set up, the step compiled and
 checked before step 1, the loop (metrics one step behind, checkpoints, SIGTERM), the export and the held-out
 scores (``run``)."""
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,10 @@ def _loss_png(path: Path, losses: list[float]) -> None:
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     lo, hi = min(losses), max(losses)
-    pts = [(pad + i * (w - 2 * pad) / max(len(losses) - 1, 1), h - pad - (v - lo) / max(hi - lo, 1e-9) * (h - 2 * pad))
-           for i, v in enumerate(losses)]
+    pts = [
+        (pad + i * (w - 2 * pad) / max(len(losses) - 1, 1), h - pad - (v - lo) / max(hi - lo, 1e-9) * (h - 2 * pad))
+        for i, v in enumerate(losses)
+    ]
     draw.rectangle([pad, pad, w - pad, h - pad], outline="gray")
     draw.line(pts, fill="blue", width=2)
     draw.text((pad, 10), f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps", fill="black")
@@ -51,13 +54,15 @@ class Metrics:
         """``step_flops(seq_len)``: a step's FLOPs by role (computed once per padded length)."""
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
+
         self.c, self.steps, self.lr, self.peak = c, steps, lr, peak
         self.flops = functools.cache(step_flops)
         self.primary = jax.process_index() == 0
         self.log = open(out / "metrics.jsonl", "a") if self.primary else None
         self.tb = SummaryWriter(str(out / "tensorboard")) if self.primary else None
-        self.bar = tqdm(total=steps, initial=start, disable=not (c.train.progress and self.primary), unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=steps, initial=start, disable=not (c.train.progress and self.primary), unit="step", dynamic_ncols=True
+        )
         self.losses: list[float] = []
         self.last_saved: int | None = None
         self.where = out / "checkpoints"
@@ -65,11 +70,18 @@ class Metrics:
     def __call__(self, step_metrics, step: int, seconds: float, seq_len: int) -> None:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         if not math.isfinite(values["loss"]):
-            raise FloatingPointError(f"loss became {values['loss']} at step {step}; the last good checkpoint is "
-                                     f"step {self.last_saved} in {self.where}")
+            raise FloatingPointError(
+                f"loss became {values['loss']} at step {step}; the last good checkpoint is "
+                f"step {self.last_saved} in {self.where}"
+            )
         b, total = self.c.train.global_batch, self.flops(seq_len)["total"]
-        values.update(step=step, lr=float(self.lr(step - 1)), tokens_per_s=b * seq_len / seconds,
-                      samples_per_s=b / seconds, tflops_per_s=total / seconds / 1e12)
+        values.update(
+            step=step,
+            lr=float(self.lr(step - 1)),
+            tokens_per_s=b * seq_len / seconds,
+            samples_per_s=b / seconds,
+            tflops_per_s=total / seconds / 1e12,
+        )
         if self.peak:
             values["mfu"] = total / seconds / (self.peak * jax.device_count())
         if self.primary:
@@ -82,8 +94,10 @@ class Metrics:
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
         if self.primary and (step % self.c.train.log_every == 0 or step == self.steps):
             mfu = f"  MFU {values['mfu']:.1%}" if "mfu" in values else ""
-            self.bar.write(f"step {step:5d}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}  "
-                           f"lr {values['lr']:.2e}  {values['tokens_per_s']:.0f} tok/s{mfu}")
+            self.bar.write(
+                f"step {step:5d}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}  "
+                f"lr {values['lr']:.2e}  {values['tokens_per_s']:.0f} tok/s{mfu}"
+            )
 
     def close(self) -> None:
         self.bar.close()
@@ -98,28 +112,43 @@ def _preflight(c: RunConfig, model, opt, step: ShardedStep, mesh: jax.sharding.M
     with the bytes of the parameters and of the optimizer state)."""
     sizes = dict(mesh.shape)
     p = mesh_lib.placement(model, sizes)
-    print(f"mesh {sizes} on {jax.device_count()} devices, {jax.process_count()} process(es): parameters "
-          f"{p.per_device_bytes / 2**20:,.1f} MiB per device, {p.sharded_fraction:.2%} of "
-          f"{p.total_bytes / 2**20:,.1f} MiB sharded")
+    print(
+        f"mesh {sizes} on {jax.device_count()} devices, {jax.process_count()} process(es): parameters "
+        f"{p.per_device_bytes / 2**20:,.1f} MiB per device, {p.sharded_fraction:.2%} of "
+        f"{p.total_bytes / 2**20:,.1f} MiB sharded"
+    )
     if sizes["fsdp"] * sizes["expert"] > 1 and p.sharded_fraction < c.mesh.min_sharded:
-        raise SetupError(f"mesh {sizes} shards only {p.sharded_fraction:.2%} of the parameter bytes (mesh.min_sharded "
-                         f"{c.mesh.min_sharded:.0%}); largest replicated: {', '.join(p.replicated[:3])}. Pick fsdp "
-                         "and expert sizes that divide the model's widths, or lower mesh.min_sharded")
+        raise SetupError(
+            f"mesh {sizes} shards only {p.sharded_fraction:.2%} of the parameter bytes (mesh.min_sharded "
+            f"{c.mesh.min_sharded:.0%}); largest replicated: {', '.join(p.replicated[:3])}. Pick fsdp "
+            "and expert sizes that divide the model's widths, or lower mesh.min_sharded"
+        )
     length = c.data.pack_length or c.data.max_length
-    longest = {k: jax.ShapeDtypeStruct((*v.shape[:-1], length) if k in loader.SEQUENCE_KEYS else v.shape,
-                                       v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    longest = {
+        k: jax.ShapeDtypeStruct(
+            (*v.shape[:-1], length) if k in loader.SEQUENCE_KEYS else v.shape, v.dtype, sharding=v.sharding
+        )
+        for k, v in batch.items()
+    }
     use = memory(step.compile(model, opt, longest))
     limit = c.mesh.device_memory_gb * 2**30 or (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-    print("compiled step, per device: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in use.items())
-          + (f" (device limit {limit / 2**30:,.2f} GiB)" if limit else ""))
+    print(
+        "compiled step, per device: "
+        + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in use.items())
+        + (f" (device limit {limit / 2**30:,.2f} GiB)" if limit else "")
+    )
     if jax.process_index() == 0:
-        state = {"parameter_bytes": p.total_bytes,
-                 "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)))}
+        state = {
+            "parameter_bytes": p.total_bytes,
+            "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(nnx.state(opt, nnx.OptState))),
+        }
         (out / "memory.json").write_text(json.dumps({"compiled_step_per_device": use, **state}, indent=2))
     if limit and use["peak"] > limit:
-        raise SetupError(f"the compiled step needs {use['peak'] / 2**30:,.2f} GiB per device, more than the "
-                         f"{limit / 2**30:,.2f} GiB there are: use more devices (mesh.fsdp), more "
-                         "train.micro_batches, model.remat full, or model.compute_dtype bfloat16")
+        raise SetupError(
+            f"the compiled step needs {use['peak'] / 2**30:,.2f} GiB per device, more than the "
+            f"{limit / 2**30:,.2f} GiB there are: use more devices (mesh.fsdp), more "
+            "train.micro_batches, model.remat full, or model.compute_dtype bfloat16"
+        )
 
 
 def print_accuracy(title: str, results: dict[str, dict[str, dict]]) -> None:
@@ -130,8 +159,7 @@ def print_accuracy(title: str, results: dict[str, dict[str, dict]]) -> None:
     print(f"  {'type':10s}" + "".join(f"{r:>18s}" for r in runs))
     for k in kinds:
         cells = [results[r].get(k) for r in runs]
-        print(f"  {k:10s}" + "".join(f"{x['accuracy']:12.1%} ({x['total']:3d})" if x else f"{'-':>18s}"
-                                     for x in cells))
+        print(f"  {k:10s}" + "".join(f"{x['accuracy']:12.1%} ({x['total']:3d})" if x else f"{'-':>18s}" for x in cells))
 
 
 # ------------------------------------------------------------------------------------------------------------ run
@@ -146,9 +174,11 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
         mesh = mesh_lib.make_mesh(c.mesh)
         rows, shards = c.train.global_batch // c.train.micro_batches, mesh_lib.batch_shards(dict(mesh.shape))
         if rows % shards or rows % jax.process_count():
-            raise SetupError(f"train.global_batch {c.train.global_batch} / train.micro_batches "
-                             f"{c.train.micro_batches} = {rows} rows do not split over the batch's {shards} mesh "
-                             f"shards {dict(mesh.shape)} and {jax.process_count()} process(es)")
+            raise SetupError(
+                f"train.global_batch {c.train.global_batch} / train.micro_batches "
+                f"{c.train.micro_batches} = {rows} rows do not split over the batch's {shards} mesh "
+                f"shards {dict(mesh.shape)} and {jax.process_count()} process(es)"
+            )
         model, tok = family.build(c.model, mesh)
         data = family.data(c, model, tok, out)
         per_host = c.train.global_batch // jax.process_count()
@@ -156,10 +186,21 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
         # one epoch more than the steps need: skipped bad samples must not run the data out
         epochs = max(c.train.epochs, -(-steps * c.train.global_batch // max(len(data.records), 1)) + 1)
         report = samples.BadSamples(max_fraction=c.data.max_bad_fraction)
-        batches = loader.Batches(data.records, data.make, batch=per_host, micro_batches=c.train.micro_batches,
-                                 seed=c.data.seed, epochs=epochs, process_index=jax.process_index(),
-                                 process_count=jax.process_count(), workers=c.data.workers, report=report,
-                                 lengths=data.lengths, buckets=c.data.length_buckets, pack=data.pack)
+        batches = loader.Batches(
+            data.records,
+            data.make,
+            batch=per_host,
+            micro_batches=c.train.micro_batches,
+            seed=c.data.seed,
+            epochs=epochs,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            workers=c.data.workers,
+            report=report,
+            lengths=data.lengths,
+            buckets=c.data.length_buckets,
+            pack=data.pack,
+        )
         trainable, frozen = family.trainable(c, model, mesh)
         opt = make_optimizer(model, trainable, c.optim, steps, frozen=frozen)
         mesh_lib.shard(opt, mesh)
@@ -170,8 +211,10 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     bad_file = "bad_samples.json" if jax.process_index() == 0 else f"bad_samples.process{jax.process_index()}.json"
     ckpts = Checkpoints(out / "checkpoints", keep=c.checkpoint.keep)
     if ckpts.latest() is not None and not resume:
-        raise SetupError(f"{out / 'checkpoints'} already holds step {ckpts.latest()}; pass --resume to continue "
-                         "it, or set train.out_dir to a new directory")
+        raise SetupError(
+            f"{out / 'checkpoints'} already holds step {ckpts.latest()}; pass --resume to continue "
+            "it, or set train.out_dir to a new directory"
+        )
     scores, start = {}, 0
     if resume and ckpts.latest() is not None:
         start, state = ckpts.restore(model, opt)
@@ -180,8 +223,10 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     elif c.eval.at_start and data.eval_records is not None:
         scores["start"] = family.evaluate(c, model, tok, data, mesh, out)
     peak = c.train.peak_tflops * 1e12 or flops.peak_flops()
-    print(f"{params.count_params(model):,} parameters, {params.count_params(model, opt.wrt):,} trainable "
-          f"({c.train.stage}); {steps} steps of {c.train.global_batch}; compute {c.model.compute_dtype}")
+    print(
+        f"{params.count_params(model):,} parameters, {params.count_params(model, opt.wrt):,} trainable "
+        f"({c.train.stage}); {steps} steps of {c.train.global_batch}; compute {c.model.compute_dtype}"
+    )
     inputs = family.inputs(c)
     put = lambda local: mesh_lib.global_batch(mesh, {k: v for k, v in local.items() if k in inputs})  # noqa: E731
     try:
@@ -194,8 +239,7 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     # ---------------------------------------------------------------- the loop (metrics fetched one step behind)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
-    metrics = Metrics(out, c, steps, start, optim.schedule(c.optim, steps), family.step_flops(c, model, opt.wrt),
-                      peak)
+    metrics = Metrics(out, c, steps, start, optim.schedule(c.optim, steps), family.step_flops(c, model, opt.wrt), peak)
     pending, tick, step = None, time.perf_counter(), start
     try:
         for step in range(start + 1, steps + 1):

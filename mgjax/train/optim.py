@@ -3,6 +3,7 @@ train is chosen by regex over their HF-style paths (``mgjax.nn.params.trainable`
 optimizer state at all (the optimizer is built over the trainable subset only), which is where most of the memory
 of a frozen tower would otherwise go.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,6 +22,7 @@ MGM_STAGE2 = MGM_STAGE1 + (r"language_model\..*",)
 class OptimConfig:
     """AdamW as HF Trainer builds it (betas 0.9/0.999, eps 1e-8) with linear warmup over ``ceil(warmup_ratio *
     steps)`` steps from 0, then a half cosine to 0. ``clip_norm`` 0 disables clipping (MGM ran without)."""
+
     lr: float = 2e-5
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -53,8 +55,9 @@ def masked_next_token_loss(logits: jax.Array, labels: jax.Array, ignore: int = -
 LOSS_WEIGHTS = ("token", "sample", "square")
 
 
-def packed_next_token_loss(logits: jax.Array, labels: jax.Array, segment_ids: jax.Array, weighting: str = "token",
-                           ignore: int = -100) -> tuple[jax.Array, jax.Array]:
+def packed_next_token_loss(
+    logits: jax.Array, labels: jax.Array, segment_ids: jax.Array, weighting: str = "token", ignore: int = -100
+) -> tuple[jax.Array, jax.Array]:
     """For packed rows: the summed weighted next-token cross-entropy and the summed weights (so a caller can
     average over the global batch as ``sum / weights``). A target across a segment boundary never counts. Each
     sample's supervised tokens weigh 1 (``token``), 1/n (``sample``) or 1/sqrt(n) (``square``, InternVL's
@@ -67,7 +70,10 @@ def packed_next_token_loss(logits: jax.Array, labels: jax.Array, segment_ids: ja
     ce = -jnp.take_along_axis(logp, jnp.where(valid, labels[:, 1:], 0)[..., None], axis=-1)[..., 0]
     # each token's sample size: the count of valid targets sharing its segment id in its row
     n = jnp.sum(valid[:, None, :] & (seg[:, :, None] == seg[:, None, :]), axis=-1)
-    w = {"token": jnp.ones_like(ce), "sample": 1.0 / jnp.maximum(n, 1),
-         "square": jax.lax.rsqrt(jnp.maximum(n, 1).astype(jnp.float32))}[weighting]
+    w = {
+        "token": jnp.ones_like(ce),
+        "sample": 1.0 / jnp.maximum(n, 1),
+        "square": jax.lax.rsqrt(jnp.maximum(n, 1).astype(jnp.float32)),
+    }[weighting]
     w = jnp.where(valid, w, 0.0)
     return jnp.sum(w * ce), jnp.sum(w)

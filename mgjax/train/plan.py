@@ -45,6 +45,7 @@ placement from the logical axes; the device holding the most is reported):
 HBM per chip is the vendor's capacity, taken as GiB; runtimes report a little less. Step time is the step's model
 FLOPs (``mgjax.train.flops``, global batch) over chips x peak x the assumed MFU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -143,14 +144,19 @@ def parse_mesh(text: str, default: mesh.MeshConfig) -> mesh.MeshConfig:
 def check(c: RunConfig, global_batch: int, seq_len: int) -> None:
     """The values the plan takes from the config as names or counts, checked before anything is built."""
     family = families.family(c.model.family)
-    for key, value, known in (("train.stage", c.train.stage, family.stages),
-                              ("model.remat", c.model.remat, REMAT_POLICIES),
-                              ("model.compute_dtype", c.model.compute_dtype, DTYPES),
-                              ("train.loss_weighting", c.train.loss_weighting, optim.LOSS_WEIGHTS)):
+    for key, value, known in (
+        ("train.stage", c.train.stage, family.stages),
+        ("model.remat", c.model.remat, REMAT_POLICIES),
+        ("model.compute_dtype", c.model.compute_dtype, DTYPES),
+        ("train.loss_weighting", c.train.loss_weighting, optim.LOSS_WEIGHTS),
+    ):
         if value not in known:
             raise PlanError(f"{key} must be one of {sorted(known)}, not {value!r}")
-    for key, value in (("the global batch", global_batch), ("seq_len", seq_len),
-                       ("train.micro_batches", c.train.micro_batches)):
+    for key, value in (
+        ("the global batch", global_batch),
+        ("seq_len", seq_len),
+        ("train.micro_batches", c.train.micro_batches),
+    ):
         if value < 1:
             raise PlanError(f"{key} must be positive, not {value}")
     for pattern in c.train.freeze:
@@ -196,8 +202,9 @@ def _tensor_shard(llm, tensor: int):
     heads = {}
     if a % tensor == 0 and (kv % tensor == 0 or tensor % kv == 0):
         heads = dict(num_attention_heads=a // tensor, num_key_value_heads=max(kv // tensor, 1))
-    return dataclasses.replace(llm, **heads, intermediate_size=split(llm.intermediate_size),
-                               vocab_size=split(llm.vocab_size))
+    return dataclasses.replace(
+        llm, **heads, intermediate_size=split(llm.intermediate_size), vocab_size=split(llm.vocab_size)
+    )
 
 
 def _nbytes(shapes) -> int:
@@ -216,8 +223,12 @@ def residuals(c: RunConfig, config, *, batch: int, seq_len: int) -> list[jax.Sha
     def loss(p, frozen, inputs):
         return batch_loss(nnx.merge(graphdef, p, frozen), inputs, c.train.loss_weighting)[0]
 
-    kept = jax.eval_shape(lambda p, frozen, inputs: jax.vjp(lambda q: loss(q, frozen, inputs), p)[1],
-                          trained, rest, family.input_shapes(c, config, batch, seq_len))
+    kept = jax.eval_shape(
+        lambda p, frozen, inputs: jax.vjp(lambda q: loss(q, frozen, inputs), p)[1],
+        trained,
+        rest,
+        family.input_shapes(c, config, batch, seq_len),
+    )
     weights = {(v.shape, v.dtype) for v in jax.tree.leaves(nnx.state(model))}
     return [a for a in jax.tree.leaves(kept) if (a.shape, a.dtype) not in weights]
 
@@ -231,8 +242,9 @@ def without_upcasts(kept: list[jax.ShapeDtypeStruct]) -> list[jax.ShapeDtypeStru
     return [a for a in kept if not (a.dtype == jnp.float32 and a.shape in narrow)]
 
 
-def activations(c: RunConfig, config, *, batch: int, micro: int, seq_len: int, tensor: int,
-                platform: str) -> dict[str, int]:
+def activations(
+    c: RunConfig, config, *, batch: int, micro: int, seq_len: int, tensor: int, platform: str
+) -> dict[str, int]:
     """Per-device activation bytes (an estimate, see the module docstring) of one micro-batch of ``micro``
     rows of the model of ``config``, trained as ``c`` says; ``batch``: the local batch, every micro-batch, as the
     loader hands it over."""
@@ -254,12 +266,15 @@ def activations(c: RunConfig, config, *, batch: int, micro: int, seq_len: int, t
     # keeps the attention's mask and fill value broadcast to the scores' shape, which XLA never materialises.
     rest = kept(1, "full") - per_layer("full")
     recomputed = per_layer("none", upcasts=True) - per_layer(remat, upcasts=True)
-    return {"kept_for_backward": rest + llm.num_hidden_layers * per_layer(remat),
-            "recomputed_layer": 0 if remat == "none" else recomputed,
-            # float32, it is written over the kept log-softmax; its cast for the head's matmuls is new
-            "logits_gradient": micro * seq_len * llm.vocab_size * jnp.dtype(llm.dtype).itemsize
-            if traced(1, remat) else 0,  # or no backward
-            "inputs": _nbytes(families.family(c.model.family).input_shapes(c, config, batch, seq_len))}
+    return {
+        "kept_for_backward": rest + llm.num_hidden_layers * per_layer(remat),
+        "recomputed_layer": 0 if remat == "none" else recomputed,
+        # float32, it is written over the kept log-softmax; its cast for the head's matmuls is new
+        "logits_gradient": micro * seq_len * llm.vocab_size * jnp.dtype(llm.dtype).itemsize
+        if traced(1, remat)
+        else 0,  # or no backward
+        "inputs": _nbytes(families.family(c.model.family).input_shapes(c, config, batch, seq_len)),
+    }
 
 
 def live_activations(acts: dict[str, int]) -> int:
@@ -268,8 +283,7 @@ def live_activations(acts: dict[str, int]) -> int:
     return acts["kept_for_backward"] + max(acts["recomputed_layer"], acts["logits_gradient"]) + acts["inputs"]
 
 
-def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, seq_len: int,
-             devices=None) -> dict:
+def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, seq_len: int, devices=None) -> dict:
     """XLA's own memory analysis of the training step, compiled ahead of time from shapes alone (nothing is
     materialised) for ``devices`` (deviceless TPU devices, ``mgjax.parallel.topology``) or this process's: the program
     ``mgjax.train`` compiles, prints and checks before step 1. XLA's TPU compiler refuses a program whose
@@ -286,9 +300,12 @@ def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, s
 
     model, opt = nnx.eval_shape(with_optimizer)
     rows = global_batch // c.train.micro_batches
-    batch = {k: jax.ShapeDtypeStruct((c.train.micro_batches, rows, *v.shape[1:]), v.dtype,
-                                     sharding=mesh.batch_sharding(m, v.ndim + 1))
-             for k, v in family.input_shapes(c, config, rows, seq_len).items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (c.train.micro_batches, rows, *v.shape[1:]), v.dtype, sharding=mesh.batch_sharding(m, v.ndim + 1)
+        )
+        for k, v in family.input_shapes(c, config, rows, seq_len).items()
+    }
     try:
         return memory(ShardedStep(model, opt, m, c.train.loss_weighting).compile(model, opt, batch))
     except jax.errors.JaxRuntimeError as e:
@@ -304,14 +321,24 @@ def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, s
 def _local_batch(global_batch: int, micro_batches: int, sizes: dict[str, int]) -> int:
     shards = mesh.batch_shards(sizes)
     if global_batch % (micro_batches * shards):
-        raise PlanError(f"global batch {global_batch} does not split into {micro_batches} micro-batch(es) x "
-                        f"{shards} batch shards ({' x '.join(mesh.batch_axes())}); change --batch, "
-                        "train.micro_batches or the mesh")
+        raise PlanError(
+            f"global batch {global_batch} does not split into {micro_batches} micro-batch(es) x "
+            f"{shards} batch shards ({' x '.join(mesh.batch_axes())}); change --batch, "
+            "train.micro_batches or the mesh"
+        )
     return global_batch // shards
 
 
-def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None = None, *, mfu: float = 0.4,
-           batch: int | None = None, seq_len: int | None = None, compile: bool = False) -> dict:
+def report(
+    c: RunConfig,
+    topology_name: str,
+    mesh_config: mesh.MeshConfig | None = None,
+    *,
+    mfu: float = 0.4,
+    batch: int | None = None,
+    seq_len: int | None = None,
+    compile: bool = False,
+) -> dict:
     """The plan of run config ``c`` on a topology, as a JSON-able dict (bytes per device, FLOPs per step); with
     ``compile`` (local devices or a TPU slice) also XLA's memory analysis of the compiled step, which then
     decides ``fits``. Without it ``fits`` is None wherever a compile is possible: the estimate leaves out
@@ -324,8 +351,10 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
         raise PlanError(f"--mfu must be in (0, 1], not {mfu}")
     topo = topology(topology_name)
     if compile and topology_name != LOCAL and topo.tpu_slice is None:
-        raise PlanError(f"--compile needs the devices it compiles for: run it on them with --topology {LOCAL} "
-                        f"(here, {topology_name} is planned by arithmetic; TPU slices compile anywhere)")
+        raise PlanError(
+            f"--compile needs the devices it compiles for: run it on them with --topology {LOCAL} "
+            f"(here, {topology_name} is planned by arithmetic; TPU slices compile anywhere)"
+        )
     try:
         sizes = (mesh_config or c.mesh).sizes(topo.chips)
     except ValueError as e:
@@ -335,10 +364,21 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
     trainable = trainable_filter(c)
     placed = mesh.placement(model, sizes)
     weights = float32_bytes(model, trainable, sizes)
-    acts = activations(c, model.config, batch=local, micro=local // c.train.micro_batches, seq_len=seq_len,
-                       tensor=sizes["tensor"], platform=topo.platform)
-    memory = {"parameters": placed.per_device_bytes, "gradients": weights * (2 if c.train.micro_batches > 1 else 1),
-              "optimizer": 2 * weights, "activations": live_activations(acts)}
+    acts = activations(
+        c,
+        model.config,
+        batch=local,
+        micro=local // c.train.micro_batches,
+        seq_len=seq_len,
+        tensor=sizes["tensor"],
+        platform=topo.platform,
+    )
+    memory = {
+        "parameters": placed.per_device_bytes,
+        "gradients": weights * (2 if c.train.micro_batches > 1 else 1),
+        "optimizer": 2 * weights,
+        "activations": live_activations(acts),
+    }
     memory["packing"] = round(PACKING * sum(memory.values()))
     memory["total"] = sum(memory.values())
     xla = None
@@ -357,20 +397,38 @@ def report(c: RunConfig, topology_name: str, mesh_config: mesh.MeshConfig | None
     tiles = family.input_shapes(c, model.config, 1, 1).get("pixel_values")
     seconds = step["total"] / (topo.chips * topo.peak_flops * mfu) if topo.peak_flops else None
     return {
-        "release": c.model.release or c.model.init, "stage": c.train.stage,
-        "topology": {"name": topology_name, "chips": topo.chips, "hosts": -(-topo.chips // topo.chips_per_host),
-                     "hbm_bytes": topo.hbm_bytes, "peak_flops": topo.peak_flops},
+        "release": c.model.release or c.model.init,
+        "stage": c.train.stage,
+        "topology": {
+            "name": topology_name,
+            "chips": topo.chips,
+            "hosts": -(-topo.chips // topo.chips_per_host),
+            "hbm_bytes": topo.hbm_bytes,
+            "peak_flops": topo.peak_flops,
+        },
         "mesh": sizes,
-        "batch": {"global": global_batch, "micro_batches": c.train.micro_batches,
-                  "per_device": local // c.train.micro_batches, "seq_len": seq_len,
-                  **({"tiles": tiles.shape[1]} if tiles is not None else {})},
-        "compute_dtype": c.model.compute_dtype, "remat": c.model.remat,
-        "parameters": {"count": params.count_params(model), "trainable": params.count_params(model, trainable),
-                       "total_bytes": placed.total_bytes, "sharded_fraction": placed.sharded_fraction,
-                       "largest_replicated": list(placed.replicated[:3])},
-        "bytes_per_device": memory, "activation_bytes": acts,
+        "batch": {
+            "global": global_batch,
+            "micro_batches": c.train.micro_batches,
+            "per_device": local // c.train.micro_batches,
+            "seq_len": seq_len,
+            **({"tiles": tiles.shape[1]} if tiles is not None else {}),
+        },
+        "compute_dtype": c.model.compute_dtype,
+        "remat": c.model.remat,
+        "parameters": {
+            "count": params.count_params(model),
+            "trainable": params.count_params(model, trainable),
+            "total_bytes": placed.total_bytes,
+            "sharded_fraction": placed.sharded_fraction,
+            "largest_replicated": list(placed.replicated[:3]),
+        },
+        "bytes_per_device": memory,
+        "activation_bytes": acts,
         "fits": fits,
-        "step_flops": step, "mfu": mfu, "seconds_per_step": seconds,
+        "step_flops": step,
+        "mfu": mfu,
+        "seconds_per_step": seconds,
         "tokens_per_s": global_batch * seq_len / seconds if seconds else None,
         "compiled_bytes_per_device": xla,
     }
@@ -388,19 +446,28 @@ def _fits_line(r: dict) -> str:
     if xla:
         return f"fits: {'yes' if r['fits'] else 'no'} (compiled step {_gib(xla['peak'])} of {hbm} GiB)"
     if r["fits"] is None:
-        return (f"fits: unknown until compiled (estimate {_gib(r['bytes_per_device']['total'])} of {hbm} GiB, "
-                "without transients): add --compile")
+        return (
+            f"fits: unknown until compiled (estimate {_gib(r['bytes_per_device']['total'])} of {hbm} GiB, "
+            "without transients): add --compile"
+        )
     return f"fits: {'yes' if r['fits'] else 'no'} ({_gib(r['bytes_per_device']['total'])} of {hbm} GiB)"
 
 
 def too_big(r: dict) -> str:
     """Why a compiled plan does not fit, and what to change."""
     xla, t = r["compiled_bytes_per_device"], r["topology"]
-    need = (f"{_gib(xla['temporaries'])} GiB of temporaries alone" if "refused" in xla and xla["temporaries"]
-            else "more than it has" if "refused" in xla else f"{_gib(xla['peak'])} GiB")
-    return (f"the compiled step needs {need} per chip; {t['name']} has {_gib(t['hbm_bytes'])} GiB: raise "
-            "train.micro_batches, set model.remat full, shard further (--mesh fsdp=..., a larger slice) or lower "
-            "the batch")
+    need = (
+        f"{_gib(xla['temporaries'])} GiB of temporaries alone"
+        if "refused" in xla and xla["temporaries"]
+        else "more than it has"
+        if "refused" in xla
+        else f"{_gib(xla['peak'])} GiB"
+    )
+    return (
+        f"the compiled step needs {need} per chip; {t['name']} has {_gib(t['hbm_bytes'])} GiB: raise "
+        "train.micro_batches, set model.remat full, shard further (--mesh fsdp=..., a larger slice) or lower "
+        "the batch"
+    )
 
 
 def render(r: dict) -> str:
@@ -428,8 +495,11 @@ def render(r: dict) -> str:
         f"step FLOPs: {r['step_flops']['total']:.3e} ({step})",
     ]
     if r["compiled_bytes_per_device"] and "refused" not in r["compiled_bytes_per_device"]:
-        lines.append("compiled step (XLA), per device: " + ", ".join(
-            f"{k} {_gib(v)}" for k, v in r["compiled_bytes_per_device"].items()) + " GiB")
+        lines.append(
+            "compiled step (XLA), per device: "
+            + ", ".join(f"{k} {_gib(v)}" for k, v in r["compiled_bytes_per_device"].items())
+            + " GiB"
+        )
     if r["seconds_per_step"] is None:
         lines.append(f"time per step: unknown (no peak FLOP/s known for {t['name']})")
     else:
@@ -438,8 +508,11 @@ def render(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mgjax.plan", description=__doc__.split("\n\n")[0],
-                                 epilog="topologies: " + ", ".join([*TOPOLOGIES, TPU_SLICES, LOCAL]))
+    ap = argparse.ArgumentParser(
+        prog="python -m mgjax.plan",
+        description=__doc__.split("\n\n")[0],
+        epilog="topologies: " + ", ".join([*TOPOLOGIES, TPU_SLICES, LOCAL]),
+    )
     ap.add_argument("--config", help="a YAML run config (as mgjax.train reads it)")
     ap.add_argument("--topology", required=True)
     ap.add_argument("--mesh", default="", metavar="AXIS=SIZE,...", help="over the config's mesh (default fsdp=-1)")
@@ -447,15 +520,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, help="global batch (default train.global_batch)")
     ap.add_argument("--seq-len", type=int, help="positions per sample (default data.max_length)")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
-    ap.add_argument("--compile", action="store_true",
-                    help=f"compile the step (for a TPU slice, deviceless, with libtpu; or for --topology {LOCAL}) and "
-                         "judge the fit by XLA's memory analysis; exit 2 when it does not fit")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help=f"compile the step (for a TPU slice, deviceless, with libtpu; or for --topology {LOCAL}) and "
+        "judge the fit by XLA's memory analysis; exit 2 when it does not fit",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
         c = cfg.load(RunConfig, args.config, args.set)
-        r = report(c, args.topology, parse_mesh(args.mesh, c.mesh), mfu=args.mfu, batch=args.batch,
-                   seq_len=args.seq_len, compile=args.compile)
+        r = report(
+            c,
+            args.topology,
+            parse_mesh(args.mesh, c.mesh),
+            mfu=args.mfu,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            compile=args.compile,
+        )
     except ValueError as e:  # config, topology, mesh and release errors alike
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ the state's shardings pinned on the way out (otherwise XLA may hand parameters b
 next step would compile again for the new layout), compiled ahead of time once per batch shape, with the
 compiled program's memory analysis at hand before step 1.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -20,8 +21,9 @@ from mgjax.parallel.mesh import shardings
 from mgjax.train.optim import LOSS_WEIGHTS, OptimConfig, adamw, masked_next_token_loss, packed_next_token_loss
 
 
-def make_optimizer(model: nnx.Module, patterns: Sequence[str], config: OptimConfig, total_steps: int,
-                   frozen: Sequence[str] = ()) -> nnx.Optimizer:
+def make_optimizer(
+    model: nnx.Module, patterns: Sequence[str], config: OptimConfig, total_steps: int, frozen: Sequence[str] = ()
+) -> nnx.Optimizer:
     """AdamW over the parameters matching ``patterns`` and not ``frozen`` (the rest get no optimizer state)."""
     return nnx.Optimizer(model, adamw(config, total_steps), wrt=trainable(patterns, frozen))
 
@@ -37,8 +39,9 @@ def batch_loss(model, batch: dict[str, Any], weighting: str):
     return packed_next_token_loss(logits, batch["labels"], segments, weighting)
 
 
-def _update(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any],
-            weighting: str = "token") -> dict[str, jax.Array]:
+def _update(
+    model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any], weighting: str = "token"
+) -> dict[str, jax.Array]:
     """``batch``: the model's keyword inputs plus ``labels``, each with a leading micro-batch axis [A, B, ...].
     Returns the (weighted) mean loss over target tokens, the total weight (the token count when ``weighting`` is
     ``token``) and the gradient norm."""
@@ -87,8 +90,13 @@ class ShardedStep:
         key = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
         if key not in self._compiled:
             leaves, tree = jax.tree.flatten(nnx.state((model, optimizer)))  # one array per variable
-            state = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in
-                                              zip(leaves, jax.tree.leaves(self.state_shardings), strict=True)])
+            state = jax.tree.unflatten(
+                tree,
+                [
+                    jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                    for x, s in zip(leaves, jax.tree.leaves(self.state_shardings), strict=True)
+                ],
+            )
             # kernels (mining's) find the mesh, run per batch shard and fit the chips it is made of
             with jax.set_mesh(self.mesh), topology.compiling_for(self.mesh.devices.flat[0]):
                 self._compiled[key] = self._jit.lower(state, batch).compile()
@@ -104,8 +112,12 @@ def memory(compiled) -> dict[str, int]:
     """Bytes per device of a compiled program: its arguments, outputs, temporaries, and the peak estimate
     (outputs that reuse donated arguments counted once)."""
     m = compiled.memory_analysis()
-    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-           "temporaries": m.temp_size_in_bytes, "aliased": m.alias_size_in_bytes,
-           "code": m.generated_code_size_in_bytes}
+    out = {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "code": m.generated_code_size_in_bytes,
+    }
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
     return out
