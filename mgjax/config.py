@@ -115,6 +115,17 @@ def load(cls, path: str | os.PathLike | None = None, sets: Sequence[str] = ()):
     return build(cls, data, where)
 
 
+def to_yaml(config) -> str:
+    """``config`` as YAML that ``load`` reads back to an equal config (a run's resolved config, ``config.yaml``)."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    return yaml.safe_dump(plain(dataclasses.asdict(config)), sort_keys=False)
+
+
 def describe(cls, prefix: str = "") -> list[str]:
     """``key: type = default  help`` for every field, sections flattened with dotted names."""
     lines = []

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from mgjax.train import cli
 
@@ -70,12 +72,29 @@ def _required(words: list[str]) -> list[str]:
     return out
 
 
+def _check_constraints(path: Path, where: str):
+    """A constraints file pins every runtime dependency, each inside the range pyproject.toml allows."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, eq, version = line.partition("==")
+            assert eq, f"{path.name}: {line!r} is not NAME==VERSION"
+            pins[canonicalize_name(name)] = version.strip()
+    for dependency in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = Requirement(dependency)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{where}: {path.name} does not pin {req.name}"
+        assert req.specifier.contains(pins[name]), f"{where}: {req.name}=={pins[name]} is outside {req.specifier}"
+
+
 def _run_shell(words: list[str], where: str):
     if words[0].startswith("python") and words[1:3] == ["-m", "pip"]:
         extras = re.findall(r"\[([^\]]*)\]", " ".join(words))
         known = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
         for extra in ",".join(extras).split(","):
             assert not extra or extra in known, f"{where}: no extra {extra!r} in pyproject.toml"
+        if "-c" in words:
+            _check_constraints(ROOT / words[words.index("-c") + 1], where)
     elif words[0].startswith("python") and words[1:3] == ["-m", "pytest"]:
         pass  # this very run
     elif words[0].startswith("python") and words[1:3] == ["-m", "mgjax.train"]:

@@ -14,8 +14,10 @@ import pytest
 from flax import nnx
 
 import mgjax
+from mgjax import config as cfg
 from mgjax.demo import mgm_task
 from mgjax.train import cli
+from mgjax.train.run_config import RunConfig
 from mgjax.train.step import ShardedStep
 
 DEMO = "configs/demo.yaml"
@@ -57,8 +59,14 @@ def test_demo_trains_writes_everything_evaluates_and_resumes(tmp_path, capsys, d
     assert _run(tmp_path, *demo_set, "--set", "eval.compare_lr_only=true") == 0
     lines = _metrics(tmp_path)
     assert [x["step"] for x in lines] == [1, 2, 3, 4]
-    assert all(k in lines[0] for k in ("loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "tflops_per_s"))
-    assert (tmp_path / "loss.png").stat().st_size > 0
+    # the first step also waits for the program's first dispatch: marked, and without rates
+    assert lines[0]["includes_compile"] and "positions_per_s" not in lines[0]
+    rates = ("positions_per_s", "samples_per_s", "tflops_per_s")
+    assert all(x[k] > 0 for x in lines[1:] for k in ("loss", "grad_norm", "lr", "target_tokens", *rates))
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "comparison.png").stat().st_size > 0
+    resolved = cfg.load(RunConfig, tmp_path / "config.yaml")
+    assert (resolved.train.steps, resolved.train.out_dir, resolved.eval.compare_lr_only) == (4, str(tmp_path), True)
+    assert cfg.to_yaml(resolved) == (tmp_path / "config.yaml").read_text()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     assert json.loads((tmp_path / "bad_samples.json").read_text())["skipped"] == 0
     score = json.loads((tmp_path / "eval.json").read_text())

@@ -17,11 +17,14 @@ import re
 import sys
 from pathlib import Path
 
+import jax
+
 from mgjax import config as cfg
 from mgjax.demo import mgm_task
 from mgjax.parallel import distributed
 from mgjax.train import families
 from mgjax.train.loop import SetupError, print_accuracy, run
+from mgjax.train.metrics import loss_plot, losses
 from mgjax.train.run_config import RunConfig
 
 
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"==== {name}: {run_config.train.out_dir}")
             for when, score in run(run_config, args.resume).items():
                 results[name if when == "end" else f"{name} ({when})"] = score
+        if len(runs) > 1 and jax.process_index() == 0:
+            _comparison_plot(c, runs)
     except (cfg.ConfigError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -92,3 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         print_accuracy(family.eval_title, results)
     return 0
+
+
+def _comparison_plot(c, runs: dict) -> None:
+    """The runs' losses in one plot, ``comparison.png`` in the first run's directory."""
+    curves = {name: losses(Path(r.train.out_dir) / "metrics.jsonl") for name, r in runs.items()}
+    if all(curves.values()):
+        path = Path(c.train.out_dir) / "comparison.png"
+        loss_plot(path, curves, f"{' vs '.join(runs)}: training loss")
+        print(f"loss curves side by side: {path}")

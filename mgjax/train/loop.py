@@ -4,106 +4,30 @@ scores (``run``)."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
-import math
 import signal
 import time
 from pathlib import Path
 
 import jax
 from flax import nnx
-from PIL import Image, ImageDraw
 
 import mgjax
+from mgjax import config as cfg
 from mgjax.data import loader, samples
 from mgjax.nn import params
 from mgjax.parallel import mesh as mesh_lib
 from mgjax.train import families, flops, optim
 from mgjax.train.checkpoint import Checkpoints
+from mgjax.train.metrics import JsonlSink, Metrics, ProgressSink, TensorBoardSink, Throughput, loss_plot, losses
 from mgjax.train.run_config import RunConfig
 from mgjax.train.step import ShardedStep, make_optimizer, memory
 
 
 # ---------------------------------------------------------------------------------------------------------- setup
-def _loss_png(path: Path, losses: list[float]) -> None:
-    w, h, pad = 640, 360, 40
-    img = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(img)
-    lo, hi = min(losses), max(losses)
-    pts = [
-        (pad + i * (w - 2 * pad) / max(len(losses) - 1, 1), h - pad - (v - lo) / max(hi - lo, 1e-9) * (h - 2 * pad))
-        for i, v in enumerate(losses)
-    ]
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="gray")
-    draw.line(pts, fill="blue", width=2)
-    draw.text((pad, 10), f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps", fill="black")
-    img.save(path)
-
-
 class SetupError(Exception):
     """Input a run cannot start from (or, for bad samples, go on with); the message names the file or sample."""
-
-
-class Metrics:
-    """Per-step metrics, recorded one step behind so fetching them never stalls the device: JSONL, TensorBoard
-    events, a progress bar and a line every ``log_every`` steps (written by process 0 alone)."""
-
-    def __init__(self, out: Path, c: RunConfig, steps: int, start: int, lr, step_flops, peak: float | None):
-        """``step_flops(seq_len)``: a step's FLOPs by role (computed once per padded length)."""
-        from tensorboardX import SummaryWriter
-        from tqdm import tqdm
-
-        self.c, self.steps, self.lr, self.peak = c, steps, lr, peak
-        self.flops = functools.cache(step_flops)
-        self.primary = jax.process_index() == 0
-        self.log = open(out / "metrics.jsonl", "a") if self.primary else None
-        self.tb = SummaryWriter(str(out / "tensorboard")) if self.primary else None
-        self.bar = tqdm(
-            total=steps, initial=start, disable=not (c.train.progress and self.primary), unit="step", dynamic_ncols=True
-        )
-        self.losses: list[float] = []
-        self.last_saved: int | None = None
-        self.where = out / "checkpoints"
-
-    def __call__(self, step_metrics, step: int, seconds: float, seq_len: int) -> None:
-        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(
-                f"loss became {values['loss']} at step {step}; the last good checkpoint is "
-                f"step {self.last_saved} in {self.where}"
-            )
-        b, total = self.c.train.global_batch, self.flops(seq_len)["total"]
-        values.update(
-            step=step,
-            lr=float(self.lr(step - 1)),
-            tokens_per_s=b * seq_len / seconds,
-            samples_per_s=b / seconds,
-            tflops_per_s=total / seconds / 1e12,
-        )
-        if self.peak:
-            values["mfu"] = total / seconds / (self.peak * jax.device_count())
-        if self.primary:
-            self.log.write(json.dumps(values) + "\n")
-            for k, v in values.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
-        self.losses.append(values["loss"])
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-        if self.primary and (step % self.c.train.log_every == 0 or step == self.steps):
-            mfu = f"  MFU {values['mfu']:.1%}" if "mfu" in values else ""
-            self.bar.write(
-                f"step {step:5d}  loss {values['loss']:.4f}  grad {values['grad_norm']:.3f}  "
-                f"lr {values['lr']:.2e}  {values['tokens_per_s']:.0f} tok/s{mfu}"
-            )
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.primary:
-            self.log.close()
-            self.tb.close()
 
 
 def _preflight(c: RunConfig, model, opt, step: ShardedStep, mesh: jax.sharding.Mesh, batch: dict, out: Path) -> None:
@@ -167,6 +91,8 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     """One training run; returns its held-out evaluations (``start`` with ``eval.at_start``, ``end``), or none."""
     out = Path(c.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # what this run resolved its files and --set to; --config reads it back
+        (out / "config.yaml").write_text(cfg.to_yaml(c))
     family = families.family(c.model.family)
 
     # ---------------------------------------------------------------- mesh, model, data, optimizer
@@ -239,7 +165,15 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     # ---------------------------------------------------------------- the loop (metrics fetched one step behind)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
-    metrics = Metrics(out, c, steps, start, optim.schedule(c.optim, steps), family.step_flops(c, model, opt.wrt), peak)
+    primary = jax.process_index() == 0
+    progress = ProgressSink(steps, start, c.train.log_every, bar=c.train.progress and primary, lines=primary)
+    sinks = (
+        [progress, JsonlSink(out / "metrics.jsonl", start), TensorBoardSink(out / "tensorboard")]
+        if primary
+        else [progress]
+    )
+    throughput = Throughput(c.train.global_batch, family.step_flops(c, model, opt.wrt), peak, jax.device_count())
+    metrics = Metrics(sinks, optim.schedule(c.optim, steps), throughput, out / "checkpoints")
     pending, tick, step = None, time.perf_counter(), start
     try:
         for step in range(start + 1, steps + 1):
@@ -255,7 +189,7 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
                 ckpts.save(step, model, opt, batches.get_state())
                 metrics.last_saved = step
             if stop:
-                metrics.bar.write(f"{stop[0]}: saved step {step}; resume with --resume")
+                progress.note(f"{stop[0]}: saved step {step}; resume with --resume")
                 break
         if pending is not None:
             metrics(*pending)
@@ -267,8 +201,8 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
         report.write(out / bad_file)
 
     # ---------------------------------------------------------------- outputs and held-out evaluation
-    if metrics.losses and metrics.primary:
-        _loss_png(out / "loss.png", metrics.losses)
+    if primary and (curve := losses(out / "metrics.jsonl")):
+        loss_plot(out / "loss.png", {"loss": curve}, f"{c.model.release or c.model.init} {c.train.stage}: {out}")
     print(f"stopped at step {step}: {report.count} bad samples of {report.seen} (report: {out / bad_file})")
     if stop:
         return {}
