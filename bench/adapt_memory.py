@@ -1,9 +1,10 @@
 """What Mini-InternVL's adaptation modes cost in device memory, measured by XLA on the compiled training step.
 
-For each mode (full, frozen_vit, lora) of an InternVL2 release, the step is compiled ahead of time from shapes
-alone (nothing is allocated, so the 1B-4B releases compile on a laptop) for the local devices, and XLA's memory
-analysis gives the bytes per device; the optimizer state is counted from the same abstract model. Printed side
-by side, with each mode's saving against full:
+For each mode (full, frozen_vit, lora) of an InternVL2 release, its run config's step (``mgjax.train.plan``'s
+compile path, at the shapes given here, unpacked) is compiled ahead of time from shapes alone (nothing is allocated,
+so the 1B-4B releases compile on a laptop) for the local devices, and XLA's memory analysis gives the bytes per
+device; the optimizer state is counted from the same abstract model. Printed side by side, with each mode's saving
+against full:
 
     python bench/adapt_memory.py [--release InternVL2-1B] [--batch 1] [--seq 4096] [--tiles 7] [--dtype bfloat16]
 """
@@ -12,50 +13,40 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from mgjax.models.internvl import InternVLChatModel
+from mgjax import config as cfg
 from mgjax.nn import params
 from mgjax.parallel import mesh
 from mgjax.recipes import adapt, internvl_releases
-from mgjax.train import optim
-from mgjax.train.step import ShardedStep, make_optimizer, memory
+from mgjax.train import plan
+from mgjax.train.run_config import RunConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 
 
-def measure(release: str, mode: str, *, batch: int, seq: int, tiles: int, dtype, remat: str) -> dict[str, float]:
-    recipe = internvl_releases.recipe(mode)
-    config = internvl_releases.shapes_config(
-        release, dtype=dtype, param_dtype=jnp.float32, remat=remat, image_token_id=0
-    )
-
-    def build():
-        model = InternVLChatModel(config, rngs=nnx.Rngs(0))
-        m = adapt.prepare(model, mode, rank=recipe.lora_rank or 16, alpha=recipe.lora_alpha or 32.0)
-        return model, make_optimizer(model, m.trainable, optim.OptimConfig(), 1, frozen=m.frozen)
-
-    model, opt = nnx.eval_shape(build)
-    m = mesh.make_mesh(mesh.MeshConfig())
-    s = config.vision.image_size
-    spec = {
-        "input_ids": ((1, batch, seq), jnp.int32),
-        "labels": ((1, batch, seq), jnp.int32),
-        "pixel_values": ((1, batch, tiles, 3, s, s), jnp.float32),
-    }
-    inputs = {
-        k: jax.ShapeDtypeStruct(shape, dt, sharding=mesh.batch_sharding(m, len(shape)))
-        for k, (shape, dt) in spec.items()
-    }
+def measure(release: str, mode: str, *, batch: int, seq: int, tiles: int, dtype: str, remat: str) -> dict[str, float]:
+    """The mode's run config (``configs/internvl/<release>/<mode>.yaml``) at the given shapes, unpacked, compiled
+    through ``mgjax.train.plan``: the program ``mgjax.train`` would run."""
+    sets = [
+        f"model.compute_dtype={dtype}",
+        f"model.remat={remat}",
+        f"data.max_length={seq}",
+        "data.pack_length=0",
+        f"data.tile_slots={tiles}",
+        "train.micro_batches=1",
+    ]
+    c = cfg.load(RunConfig, ROOT / "configs" / "internvl" / release / f"{mode}.yaml", sets)
+    model, trainable = plan.abstract_model(c), plan.trainable_filter(c)
     start = time.perf_counter()
-    use = memory(ShardedStep(model, opt, m).compile(model, opt, inputs))
+    use = plan.compiled(c, mesh.MeshConfig(), global_batch=batch * jax.device_count(), seq_len=seq)
     return {
-        "trainable": params.count_params(model, opt.wrt),
+        "trainable": params.count_params(model, trainable),
         "params": params.count_params(model),
-        "optimizer_gib": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(opt, nnx.OptState))) / GiB,
+        "optimizer_gib": 2 * 4 * params.count_params(model, trainable) / GiB,  # AdamW's two float32 moments
         "peak_gib": use["peak"] / GiB,
         "temporaries_gib": use["temporaries"] / GiB,
         "compile_s": time.perf_counter() - start,
@@ -83,7 +74,7 @@ def main() -> None:
             batch=args.batch,
             seq=args.seq,
             tiles=args.tiles,
-            dtype=jnp.dtype(args.dtype),
+            dtype=args.dtype,
             remat=args.remat,
         )
         for mode in adapt.MODES

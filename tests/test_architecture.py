@@ -2,6 +2,7 @@
 import, at the top of a module or inside a function), and every module belongs to a layer."""
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,15 @@ def test_the_layers_are_documented():
     for layer in LAYERS[:-1]:
         for name in layer - {"__init__", "config", "pretrained"}:
             assert f"`{name}/`" in doc, f"docs/architecture.md does not describe {name}/"
+
+
+def test_every_family_implements_the_family_interface():
+    """``mgjax.train.families.Family``: every family has each member, methods with the interface's parameters."""
+    from mgjax.train import families
+
+    protocol = {n: m for n, m in vars(families.Family).items() if inspect.isfunction(m) and not n.startswith("_")}
+    for name, family in families.FAMILIES.items():
+        assert isinstance(family, families.Family), name
+        for method, spec in protocol.items():
+            mine = list(inspect.signature(getattr(family, method)).parameters)
+            assert mine == list(inspect.signature(spec).parameters)[1:], f"{name}.{method}: {mine}"

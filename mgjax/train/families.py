@@ -1,5 +1,6 @@
-"""What training does per model family, for ``mgjax.train`` to drive either: the model and tokenizer a run starts
-from, which parameters train, how records become batches, how the trained model is scored and exported.
+"""What training does per model family, for ``mgjax.train`` and ``mgjax.train.plan`` to drive either through one
+interface (``Family``): the model and tokenizer a run starts from, which parameters train, how records become
+batches (and the shapes of a batch), how the trained model is scored and exported.
 
 - ``MGM``: MGM's stage 1 / stage 2 (or everything) on LLaVA-format records; held-out answers scored by teacher
   forcing (``heldout.accuracy``).
@@ -16,7 +17,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +37,9 @@ from mgjax.parallel import mesh as mesh_lib
 from mgjax.recipes import adapt
 from mgjax.train import flops, optim
 
+if TYPE_CHECKING:
+    from mgjax.train.run_config import ModelSection, RunConfig
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -49,6 +53,53 @@ class Data:
     eval_make: Any
     lengths: list[int] | None = None
     pack: dict | None = None  # loader.Batches' packing keywords
+
+
+@runtime_checkable
+class Family(Protocol):
+    """A model family as training and planning see it. ``c``: the run config; ``m``: its model section."""
+
+    stages: dict[str, tuple[str, ...]]  # train.stage -> trainable parameter regexes
+    eval_title: str
+
+    # ---- a batch
+    def inputs(self, c: RunConfig) -> tuple[str, ...]:
+        """The batch keys the step takes (the loader's others stay on the host)."""
+
+    def seq_len(self, c: RunConfig) -> int:
+        """Positions per batch row: a sample's, or a packed row's."""
+
+    def input_shapes(self, c: RunConfig, config, batch: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes and dtypes of ``batch`` rows as the loader hands them over, for the model of ``config``."""
+
+    # ---- the model, from shapes (plans) or for real (runs)
+    def architecture(self, m: ModelSection):
+        """The model config ``m`` names, from its release (or the demo's) alone: nothing is read."""
+
+    def new_model(self, c: RunConfig, config) -> nnx.Module:
+        """A fresh model of ``config`` as the run trains it (with the adapters its stage adds)."""
+
+    def patterns(self, c: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(trainable, frozen) parameter regexes, as ``make_optimizer`` takes them."""
+
+    def build(self, m: ModelSection, mesh: jax.sharding.Mesh | None = None) -> tuple[nnx.Module, Any]:
+        """The model and its tokenizer, as the model section says; with a ``mesh``, born sharded."""
+
+    def trainable(self, c: RunConfig, model: nnx.Module, mesh) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``patterns``, after preparing ``model`` for the stage (adapters added, placed on ``mesh``)."""
+
+    # ---- data, cost, scores, export
+    def data(self, c: RunConfig, model: nnx.Module, tok, out: Path) -> Data:
+        """The training and held-out records and how each becomes a sample."""
+
+    def step_flops(self, c: RunConfig, model: nnx.Module, wrt, batch: int | None = None) -> Callable[[int], dict]:
+        """``seq_len`` -> the FLOPs of a step of ``batch`` (default ``train.global_batch``) rows, by role."""
+
+    def evaluate(self, c: RunConfig, model: nnx.Module, tok, data: Data, mesh, out: Path) -> dict:
+        """Held-out accuracy by question kind."""
+
+    def export(self, c: RunConfig, model: nnx.Module) -> None:
+        """What happens to the model before ``final/`` is written."""
 
 
 def _dtypes(m) -> dict:
@@ -432,10 +483,10 @@ def _score(rows: list[dict], skipped: dict[str, int]) -> dict[str, dict]:
     return out
 
 
-FAMILIES = {"mgm": MGM(), "internvl": InternVL()}
+FAMILIES: dict[str, Family] = {"mgm": MGM(), "internvl": InternVL()}
 
 
-def family(name: str):
+def family(name: str) -> Family:
     if name not in FAMILIES:
         raise cfg.ConfigError(f"model.family must be one of {sorted(FAMILIES)}, not {name!r}")
     return FAMILIES[name]
