@@ -12,7 +12,7 @@ each part on its own so that one failure is recorded and the rest still runs:
   measured copy (x + 1 over 1 GiB);
 * ``train_step``: an MGM stage-2 step with Gemma-2B's widths (CLIP-L/336, ConvNeXt-L/768, mining M = 8; LLM
   depth ``--layers``), bf16 compute, full remat: tokens/s, MFU and peak device memory; the same step in PyTorch
-  (transformers' towers and Gemma plus the MGM reference of ``tests/test_mgm.py``, bf16 autocast, gradient
+  (transformers' towers and Gemma plus the MGM reference of ``tests/helpers.py``, bf16 autocast, gradient
   checkpointing, AdamW, the same batch) on the same device, and the ratio.
 
 ``--smoke`` runs every part on tiny shapes (on a CPU: tests/test_device_suite.py). Times exclude compilation.
@@ -197,10 +197,10 @@ def mining_attention(s: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ train step
 def _reference(s: dict, layers: int):
-    from tests.test_mgm import Reference
+    from tests.helpers import MGMReference
 
     modes = {"gemma": dict(image_grid=1, image_global=False, image_size_aux=s["image_size_aux"])}
-    return Reference(
+    return MGMReference(
         "gemma", convnext=s["convnext"], clip=s["clip"], llm=dict(s["llm"], num_hidden_layers=layers), modes=modes
     )
 

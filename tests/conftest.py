@@ -45,10 +45,6 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_CACHE, ignore_errors=True)
 
 
-def max_abs(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-
-
 @pytest.fixture
 def report(request):
     """Print a measured error so it shows in the test log (``-rA`` / ``-s``) and in the closing notes."""
@@ -65,13 +61,13 @@ def internvl_dir(tmp_path_factory):
     """A tiny InternVL2 checkpoint (Qwen2) with a word-level tokenizer and a 70x30 ``cat.png``: (hf model, path)."""
     from PIL import Image
 
-    from tests import test_generate, test_internvl
+    from tests.helpers import WORDS, internvl_hf_model, tokenizer
 
     path = tmp_path_factory.mktemp("internvl_cli")
-    hf = test_internvl._hf_model("qwen2")
-    hf.config.image_token_id = test_generate.WORDS.index("<IMG_CONTEXT>")
+    hf = internvl_hf_model("qwen2")
+    hf.config.image_token_id = WORDS.index("<IMG_CONTEXT>")
     hf.save_pretrained(path)
-    test_generate._tokenizer().save_pretrained(path)
+    tokenizer().save_pretrained(path)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 70, 3), dtype=np.uint8)).save(path / "cat.png")
     return hf, path
 
@@ -79,7 +75,7 @@ def internvl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mgm_zoo(tmp_path_factory):
     """An MGM checkpoint in MGM's own layout with its towers in a ``model_zoo/`` beside it
-    (``tests/test_mgm_towers.make_zoo``): (root, PyTorch reference)."""
-    from tests import test_mgm_towers
+    (``tests/helpers.make_zoo``): (root, PyTorch reference)."""
+    from tests.helpers import make_zoo
 
-    return test_mgm_towers.make_zoo(tmp_path_factory.mktemp("mgm_zoo"))
+    return make_zoo(tmp_path_factory.mktemp("mgm_zoo"))

@@ -11,9 +11,11 @@ import transformers
 
 import mgjax
 from mgjax.data import preprocess
+from mgjax.inference import chat as chat_cli
 from mgjax.inference import decoding
 from mgjax.inference.chat import Chat
 from mgjax.inference.generate import conversation_inputs, stop_ids
+from tests.helpers import help_text, undocumented
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +71,17 @@ def test_command_line_session(chat_parts, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("model> ") == 3 and "(new conversation)" in run.stdout
     assert "missing.png" in run.stderr  # a bad image is reported and the chat goes on
+    # the first message of each conversation went without an image (the one after /reset: its image was missing)
+    assert run.stderr.count("warning: InternVLChatModel was given no image (/image PATH attaches one") == 2
+
+
+def test_help_explains_every_flag_and_shows_defaults(capsys):
+    assert undocumented(chat_cli.parser()) == []
+    text = help_text(chat_cli.main, [], capsys)
+    assert "each answer's budget, in tokens (default: 512)" in text and "(default: runs/chat_images)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_missing_model_directory_names_the_flag(tmp_path, capsys):
+    assert chat_cli.main(["--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"error: --model {tmp_path / 'nowhere'}: no such directory\n"

@@ -10,7 +10,7 @@ import transformers
 import mgjax
 from mgjax.convert.safetensors_io import CheckpointError
 from mgjax.nn.resize import bicubic_matrix
-from tests.conftest import max_abs
+from tests.helpers import max_abs
 
 VISION = dict(
     hidden_size=32,

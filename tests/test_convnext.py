@@ -12,7 +12,7 @@ from flax import nnx
 import mgjax
 from mgjax.convert import hf as hf_convert
 from mgjax.models.convnext import ConvNextConfig, ConvNextModel
-from tests.conftest import max_abs
+from tests.helpers import max_abs, timm_name
 
 # Stage 2 scans three blocks; a non-default final eps checks that only the final norm uses layer_norm_eps.
 SIZES, DEPTHS = [8, 16, 24, 32], [1, 2, 3, 1]
@@ -65,34 +65,10 @@ def test_every_output_matches(output, reference, report):
     report("pooler_output", max_abs(output.pooler_output, reference.pooler_output), 1e-4)
 
 
-# The timm / open_clip trunk names, written out independently of mgjax's TIMM layout.
-TIMM_PREFIXES = {
-    "embeddings.patch_embeddings.": "stem.0.",
-    "embeddings.layernorm.": "stem.1.",
-    "encoder.stages.": "stages.",
-}
-TIMM_PARTS = {
-    "downsampling_layer": "downsample",
-    "layers": "blocks",
-    "dwconv": "conv_dw",
-    "layernorm": "norm",
-    "pwconv1": "mlp.fc1",
-    "pwconv2": "mlp.fc2",
-    "layer_scale_parameter": "gamma",
-}
-
-
-def _timm_name(hf_key: str) -> str:
-    for old, new in TIMM_PREFIXES.items():
-        if hf_key.startswith(old):
-            hf_key = new + hf_key[len(old) :]
-    return ".".join(TIMM_PARTS.get(part, part) for part in hf_key.split("."))
-
-
 def test_timm_layout_loads(pair, pixels, reference, tmp_path, report):
     hf, _, _ = pair
     state = hf.state_dict()
-    tensors = {_timm_name(k): v.contiguous() for k, v in state.items() if not k.startswith("layernorm.")}
+    tensors = {timm_name(k): v.contiguous() for k, v in state.items() if not k.startswith("layernorm.")}
     # timm keeps the pooled-output norm in its classifier head, which MGM drops: it must be skipped, not loaded.
     tensors.update({f"head.norm.{n}": state[f"layernorm.{n}"] for n in ("weight", "bias")})
     for key in (

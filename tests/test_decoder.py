@@ -14,7 +14,7 @@ from flax import nnx
 
 import mgjax
 from mgjax.convert.safetensors_io import CheckpointError
-from tests.conftest import max_abs
+from tests.helpers import max_abs
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

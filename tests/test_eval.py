@@ -11,6 +11,7 @@ from PIL import Image
 
 from mgjax.eval import harness as evaluate
 from mgjax.eval import scoring
+from tests.helpers import help_text, undocumented
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "eval"
 
@@ -115,3 +116,18 @@ def test_errors_name_the_question_or_file(internvl_dir, tmp_path, capsys):
         == 2
     )
     assert image in capsys.readouterr().err
+    args = ["--task", "gqa", "--data", str(data), "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o3")]
+    assert evaluate.main(args) == 2
+    assert capsys.readouterr().err == f"error: --model {tmp_path / 'nowhere'}: no such directory\n"
+    args = ["--task", "gqa", "--data", str(tmp_path), "--answers", str(data / "answers.jsonl")]
+    assert evaluate.main(args) == 2
+    assert capsys.readouterr().err == f"error: --data: no file {tmp_path / 'questions.jsonl'}\n"
+    assert evaluate.main(["--task", "gqa", "--data", str(data), "--answers", str(data / "typo.jsonl")]) == 2
+    assert capsys.readouterr().err == f"error: --answers: no file {data / 'typo.jsonl'}\n"
+
+
+def test_help_explains_every_flag_and_shows_defaults(capsys):
+    assert undocumented(evaluate.parser()) == []
+    text = help_text(evaluate.main, [], capsys)
+    assert "answers are saved after each batch (default: 8)" in text and "(default: runs/eval/TASK)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text

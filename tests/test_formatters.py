@@ -1,6 +1,7 @@
 """Domain tasks -> InternVL records: the exact texts, box arithmetic and validation, the stitched canvas, the meta
 reader's repeat_time, the general/domain mix, and the command line."""
 
+import argparse
 import csv
 import json
 import subprocess
@@ -420,6 +421,26 @@ def test_cli_grounding_and_classification(tmp_path, capsys):
     first = _records(out)[0]
     assert first == F.classification("a", "a.png", "road", ["forest", "road"], seed=0)
     assert "2 records" in capsys.readouterr().out
+
+
+def test_cli_help_explains_every_flag_and_shows_defaults(capsys):
+    top = F._parser()
+    tasks = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for parser in [top, *tasks.values()]:
+        assert [a.dest for a in parser._actions if not isinstance(a, argparse._HelpAction) and not a.help] == []
+    with pytest.raises(SystemExit) as exit_:
+        F.main(["classification", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "distractors and their order (default: 0)" in text and "(default: letter)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_cli_missing_input_names_the_flag(tmp_path, capsys):
+    missing, out = tmp_path / "labels.csv", tmp_path / "out.jsonl"
+    assert F.main(["grounding", "--input", str(missing), "--image-root", str(tmp_path), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: --input {missing}: No such file or directory\n"
+    assert not out.exists()
 
 
 def test_cli_multiview_and_video(tmp_path):

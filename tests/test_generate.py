@@ -8,28 +8,19 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 import mgjax
 from mgjax.data import preprocess
 from mgjax.inference import decoding, generate
-from tests import test_mgm
-
-SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>"]
-WORDS = ["[UNK]", *SPECIALS, "user", "assistant", "system", "what", "is", "this", "?", "a", "red", "cat", ".", "\n"]
+from tests.helpers import MGMReference, help_text, tokenizer, undocumented
 
 
-def _tokenizer():
-    """A word-level tokenizer small enough for the tiny models' 160-entry vocabularies."""
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="[UNK]",
-        additional_special_tokens=SPECIALS[2:],
-    )
+def test_help_explains_every_flag_and_shows_defaults(capsys):
+    assert undocumented(generate.parser()) == []
+    text = help_text(generate.main, [], capsys)
+    assert "the answer's budget, in tokens (default: 64)" in text
+    assert "(default: float32)" in text  # the model options every command shares
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_greedy_with_an_image_matches_transformers_generate(internvl_dir):
@@ -78,6 +69,7 @@ def test_command_line_from_a_fresh_process(internvl_dir):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.endswith("\n") and "error" not in run.stderr  # a random model's words: any text will do
+    assert "no image" not in run.stderr
 
 
 def test_bad_inputs_exit_with_a_clear_message(internvl_dir, tmp_path, capsys):
@@ -89,27 +81,34 @@ def test_bad_inputs_exit_with_a_clear_message(internvl_dir, tmp_path, capsys):
     assert generate.main(["--model", str(path), "--image", str(path / "cat.png"), "--prompt", prompt]) == 2
     assert "the conversation has 2 <image> placeholders but 1 image was given" in capsys.readouterr().err
     assert generate.main(["--model", str(tmp_path), "--prompt", "hi"]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {tmp_path}: no config.json in ") and "config=" not in err
+    assert generate.main(["--model", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: --model {tmp_path / 'nowhere'}: no such directory\n"
 
 
-def test_mgm_checkpoint_generates(tmp_path, capsys):
-    ref = test_mgm.Reference("hd")
-    ref.checkpoint(tmp_path)
-    _tokenizer().save_pretrained(tmp_path)
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+def test_only_vision_models_are_warned_of_a_missing_image(internvl_dir, capsys):
+    _, path = internvl_dir
+    model = mgjax.from_pretrained(path, dtype=jnp.float32)
+    generate.warn_without_image(model.language_model, "a hint")  # a plain LM takes no images
+    assert capsys.readouterr().err == ""
+    generate.warn_without_image(model, "a hint")
     assert (
-        generate.main(
-            [
-                "--model",
-                str(tmp_path),
-                "--image",
-                str(tmp_path / "x.png"),
-                "--prompt",
-                "what ?",
-                "--max-new-tokens",
-                "4",
-            ]
-        )
-        == 0
+        capsys.readouterr().err
+        == "warning: InternVLChatModel was given no image (a hint); it answers from the text alone\n"
     )
-    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_mgm_checkpoint_generates_and_warns_without_an_image(tmp_path, capsys):
+    ref = MGMReference("hd")
+    ref.checkpoint(tmp_path)
+    tokenizer().save_pretrained(tmp_path)
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    args = ["--model", str(tmp_path), "--prompt", "what ?", "--max-new-tokens", "4"]
+    assert generate.main([*args, "--image", str(tmp_path / "x.png")]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and "no image" not in err
+    assert generate.main(args) == 0  # it still answers, from the text alone
+    out, err = capsys.readouterr()
+    assert out.endswith("\n")
+    assert "warning: MGMForCausalLM was given no image (--image PATH gives it one)" in err

@@ -12,7 +12,7 @@ import transformers
 from flax import nnx
 
 import mgjax
-from tests.conftest import max_abs
+from tests.helpers import internvit_to_original, max_abs
 
 VISION = dict(
     hidden_size=32,
@@ -28,20 +28,6 @@ VARIANTS = {  # 300M: LayerNorm, q/k/v biases, no qk-norm; 6B: RMSNorm, qk-norm,
     "300m": {},
     "6b": dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
 }
-# InternVL's own key for each transformers key (the fused qkv is built separately)
-ORIGINAL = [
-    ("embeddings.cls_token", "embeddings.class_embedding"),
-    ("embeddings.position_embeddings", "embeddings.position_embedding"),
-    ("embeddings.patch_embeddings.projection.", "embeddings.patch_embedding."),
-    ("encoder.layer.", "encoder.layers."),
-    (".attention.projection_layer.", ".attn.proj."),
-    (".attention.q_norm.", ".attn.q_norm."),
-    (".attention.k_norm.", ".attn.k_norm."),
-    (".layernorm_before.", ".norm1."),
-    (".layernorm_after.", ".norm2."),
-    (".lambda_1", ".ls1"),
-    (".lambda_2", ".ls2"),
-]
 
 
 def _hf_model(variant, seed=0):
@@ -52,24 +38,6 @@ def _hf_model(variant, seed=0):
             if any(s in name for s in ("norm", "bias", "cls_token", "lambda")):
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
-
-
-def _to_original(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        if ".attention.q_proj." in key:
-            kind = key.rsplit(".", 1)[1]
-            layer = key.split(".attention.")[0].replace("encoder.layer.", "encoder.layers.")
-            out[f"{layer}.attn.qkv.{kind}"] = torch.cat(
-                [state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
-            )
-        elif ".attention.k_proj." in key or ".attention.v_proj." in key:
-            continue
-        else:
-            for old, new in ORIGINAL:
-                key = key.replace(old, new)
-            out[key] = value.contiguous()
-    return out
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -111,7 +79,7 @@ def test_internvl_layout_loads_and_saves(pair, tmp_path, report):
     name, hf, _, model = pair
     original = tmp_path / "original"
     original.mkdir()
-    safetensors.torch.save_file(_to_original(hf.state_dict()), original / "model.safetensors")
+    safetensors.torch.save_file(internvit_to_original(hf.state_dict()), original / "model.safetensors")
     cfg = {
         "model_type": "intern_vit_6b",
         "hidden_size": 32,

@@ -13,73 +13,14 @@ import transformers
 
 import mgjax
 from mgjax.models.internvl import pixel_unshuffle
-from tests.conftest import max_abs
-from tests.test_internlm2 import _to_internlm2
-from tests.test_internvit import _to_original as vit_to_original
-
-IMAGE_TOKEN = 150
-VISION = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=[28, 28],
-    patch_size=[7, 7],
-    attention_bias=True,
-)  # 4x4 patches -> 2x2 = 4 tokens per tile
-TEXT = {
-    "qwen2": dict(
-        model_type="qwen2",
-        vocab_size=160,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    # InternVL2-2B's InternLM2 is a Llama in transformers' conversion (head_dim 16, as tests/test_internlm2 packs)
-    "llama": dict(
-        model_type="llama",
-        vocab_size=160,
-        hidden_size=64,
-        intermediate_size=112,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "phi3": dict(
-        model_type="phi3",
-        vocab_size=160,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=1,
-    ),
-}
-
-
-def _hf_model(text):
-    torch.manual_seed(0)
-    cfg = transformers.InternVLConfig(
-        vision_config=VISION, text_config=TEXT[text], image_token_id=IMAGE_TOKEN, tie_word_embeddings=False
-    )
-    model = transformers.InternVLForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(s in name for s in ("norm", "bias", "cls_token", "lambda")):
-                p.add_(0.3 * torch.randn_like(p))
-    return model.eval()
+from tests.helpers import INTERNVL_IMAGE_TOKEN, internvit_to_original, internvl_hf_model, max_abs, to_internlm2
 
 
 def _inputs():
     """Row 0: one tile (4 placeholders); row 1: two tiles (8 placeholders); 3 tiles in order."""
     ids = torch.randint(0, 140, (2, 20), generator=torch.Generator().manual_seed(1))
-    ids[0, 3:7] = IMAGE_TOKEN
-    ids[1, 2:10] = IMAGE_TOKEN
+    ids[0, 3:7] = INTERNVL_IMAGE_TOKEN
+    ids[1, 2:10] = INTERNVL_IMAGE_TOKEN
     pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(2))
     return ids, pixels
 
@@ -87,7 +28,7 @@ def _inputs():
 def _to_internvl(hf, text: str) -> tuple[dict, dict]:
     """InternVL's released layout and config for the same weights, written by hand."""
     state = hf.state_dict()
-    vit = vit_to_original(
+    vit = internvit_to_original(
         {k[len("model.vision_tower.") :]: v for k, v in state.items() if k.startswith("model.vision_tower.")}
     )
     out = {f"vision_model.{k}": v for k, v in vit.items()}
@@ -128,7 +69,7 @@ def _to_internvl(hf, text: str) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module", params=["qwen2", "phi3"])
 def pair(request, tmp_path_factory):
-    hf = _hf_model(request.param)
+    hf = internvl_hf_model(request.param)
     path = tmp_path_factory.mktemp(f"internvl_{request.param}")
     hf.save_pretrained(path)
     return request.param, hf, path, mgjax.from_pretrained(path, dtype=jnp.float32)
@@ -169,7 +110,7 @@ def test_internvl_release_layout(pair, tmp_path, report):
     src.mkdir()
     safetensors.torch.save_file(tensors, src / "model.safetensors")
     (src / "config.json").write_text(json.dumps(config))
-    loaded = mgjax.from_pretrained(src, dtype=jnp.float32, image_token_id=IMAGE_TOKEN)
+    loaded = mgjax.from_pretrained(src, dtype=jnp.float32, image_token_id=INTERNVL_IMAGE_TOKEN)
     assert not loaded.config.native and loaded.config.ps_version == "v2"
     ids, pixels = _inputs()
     a, _ = loaded(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy()))
@@ -218,11 +159,11 @@ def test_pixel_unshuffle_orders(version):
 
 def test_internvl2_2b_layout_with_packed_internlm2(tmp_path, report):
     """InternVL2-2B's release: the LLM is InternLM2 (packed wqkv, its own names) under ``language_model.``."""
-    hf = _hf_model("llama")
+    hf = internvl_hf_model("llama")
     tensors, config = _to_internvl(hf, "qwen2")
     llm = {k[len("language_model.") :]: v.numpy() for k, v in tensors.items() if k.startswith("language_model.")}
     tensors = {k: v for k, v in tensors.items() if not k.startswith("language_model.")}
-    tensors.update({f"language_model.{k}": torch.from_numpy(v) for k, v in _to_internlm2(llm).items()})
+    tensors.update({f"language_model.{k}": torch.from_numpy(v) for k, v in to_internlm2(llm, heads=4, kv=2).items()})
     config["llm_config"] = {
         "model_type": "internlm2",
         "architectures": ["InternLM2ForCausalLM"],
@@ -240,7 +181,7 @@ def test_internvl2_2b_layout_with_packed_internlm2(tmp_path, report):
     }
     (tmp_path / "config.json").write_text(json.dumps(config))
     safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "model.safetensors")
-    model = mgjax.from_pretrained(tmp_path, dtype=jnp.float32, image_token_id=IMAGE_TOKEN)
+    model = mgjax.from_pretrained(tmp_path, dtype=jnp.float32, image_token_id=INTERNVL_IMAGE_TOKEN)
     assert type(model.language_model).__name__ == "InternLM2ForCausalLM"
     assert any(k.endswith("attention.wqkv.weight") for k in tensors)
     ids, pixels = _inputs()
@@ -260,9 +201,9 @@ def test_merged_embeddings_match_masked_scatter(pair, report):
     with torch.no_grad():
         embeds = hf.get_input_embeddings()(ids)
         feats = hf.model.get_image_features(pixel_values=pixels).pooler_output
-        mask = (ids == IMAGE_TOKEN)[..., None].expand_as(embeds)
+        mask = (ids == INTERNVL_IMAGE_TOKEN)[..., None].expand_as(embeds)
         want = embeds.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]))
-    got = model.embed(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy()), image_token_id=IMAGE_TOKEN)
+    got = model.embed(jnp.asarray(ids.numpy()), jnp.asarray(pixels.numpy()), image_token_id=INTERNVL_IMAGE_TOKEN)
     report(f"internvl[{text}] merged embeddings", max_abs(got, want), 1e-4)
 
 

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import mgjax
 from mgjax.data import samples, templates
-from tests.test_adapt import CONFIG
+from tests.helpers import TINY_INTERNVL
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<image>"]
 WORDS = [
@@ -53,7 +53,7 @@ def folder(tmp_path):
 
 
 def _make(tokenizer, folder, **kw):
-    return samples.InternVLSamples(CONFIG, tokenizer, "Hermes-2", str(folder), **{"max_length": 160, **kw})
+    return samples.InternVLSamples(TINY_INTERNVL, tokenizer, "Hermes-2", str(folder), **{"max_length": 160, **kw})
 
 
 def _record(image, question="What is it ?", answer="A cat ."):
@@ -68,7 +68,7 @@ def test_one_image_is_tiled_prepended_and_only_the_answer_is_trained(tokenizer, 
     out = _make(tokenizer, folder, max_dynamic_patch=6, tile_slots=5)(_record("wide.png"))
     assert int(out["tiles"]) == 4  # 3 tiles + the thumbnail
     context = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
-    assert int((out["input_ids"] == context).sum()) == 4 * CONFIG.tokens_per_tile
+    assert int((out["input_ids"] == context).sum()) == 4 * TINY_INTERNVL.tokens_per_tile
     assert np.abs(out["pixel_values"][:4]).sum(axis=(1, 2, 3)).min() > 0 and not out["pixel_values"][4].any()
     trained = tokenizer.decode(out["input_ids"][out["labels"] != templates.IGNORE_INDEX])
     assert trained.split() == ["A", "cat", ".", "<|im_end|>"]
@@ -92,7 +92,7 @@ def test_the_model_reads_each_rows_own_tile_slots(tokenizer, folder):
     make = _make(tokenizer, folder, max_dynamic_patch=6, tile_slots=5)
     rows = [make(_record("wide.png")), make(_record("square.png", answer="Same ."))]
     assert [int(r["tiles"]) for r in rows] == [4, 1]
-    model = mgjax.init(CONFIG, seed=0)
+    model = mgjax.init(TINY_INTERNVL, seed=0)
     ids = jnp.asarray(np.stack([r["input_ids"] for r in rows]))
     token = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     slotted = model.embed(ids, jnp.asarray(np.stack([r["pixel_values"] for r in rows])), image_token_id=token)

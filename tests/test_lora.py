@@ -14,7 +14,7 @@ from mgjax.models.decoder import LlamaConfig
 from mgjax.nn import lora, params
 from mgjax.train import optim
 from mgjax.train.step import make_optimizer, train_step
-from tests.conftest import max_abs
+from tests.helpers import max_abs
 
 CONFIG = LlamaConfig(
     vocab_size=96,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-import transformers
 from PIL import Image
 
 import mgjax
@@ -20,95 +19,16 @@ from mgjax.inference import generate
 from mgjax.models import mgm_towers
 from mgjax.models.mgm import MGMConfig
 from mgjax.train import families, run_config
-from tests import test_generate, test_mgm
-from tests.conftest import max_abs
-from tests.test_convnext import _timm_name
-
-CONVNEXT_TINY = dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], layer_scale_init_value=0.5)
-# Names MGM's releases do not use: the directories' own config files say what the towers are.
-CLIP_DIR = "model_zoo/Lab/tiny-clip-vit-p7"
-CONVNEXT_DIR = "model_zoo/Lab/tiny_openclip_convnext"
-TEXT = dict(
-    vocab_size=50,
-    hidden_size=16,
-    intermediate_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    max_position_embeddings=16,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=1,
+from tests.helpers import (
+    CLIP_DIR,
+    CONVNEXT_DIR,
+    TOWERS,
+    MGMReference,
+    max_abs,
+    mgm_inputs,
+    tokenizer,
+    write_checkpoint,
 )
-TOWERS = ("model.vision_tower.", "model.vision_tower_aux.")
-
-
-def write_zoo(root, ref):
-    """The two tower directories MGM's scripts expect under ``model_zoo/``: a full OpenAI-style CLIPModel, and
-    open_clip's config and weights (the trunk under ``visual.trunk.``, next to text-tower tensors)."""
-    clip = transformers.CLIPModel(
-        transformers.CLIPConfig(vision_config=test_mgm.CLIP, text_config=TEXT, projection_dim=8)
-    )
-    clip.vision_model.load_state_dict(ref.clip.state_dict())  # transformers 5 saves no vision_model. prefix
-    clip.save_pretrained(root / CLIP_DIR)
-    trunk = {
-        "visual.trunk." + _timm_name(k): v.contiguous()
-        for k, v in ref.convnext.state_dict().items()
-        if not k.startswith("layernorm.")
-    }
-    trunk.update(
-        {
-            "visual.head.proj.weight": torch.zeros(8, 768),
-            "text.token_embedding.weight": torch.zeros(5, 8),
-            "logit_scale": torch.zeros(()),
-        }
-    )
-    (root / CONVNEXT_DIR).mkdir(parents=True)
-    safetensors.torch.save_file(trunk, root / CONVNEXT_DIR / "open_clip_model.safetensors")
-    vision = {
-        "timm_model_name": "convnext_tiny",
-        "timm_model_pretrained": False,
-        "timm_pool": "",
-        "timm_proj": "linear",
-        "timm_drop": 0.0,
-        "timm_drop_path": 0.1,
-        "image_size": 64,
-    }
-    (root / CONVNEXT_DIR / "open_clip_config.json").write_text(
-        json.dumps(
-            {
-                "model_cfg": {"embed_dim": 8, "vision_cfg": vision, "text_cfg": {"context_length": 16, "width": 8}},
-                "preprocess_cfg": {
-                    "mean": [0.48145466, 0.4578275, 0.40821073],
-                    "std": [0.26862954, 0.26130258, 0.27577711],
-                },
-            }
-        )
-    )
-
-
-def write_checkpoint(ref, path, *, sharded: bool):
-    """``ref`` as MGM saves it: bf16 copies of both towers in the checkpoint, the towers named by path. Sharded:
-    the LLM and CLIP in one shard, the projectors and the ConvNeXt copy in the other (so MGM reads only that)."""
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(torch.bfloat16) if k.startswith(TOWERS) else v for k, v in ref.checkpoint(path).items()}
-    config = json.loads((path / "config.json").read_text())
-    del config["vision_config"], config["vision_aux_config"]
-    config.update(mm_vision_tower=CLIP_DIR, mm_vision_tower_aux=CONVNEXT_DIR)
-    (path / "config.json").write_text(json.dumps(config))
-    (path / "model.safetensors").unlink()
-    if not sharded:
-        safetensors.torch.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-        return
-    first = {k: v for k, v in tensors.items() if not k.startswith(("model.vlm_uni", "model.mm_projector", TOWERS[1]))}
-    files = {
-        "model-00001-of-00002.safetensors": first,
-        "model-00002-of-00002.safetensors": {k: v for k, v in tensors.items() if k not in first},
-    }
-    for name, part in files.items():
-        safetensors.torch.save_file(part, path / name, metadata={"format": "pt"})
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": {k: name for name, part in files.items() for k in part}})
-    )
 
 
 def _rounded(ref, *towers):
@@ -121,23 +41,13 @@ def _rounded(ref, *towers):
     return out
 
 
-def make_zoo(root):
-    """Under ``root``: ``model_zoo/`` with both tower directories, and the MGM checkpoints ``MGM-single`` and
-    ``MGM-sharded`` naming them; with the PyTorch reference of its weights."""
-    ref = test_mgm.Reference("standard", convnext=CONVNEXT_TINY)
-    write_zoo(root, ref)
-    for sharded in (False, True):
-        write_checkpoint(ref, root / ("MGM-sharded" if sharded else "MGM-single"), sharded=sharded)
-    return root, ref
-
-
 @pytest.fixture
 def zoo(mgm_zoo):
     return mgm_zoo
 
 
 def _logits(model_or_ref, model=True):
-    ids, images, images_aux, ours = test_mgm._inputs("standard", 16)
+    ids, images, images_aux, ours = mgm_inputs("standard", 16)
     if model:
         out, _ = model_or_ref(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
         return np.asarray(out)
@@ -240,7 +150,7 @@ def test_hr_tower_names_mgm_routes():
 
 def test_a_missing_tower_is_named(tmp_path):
     """A checkpoint that carries its towers' configs (mgjax's) but lacks one tower's tensors."""
-    ref = test_mgm.Reference("standard")
+    ref = MGMReference("standard")
     tensors = ref.checkpoint(tmp_path)
     safetensors.torch.save_file(
         {k: v for k, v in tensors.items() if not k.startswith(TOWERS[1])}, tmp_path / "model.safetensors"
@@ -257,7 +167,7 @@ def test_command_lines_take_the_same_route(zoo, tmp_path, monkeypatch, capsys):
     root, ref = zoo
     ckpt = tmp_path / "MGM-7B"
     write_checkpoint(ref, ckpt, sharded=False)
-    test_generate._tokenizer().save_pretrained(ckpt)
+    tokenizer().save_pretrained(ckpt)
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(tmp_path / "x.png")
     monkeypatch.chdir(tmp_path)
     args = ["--model", str(ckpt), "--image", str(tmp_path / "x.png"), "--prompt", "what ?", "--max-new-tokens", "2"]

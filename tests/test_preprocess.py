@@ -8,7 +8,7 @@ import transformers
 from PIL import Image
 
 from mgjax.data import preprocess as P
-from tests.conftest import max_abs
+from tests.helpers import max_abs
 
 
 def _image(w, h, seed=0):

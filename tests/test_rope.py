@@ -27,8 +27,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 import mgjax
 from mgjax.models.decoder import InternLM2Config
 from mgjax.nn.rope import Rope
-from tests.conftest import max_abs
-from tests.test_internlm2 import InternLM2Rotary, internlm2_checkpoint
+from tests.helpers import InternLM2Rotary, internlm2_checkpoint, max_abs
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, LlamaRotaryEmbedding),
@@ -217,9 +216,10 @@ def test_vectorised_pytorch_tables_are_within_two_ulps(tmp_path):
     """PyTorch's AVX2 / AVX-512 kernels give tables that differ from its scalar kernel's, and so from ours, in a
     few entries: 1 ulp of the power, at most 2 after the reciprocal. Counted and printed for the record."""
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    # PyTorch fixes its kernel choice at the first query, before conftest.py (imported below) could pin it
+    # PyTorch fixes its kernel choice at the first query, before conftest.py (imported next, for the suite's jax
+    # settings) could pin it
     child = (
-        "import torch, runpy; torch.backends.cpu.get_cpu_capability(); "
+        "import torch, runpy; torch.backends.cpu.get_cpu_capability(); import tests.conftest; "
         "runpy.run_module('tests.test_rope', run_name='__main__')"
     )
     subprocess.run(

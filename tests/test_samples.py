@@ -13,8 +13,7 @@ from mgjax.data import samples, templates
 from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 from mgjax.train import optim
 from mgjax.train.step import make_optimizer, train_step
-from tests.test_generate import _tokenizer
-from tests.test_train_step import CONFIG
+from tests.helpers import TINY_MGM, tokenizer
 
 GOOD = {
     "id": "good",
@@ -49,7 +48,7 @@ def folder(tmp_path_factory):
 
 
 def _make(folder, max_length=40):
-    return samples.MGMSamples(CONFIG, _tokenizer(), "chatml_direct", str(folder), max_length=max_length)
+    return samples.MGMSamples(TINY_MGM, tokenizer(), "chatml_direct", str(folder), max_length=max_length)
 
 
 def test_bad_records_are_counted_by_reason_and_reported(folder, tmp_path):
@@ -78,9 +77,9 @@ def test_sample_layout_and_over_length(folder):
     make = _make(folder)
     s = make(GOOD)
     ids, labels = s["input_ids"], s["labels"]
-    assert ids.shape == labels.shape == (40,) and (ids == IMAGE_TOKEN_INDEX).sum() == CONFIG.tokens_per_image
+    assert ids.shape == labels.shape == (40,) and (ids == IMAGE_TOKEN_INDEX).sum() == TINY_MGM.tokens_per_image
     trained = labels != templates.IGNORE_INDEX
-    assert _tokenizer().decode(ids[trained]) == "a red cat . <|im_end|>"
+    assert tokenizer().decode(ids[trained]) == "a red cat . <|im_end|>"
     assert not s["attention_mask"][trained.nonzero()[0][-1] + 1 :].any()  # right padding
     with pytest.raises(samples.BadSample, match="over-length"):
         _make(folder, max_length=20)(GOOD)  # the answer would start past 20 tokens
@@ -93,7 +92,7 @@ def test_a_mixed_batch_trains(folder):
     stacked = {
         k: jnp.asarray(np.stack([b[k] for b in batch]))[None] for k in ("input_ids", "labels", "images", "images_aux")
     }
-    model = mgjax.init(CONFIG, seed=0)
+    model = mgjax.init(TINY_MGM, seed=0)
     text_only = model.embed(stacked["input_ids"][0][1:])  # row 1 alone, no image at all
     mixed = model.embed(stacked["input_ids"][0], stacked["images"][0], stacked["images_aux"][0])
     np.testing.assert_array_equal(np.asarray(mixed[1]), np.asarray(text_only[0]))

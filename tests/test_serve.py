@@ -3,6 +3,7 @@ concurrent requests batched (with the same answers), and 4xx errors after which 
 
 import base64
 import io
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,6 +17,7 @@ from PIL import Image
 import mgjax
 from mgjax.inference import decoding, serve
 from mgjax.inference.generate import conversation_inputs, stop_ids
+from tests.helpers import help_text, undocumented
 
 
 @pytest.fixture(scope="module")
@@ -140,4 +142,24 @@ def test_command_line_server(internvl_dir):
 
 def test_command_line_refuses_a_directory_without_a_model(tmp_path, capsys):
     assert serve.main(["--model", str(tmp_path)]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {tmp_path}: no config.json in ") and "config=" not in err
+
+
+def test_command_line_refuses_a_taken_port_and_an_unknown_template(internvl_dir, capsys):
+    _, path = internvl_dir
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve.main(["--model", str(path), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: --host 127.0.0.1 --port {port}: ")
+    assert serve.main(["--model", str(path), "--template", "bogus"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: unknown conversation template 'bogus'")
+
+
+def test_help_explains_every_flag_and_shows_defaults(capsys):
+    assert undocumented(serve.parser()) == []
+    text = help_text(serve.main, [], capsys)
+    assert "seconds a request waits for others to join it (default: 0.05)" in text and "(default: 8000)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text

@@ -26,12 +26,12 @@ from mgjax.parallel import mesh
 from mgjax.train import optim
 from mgjax.models.decoder import MixtralConfig
 from mgjax.train.step import ShardedStep, make_optimizer, train_step
-from tests.test_train_step import CONFIG, _batch
+from tests.helpers import TINY_MGM, tiny_mgm_batch
 
-CONFIGS = {"llama": CONFIG, "mixtral": dataclasses.replace(CONFIG, llm=MixtralConfig(
+CONFIGS = {"llama": TINY_MGM, "mixtral": dataclasses.replace(TINY_MGM, llm=MixtralConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2)),
-    "pallas_mining": dataclasses.replace(CONFIG, mining_backend="pallas")}
+    "pallas_mining": dataclasses.replace(TINY_MGM, mining_backend="pallas")}
 BASELINE = {"pallas_mining": "llama"}  # the same model with the reference mining: its single-device losses
 
 def run(config, sizes):
@@ -44,7 +44,7 @@ def run(config, sizes):
         before = held(model), held(opt)
     losses = []
     for i in range(5):
-        b = _batch(per=8, seed=i)
+        b = tiny_mgm_batch(per=8, seed=i)
         if m:
             losses.append(float(step(model, opt, mesh.global_batch(m, b))["loss"]))
         else:
@@ -69,7 +69,7 @@ def loaded_in_shards(sizes):  # an HF checkpoint read straight into shards: plac
     import tempfile
     import numpy as np
     m = mesh.make_mesh(mesh.MeshConfig(**sizes))
-    model = mgjax.init(CONFIG, seed=0)
+    model = mgjax.init(TINY_MGM, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         mgjax.save_pretrained(model, tmp)
         loaded = mgjax.from_pretrained(tmp, mesh=m)

@@ -24,7 +24,7 @@ from mgjax.parallel import mesh, topology
 from mgjax.recipes import adapt
 from mgjax.train import optim
 from mgjax.train.step import ShardedStep, make_optimizer, memory
-from tests import test_adapt, test_train_step
+from tests.helpers import TINY_INTERNVL, TINY_MGM, tiny_internvl_batch, tiny_mgm_batch
 
 SLICES = {"v4": "v4-8", "v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}  # four chips each
 
@@ -99,7 +99,7 @@ def _train_step_memory(config, sizes, slice_name, patterns, frozen=()):
 
 
 def _mgm_batch(m, micro=2):
-    batch = test_train_step._batch(micro=micro, per=8)
+    batch = tiny_mgm_batch(micro=micro, per=8)
     return {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding(m, v.ndim)) for k, v in batch.items()
     }
@@ -118,13 +118,13 @@ FSDP, FSDP_TENSOR = dict(fsdp=4), dict(fsdp=2, tensor=2)
 def test_tiny_mgm_train_step_compiles(gen, sizes):
     """The kernel is what ``auto`` picks there, per batch shard; parameters and optimizer state split over the
     four chips as ``mgjax.parallel.mesh`` plans."""
-    step, model, opt, m = _train_step_memory(test_train_step.CONFIG, sizes, SLICES[gen], optim.MGM_STAGE2)
+    step, model, opt, m = _train_step_memory(TINY_MGM, sizes, SLICES[gen], optim.MGM_STAGE2)
     batch = _mgm_batch(m)
     compiled = step.compile(model, opt, batch)
     hlo = compiled.as_text()
     assert "tpu_custom_call" in hlo  # the mining kernel, compiled by Mosaic
     rows, length = batch["input_ids"].shape[1:]
-    vocab = test_train_step.CONFIG.llm.vocab_size
+    vocab = TINY_MGM.llm.vocab_size
     # no chip computes the whole batch's logits (sharding.constrain_batch)
     assert f"f32[{rows},{length},{vocab}]" not in hlo
     print(f"[tpu] tiny MGM step {gen} {sizes}: " + ", ".join(f"{k} {v:,}" for k, v in memory(compiled).items()))
@@ -139,7 +139,7 @@ def test_towers_run_on_each_chips_rows_only():
     ``sharding.constrain_batch`` at layer boundaries and the gathered conv kernels, XLA ran all 8 rows on every
     chip, split over channels or heads (f32[8,17,128], f32[8,8,8,64])."""
     config = dataclasses.replace(
-        test_train_step.CONFIG,
+        TINY_MGM,
         vision=CLIPVisionConfig(
             hidden_size=512,
             intermediate_size=2048,
@@ -164,7 +164,7 @@ def test_towers_run_on_each_chips_rows_only():
     _cases([*((g, "lora") for g in SLICES), ("v5p", "full")], [(g, m) for g in SLICES for m in ("full", "lora")]),
 )
 def test_tiny_internvl_train_step_compiles(gen, mode):
-    c = test_adapt.CONFIG
+    c = TINY_INTERNVL
 
     def build():
         model = mgjax.init(c, seed=0)
@@ -173,7 +173,7 @@ def test_tiny_internvl_train_step_compiles(gen, mode):
 
     m = mesh.make_mesh(mesh.MeshConfig(fsdp=4), devices(SLICES[gen]))
     model, opt = nnx.eval_shape(build)
-    batch = test_adapt._batch(rows=4)
+    batch = tiny_internvl_batch(rows=4)
     batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh.batch_sharding(m, v.ndim)) for k, v in batch.items()
     }
@@ -186,7 +186,7 @@ def test_tiny_internvl_train_step_compiles(gen, mode):
 def test_decode_step_compiles_updating_the_cache_in_place(gen):
     dev = devices(SLICES[gen])
     m = jax.sharding.Mesh(np.asarray(dev[:1]), ("x",))
-    model = nnx.eval_shape(lambda: mgjax.init(test_train_step.CONFIG.llm, seed=0))
+    model = nnx.eval_shape(lambda: mgjax.init(TINY_MGM.llm, seed=0))
     graphdef, state = nnx.split(model)
     cache = jax.eval_shape(lambda: model.init_cache(2, 32))
     token = jax.ShapeDtypeStruct((2,), jnp.int32)

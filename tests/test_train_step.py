@@ -12,44 +12,11 @@ import transformers
 from flax import nnx
 
 import mgjax
-from mgjax.models.clip import CLIPVisionConfig
-from mgjax.models.convnext import ConvNextConfig
-from mgjax.models.decoder import LlamaConfig
-from mgjax.models.mgm import IMAGE_TOKEN_INDEX, MGMConfig
+from mgjax.models.mgm import MGMConfig
 from mgjax.nn import params
 from mgjax.train import optim
 from mgjax.train.step import make_optimizer, train_step
-
-CONFIG = MGMConfig(
-    vision=CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7
-    ),
-    vision_aux=ConvNextConfig(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), final_norm=False),
-    llm=LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    ),
-    image_size_aux=64,
-)
-
-
-def _batch(micro=1, per=4, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 64, (micro, per, 24))
-    ids[..., 1:17] = IMAGE_TOKEN_INDEX  # 16 image tokens after a BOS-like first token
-    labels = np.where(ids == IMAGE_TOKEN_INDEX, -100, ids)
-    labels[..., :18] = -100  # only the answer part is trained
-    return {
-        "input_ids": jnp.asarray(ids, jnp.int32),
-        "labels": jnp.asarray(labels, jnp.int32),
-        "images": jnp.asarray(rng.normal(size=(micro, per, 3, 28, 28)), jnp.float32),
-        "images_aux": jnp.asarray(rng.normal(size=(micro, per, 3, 64, 64)), jnp.float32),
-    }
+from tests.helpers import TINY_MGM, tiny_mgm_batch
 
 
 def _params(model, pattern):
@@ -61,7 +28,7 @@ def _params(model, pattern):
 
 
 def test_stage1_trains_projectors_only_and_learns():
-    model = mgjax.init(CONFIG, seed=0)
+    model = mgjax.init(TINY_MGM, seed=0)
     before = {
         params.path_string(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
@@ -71,7 +38,7 @@ def test_stage1_trains_projectors_only_and_learns():
     # Adam keeps two moments per trainable parameter and nothing for frozen ones
     moments = sum(x.size for x in jax.tree.leaves(nnx.state(opt, nnx.OptState)) if x.ndim > 0)
     assert moments == 2 * trainable
-    batch = _batch()
+    batch = tiny_mgm_batch()
     losses = [float(train_step(model, opt, batch)["loss"]) for _ in range(8)]
     assert losses[-1] < losses[0] - 0.05, losses
     after = {
@@ -87,13 +54,13 @@ def test_stage1_trains_projectors_only_and_learns():
 def test_accumulation_equals_one_big_batch():
     """Two micro-batches of 2 give the update of one batch of 4: the loss is a mean over all target tokens."""
     lr_only = dataclasses.replace(
-        CONFIG, mining=False
+        TINY_MGM, mining=False
     )  # the arithmetic under test is the model's; a third of the compile
     a, b = mgjax.init(lr_only, seed=0), mgjax.init(lr_only, seed=0)
     cfg = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0)
     opt_a = make_optimizer(a, optim.MGM_STAGE2, cfg, 100)
     opt_b = make_optimizer(b, optim.MGM_STAGE2, cfg, 100)
-    whole = _batch(micro=1, per=4, seed=3)
+    whole = tiny_mgm_batch(micro=1, per=4, seed=3)
     split = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[2:]), whole)
     ma, mb = train_step(a, opt_a, whole), train_step(b, opt_b, split)
     assert int(ma["tokens"]) == int(mb["tokens"]) == 4 * 6
@@ -134,10 +101,10 @@ def test_schedule_is_hf_warmup_cosine(steps):
 
 def test_bf16_compute_keeps_float32_weights_and_remat_changes_nothing():
     """What the release configs run: bf16 compute over f32 parameters and optimizer state, layers rematerialised."""
-    batch = _batch()
+    batch = tiny_mgm_batch()
     out = {}
     for name, over in {"f32": {}, "remat": {"remat": "full"}, "bf16": {"dtype": jnp.bfloat16}}.items():
-        config = MGMConfig.from_hf(CONFIG.to_hf(), param_dtype=jnp.float32, **over)
+        config = MGMConfig.from_hf(TINY_MGM.to_hf(), param_dtype=jnp.float32, **over)
         assert config.llm.remat == config.vision_aux.remat == over.get("remat", "none")
         assert config.llm.dtype == config.vision.dtype == config.vision_aux.dtype == over.get("dtype", jnp.float32)
         model = mgjax.init(dataclasses.replace(config, mining=False), seed=0)  # LR-only: a third of the compile time
@@ -154,8 +121,8 @@ def test_sample_weighted_loss_over_micro_batches(weighting="square"):
     """InternVL's loss_reduction square: each row (one sample) weighs its tokens by 1/sqrt(n), and the step's loss
     is sum(w * ce) / sum(w) over every micro-batch, as the per-row sums give it (the other weightings' arithmetic:
     tests/test_packing.py)."""
-    model = mgjax.init(dataclasses.replace(CONFIG, mining=False), seed=0)  # LR-only: a third of the compile time
-    batch = _batch(micro=2, per=2, seed=3)
+    model = mgjax.init(dataclasses.replace(TINY_MGM, mining=False), seed=0)  # LR-only: a third of the compile time
+    batch = tiny_mgm_batch(micro=2, per=2, seed=3)
     labels = np.array(batch["labels"])
     labels[0, 0, 18:21] = -100  # rows with different target counts
     labels[1, 1, 18:23] = -100

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from mgjax.cli import HelpFormatter
 from mgjax.data.meta import finite
 
 CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK", "CAM_BACK_RIGHT")
@@ -506,16 +507,18 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m mgjax.formatters",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Convert a CSV/JSON/JSONL of labels into InternVL annotation JSONL (one record per row).",
         epilog="columns per task (image paths relative to --image-root):\n"
         + "\n".join(f"  {task}: {cols}" for task, cols in COLUMNS.items())
         + "\n\n"
         + BAD_ROWS,
     )
-    tasks = ap.add_subparsers(dest="task", required=True)
+    tasks = ap.add_subparsers(dest="task", required=True, metavar="TASK", help="what the rows label")
     parsers = {
-        task: tasks.add_parser(task, help=cols, description=f"columns: {cols}. {BAD_ROWS}")
+        task: tasks.add_parser(
+            task, help=cols, description=f"columns: {cols}. {BAD_ROWS}", formatter_class=HelpFormatter
+        )
         for task, cols in COLUMNS.items()
     }
     for sub in parsers.values():
@@ -525,10 +528,14 @@ def _parser() -> argparse.ArgumentParser:
     parsers["classification"].add_argument(
         "--labels",
         type=lambda s: [v.strip() for v in s.split(";")],
-        help="the candidate labels, ';'-separated (default: every label seen)",
+        help="the candidate labels, ';'-separated (default: every label in the file)",
     )
-    parsers["classification"].add_argument("--num-options", type=int, help="options per question (with the label)")
-    parsers["classification"].add_argument("--seed", type=int, default=0, help="fixes distractors and order")
+    parsers["classification"].add_argument(
+        "--num-options", type=int, help="options per question, the label among them (default: every candidate)"
+    )
+    parsers["classification"].add_argument(
+        "--seed", type=int, default=0, help="the random seed that picks each question's distractors and their order"
+    )
     parsers["classification"].add_argument(
         "--answer",
         choices=("letter", "label"),
@@ -558,7 +565,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         rows = _read_rows(args.input)
-    except (OSError, ValueError) as e:
+    except OSError as e:  # its text names the file but not the flag
+        print(f"error: --input {args.input}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.task == "classification" and args.labels is None:

@@ -20,6 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from mgjax.cli import HelpFormatter
 from mgjax.data import preprocess, samples, templates
 from mgjax.eval import scoring
 from mgjax.inference import decoding
@@ -139,27 +140,40 @@ def _print_summary(task: str, summary: dict) -> None:
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m mgjax.eval", description=__doc__.split("\n\n")[0], epilog=f"tasks: {', '.join(scoring.TASKS)}"
+        prog="python -m mgjax.eval",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"tasks: {', '.join(scoring.TASKS)}",
+        formatter_class=HelpFormatter,
     )
-    ap.add_argument("--task", required=True, choices=scoring.TASKS)
+    ap.add_argument("--task", required=True, choices=scoring.TASKS, help="the benchmark whose rules score the answers")
     ap.add_argument("--data", required=True, help="a folder with questions.jsonl and its images")
-    ap.add_argument("--model", help="a converted checkpoint directory (with tokenizer files)")
+    ap.add_argument("--model", help="a converted checkpoint directory (with tokenizer files) that answers")
     ap.add_argument("--answers", help="score this answers JSONL ({question_id, answer}) instead of running a model")
-    ap.add_argument("--out", help="output folder (default runs/eval/TASK)")
-    ap.add_argument("--template", help="conversation template; default: the model's own")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, help="default: the task's (MAX_NEW_TOKENS)")
-    ap.add_argument("--num-beams", type=int, help="default: the task's (MMMU: 5, beam-sampled)")
-    ap.add_argument("--temperature", type=float, help="default: the task's (0: greedy)")
+    ap.add_argument("--out", help="output folder for answers.jsonl and results.json (default: runs/eval/TASK)")
+    ap.add_argument(
+        "--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}; default: the model's own)"
+    )
+    ap.add_argument(
+        "--batch", type=int, default=8, help="questions decoded together; answers are saved after each batch"
+    )
+    ap.add_argument(
+        "--max-new-tokens", type=int, help="each answer's budget, in tokens (default: the task's, as its paper set it)"
+    )
+    ap.add_argument("--num-beams", type=int, help="beam search with N beams (default: the task's; MMMU: 5, sampled)")
+    ap.add_argument("--temperature", type=float, help="sampling temperature; 0: greedy (default: the task's)")
     add_model_arguments(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     data, out = Path(args.data), Path(args.out or f"runs/eval/{args.task}")
     try:
-        records = read_jsonl(data / "questions.jsonl")
+        records = read_jsonl(_named(data / "questions.jsonl", "--data"))
         if args.answers:
-            answers = _done(Path(args.answers))
+            answers = _done(_named(Path(args.answers), "--answers"))
         elif args.model:
             answers = _run(args, records, data, out)
         else:
@@ -168,13 +182,21 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise ValueError(f"no answer for question_id {missing[:5]} ({len(missing)} in all)")
         result = scoring.score(args.task, [{**r, "answer": answers[r["question_id"]]} for r in records])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     except (ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     _print_summary(args.task, result["summary"])
     return 0
+
+
+def _named(path: Path, flag: str) -> Path:
+    """``path``, which ``flag`` names or holds, checked so that a typo's error names the flag (and an absent
+    answers file is not taken for an empty one)."""
+    if not path.is_file():
+        raise ValueError(f"{flag}: no file {path}")
+    return path
 
 
 def _run(args, records: list[dict], data: Path, out: Path) -> dict[Any, str]:

@@ -16,9 +16,17 @@ from typing import Any, Iterator
 
 import jax.numpy as jnp
 
+from mgjax.cli import HelpFormatter
 from mgjax.data import preprocess, templates
 from mgjax.inference import decoding, imagegen
-from mgjax.inference.generate import add_model_arguments, conversation_inputs, default_template, load_model, stop_ids
+from mgjax.inference.generate import (
+    add_model_arguments,
+    conversation_inputs,
+    default_template,
+    load_model,
+    stop_ids,
+    warn_without_image,
+)
 
 
 @dataclass
@@ -87,22 +95,39 @@ def _lines() -> Iterator[str]:
             return
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m mgjax.chat", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1]
+        prog="python -m mgjax.chat",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--model", required=True, help="a converted checkpoint directory (with tokenizer files)")
-    ap.add_argument("--image", help="an image for the first message")
-    ap.add_argument("--template", help="conversation template; default: the model's own")
-    ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--image", help="an image for the first message (default: none; /image PATH attaches one later)")
+    ap.add_argument(
+        "--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}; default: the model's own)"
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=512, help="each answer's budget, in tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    ap.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the fewest most likely tokens whose probabilities sum to P; 1: all",
+    )
     add_model_arguments(ap)
     ap.add_argument("--gen", action="store_true", help="ask for an image with every message (MGM's <GEN>)")
-    ap.add_argument("--sd-model", help="a local diffusers pipeline directory that draws the <h>...</h> prompts")
-    ap.add_argument("--sd-steps", type=int, default=50)
-    ap.add_argument("--image-dir", default="runs/chat_images")
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--sd-model",
+        help="a local diffusers pipeline directory that draws the <h>...</h> prompts (default: none, nothing drawn)",
+    )
+    ap.add_argument("--sd-steps", type=int, default=50, help="denoising steps per drawn image")
+    ap.add_argument("--image-dir", default="runs/chat_images", help="where drawn images are saved")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         model, tokenizer = load_model(args)
         chat = Chat(
@@ -136,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 chat.attach(rest.strip())
                 print(f"(image attached to your next message: {rest.strip()})")
             else:
+                if not (chat.turns or chat.pending or chat.gen):  # --gen's text-to-image needs no image given
+                    warn_without_image(chat.model, "/image PATH attaches one to your next message")
                 print("model> ", end="", flush=True)
                 for piece in chat.say(line):
                     print(piece, end="", flush=True)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mgjax.cli import HelpFormatter
 from mgjax.data import preprocess, samples, templates
 from mgjax.inference.decoding import Sampling, beam_search, cut, generate
 from mgjax.models import mgm_towers
@@ -26,8 +28,13 @@ from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares (generate, chat, serve, eval)."""
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--towers-root", help=mgm_towers.ROOT_HELP)
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of the parameters and of the computation",
+    )
+    ap.add_argument("--towers-root", help=f"{mgm_towers.ROOT_HELP}; unset: only those two places are searched")
     ap.add_argument("--towers", default="mgm", choices=mgm_towers.SOURCES, help=mgm_towers.SOURCE_HELP)
     ap.add_argument(
         "--exif-transpose",
@@ -42,14 +49,35 @@ def load_model(args: argparse.Namespace):
 
     import mgjax  # noqa: PLC0415
 
+    _check_model_dir(args.model)
     model = mgjax.from_pretrained(
         args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root, tower_source=args.towers
     )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{args.model}: no usable tokenizer files ({e})") from None
+        raise ValueError(f"--model {args.model}: no usable tokenizer files ({e})") from None
     return model, tokenizer
+
+
+def _check_model_dir(model: str) -> None:
+    """``--model`` checked before loading, so that its error names the flag (the loader's names its own
+    parameters)."""
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(f"--model {model}: no such directory")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {model}: no config.json in {path.resolve()} (not a converted checkpoint)")
+
+
+def warn_without_image(model, hint: str) -> None:
+    """Say on stderr that a vision model was given no image: it then answers from the text alone, which reads as
+    a wrong answer rather than a missing input. Plain LMs take no images and get no warning."""
+    if hasattr(model, "language_model"):  # MGM and InternVL
+        print(
+            f"warning: {type(model).__name__} was given no image ({hint}); it answers from the text alone",
+            file=sys.stderr,
+        )
 
 
 def default_template(model, tokenizer) -> str | None:
@@ -136,26 +164,39 @@ def stop_ids(tokenizer, template: str | None) -> tuple[int, ...]:
     return tuple(sorted(stops))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mgjax.generate", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m mgjax.generate", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     ap.add_argument(
         "--model", required=True, help="a converted checkpoint directory (config.json, safetensors, tokenizer files)"
     )
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--image", help="an image file (MGM and InternVL models)")
+    ap.add_argument(
+        "--prompt", required=True, help=f"the question (an --image goes before it unless it holds {templates.IMAGE})"
+    )
+    ap.add_argument("--image", help="an image file (MGM and InternVL models; default: none, the text alone)")
     ap.add_argument(
         "--template",
-        help=f"conversation template ({', '.join(templates.TEMPLATES)}); default: the "
-        "model's own; 'none' sends the prompt as is",
+        help=f"conversation template ({', '.join(templates.TEMPLATES)}), or 'none' to send the prompt as is "
+        "(default: the model's own)",
     )
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="the answer's budget, in tokens")
     add_model_arguments(ap)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--num-beams", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    ap.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the fewest most likely tokens whose probabilities sum to P; 1: all",
+    )
+    ap.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens; 0: all")
+    ap.add_argument("--num-beams", type=int, default=1, help="beam search with N beams; 1: no beam search")
+    ap.add_argument("--seed", type=int, default=0, help="the sampling's random seed")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         model, tokenizer = load_model(args)
         image = preprocess.load_image(args.image, exif_transpose=args.exif_transpose) if args.image else None
@@ -171,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # CheckpointError, ImageError, TokenizationError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if image is None:
+        warn_without_image(model, "--image PATH gives it one")
     ids = jnp.asarray(ids, jnp.int32)
     lm = getattr(model, "language_model", model)
     embeds = model.embed(ids, **image_args) if image_args else None

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mgjax.cli import HelpFormatter
 from mgjax.data import preprocess, templates
 from mgjax.inference import decoding
 from mgjax.inference.generate import (
@@ -381,39 +382,62 @@ def server(service: Service, host: str = "127.0.0.1", port: int = 8000) -> Threa
     return httpd
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mgjax.serve", description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m mgjax.serve", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     ap.add_argument("--model", required=True, help="a converted checkpoint directory (with tokenizer files)")
     ap.add_argument("--name", help="the model name clients ask for (default: the directory's name)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument("--template", help="conversation template; default: the model's own")
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--batch-wait", type=float, default=0.05, help="seconds a request waits for others")
-    ap.add_argument("--max-prompt-tokens", type=int, default=4096)
-    ap.add_argument("--max-tokens", type=int, default=512, help="a request's default answer budget")
+    ap.add_argument("--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0: every interface")
+    ap.add_argument("--port", type=int, default=8000, help="the TCP port to listen on; 0: any free one")
+    ap.add_argument(
+        "--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}; default: the model's own)"
+    )
+    ap.add_argument("--max-batch", type=int, default=8, help="the most requests decoded together, in rows")
+    ap.add_argument("--batch-wait", type=float, default=0.05, help="seconds a request waits for others to join it")
+    ap.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=4096,
+        help="the longest prompt accepted, in tokens; a longer one gets a 400",
+    )
+    ap.add_argument(
+        "--max-tokens", type=int, default=512, help="the answer budget, in tokens, of a request that sets none"
+    )
     add_model_arguments(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _listen(service: Service, host: str, port: int) -> ThreadingHTTPServer:
+    """``server``, its socket errors (a port taken, an address not this machine's) named by the flags that chose it."""
+    try:
+        return server(service, host, port)
+    except OSError as e:
+        raise ValueError(f"--host {host} --port {port}: {e.strerror or e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     from pathlib import Path  # noqa: PLC0415
 
     try:
         model, tokenizer = load_model(args)
-    except (ValueError, OSError) as e:  # no config, a bad checkpoint, no tokenizer files: one line, exit 2
+        service = Service(
+            model,
+            tokenizer,
+            args.name or Path(args.model).resolve().name,
+            template=args.template,
+            max_batch=args.max_batch,
+            wait=args.batch_wait,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens=args.max_tokens,
+            exif_transpose=args.exif_transpose,
+        )
+        httpd = _listen(service, args.host, args.port)
+    except (ValueError, OSError) as e:  # a bad --model, --template, --host or --port: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    service = Service(
-        model,
-        tokenizer,
-        args.name or Path(args.model).resolve().name,
-        template=args.template,
-        max_batch=args.max_batch,
-        wait=args.batch_wait,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens,
-        exif_transpose=args.exif_transpose,
-    )
-    httpd = server(service, args.host, args.port)
     print(f"serving {service.name} on http://{args.host}:{httpd.server_address[1]}/v1", flush=True)
     try:
         httpd.serve_forever()

@@ -208,6 +208,7 @@ class InternLM2Config(DecoderConfig):
     model_type: ClassVar[str] = "internlm2"
     architecture: ClassVar[str] = "InternLM2ForCausalLM"
     rms_norm_eps: float = 1e-5
+    rope: rope.Rope = rope.Rope(dynamic_base="float64")  # as from_hf reads it: a config built in code runs the same
 
     @classmethod
     def family_fields(cls, d):

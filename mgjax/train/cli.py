@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 
 from mgjax import config as cfg
+from mgjax.cli import HelpFormatter
 from mgjax.demo import mgm_task
 from mgjax.parallel import distributed
 from mgjax.train import families
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mgjax.train",
         description=__doc__.split("\n\n")[0],
         epilog="config fields (set with --set key=value):\n  " + "\n  ".join(cfg.describe(RunConfig)),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     ap.add_argument("--config", help="a YAML run config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax import config as cfg
+from mgjax.cli import HelpFormatter
 from mgjax.nn import params
 from mgjax.nn.layers import REMAT_POLICIES
 from mgjax.parallel import mesh
@@ -512,21 +513,40 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m mgjax.plan",
         description=__doc__.split("\n\n")[0],
         epilog="topologies: " + ", ".join([*TOPOLOGIES, TPU_SLICES, LOCAL]),
+        formatter_class=HelpFormatter,
     )
-    ap.add_argument("--config", help="a YAML run config (as mgjax.train reads it)")
-    ap.add_argument("--topology", required=True)
-    ap.add_argument("--mesh", default="", metavar="AXIS=SIZE,...", help="over the config's mesh (default fsdp=-1)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--batch", type=int, help="global batch (default train.global_batch)")
-    ap.add_argument("--seq-len", type=int, help="positions per sample (default data.max_length)")
-    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for the step time")
+    ap.add_argument(
+        "--config", help="a YAML run config, as mgjax.train reads it (default: none, the run config's defaults)"
+    )
+    ap.add_argument(
+        "--topology",
+        required=True,
+        help=f"the machines the run would use: one of the topologies below, {LOCAL} for this process's devices",
+    )
+    ap.add_argument(
+        "--mesh",
+        default="",
+        metavar="AXIS=SIZE,...",
+        help="mesh axis sizes that replace the config's (-1: the devices left over; default: the config's mesh, "
+        "whose own default is fsdp=-1)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key by its dotted name (e.g. train.global_batch=256); repeatable",
+    )
+    ap.add_argument("--batch", type=int, help="global batch, in samples (default: train.global_batch)")
+    ap.add_argument("--seq-len", type=int, help="positions per sample (default: data.max_length)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (0 to 1) for the step time")
     ap.add_argument(
         "--compile",
         action="store_true",
         help=f"compile the step (for a TPU slice, deviceless, with libtpu; or for --topology {LOCAL}) and "
         "judge the fit by XLA's memory analysis; exit 2 when it does not fit",
     )
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON rather than as text")
     args = ap.parse_args(argv)
     try:
         c = cfg.load(RunConfig, args.config, args.set)
