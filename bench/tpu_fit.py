@@ -31,10 +31,10 @@ from mgjax.train.run_config import RunConfig  # noqa: E402
 GiB = 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
 CHIPS = (4, 8, 16, 32, 64, 128, 256)
-DEFAULT_CONFIGS = [
-    f"configs/mgm/{r}/stage2.yaml"
-    for r in ("MGM-2B", "MGM-7B", "MGM-13B", "MGM-34B", "MGM-8x7B", "MGM-2B-HD", "MGM-7B-HD")
-] + [f"configs/internvl/InternVL2-{r}/{mode}.yaml" for r in ("1B", "2B", "4B") for mode in ("full", "lora")]
+MGM_RELEASES = ("MGM-2B", "MGM-7B", "MGM-8B", "MGM-13B", "MGM-34B", "MGM-8x7B")
+DEFAULT_CONFIGS = [f"configs/mgm/{r}{hd}/stage2.yaml" for hd in ("", "-HD") for r in MGM_RELEASES] + [
+    f"configs/internvl/InternVL2-{r}/{mode}.yaml" for r in ("1B", "2B", "4B") for mode in ("lora", "full")
+]
 ERROR = 0.15  # mgjax.train.plan's estimate is within 15% of the compiled peak (tests/test_plan.py)
 
 
@@ -143,7 +143,9 @@ def table(rows: list[dict]) -> str:
         "HBM GiB | compile s | one size smaller |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for config, gen in dict.fromkeys((r["config"], r["slice"].split("-")[0]) for r in rows):
+    seen = dict.fromkeys((r["config"], r["slice"].split("-")[0]) for r in rows)
+    order = {c: i for i, c in enumerate(DEFAULT_CONFIGS)}  # the defaults' order, then the rest as compiled
+    for config, gen in sorted(seen, key=lambda k: (order.get(k[0], len(order)), k[1] != "v5p")):
         mine = sorted(
             (r for r in rows if r["config"] == config and r["slice"].startswith(gen + "-")), key=lambda r: r["chips"]
         )

@@ -223,14 +223,16 @@ def test_slice_names_are_checked():
             topology.parse(bad)
 
 
-def test_moe_dispatch_auto_follows_the_platform_compiled_for():
-    """``moe_impl: auto`` is grouped (ragged_dot) in a program compiled for a TPU, here where the process's own
-    backend is the CPU, and dense for the CPU: deviceless TPU compiles measure what a TPU would run."""
+def test_moe_dispatch_auto_is_dense_in_a_program_compiled_for_a_tpu():
+    """``moe_impl: auto`` runs the dense dispatch in a program compiled for a TPU too: XLA's TPU lowering of
+    ``ragged_dot`` holds every token x every expert (MGM-8x7B stage 2: 95.5 GiB per v5p chip grouped, 50.1 dense).
+    ``grouped`` stays available by name."""
     from mgjax.models.moe import SparseMoeBlock
 
-    block = SparseMoeBlock(16, 32, 4, 2, act="silu", impl="auto", dtype=F32, param_dtype=F32, rngs=nnx.Rngs(0))
-    x = jnp.ones((2, 8, 16))
-    trace = lambda: str(jax.make_jaxpr(lambda x: block(x))(x))  # noqa: E731
+    def trace(impl):
+        block = SparseMoeBlock(16, 32, 4, 2, act="silu", impl=impl, dtype=F32, param_dtype=F32, rngs=nnx.Rngs(0))
+        return str(jax.make_jaxpr(lambda x: block(x))(jnp.ones((2, 8, 16))))
+
     with topology.compiling_for(devices(SLICES["v5p"])[0]):
-        assert "ragged_dot" in trace()
-    assert "ragged_dot" not in trace()
+        assert "ragged_dot" not in trace("auto")
+        assert "ragged_dot" in trace("grouped")

@@ -3,9 +3,11 @@
 ``dense`` runs every expert on every token and weights the results (exact and simple: the reference);
 ``grouped`` sorts the token-expert pairs by expert and runs each expert only on its own tokens with
 ``jax.lax.ragged_dot`` (top_k / num_experts of the dense FLOPs). Both give the same outputs. ``auto`` takes
-grouped on TPU, where ``ragged_dot`` has a native grouped-matmul lowering, and dense elsewhere: measured on an
-H100 (jax 0.11.2) and on CPU, XLA's ``ragged_dot`` runs 1.7-1.9x slower than dense dispatch despite 4x fewer
-FLOPs (``bench/moe.py``, docs/benchmarks.md).
+dense on every platform, by measurement: on an H100 (jax 0.11.2) and on CPU XLA's ``ragged_dot`` runs 1.7-1.9x
+slower than dense dispatch despite 4x fewer FLOPs (``bench/moe.py``), and XLA's TPU compiler lowers it with
+buffers of every token times every expert (``bf16[tokens x experts, mlp]``): MGM-8x7B stage 2 compiled deviceless
+needs 95.5 GiB per v5p chip at 4 rows per chip grouped, 50.1 GiB dense, and on v5e fits no slice grouped
+(docs/benchmarks.md). A grouped-matmul kernel (megablox) is what would make grouped worth it on TPU.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax.nn import layers
-from mgjax.parallel import topology
 
 # tokens [N, in] x expert weights [E, out, in] (torch layout, contracted in place rather than transposed per call)
 TORCH_LAYOUT = jax.lax.RaggedDotDimensionNumbers(
@@ -72,8 +73,7 @@ class SparseMoeBlock(nnx.Module):
         flat = x.reshape(b * t, d).astype(self.dtype)
         logits, weights, idx = self.route(flat)
         w1, w2, w3 = (getattr(self.experts, n).weight[...].astype(self.dtype) for n in ("w1", "w2", "w3"))
-        # the platform compiled for (deviceless TPU compiles included), not the process's default backend
-        impl = self.impl if self.impl != "auto" else ("grouped" if topology.target().platform == "tpu" else "dense")
+        impl = "dense" if self.impl == "auto" else self.impl
         out = (self._dense if impl == "dense" else self._grouped)(flat, weights, idx, w1, w2, w3)
         return out.astype(x.dtype).reshape(b, t, d), logits
 

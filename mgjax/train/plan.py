@@ -36,7 +36,7 @@ placement from the logical axes; the device holding the most is reported):
   - the inputs: the local batch, every micro-batch, as the loader hands it over.
   Tensor parallelism is planned Megatron-style: a device traces the LLM with its share of the heads, the MLP and
   the vocabulary; h-wide values stay whole (no sequence parallelism). Expert parallelism is not reflected; MoE
-  dispatch is what ``moe_impl: auto`` picks on the target (grouped on TPU, dense elsewhere).
+  dispatch is the configured one (``moe_impl: auto`` is dense everywhere, ``mgjax.models.moe``).
 * packing: XLA places every buffer in one arena at an offset and leaves gaps where a buffer outlives those placed
   below it, so its peak is more than the live bytes (MGM-2B with one LLM layer on v5p-8: 25.0 GiB live at the
   peak, a 33.4 GiB arena). ``PACKING`` of everything above, measured against the TPU compiler's peaks
@@ -78,8 +78,8 @@ F32 = 4
 # XLA places buffers in one arena and leaves gaps where a buffer outlives those placed below it: the TPU compiler's
 # peak was 1.06-1.31x the live bytes estimated here for 14 compiled MGM-2B/7B/13B/34B stage-2 steps on v5p and v5e,
 # and 0.98-1.13x for the tiny demo model at bf16 under full remat (its peak counts ~25 MiB of program code the
-# estimate leaves out); 1.15 puts all of them within 15%. MGM-8x7B's MoE steps stay 17-27% above the estimate
-# (docs/benchmarks.md, which also says where the model is off).
+# estimate leaves out); 1.15 puts all of them within 15%. Over the 38 compiled rows of bench/tpu_fit.py (MGM,
+# MGM-HD, MGM-8x7B, InternVL2 full and LoRA) 33 are within 15%; docs/benchmarks.md says where the model is off.
 PACKING = 0.15
 
 
@@ -89,7 +89,7 @@ class Topology:
     hbm_bytes: int  # per chip
     peak_flops: float | None  # dense bf16 FLOP/s per chip; None: unknown (CPUs)
     chips_per_host: int
-    platform: str  # gpu | tpu | cpu: picks the MoE dispatch that 'auto' would
+    platform: str  # gpu | tpu | cpu
     tpu_slice: str | None = None  # a TPU slice name: XLA's TPU compiler compiles for it here (deviceless)
 
 
@@ -190,11 +190,6 @@ def float32_bytes(model: nnx.Module, which, sizes: dict[str, int]) -> int:
     return total
 
 
-def _moe_impl(llm, platform: str) -> str:
-    """What ``moe_impl: auto`` picks on the target platform (the trace runs here, where it would pick dense)."""
-    return llm.moe_impl if llm.moe_impl != "auto" else ("grouped" if platform == "tpu" else "dense")
-
-
 def _tensor_shard(llm, tensor: int):
     """The LLM one device computes under tensor parallelism, Megatron-style: heads, MLP and vocabulary split where
     they divide (``mesh.spec`` replicates what does not); key/value heads fewer than ``tensor`` are repeated."""
@@ -243,9 +238,7 @@ def without_upcasts(kept: list[jax.ShapeDtypeStruct]) -> list[jax.ShapeDtypeStru
     return [a for a in kept if not (a.dtype == jnp.float32 and a.shape in narrow)]
 
 
-def activations(
-    c: RunConfig, config, *, batch: int, micro: int, seq_len: int, tensor: int, platform: str
-) -> dict[str, int]:
+def activations(c: RunConfig, config, *, batch: int, micro: int, seq_len: int, tensor: int) -> dict[str, int]:
     """Per-device activation bytes (an estimate, see the module docstring) of one micro-batch of ``micro``
     rows of the model of ``config``, trained as ``c`` says; ``batch``: the local batch, every micro-batch, as the
     loader hands it over."""
@@ -253,7 +246,7 @@ def activations(
 
     @functools.cache
     def traced(layers: int, policy: str) -> list[jax.ShapeDtypeStruct]:
-        cut = dataclasses.replace(llm, num_hidden_layers=layers, remat=policy, moe_impl=_moe_impl(llm, platform))
+        cut = dataclasses.replace(llm, num_hidden_layers=layers, remat=policy)
         return residuals(c, dataclasses.replace(config, llm=cut), batch=micro, seq_len=seq_len)
 
     def kept(layers: int, policy: str, upcasts: bool = False) -> int:
@@ -372,7 +365,6 @@ def report(
         micro=local // c.train.micro_batches,
         seq_len=seq_len,
         tensor=sizes["tensor"],
-        platform=topo.platform,
     )
     memory = {
         "parameters": placed.per_device_bytes,
