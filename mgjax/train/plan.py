@@ -78,8 +78,8 @@ F32 = 4
 # XLA places buffers in one arena and leaves gaps where a buffer outlives those placed below it: the TPU compiler's
 # peak was 1.06-1.31x the live bytes estimated here for 14 compiled MGM-2B/7B/13B/34B stage-2 steps on v5p and v5e,
 # and 0.98-1.13x for the tiny demo model at bf16 under full remat (its peak counts ~25 MiB of program code the
-# estimate leaves out); 1.15 puts all of them within 15%. Over the 38 compiled rows of bench/tpu_fit.py (MGM,
-# MGM-HD, MGM-8x7B, InternVL2 full and LoRA) 33 are within 15%; docs/benchmarks.md says where the model is off.
+# estimate leaves out); 1.15 puts all of them within 15%. Over the 44 compiled rows of bench/tpu_fit.py (MGM,
+# MGM-HD, MGM-8x7B, InternVL2 full and LoRA) 38 are within 15%; docs/benchmarks.md says where the model is off.
 PACKING = 0.15
 
 
