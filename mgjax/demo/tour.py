@@ -120,11 +120,11 @@ def decoders(tmp: str, seed: int, new_tokens: int) -> None:
     t = time.perf_counter()
     out = jax.block_until_ready(greedy(llama, prompt, new_tokens))
     secs = time.perf_counter() - t
+    agreement = {"Llama": cache_check(llama, prompt, out)}
     print(
         f"  Llama (GQA 8q/2kv, llama3 rope): {new_tokens} tokens x 2 sequences in {secs:.2f} s "
-        f"({2 * new_tokens / secs:.0f} tokens/s with the KV cache); cache check {cache_check(llama, prompt, out):.0%}"
+        f"({2 * new_tokens / secs:.0f} tokens/s with the KV cache); cache check {agreement['Llama']:.0%}"
     )
-    agreement = {"Llama": cache_check(llama, prompt, out)}
     for name, config in DECODERS.items():
         model = roundtrip(mgjax.init(config, seed=seed), f"{tmp}/{config.model_type}")
         out = greedy(model, prompt, 8)

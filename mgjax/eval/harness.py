@@ -25,6 +25,7 @@ from mgjax.data import preprocess, samples, templates
 from mgjax.eval import scoring
 from mgjax.inference import decoding
 from mgjax.inference.generate import (
+    TEMPLATE_HELP,
     add_model_arguments,
     batch_embeds,
     conversation_inputs,
@@ -152,9 +153,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="a converted checkpoint directory (with tokenizer files) that answers")
     ap.add_argument("--answers", help="score this answers JSONL ({question_id, answer}) instead of running a model")
     ap.add_argument("--out", help="output folder for answers.jsonl and results.json (default: runs/eval/TASK)")
-    ap.add_argument(
-        "--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}; default: the model's own)"
-    )
+    ap.add_argument("--template", help=TEMPLATE_HELP)
     ap.add_argument(
         "--batch", type=int, default=8, help="questions decoded together; answers are saved after each batch"
     )

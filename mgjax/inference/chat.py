@@ -20,6 +20,7 @@ from mgjax.cli import HelpFormatter
 from mgjax.data import preprocess, templates
 from mgjax.inference import decoding, imagegen
 from mgjax.inference.generate import (
+    TEMPLATE_HELP,
     add_model_arguments,
     conversation_inputs,
     default_template,
@@ -104,9 +105,7 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--model", required=True, help="a converted checkpoint directory (with tokenizer files)")
     ap.add_argument("--image", help="an image for the first message (default: none; /image PATH attaches one later)")
-    ap.add_argument(
-        "--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}; default: the model's own)"
-    )
+    ap.add_argument("--template", help=TEMPLATE_HELP)
     ap.add_argument("--max-new-tokens", type=int, default=512, help="each answer's budget, in tokens")
     ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
     ap.add_argument(

@@ -26,6 +26,9 @@ from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 # ---------------------------------------------------------------------------------------------------------------
 
 
+TEMPLATE_HELP = f"conversation template ({', '.join(templates.TEMPLATES)}; default: the model's own)"
+
+
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares (generate, chat, serve, eval)."""
     ap.add_argument(

@@ -34,6 +34,7 @@ from mgjax.cli import HelpFormatter
 from mgjax.data import preprocess, templates
 from mgjax.inference import decoding
 from mgjax.inference.generate import (
+    TEMPLATE_HELP,
     add_model_arguments,
     batch_embeds,
     conversation_inputs,
@@ -390,9 +391,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--name", help="the model name clients ask for (default: the directory's name)")
     ap.add_argument("--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0: every interface")
     ap.add_argument("--port", type=int, default=8000, help="the TCP port to listen on; 0: any free one")
-    ap.add_argument(
-        "--template", help=f"conversation template ({', '.join(templates.TEMPLATES)}; default: the model's own)"
-    )
+    ap.add_argument("--template", help=TEMPLATE_HELP)
     ap.add_argument("--max-batch", type=int, default=8, help="the most requests decoded together, in rows")
     ap.add_argument("--batch-wait", type=float, default=0.05, help="seconds a request waits for others to join it")
     ap.add_argument(

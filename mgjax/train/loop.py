@@ -167,13 +167,9 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
     primary = jax.process_index() == 0
     progress = ProgressSink(steps, start, c.train.log_every, bar=c.train.progress and primary, lines=primary)
-    sinks = (
-        [progress, JsonlSink(out / "metrics.jsonl", start), TensorBoardSink(out / "tensorboard")]
-        if primary
-        else [progress]
-    )
+    files = [JsonlSink(out / "metrics.jsonl", start), TensorBoardSink(out / "tensorboard")] if primary else []
     throughput = Throughput(c.train.global_batch, family.step_flops(c, model, opt.wrt), peak, jax.device_count())
-    metrics = Metrics(sinks, optim.schedule(c.optim, steps), throughput, out / "checkpoints")
+    metrics = Metrics([progress, *files], optim.schedule(c.optim, steps), throughput, out / "checkpoints")
     pending, tick, step = None, time.perf_counter(), start
     try:
         for step in range(start + 1, steps + 1):

@@ -50,8 +50,8 @@ class JsonlSink:
     resumed from step ``start`` keeps the lines up to it and drops later ones, which it is about to redo."""
 
     def __init__(self, path: Path, start: int):
-        kept = [line for line in _lines(path) if json.loads(line)["step"] <= start]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in _records(path) if r["step"] <= start]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
@@ -144,23 +144,22 @@ class Metrics:
             sink.close()
 
 
-def _lines(path: Path) -> list[str]:
-    """The complete lines of a JSONL file (none if it does not exist; a line cut short by a kill is dropped)."""
+def _records(path: Path) -> list[dict]:
+    """The records of a JSONL file (none if it does not exist; a line cut short by a kill is dropped)."""
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         try:
-            json.loads(line)
+            out.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        out.append(line)
     return out
 
 
 def losses(path: Path) -> list[tuple[int, float]]:
     """(step, loss) of every record in a ``metrics.jsonl``."""
-    return [(r["step"], r["loss"]) for r in map(json.loads, _lines(path))]
+    return [(r["step"], r["loss"]) for r in _records(path)]
 
 
 # ------------------------------------------------------------------------------------------------------ the plot
