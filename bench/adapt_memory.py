@@ -7,6 +7,10 @@ device; the optimizer state is counted from the same abstract model. Printed sid
 against full:
 
     python bench/adapt_memory.py [--release InternVL2-1B] [--batch 1] [--seq 4096] [--tiles 7] [--dtype bfloat16]
+                                 [--topology v5e-4] [--modes full lora]
+
+``--topology`` compiles for a TPU slice instead (deviceless, with libtpu: ``mgjax.parallel.topology``); a step the
+TPU compiler refuses prints its temporaries and "refused".
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax
 
 from mgjax import config as cfg
 from mgjax.nn import params
-from mgjax.parallel import mesh
+from mgjax.parallel import mesh, topology
 from mgjax.recipes import adapt, internvl_releases
 from mgjax.train import plan
 from mgjax.train.run_config import RunConfig
@@ -28,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 
 
-def measure(release: str, mode: str, *, batch: int, seq: int, tiles: int, dtype: str, remat: str) -> dict[str, float]:
+def measure(
+    release: str, mode: str, *, batch: int, seq: int, tiles: int, dtype: str, remat: str, devices
+) -> dict[str, float]:
     """The mode's run config (``configs/internvl/<release>/<mode>.yaml``) at the given shapes, unpacked, compiled
     through ``mgjax.train.plan``: the program ``mgjax.train`` would run."""
     sets = [
@@ -42,12 +48,13 @@ def measure(release: str, mode: str, *, batch: int, seq: int, tiles: int, dtype:
     c = cfg.load(RunConfig, ROOT / "configs" / "internvl" / release / f"{mode}.yaml", sets)
     model, trainable = plan.abstract_model(c), plan.trainable_filter(c)
     start = time.perf_counter()
-    use = plan.compiled(c, mesh.MeshConfig(), global_batch=batch * jax.device_count(), seq_len=seq)
+    use = plan.compiled(c, mesh.MeshConfig(), global_batch=batch * len(devices), seq_len=seq, devices=devices)
     return {
+        "refused": "refused" in use,
         "trainable": params.count_params(model, trainable),
         "params": params.count_params(model),
         "optimizer_gib": 2 * 4 * params.count_params(model, trainable) / GiB,  # AdamW's two float32 moments
-        "peak_gib": use["peak"] / GiB,
+        "peak_gib": use.get("peak", use["temporaries"]) / GiB,
         "temporaries_gib": use["temporaries"] / GiB,
         "compile_s": time.perf_counter() - start,
     }
@@ -61,9 +68,12 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=7, help="tile slots per sample (6 tiles + thumbnail)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--remat", default="full")
+    ap.add_argument("--topology", default="", help="a TPU slice (v5e-4, v5p-8, ...) to compile for, deviceless")
+    ap.add_argument("--modes", nargs="+", default=list(adapt.MODES), choices=adapt.MODES)
     args = ap.parse_args()
+    devices = topology.devices(args.topology) if args.topology else jax.devices()
     print(
-        f"{args.release} on {jax.devices()[0].device_kind} x{jax.device_count()}: batch {args.batch} x "
+        f"{args.release} on {devices[0].device_kind} x{len(devices)}: batch {args.batch} x "
         f"{args.seq} tokens, {args.tiles} tiles, compute {args.dtype}, remat {args.remat} (float32 weights)"
     )
     print(f"{'mode':11s} {'trainable':>12s} {'optimizer':>10s} {'step peak':>10s} {'saving':>16s} {'compile':>8s}")
@@ -76,14 +86,16 @@ def main() -> None:
             tiles=args.tiles,
             dtype=args.dtype,
             remat=args.remat,
+            devices=devices,
         )
-        for mode in adapt.MODES
+        for mode in args.modes
     }
-    full = rows["full"]["peak_gib"]
+    full = rows[args.modes[0]]["peak_gib"]
     for mode, r in rows.items():
+        refused = " (refused: temporaries alone)" if r["refused"] else ""
         print(
             f"{mode:11s} {r['trainable'] / 1e6:11.1f}M {r['optimizer_gib']:8.2f}GiB {r['peak_gib']:8.2f}GiB "
-            f"{full - r['peak_gib']:8.2f}GiB ({1 - r['peak_gib'] / full:4.0%}) {r['compile_s']:7.1f}s"
+            f"{full - r['peak_gib']:8.2f}GiB ({1 - r['peak_gib'] / full:4.0%}) {r['compile_s']:7.1f}s{refused}"
         )
 
 

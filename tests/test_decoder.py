@@ -231,7 +231,7 @@ def test_family_switches_follow_model_type(pair):
     }[c.model_type]
 
 
-def test_moe_dense_and_grouped_paths_agree(tmp_path, report):
+def test_moe_dense_grouped_and_megablox_paths_agree(tmp_path, report):
     name = "mixtral_top2"
     hf = _hf_model(*VARIANTS[name])
     hf.save_pretrained(tmp_path)
@@ -241,11 +241,30 @@ def test_moe_dense_and_grouped_paths_agree(tmp_path, report):
         ref = hf(ids).logits.numpy()
     dense = mgjax.from_pretrained(path, dtype=jnp.float32, moe_impl="dense")
     grouped = mgjax.from_pretrained(path, dtype=jnp.float32, moe_impl="grouped")
+    megablox = mgjax.from_pretrained(path, dtype=jnp.float32, moe_impl="megablox")  # Pallas, interpreted here
     a, _ = dense(jnp.asarray(ids.numpy()))
     b, _ = grouped(jnp.asarray(ids.numpy()))
+    c, _ = megablox(jnp.asarray(ids.numpy()))
     assert model.config.moe_impl == "auto"
     report(f"{name} dense-dispatch logits vs torch", max_abs(a, ref), 1e-4)
     report(f"{name} grouped vs dense", max_abs(a, b), 1e-5)
+    report(f"{name} megablox vs dense", max_abs(a, c), 1e-5)
+
+
+def test_megablox_gradients_equal_the_dense_dispatch():
+    from mgjax.models.moe import SparseMoeBlock
+
+    def grads(impl):
+        block = SparseMoeBlock(
+            32, 64, 4, 2, act="silu", impl=impl, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+        )
+        graphdef, state = nnx.split(block)
+        x = jax.random.normal(jax.random.key(1), (2, 24, 32))
+        loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] ** 2)  # noqa: E731
+        return jax.tree.leaves(jax.grad(loss, argnums=(0, 1))(state, x))
+
+    for want, got in zip(grads("dense"), grads("megablox")):  # router, the three expert stacks, the input
+        assert max_abs(got, want) <= 1e-5 * float(jnp.max(jnp.abs(want)))
 
 
 def test_unsupported_config_is_named(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import mgjax
 from mgjax.data import packing
 from mgjax.models.decoder import Qwen2Config, segment_positions
-from mgjax.train import optim
+from mgjax.train import loss
 
 CONFIG = Qwen2Config(
     vocab_size=64,
@@ -54,8 +54,8 @@ def test_each_packed_sample_has_its_unpacked_loss():
     logits, _ = model(ids, segment_ids=seg)
     for i, (s_ids, s_labels) in enumerate(samples):
         alone, _ = model(jnp.asarray(s_ids[None], jnp.int32))
-        want, n = optim.masked_next_token_loss(alone, jnp.asarray(s_labels[None], jnp.int32))
-        got, m = optim.packed_next_token_loss(logits, jnp.where(seg == i + 1, labels, -100), seg)  # sample i alone
+        want, n = loss.next_token_loss(alone, jnp.asarray(s_labels[None], jnp.int32))
+        got, m = loss.next_token_loss(logits, jnp.where(seg == i + 1, labels, -100), seg)  # sample i alone
         assert int(m) == int(n) > 0
         assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want))), (i, float(got), float(want))
 
@@ -67,17 +67,17 @@ def test_loss_weightings_follow_the_per_sample_sums(weighting):
     sums, counts = [], []
     for s_ids, s_labels in samples:
         alone, _ = model(jnp.asarray(s_ids[None], jnp.int32))
-        total, n = optim.masked_next_token_loss(alone, jnp.asarray(s_labels[None], jnp.int32))
+        total, n = loss.next_token_loss(alone, jnp.asarray(s_labels[None], jnp.int32))
         sums.append(float(total))
         counts.append(int(n))
     w = {"token": [1.0] * 3, "sample": [1 / n for n in counts], "square": [n**-0.5 for n in counts]}[weighting]
     want = sum(wi * si for wi, si in zip(w, sums)) / sum(wi * n for wi, n in zip(w, counts))
     ids, labels, seg = _packed(samples)
     logits, _ = model(ids, segment_ids=seg)
-    total, weights = optim.packed_next_token_loss(logits, labels, seg, weighting)
+    total, weights = loss.next_token_loss(logits, labels, seg, weighting)
     assert abs(float(total / weights) - want) <= 1e-5 * max(1.0, want)
     with pytest.raises(ValueError, match="loss weighting must be one of"):
-        optim.packed_next_token_loss(logits, labels, seg, "mean")
+        loss.next_token_loss(logits, labels, seg, "mean")
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +117,9 @@ def test_packed_internvl_samples_keep_their_tiles_and_losses(grounding):
     )
     for k, s in enumerate(built, 1):
         alone, _ = model(jnp.asarray(s["input_ids"][None]), jnp.asarray(s["pixel_values"][None]))
-        want, n = optim.masked_next_token_loss(alone, jnp.asarray(s["labels"][None]))
+        want, n = loss.next_token_loss(alone, jnp.asarray(s["labels"][None]))
         mine = jnp.where(jnp.asarray(row["segment_ids"][None]) == k, jnp.asarray(row["labels"][None]), -100)
-        got, m = optim.packed_next_token_loss(logits, mine, jnp.asarray(row["segment_ids"][None]))
+        got, m = loss.next_token_loss(logits, mine, jnp.asarray(row["segment_ids"][None]))
         assert int(m) == int(n) > 0
         assert abs(float(got) - float(want)) <= 1e-5 * max(1.0, abs(float(want))), (k, float(got), float(want))
 

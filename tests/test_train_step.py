@@ -14,7 +14,7 @@ from flax import nnx
 import mgjax
 from mgjax.models.mgm import MGMConfig
 from mgjax.nn import params
-from mgjax.train import optim
+from mgjax.train import loss, optim
 from mgjax.train.step import make_optimizer, train_step
 from tests.helpers import TINY_MGM, tiny_mgm_batch
 
@@ -75,7 +75,7 @@ def test_accumulation_equals_one_big_batch():
 def test_loss_is_cross_entropy_over_shifted_targets():
     logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
     labels = jnp.array([[1, 2, -100, 4, 5], [-100, -100, 3, 3, -100]])
-    total, count = optim.masked_next_token_loss(logits, labels)
+    total, count = loss.next_token_loss(logits, labels)
     ref = torch.nn.functional.cross_entropy(
         torch.from_numpy(np.array(logits[:, :-1])).reshape(-1, 7),
         torch.from_numpy(np.asarray(labels[:, 1:], np.int64)).reshape(-1),
@@ -133,7 +133,7 @@ def test_sample_weighted_loss_over_micro_batches(weighting="square"):
         for b in range(2):
             row = {k: v[a, b : b + 1] for k, v in batch.items()}
             logits = forward(model, {k: v for k, v in row.items() if k != "labels"})
-            total, n = optim.masked_next_token_loss(logits, row["labels"])
+            total, n = loss.next_token_loss(logits, row["labels"])
             sums.append(float(total))
             counts.append(int(n))
     w = [1 / n if weighting == "sample" else n**-0.5 for n in counts]

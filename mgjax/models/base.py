@@ -14,11 +14,13 @@ from mgjax.models.registry import model_class
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Base of every model config. ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype, ``remat`` a
-    name from ``layers.REMAT_POLICIES``; ``hf`` keeps the original ``config.json`` so export writes it back."""
+    name from ``layers.REMAT_POLICIES``, ``attention_impl`` one of ``attention.BACKENDS``; ``hf`` keeps the original
+    ``config.json`` so export writes it back."""
 
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    attention_impl: str = "auto"
     hf: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     model_type: ClassVar[str]
@@ -33,7 +35,7 @@ class ModelConfig:
 
 
 # overrides a composite model (MGM, InternVL) passes on to each of its sub-model configs
-SHARED_OVERRIDES = ("dtype", "param_dtype", "remat")
+SHARED_OVERRIDES = ("dtype", "param_dtype", "remat", "attention_impl")
 
 
 def split_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

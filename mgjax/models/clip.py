@@ -15,7 +15,7 @@ from flax import nnx
 
 from mgjax.convert.keymap import HF, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
-from mgjax.nn import layers, resize
+from mgjax.nn import attention, layers, resize
 
 FIELDS = (
     "hidden_size",
@@ -107,15 +107,15 @@ class CLIPAttention(nnx.Module):
         self.k_proj = layers.Linear(d, d, axes=("heads", "embed"), **kw)
         self.v_proj = layers.Linear(d, d, axes=("heads", "embed"), **kw)
         self.out_proj = layers.Linear(d, d, axes=("embed", "heads"), **kw)
-        self.heads = c.num_attention_heads
+        self.heads, self.impl = c.num_attention_heads, c.attention_impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
-        out = layers.attention(
-            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), scale=(d // self.heads) ** -0.5
-        )
-        return self.out_proj(out.reshape(b, t, d))
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = (layers.named(split(p(x)), n) for p, n in zip(projections, layers.ATTENTION_NAMES))
+        out = layers.named(attention.attention(q, k, v, scale=(d // self.heads) ** -0.5, impl=self.impl), "context")
+        return layers.named(self.out_proj(out.reshape(b, t, d)), "out_proj")
 
 
 class CLIPEncoderLayer(nnx.Module):

@@ -21,7 +21,7 @@ from flax import nnx
 from mgjax.convert.keymap import Fused, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
 from mgjax.models.moe import SparseMoeBlock, load_balancing_loss
-from mgjax.nn import layers, rope
+from mgjax.nn import attention, layers, rope
 from mgjax.parallel import sharding
 
 
@@ -54,7 +54,7 @@ class DecoderConfig(ModelConfig):
     sliding_window: int | None = None  # each query sees only the last ``sliding_window`` positions (itself included)
     num_local_experts: int = 0  # > 0: a sparse MoE replaces the MLP (Mixtral)
     num_experts_per_tok: int = 2
-    moe_impl: str = "auto"  # "dense", "grouped" (ragged_dot; top_k/E of the FLOPs) or "auto" (see models/moe.py)
+    moe_impl: str = "auto"  # dense | grouped (ragged_dot) | megablox (Pallas, TPU) | auto: see models/moe.py
     output_router_logits: bool = False  # compute the router load-balancing loss (MGM trained without it)
     router_aux_loss_coef: float = 0.001
 
@@ -221,7 +221,8 @@ class InternLM2Config(DecoderConfig):
 
 
 class DecoderOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array | None  # [B, T, V] float32; None when not asked for
+    hidden: jax.Array  # [B, T, D] the final (normed) hidden states, the head's input
     cache: "KVCache | None"
     aux_loss: jax.Array | None  # router load-balancing loss (MoE with output_router_logits), else None
 
@@ -250,18 +251,26 @@ class Attention(nnx.Module):
         self.v_proj = layers.Linear(c.hidden_size, kv, axes=("kv_heads", "embed"), bias=qkv_bias, **kw)
         self.o_proj = layers.Linear(q, c.hidden_size, axes=("embed", "heads"), bias=c.attention_bias, **kw)
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.impl = c.attention_impl
 
-    def __call__(self, x, cos, sin, mask, cache: tuple[jax.Array, jax.Array] | None, index):
+    def __call__(self, x, cos, sin, mask: attention.Mask, cache: tuple[jax.Array, jax.Array] | None, index):
         b, t, _ = x.shape
-        q = rope.apply(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), cos, sin)
-        k = rope.apply(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+
+        def split(y, n, axis):
+            return sharding.constrain(y.reshape(b, t, n, self.head_dim), ("act_batch", "act_len", axis))
+
+        q = rope.apply(split(self.q_proj(x), self.heads, "act_heads"), cos, sin)
+        k = rope.apply(split(self.k_proj(x), self.kv_heads, "act_kv_heads"), cos, sin)
+        v = split(self.v_proj(x), self.kv_heads, "act_kv_heads")
+        q, k, v = (layers.named(y, n) for y, n in zip((q, k, v), layers.ATTENTION_NAMES))
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
             cache = (k, v)
-        out = layers.attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5, mask=mask)
-        return self.o_proj(out.reshape(b, t, -1)), cache
+        out = attention.attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5, mask=mask, impl=self.impl
+        )
+        return layers.named(self.o_proj(layers.named(out, "context").reshape(b, t, -1)), "out_proj"), cache
 
 
 class MLP(nnx.Module):
@@ -273,7 +282,9 @@ class MLP(nnx.Module):
         self.act = layers.activation(c.hidden_act)
 
     def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        hidden = self.act(self.gate_proj(x)) * self.up_proj(x)
+        hidden = layers.named(sharding.constrain(hidden, ("act_batch", "act_len", "act_mlp")), "mlp_hidden")
+        return layers.named(self.down_proj(hidden), "mlp_out")
 
 
 class DecoderLayer(nnx.Module):
@@ -375,16 +386,26 @@ class CausalLM(nnx.Module, Pretrained):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         segment_ids: jax.Array | None = None,
+        logits: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Logits [B, T, V] (float32) and the updated cache; see ``forward``."""
-        return self.forward(
+        """Logits [B, T, V] (float32) and the updated cache; see ``forward``. ``logits=False``: the final hidden
+        states [B, T, D] in their place, for a loss that applies ``head`` a chunk at a time."""
+        out = self.forward(
             input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             positions=positions,
             cache=cache,
             segment_ids=segment_ids,
-        )[:2]
+            logits=logits,
+        )
+        return (out.logits if logits else out.hidden), out.cache
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Logits of hidden states [..., D], in the compute dtype: the LM head, or the tied embeddings."""
+        if self.lm_head is None:
+            return jnp.einsum("...d,vd->...v", h, self.model.embed_tokens.weight[...].astype(h.dtype))
+        return self.lm_head(h)
 
     def forward(
         self,
@@ -395,6 +416,7 @@ class CausalLM(nnx.Module, Pretrained):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         segment_ids: jax.Array | None = None,
+        logits: bool = True,
     ) -> DecoderOutput:
         """Logits, cache and (MoE with ``output_router_logits``, cache-free) the router load-balancing loss.
 
@@ -415,26 +437,20 @@ class CausalLM(nnx.Module, Pretrained):
                 if segment_ids is not None
                 else jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
             )
-        key_pos = jnp.arange(s, dtype=jnp.int32)
-        query_pos = (start + jnp.arange(t, dtype=jnp.int32))[None, None, :, None]
-        mask = key_pos[None, None, None, :] <= query_pos
-        if self.config.sliding_window is not None:
-            mask = mask & (key_pos[None, None, None, :] > query_pos - self.config.sliding_window)
-        if attention_mask is not None:
-            mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        mask = attention.Mask(
+            causal=True,
+            window=self.config.sliding_window,
+            segment_ids=segment_ids,
+            key_valid=attention_mask,
+            offset=start,
+        )
         h, cache, router = self.model(x, positions, mask, cache)
         h = sharding.constrain_batch(h)  # the head's FSDP weights are gathered, not the batch's logits
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", h, self.model.embed_tokens.weight[...].astype(h.dtype))
-        else:
-            logits = self.lm_head(h)
-        logits = sharding.constrain_batch(logits)
+        out = sharding.constrain_batch(self.head(h)).astype(jnp.float32) if logits else None
         aux = None
         if router is not None and self.config.output_router_logits and s == t:  # a training forward, no cache
             aux = load_balancing_loss(router, self.config.num_experts_per_tok, attention_mask)
-        return DecoderOutput(logits.astype(jnp.float32), cache, aux)
+        return DecoderOutput(out, h, cache, aux)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         return KVCache.init(self.config, batch, max_len, dtype)

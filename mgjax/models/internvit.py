@@ -18,7 +18,7 @@ from flax import nnx
 
 from mgjax.convert.keymap import HF, Fused, KeyLayout
 from mgjax.models.base import ModelConfig, Pretrained, require
-from mgjax.nn import layers, resize
+from mgjax.nn import attention, layers, resize
 
 ORIGINAL_TYPE = "intern_vit_6b"  # InternVL's remote-code config, also used for InternViT-300M
 
@@ -194,7 +194,7 @@ class InternVisionAttention(nnx.Module):
         norm = dict(eps=c.layer_norm_eps, param_dtype=c.param_dtype, rngs=rngs)
         self.q_norm = layers.RMSNorm(d, **norm) if c.use_qk_norm else None
         self.k_norm = layers.RMSNorm(d, **norm) if c.use_qk_norm else None
-        self.heads = c.num_attention_heads
+        self.heads, self.impl = c.num_attention_heads, c.attention_impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
@@ -202,8 +202,9 @@ class InternVisionAttention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         split = lambda y: y.reshape(b, t, self.heads, d // self.heads)  # noqa: E731
-        out = layers.attention(split(q), split(k), split(v), scale=(d // self.heads) ** -0.5)
-        return self.projection_layer(out.reshape(b, t, d))
+        q, k, v = (layers.named(split(y), n) for y, n in zip((q, k, v), layers.ATTENTION_NAMES))
+        out = layers.named(attention.attention(q, k, v, scale=(d // self.heads) ** -0.5, impl=self.impl), "context")
+        return layers.named(self.projection_layer(out.reshape(b, t, d)), "out_proj")
 
 
 class InternVisionLayer(nnx.Module):

@@ -236,10 +236,16 @@ class InternVLChatModel(nnx.Module, Pretrained):
         segment_ids: jax.Array | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        logits: bool = True,
     ):
-        """Logits [B, T, V] and the LLM cache (see ``embed`` for how images enter; ``segment_ids``: packed
-        samples, see the decoder's ``forward``)."""
+        """Logits [B, T, V] (``logits=False``: the final hidden states, for ``head``) and the LLM cache (see
+        ``embed`` for how images enter; ``segment_ids``: packed samples, see the decoder's ``forward``)."""
         embeds = self.embed(
             input_ids, pixel_values, image_token_id=image_token_id, deterministic=deterministic, rngs=rngs
         )
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, segment_ids=segment_ids)
+        return self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, segment_ids=segment_ids, logits=logits
+        )
+
+    def head(self, h: jax.Array) -> jax.Array:
+        return self.language_model.head(h)

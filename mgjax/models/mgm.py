@@ -15,7 +15,7 @@ released MGM checkpoint (LLM keys at the top level, ``model.vision_tower.vision_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -262,9 +262,14 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         """[B, 3, S, S] -> [B, S/4, S/4, sum(stage widths)]: every stage map resized (bilinear, float32) to the
         first stage's size and concatenated on channels."""
         stages = self.vision_tower_aux(images_aux, deterministic=deterministic, rngs=rngs).hidden_states[1:]
+        return self.hr_map(stages)
+
+    def hr_map(self, stages: Sequence[jax.Array]) -> jax.Array:
+        """The ConvNeXt stage maps as one map at the first stage's size (see ``hr_features``)."""
         h, w = stages[0].shape[1:3]
-        maps = [stages[0].astype(jnp.float32)] + [resize.bilinear(s, h, w) for s in stages[1:]]
-        return jnp.concatenate(maps, axis=-1).astype(self.config.dtype)
+        dtype = self.config.dtype  # each map cast before the concatenation (the same numbers): no float32 whole map
+        maps = [stages[0].astype(dtype)] + [resize.bilinear(s, h, w).astype(dtype) for s in stages[1:]]
+        return jnp.concatenate(maps, axis=-1)
 
     def mine(self, low: jax.Array, high: jax.Array) -> jax.Array:
         """Patch info mining: low-res tokens [B, N, C] plus what each finds in its window of ``high``."""
@@ -280,11 +285,25 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         """LLM-width image tokens [B, tokens_per_image, D]. ``images``: [B, 3, 336, 336], or HD
         [B, views, 3, 336, 336] (crops row-major, then the global view); ``images_aux``: [B, 3, S, S]."""
         c = self.config
-        b, g = images.shape[0], c.image_grid
         low = self.vision_tower.features(images.reshape(-1, *images.shape[-3:]), select_layer=c.select_layer)
         if not c.mining:
-            return self.mm_projector(low.reshape(b, -1, low.shape[-1]))
-        hr = self.hr_features(images_aux, deterministic=deterministic, rngs=rngs)
+            return self.mm_projector(low.reshape(images.shape[0], -1, low.shape[-1]))
+        stages = self.vision_tower_aux(images_aux, deterministic=deterministic, rngs=rngs).hidden_states[1:]
+        # The HR map and its mining projections are recomputed in the backward from the stage maps, not kept: the
+        # projections' LayerNorm outputs over the concatenated map are 8x the stage maps each (MGM-2B, 16 rows of
+        # 768 px per v5p chip: two bf16[16, 192, 192, 2880], 6.5 GiB, against 0.8 GiB of stage maps). Running them a
+        # row group at a time (lax.map) lowered no peak: MGM-7B's was the LLM's backward by then, MGM-2B's arena grew.
+        graphdef, state = nnx.split(self)  # functional: the model may be a merge inside a raw JAX transform
+        mined = jax.checkpoint(lambda state, low, stages: nnx.merge(graphdef, state).mined_tokens(low, stages))
+        return mined(state, low.reshape(-1, c.views, *low.shape[1:]), stages)
+
+    def mined_tokens(self, low: jax.Array, stages: Sequence[jax.Array]) -> jax.Array:
+        """The LLM-width image tokens [B, tokens, D] from the CLIP features ``low`` [B, views, N, C] and the ConvNeXt
+        stage maps."""
+        c = self.config
+        b, g = low.shape[0], c.image_grid
+        low = low.reshape(b * c.views, *low.shape[2:])
+        hr = self.hr_map(stages)
         if g == 1:
             return self.mm_projector(self.mine(low, hr))
         low = low.reshape(b, c.views, *low.shape[1:])
@@ -325,7 +344,12 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        logits: bool = True,
     ):
-        """Logits [B, T, V] and the LLM cache (see ``embed`` for how images enter)."""
+        """Logits [B, T, V] (``logits=False``: the final hidden states, for ``head``) and the LLM cache (see
+        ``embed`` for how images enter)."""
         embeds = self.embed(input_ids, images, images_aux, deterministic=deterministic, rngs=rngs)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, logits=logits)
+
+    def head(self, h: jax.Array) -> jax.Array:
+        return self.language_model.head(h)

@@ -1,22 +1,28 @@
-"""Sparse mixture of experts (Mixtral): top-k routing as HF computes it, two interchangeable dispatch paths.
+"""Sparse mixture of experts (Mixtral): top-k routing as HF computes it, three interchangeable dispatch paths.
 
 ``dense`` runs every expert on every token and weights the results (exact and simple: the reference);
 ``grouped`` sorts the token-expert pairs by expert and runs each expert only on its own tokens with
-``jax.lax.ragged_dot`` (top_k / num_experts of the dense FLOPs). Both give the same outputs. ``auto`` takes
-dense on every platform, by measurement: on an H100 (jax 0.11.2) and on CPU XLA's ``ragged_dot`` runs 1.7-1.9x
-slower than dense dispatch despite 4x fewer FLOPs (``bench/moe.py``), and XLA's TPU compiler lowers it with
-buffers of every token times every expert (``bf16[tokens x experts, mlp]``): MGM-8x7B stage 2 compiled deviceless
-needs 95.5 GiB per v5p chip at 4 rows per chip grouped, 50.1 GiB dense, and on v5e fits no slice grouped
-(docs/benchmarks.md). A grouped-matmul kernel (megablox) is what would make grouped worth it on TPU.
+``jax.lax.ragged_dot`` (top_k / num_experts of the dense FLOPs); ``megablox`` does the same sort with the Pallas
+TPU grouped matmul (``jax.experimental.pallas.ops.tpu.megablox``; interpreted on CPUs), per batch shard, each
+device running its own experts of the ``expert`` mesh axis on the tokens of its expert group. All give the same
+outputs. ``auto`` takes megablox when compiling for a TPU and dense elsewhere, by measurement: on an H100
+(jax 0.11.2) and on CPU XLA's ``ragged_dot`` runs 1.7-1.9x slower than dense dispatch despite 4x fewer FLOPs
+(``bench/moe.py``), and XLA's TPU compiler lowers ``ragged_dot`` with buffers of every token times every expert
+(MGM-8x7B stage 2: 95.5 GiB per v5p chip grouped, 50.1 GiB dense; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from mgjax.kernels import precision
 from mgjax.nn import layers
+from mgjax.parallel import sharding, topology
 
 # tokens [N, in] x expert weights [E, out, in] (torch layout, contracted in place rather than transposed per call)
 TORCH_LAYOUT = jax.lax.RaggedDotDimensionNumbers(
@@ -48,8 +54,8 @@ class SparseMoeBlock(nnx.Module):
         param_dtype,
         rngs: nnx.Rngs,
     ):
-        if impl not in ("auto", "dense", "grouped"):
-            raise ValueError(f"moe_impl must be 'auto', 'dense' or 'grouped', not {impl!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"moe_impl must be one of {IMPLS}, not {impl!r}")
         self.gate = layers.Linear(
             hidden, num_experts, axes=(None, "embed"), bias=False, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs
         )
@@ -73,8 +79,11 @@ class SparseMoeBlock(nnx.Module):
         flat = x.reshape(b * t, d).astype(self.dtype)
         logits, weights, idx = self.route(flat)
         w1, w2, w3 = (getattr(self.experts, n).weight[...].astype(self.dtype) for n in ("w1", "w2", "w3"))
-        impl = "dense" if self.impl == "auto" else self.impl
-        out = (self._dense if impl == "dense" else self._grouped)(flat, weights, idx, w1, w2, w3)
+        impl = self.impl
+        if impl == "auto":
+            impl = "megablox" if topology.target().platform == "tpu" else "dense"
+        run = {"dense": self._dense, "grouped": self._grouped, "megablox": self._megablox}[impl]
+        out = run(flat, weights, idx, w1, w2, w3)
         return out.astype(x.dtype).reshape(b, t, d), logits
 
     def _dense(self, x, weights, idx, w1, w2, w3):
@@ -96,6 +105,68 @@ class SparseMoeBlock(nnx.Module):
         y = mm(self.act(mm(xs, w1)) * mm(xs, w3), w2)
         y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
         return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y)
+
+    def _megablox(self, x, weights, idx, w1, w2, w3):
+        interpret = topology.target().platform != "tpu"
+        local = partial(_megablox_local, act=self.act, interpret=interpret)
+        mesh = jax.sharding.get_abstract_mesh()
+        rows = sharding.traced_batch_axes(x.shape[0])
+        if not rows:
+            return local(x, weights, idx, w1, w2, w3, expert_axis=None)
+        ep = "expert" if "expert" in rows and w1.shape[0] % mesh.shape["expert"] == 0 else None
+        tokens, experts = PartitionSpec(rows), PartitionSpec(ep)
+        return jax.shard_map(
+            partial(local, expert_axis=ep),
+            in_specs=(tokens, tokens, tokens, experts, experts, experts),
+            out_specs=tokens,
+            check_vma=False,
+        )(x, weights, idx, w1, w2, w3)
+
+
+IMPLS = ("auto", "dense", "grouped", "megablox")
+GMM_TILE = 512  # rows, contraction and output columns per megablox tile (fewer where a dimension is smaller)
+
+
+def _megablox_local(x, weights, idx, w1, w2, w3, *, act, interpret, expert_axis):
+    """One device's share: its tokens ``x`` [T, D] (with routing ``weights``/``idx`` [T, k]) and its experts
+    ``w*`` [E_local, out, in]. With an ``expert_axis``, the tokens of the devices along it are gathered, each device
+    runs its own experts on the pairs routed to them, and the partial outputs are summed back to their devices."""
+    from jax.experimental.pallas.ops.tpu.megablox import ops  # noqa: PLC0415 (TPU kernels)
+
+    if expert_axis is not None:
+        x, weights, idx = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, weights, idx))
+    t, k = idx.shape
+    local_e = w1.shape[0]
+    first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * local_e
+    experts = idx.reshape(-1)
+    order = jnp.argsort(experts, stable=True)  # token-expert pairs, grouped by expert
+    token = order // k
+    total_e = local_e if expert_axis is None else local_e * jax.lax.axis_size(expert_axis)
+    sizes = jnp.bincount(experts, length=total_e).astype(jnp.int32)
+    m = t * k
+    tm = min(GMM_TILE, -(-m // 8) * 8)
+    rows = jnp.pad(x[token], ((0, -m % tm), (0, 0)))
+    offset = jnp.asarray(first, jnp.int32)
+
+    def mm(a, w):
+        tiles = (tm, _tile(a.shape[1]), _tile(w.shape[1]))
+        gmm = precision.default_for_bfloat16(
+            lambda a, w, sizes, offset: ops.gmm(a, w, sizes, a.dtype, tiles, offset, None, True, interpret)
+        )
+        return gmm(a, w, sizes, offset)
+
+    y = mm(act(mm(rows, w1)) * mm(rows, w3), w2)[:m]
+    mine = (experts[order] >= first) & (experts[order] < first + local_e)  # rows of other devices' experts
+    y = jnp.where(mine[:, None], y.astype(jnp.float32), 0.0) * weights.reshape(-1)[order][:, None]
+    out = jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y)
+    if expert_axis is not None:
+        out = jax.lax.psum_scatter(out, expert_axis, scatter_dimension=0, tiled=True)
+    return out
+
+
+def _tile(n: int) -> int:
+    """The largest tile up to GMM_TILE that divides ``n`` in 128s, else ``n`` whole (a small test dimension)."""
+    return next((s for s in (GMM_TILE, 256, 128) if n % s == 0), n)
 
 
 def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:

@@ -1,5 +1,5 @@
 """Building blocks shared by every model: parameters with logical axes, HF-layout linear layers, norms,
-attention, and the stack-and-scan machinery for repeated layers.
+stochastic depth, and the stack-and-scan machinery for repeated layers.
 
 Weights keep the PyTorch layout (Linear ``weight`` is ``[out, in]``, convolutions are ``OIHW``) so that a
 parameter's path and shape equal its Hugging Face key and shape; XLA folds the transposed contraction into
@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mgjax.parallel import sharding
 
@@ -201,7 +202,7 @@ class FeedForward(nnx.Module):
         self.act = activation(act)
 
     def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return named(self.fc2(named(self.act(self.fc1(x)), "mlp_hidden")), "mlp_out")
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -222,25 +223,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Attention
+# Stochastic depth
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None) -> jax.Array:
-    """Grouped-query attention with a float32 softmax.
-
-    q: [B, T, H, D]; k, v: [B, S, KVH, D] with H a multiple of KVH; mask: boolean, broadcastable to
-    [B, 1, T, S] (True = attend). Returns [B, T, H, D] in q's dtype.
-    """
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
 
 
 def drop_path(y: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
@@ -255,12 +239,35 @@ def drop_path(y: jax.Array, rate: jax.Array, key: jax.Array) -> jax.Array:
 # Repeated layers: built stacked along a leading "layers" axis, applied with lax.scan under a remat policy
 # ---------------------------------------------------------------------------------------------------------------
 
+# Activations the layers name (``checkpoint_name``), which a policy may keep rather than recompute in the backward:
+# attention's q/k/v (after rotary), its output (``context``, with a fused kernel's softmax statistics) and output
+# projection, and the MLP's hidden activation (the down projection's input) and output.
+ATTENTION_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj")
+MLP_NAMES = ("mlp_hidden", "mlp_out")
+
+_save = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # no rematerialisation: keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep each layer's input only
+    "save_qkv": _save(*ATTENTION_NAMES[:3]),
+    "save_qkv_context": _save(*ATTENTION_NAMES[:4]),  # the backward does not rerun attention
+    "save_dot_except_mlp": _save(*ATTENTION_NAMES),  # recompute the MLP only
+    "minimal": _save(*ATTENTION_NAMES, *MLP_NAMES),  # recompute norms, rotary and activations only
+    # the layers' inputs (all a "full" remat keeps) moved to the host's memory between forward and backward
+    "full_offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=("layer_input",),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def named(x: jax.Array, name: str) -> jax.Array:
+    """``x`` tagged for the remat policies (a no-op outside ``jax.checkpoint``)."""
+    return checkpoint_name(x, name)
 
 
 def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, axis: str = "layers") -> nnx.Module:
@@ -287,6 +294,7 @@ def scan(layers: nnx.Module, x, xs=None, *, remat: str = "none", unroll: int = 1
 
     def body(carry, inputs):
         layer_state, xi = inputs
+        carry = jax.tree.map(lambda c: named(c, "layer_input"), carry)
         carry, y = nnx.merge(graphdef, layer_state)(carry, xi, **shared)
         return _batch_split(carry), y
 
@@ -296,9 +304,9 @@ def scan(layers: nnx.Module, x, xs=None, *, remat: str = "none", unroll: int = 1
 
 
 def _batch_split(carry):
-    """The residual stream split over the batch at every layer boundary (as big_vision's act_batch constraint):
-    the layers' weights are gathered to the rows, never the rows to the weights."""
-    return jax.tree.map(sharding.constrain_batch, carry)
+    """The residual stream split over the batch at every layer boundary (big_vision's ("act_batch", "act_len",
+    "act_emb") constraint): the layers' weights are gathered to the rows, never the rows to the weights."""
+    return jax.tree.map(lambda c: sharding.constrain(c, ("act_batch", "act_len", "act_embed")), carry)
 
 
 def first_layers(layers: nnx.Module, n: int) -> nnx.Module:

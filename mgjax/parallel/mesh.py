@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec
 
-from mgjax.parallel.sharding import DEFAULT_RULES, ZERO3_AXES, batch_axes, targets
+from mgjax.parallel.sharding import DEFAULT_RULES, ZERO3_AXES, ZERO3_FLOOR, batch_axes, targets
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -96,7 +96,8 @@ def spec(
     fill: Sequence[str] = ZERO3_AXES,
 ) -> PartitionSpec:
     """The PartitionSpec of one parameter with logical ``axes`` on a mesh of axis sizes ``mesh``; the ``fill``
-    axes the rules left unused then split the largest dimension they divide (ZeRO-3: no parameter whole)."""
+    axes the rules left unused then split the largest dimension they divide (ZeRO-3), unless it has fewer than
+    ``ZERO3_FLOOR`` elements per layer."""
     table = dict(rules)
     used: set[str] = set()
     dims: list[list[str]] = [[] for _ in shape]
@@ -111,7 +112,9 @@ def spec(
     for i, name in enumerate(axes):
         for t in targets(table.get(name) if name is not None else None):
             take(i, t)
-    for t in fill:
+    # a stacked layer's share is what a scan step gathers: the floor applies to it
+    per_layer = prod(n for n, a in zip(shape, axes) if a != "layers")
+    for t in fill if per_layer >= ZERO3_FLOOR else ():
         for i in sorted(range(len(shape)), key=lambda i: -shape[i] // prod(mesh[c] for c in dims[i])):
             take(i, t)
     return PartitionSpec(*(None if not d else d[0] if len(d) == 1 else tuple(d) for d in dims))

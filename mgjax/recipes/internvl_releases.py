@@ -143,7 +143,7 @@ class Recipe:
     """One fine-tuning recipe of InternVL's scripts, named by the adaptation mode it trains (``adapt.MODES``).
     All of them: bf16, gradient checkpointing, AdamW (0.9, 0.999, 1e-8), cosine decay after a linear warmup.
     ``global_batch`` counts samples, or packed sequences of up to ``packed_tokens`` tokens where that is set;
-    ``loss_reduction`` weighs samples as ``optim.packed_next_token_loss`` does. The scripts' LoRA dropout (0.05)
+    ``loss_reduction`` weighs samples as ``mgjax.train.loss.next_token_loss`` does. The scripts' LoRA dropout (0.05)
     has no counterpart in ``mgjax.nn.lora``."""
 
     lr: float

@@ -32,7 +32,7 @@ from mgjax.eval import domain_eval, heldout
 from mgjax.inference.generate import stop_ids
 from mgjax.models import mgm_towers, mining
 from mgjax.models.internvl import InternVLChatModel
-from mgjax.nn import lora
+from mgjax.nn import attention, lora
 from mgjax.parallel import mesh as mesh_lib
 from mgjax.recipes import adapt
 from mgjax.train import flops, optim
@@ -105,7 +105,9 @@ class Family(Protocol):
 def _dtypes(m) -> dict:
     if m.compute_dtype not in DTYPES:
         raise cfg.ConfigError(f"model.compute_dtype must be one of {sorted(DTYPES)}, not {m.compute_dtype!r}")
-    return dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat)
+    if m.attention_impl not in attention.BACKENDS:
+        raise cfg.ConfigError(f"model.attention_impl must be one of {attention.BACKENDS}, not {m.attention_impl!r}")
+    return dict(dtype=DTYPES[m.compute_dtype], param_dtype=jnp.float32, remat=m.remat, attention_impl=m.attention_impl)
 
 
 def _held_out(c, default: Path | None) -> tuple[list | None, Path | None]:

@@ -130,7 +130,7 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
         trainable, frozen = family.trainable(c, model, mesh)
         opt = make_optimizer(model, trainable, c.optim, steps, frozen=frozen)
         mesh_lib.shard(opt, mesh)
-        step_fn = ShardedStep(model, opt, mesh, c.train.loss_weighting)
+        step_fn = ShardedStep(model, opt, mesh, c.train.loss_weighting, c.train.loss_chunk)
     except (ValueError, OSError) as e:
         raise SetupError(str(e)) from None
     # each process meets its own share of the data, so each reports its own bad samples

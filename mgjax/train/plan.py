@@ -49,6 +49,7 @@ FLOPs (``mgjax.train.flops``, global batch) over chips x peak x the assumed MFU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -64,11 +65,11 @@ from flax import nnx
 
 from mgjax import config as cfg
 from mgjax.cli import HelpFormatter
-from mgjax.nn import params
+from mgjax.nn import attention, params
 from mgjax.nn.layers import REMAT_POLICIES
 from mgjax.parallel import mesh
 from mgjax.parallel import topology as tpu_topology
-from mgjax.train import families, flops, optim
+from mgjax.train import families, flops, loss
 from mgjax.train.families import DTYPES
 from mgjax.train.run_config import RunConfig
 from mgjax.train.step import ShardedStep, batch_loss, make_optimizer, memory
@@ -148,8 +149,9 @@ def check(c: RunConfig, global_batch: int, seq_len: int) -> None:
     for key, value, known in (
         ("train.stage", c.train.stage, family.stages),
         ("model.remat", c.model.remat, REMAT_POLICIES),
+        ("model.attention_impl", c.model.attention_impl, attention.BACKENDS),
         ("model.compute_dtype", c.model.compute_dtype, DTYPES),
-        ("train.loss_weighting", c.train.loss_weighting, optim.LOSS_WEIGHTS),
+        ("train.loss_weighting", c.train.loss_weighting, loss.LOSS_WEIGHTS),
     ):
         if value not in known:
             raise PlanError(f"{key} must be one of {sorted(known)}, not {value!r}")
@@ -217,7 +219,7 @@ def residuals(c: RunConfig, config, *, batch: int, seq_len: int) -> list[jax.Sha
     graphdef, trained, rest = nnx.split(model, trainable_filter(c), ...)
 
     def loss(p, frozen, inputs):
-        return batch_loss(nnx.merge(graphdef, p, frozen), inputs, c.train.loss_weighting)[0]
+        return batch_loss(nnx.merge(graphdef, p, frozen), inputs, c.train.loss_weighting, c.train.loss_chunk)[0]
 
     kept = jax.eval_shape(
         lambda p, frozen, inputs: jax.vjp(lambda q: loss(q, frozen, inputs), p)[1],
@@ -243,6 +245,7 @@ def activations(c: RunConfig, config, *, batch: int, micro: int, seq_len: int, t
     rows of the model of ``config``, trained as ``c`` says; ``batch``: the local batch, every micro-batch, as the
     loader hands it over."""
     llm, remat = _tensor_shard(config.llm, tensor), c.model.remat
+    chunk = min(c.train.loss_chunk or loss.auto_chunk(micro, llm.vocab_size), seq_len)
 
     @functools.cache
     def traced(layers: int, policy: str) -> list[jax.ShapeDtypeStruct]:
@@ -256,17 +259,15 @@ def activations(c: RunConfig, config, *, batch: int, micro: int, seq_len: int, t
     def per_layer(policy: str, upcasts: bool = False) -> int:  # residuals grow linearly with depth
         return kept(2, policy, upcasts) - kept(1, policy, upcasts)
 
-    # The rest (towers, projectors, logits) from a trace under full remat: without remat a one-layer model also
+    # The rest (towers, projectors) from a trace under full remat: without remat a one-layer model also
     # keeps the attention's mask and fill value broadcast to the scores' shape, which XLA never materialises.
     rest = kept(1, "full") - per_layer("full")
     recomputed = per_layer("none", upcasts=True) - per_layer(remat, upcasts=True)
     return {
         "kept_for_backward": rest + llm.num_hidden_layers * per_layer(remat),
         "recomputed_layer": 0 if remat == "none" else recomputed,
-        # float32, it is written over the kept log-softmax; its cast for the head's matmuls is new
-        "logits_gradient": micro * seq_len * llm.vocab_size * jnp.dtype(llm.dtype).itemsize
-        if traced(1, remat)
-        else 0,  # or no backward
+        # the loss's backward recomputes one chunk's float32 logits at a time, and their gradient
+        "logits_gradient": 2 * micro * chunk * llm.vocab_size * F32 if traced(1, remat) else 0,  # or no backward
         "inputs": _nbytes(families.family(c.model.family).input_shapes(c, config, batch, seq_len)),
     }
 
@@ -301,7 +302,7 @@ def compiled(c: RunConfig, mesh_config: mesh.MeshConfig, *, global_batch: int, s
         for k, v in family.input_shapes(c, config, rows, seq_len).items()
     }
     try:
-        return memory(ShardedStep(model, opt, m, c.train.loss_weighting).compile(model, opt, batch))
+        return memory(ShardedStep(model, opt, m, c.train.loss_weighting, c.train.loss_chunk).compile(model, opt, batch))
     except jax.errors.JaxRuntimeError as e:
         message = str(e).strip().splitlines()[0]
         if "RESOURCE_EXHAUSTED" not in message:
@@ -321,6 +322,17 @@ def _local_batch(global_batch: int, micro_batches: int, sizes: dict[str, int]) -
             "train.micro_batches or the mesh"
         )
     return global_batch // shards
+
+
+def _traced_for(topo):
+    """The estimate traces the program the chips would run: on a TPU slice, its kernels (splash attention, mining)
+    and their residuals; elsewhere, this process's choices (cuDNN cannot be traced without a GPU)."""
+    if topo.tpu_slice is None:
+        return contextlib.nullcontext()
+    try:
+        return tpu_topology.compiling_for(tpu_topology.devices(topo.tpu_slice)[0])
+    except RuntimeError:  # no libtpu: the reference paths
+        return contextlib.nullcontext()
 
 
 def report(
@@ -358,14 +370,15 @@ def report(
     trainable = trainable_filter(c)
     placed = mesh.placement(model, sizes)
     weights = float32_bytes(model, trainable, sizes)
-    acts = activations(
-        c,
-        model.config,
-        batch=local,
-        micro=local // c.train.micro_batches,
-        seq_len=seq_len,
-        tensor=sizes["tensor"],
-    )
+    with _traced_for(topo):
+        acts = activations(
+            c,
+            model.config,
+            batch=local,
+            micro=local // c.train.micro_batches,
+            seq_len=seq_len,
+            tensor=sizes["tensor"],
+        )
     memory = {
         "parameters": placed.per_device_bytes,
         "gradients": weights * (2 if c.train.micro_batches > 1 else 1),

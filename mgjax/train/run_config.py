@@ -45,6 +45,13 @@ class ModelSection:
         metadata={"help": "float32 | bfloat16: the compute dtype; parameters and optimizer state stay float32"},
     )
     remat: str = field(default="none", metadata={"help": "remat policy of the scanned layers (layers.REMAT_POLICIES)"})
+    attention_impl: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | xla | splash | cudnn: the attention backend of every model (auto: splash on TPUs, cuDNN on "
+            "GPUs, xla on CPUs; where one cannot serve a call, xla, with the reason printed)"
+        },
+    )
     mining_backend: str = field(
         default="auto",
         metadata={
@@ -125,6 +132,13 @@ class TrainSection:
         metadata={
             "help": "token | sample | square: each sample's target tokens weigh 1, 1/n or 1/sqrt(n) (InternVL's "
             "loss_reduction)"
+        },
+    )
+    loss_chunk: int = field(
+        default=0,
+        metadata={
+            "help": "positions per chunk of the LM head and loss (logits recomputed in the backward); 0: the largest "
+            "power of two whose float32 logits stay under 256 MiB per device"
         },
     )
     freeze: tuple[str, ...] = field(

@@ -18,7 +18,8 @@ from flax import nnx
 from mgjax.nn.params import trainable
 from mgjax.parallel import topology
 from mgjax.parallel.mesh import shardings
-from mgjax.train.optim import LOSS_WEIGHTS, OptimConfig, adamw, masked_next_token_loss, packed_next_token_loss
+from mgjax.train.loss import LOSS_WEIGHTS, chunked_next_token_loss
+from mgjax.train.optim import OptimConfig, adamw
 
 
 def make_optimizer(
@@ -28,26 +29,27 @@ def make_optimizer(
     return nnx.Optimizer(model, adamw(config, total_steps), wrt=trainable(patterns, frozen))
 
 
-def batch_loss(model, batch: dict[str, Any], weighting: str):
-    """Summed loss and summed weights; ``weighting`` other than ``token`` weighs each sample's tokens by its size
-    (``packed_next_token_loss``), a row being one sample unless the batch carries ``segment_ids`` (packed rows)."""
+def batch_loss(model, batch: dict[str, Any], weighting: str, chunk: int = 0):
+    """Summed loss and summed weights (``mgjax.train.loss``): the LM head applied ``chunk`` positions at a time
+    (0: automatic), a row being one sample unless the batch carries ``segment_ids`` (packed rows)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits, _ = model(**inputs)
-    if weighting == "token" and "segment_ids" not in batch:
-        return masked_next_token_loss(logits, batch["labels"])
-    segments = batch.get("segment_ids", jnp.ones_like(batch["labels"]))
-    return packed_next_token_loss(logits, batch["labels"], segments, weighting)
+    hidden, _ = model(**inputs, logits=False)
+    return chunked_next_token_loss(
+        hidden, model.head, batch["labels"], batch.get("segment_ids"), weighting=weighting, chunk=chunk
+    )
 
 
 def _update(
-    model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any], weighting: str = "token"
+    model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any], weighting: str = "token", chunk: int = 0
 ) -> dict[str, jax.Array]:
     """``batch``: the model's keyword inputs plus ``labels``, each with a leading micro-batch axis [A, B, ...].
     Returns the (weighted) mean loss over target tokens, the total weight (the token count when ``weighting`` is
     ``token``) and the gradient norm."""
     # Functional inside the scan: nnx modules may not be closed over by a raw JAX transform.
     graphdef, params, rest = nnx.split(model, optimizer.wrt, ...)
-    grad_fn = jax.value_and_grad(lambda p, mb: batch_loss(nnx.merge(graphdef, p, rest), mb, weighting), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb: batch_loss(nnx.merge(graphdef, p, rest), mb, weighting, chunk), has_aux=True
+    )
 
     def micro(carry, mb):
         grads, loss, count = carry
@@ -62,18 +64,25 @@ def _update(
     return {"loss": loss / jnp.maximum(count, 1), "tokens": count, "grad_norm": norm}
 
 
-train_step = nnx.jit(_update, donate_argnums=(0, 1), static_argnames="weighting")
+train_step = nnx.jit(_update, donate_argnums=(0, 1), static_argnames=("weighting", "chunk"))
 
 
 class ShardedStep:
     """``train_step`` on ``mesh``: call it as ``step(model, optimizer, batch)`` with the state placed by
     ``mgjax.parallel.mesh`` and the batch by ``mesh.global_batch``."""
 
-    def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, mesh: jax.sharding.Mesh, weighting: str = "token"):
+    def __init__(
+        self,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer,
+        mesh: jax.sharding.Mesh,
+        weighting: str = "token",
+        chunk: int = 0,
+    ):
         if weighting not in LOSS_WEIGHTS:
             raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTS}, not {weighting!r}")
         self.graphdef, _ = nnx.split((model, optimizer))
-        self.mesh, self.weighting = mesh, weighting
+        self.mesh, self.weighting, self.chunk = mesh, weighting, chunk
         self.state_shardings = shardings((model, optimizer), mesh)
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._jit = jax.jit(self._pure, out_shardings=(self.state_shardings, replicated), donate_argnums=0)
@@ -81,7 +90,7 @@ class ShardedStep:
 
     def _pure(self, state, batch):
         model, optimizer = nnx.merge(self.graphdef, state)
-        metrics = _update(model, optimizer, batch, self.weighting)
+        metrics = _update(model, optimizer, batch, self.weighting, self.chunk)
         return nnx.state((model, optimizer)), metrics
 
     def compile(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, Any]):
