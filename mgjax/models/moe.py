@@ -14,6 +14,7 @@ outputs. ``auto`` takes megablox when compiling for a TPU and dense elsewhere, b
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,16 +96,10 @@ class SparseMoeBlock(nnx.Module):
         return jnp.einsum("ted,te->td", y.astype(jnp.float32), combine)
 
     def _grouped(self, x, weights, idx, w1, w2, w3):
-        t, k = idx.shape
-        experts = idx.reshape(-1)
-        order = jnp.argsort(experts, stable=True)  # token-expert pairs, grouped by expert
-        token = order // k
-        sizes = jnp.bincount(experts, length=w1.shape[0]).astype(jnp.int32)
-        xs = x[token]
-        mm = lambda a, w: jax.lax.ragged_dot_general(a, w, sizes, TORCH_LAYOUT)  # noqa: E731
-        y = mm(self.act(mm(xs, w1)) * mm(xs, w3), w2)
-        y = y.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y)
+        pairs = Pairs.sort(idx, w1.shape[0])
+        xs = x[pairs.token]
+        mm = lambda a, w: jax.lax.ragged_dot_general(a, w, pairs.sizes, TORCH_LAYOUT)  # noqa: E731
+        return pairs.combine(mm(self.act(mm(xs, w1)) * mm(xs, w3), w2), weights)
 
     def _megablox(self, x, weights, idx, w1, w2, w3):
         interpret = topology.target().platform != "tpu"
@@ -124,6 +119,29 @@ class SparseMoeBlock(nnx.Module):
 
 
 IMPLS = ("auto", "dense", "grouped", "megablox")
+
+
+class Pairs(NamedTuple):
+    """The token-expert pairs of top-k routing sorted by expert, as the grouped dispatches run them."""
+
+    order: jax.Array  # [T * k] the pairs' flat (token, slot) indices, grouped by expert
+    token: jax.Array  # [T * k] each sorted pair's token
+    expert: jax.Array  # [T * k] each sorted pair's expert
+    sizes: jax.Array  # [E] int32 pairs per expert
+
+    @classmethod
+    def sort(cls, idx: jax.Array, num_experts: int) -> "Pairs":
+        experts = idx.reshape(-1)
+        order = jnp.argsort(experts, stable=True)
+        sizes = jnp.bincount(experts, length=num_experts).astype(jnp.int32)
+        return cls(order, order // idx.shape[1], experts[order], sizes)
+
+    def combine(self, y: jax.Array, weights: jax.Array) -> jax.Array:
+        """The sorted pairs' outputs ``y`` weighted by their routing ``weights`` [T, k], summed per token (float32)."""
+        y = y.astype(jnp.float32) * weights.reshape(-1)[self.order][:, None]
+        return jnp.zeros((weights.shape[0], y.shape[1]), jnp.float32).at[self.token].add(y)
+
+
 GMM_TILE = 512  # rows, contraction and output columns per megablox tile (fewer where a dimension is smaller)
 
 
@@ -135,17 +153,13 @@ def _megablox_local(x, weights, idx, w1, w2, w3, *, act, interpret, expert_axis)
 
     if expert_axis is not None:
         x, weights, idx = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (x, weights, idx))
-    t, k = idx.shape
     local_e = w1.shape[0]
     first = 0 if expert_axis is None else jax.lax.axis_index(expert_axis) * local_e
-    experts = idx.reshape(-1)
-    order = jnp.argsort(experts, stable=True)  # token-expert pairs, grouped by expert
-    token = order // k
     total_e = local_e if expert_axis is None else local_e * jax.lax.axis_size(expert_axis)
-    sizes = jnp.bincount(experts, length=total_e).astype(jnp.int32)
-    m = t * k
+    pairs = Pairs.sort(idx, total_e)
+    m = pairs.token.shape[0]
     tm = min(GMM_TILE, -(-m // 8) * 8)
-    rows = jnp.pad(x[token], ((0, -m % tm), (0, 0)))
+    rows = jnp.pad(x[pairs.token], ((0, -m % tm), (0, 0)))
     offset = jnp.asarray(first, jnp.int32)
 
     def mm(a, w):
@@ -153,12 +167,11 @@ def _megablox_local(x, weights, idx, w1, w2, w3, *, act, interpret, expert_axis)
         gmm = precision.default_for_bfloat16(
             lambda a, w, sizes, offset: ops.gmm(a, w, sizes, a.dtype, tiles, offset, None, True, interpret)
         )
-        return gmm(a, w, sizes, offset)
+        return gmm(a, w, pairs.sizes, offset)
 
     y = mm(act(mm(rows, w1)) * mm(rows, w3), w2)[:m]
-    mine = (experts[order] >= first) & (experts[order] < first + local_e)  # rows of other devices' experts
-    y = jnp.where(mine[:, None], y.astype(jnp.float32), 0.0) * weights.reshape(-1)[order][:, None]
-    out = jnp.zeros((t, x.shape[1]), jnp.float32).at[token].add(y)
+    mine = (pairs.expert >= first) & (pairs.expert < first + local_e)  # rows of other devices' experts: unset
+    out = pairs.combine(jnp.where(mine[:, None], y, 0), weights)
     if expert_axis is not None:
         out = jax.lax.psum_scatter(out, expert_axis, scatter_dimension=0, tiled=True)
     return out

@@ -196,7 +196,7 @@ def _splash_local(q, k, v, ids, *, causal: bool, window: int | None, interpret: 
 
     h, t = q.shape[1], q.shape[2]
     if window is not None:
-        one = masks.LocalMask((t, t), window_size=(window - 1, 0 if causal else window - 1), offset=0)
+        one = masks.LocalMask((t, t), window_size=(window - 1, 0 if causal else None), offset=0)  # as Mask.dense
     elif causal:
         one = masks.CausalMask((t, t))
     else:

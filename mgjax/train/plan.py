@@ -35,8 +35,8 @@ placement from the logical axes; the device holding the most is reported):
     and, under remat, the layer being recomputed (what a layer keeps without remat beyond what the policy kept);
   - the inputs: the local batch, every micro-batch, as the loader hands it over.
   Tensor parallelism is planned Megatron-style: a device traces the LLM with its share of the heads, the MLP and
-  the vocabulary; h-wide values stay whole (no sequence parallelism). Expert parallelism is not reflected; MoE
-  dispatch is the configured one (``moe_impl: auto`` is dense everywhere, ``mgjax.models.moe``).
+  the vocabulary; h-wide values stay whole (no sequence parallelism). Expert parallelism is not reflected. On a TPU
+  slice the trace follows the kernels a TPU runs (splash attention, megablox MoE dispatch, mining's kernel).
 * packing: XLA places every buffer in one arena at an offset and leaves gaps where a buffer outlives those placed
   below it, so its peak is more than the live bytes (MGM-2B with one LLM layer on v5p-8: 25.0 GiB live at the
   peak, a 33.4 GiB arena). ``PACKING`` of everything above, measured against the TPU compiler's peaks
