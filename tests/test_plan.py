@@ -147,6 +147,8 @@ def test_mgm_7b_stage2_on_8xh100_text_and_json(capsys):
         (("--topology", "8xH100", "--mfu", "1.5"), r"--mfu must be in \(0, 1\]"),
         (("--topology", "8xH100", "--batch", "0"), r"the global batch must be positive, not 0"),
         (("--topology", "8xH100", "--set", "train.freeze=['(']"), r"train\.freeze: '\(' is not a regex"),
+        (("--topology", "8xH100", "--set", "train.loss_chunk=-1"), r"train\.loss_chunk must be 0 \(automatic\)"),
+        (("--topology", "8xH100", "--set", "model.attention_impl=flash"), r"model\.attention_impl must be one of"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(capsys, args, message):

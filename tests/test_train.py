@@ -149,6 +149,8 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert "model.mining_backend must be one of" in capsys.readouterr().err
     assert cli.main(["--config", DEMO, "--set", "train.freeze=['vision_tower(']"]) == 2
     assert "train.freeze: 'vision_tower(' is not a regex" in capsys.readouterr().err
+    assert cli.main(["--config", DEMO, "--set", "train.loss_chunk=-8", "--check"]) == 2
+    assert "train.loss_chunk must be 0 (automatic) or a count of positions, not -8" in capsys.readouterr().err
     missing = tmp_path / "nowhere.json"
     assert cli.main(["--config", DEMO, "--set", f"data.path={missing}", "--set", f"train.out_dir={tmp_path}"]) == 2
     assert "nowhere.json" in capsys.readouterr().err

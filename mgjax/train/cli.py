@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                 re.compile(pattern)
             except re.error as e:
                 raise cfg.ConfigError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
+        if c.train.loss_chunk < 0:
+            raise cfg.ConfigError(
+                f"train.loss_chunk must be 0 (automatic) or a count of positions, not {c.train.loss_chunk}"
+            )
         if args.check:
             print(f"{args.config or 'defaults'}: a valid {c.model.family} run config (stage {c.train.stage})")
             return 0

@@ -162,6 +162,8 @@ def check(c: RunConfig, global_batch: int, seq_len: int) -> None:
     ):
         if value < 1:
             raise PlanError(f"{key} must be positive, not {value}")
+    if c.train.loss_chunk < 0:
+        raise PlanError(f"train.loss_chunk must be 0 (automatic) or a count of positions, not {c.train.loss_chunk}")
     for pattern in c.train.freeze:
         try:
             re.compile(pattern)
