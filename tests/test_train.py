@@ -15,6 +15,7 @@ from flax import nnx
 
 import mgjax
 from mgjax import config as cfg
+from mgjax.data import convert
 from mgjax.demo import mgm_task
 from mgjax.train import cli
 from mgjax.train.run_config import RunConfig
@@ -208,3 +209,14 @@ def test_every_kind_of_bad_sample_is_reported_and_training_goes_on(tmp_path):
     for name, (_, reason) in bad.items():
         assert any(s.startswith(f"{name}: ") for s in report[reason]), (name, report)
     assert any("data.jsonl:15" in s for s in report["unreadable JSON line"])
+    # the same file as ArrayRecord shards (python -m mgjax.data.convert): the same losses and the same report
+    assert convert.main(["--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "shards")]) == 0
+    sharded = tmp_path / "run_shards"
+    assert (
+        _run(sharded, "--set", f"data.path={tmp_path / 'shards'}", "--set", "data.max_bad_fraction=0.5", steps=4) == 0
+    )
+    assert [x["loss"] for x in _metrics(sharded)] == [x["loss"] for x in _metrics(out)]
+    assert (
+        json.loads((sharded / "bad_samples.json").read_text())["by_reason"]
+        == json.loads((out / "bad_samples.json").read_text())["by_reason"]
+    )

@@ -14,7 +14,8 @@ padded lengths that holds its longest row (a handful of compiled shapes instead 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
@@ -27,13 +28,33 @@ from mgjax.data.samples import BadSamples, Safe, tally
 SEQUENCE_KEYS = ("input_ids", "labels", "attention_mask", "segment_ids")
 
 
-def record_length(record: Any, image_tokens: int) -> int:
-    """MGM's sampler length: whitespace words of the conversation (plus the image's tokens), negative for a
-    text-only record so the two modalities group apart."""
+def words_and_image(record: Any) -> tuple[int, bool | None]:
+    """What MGM's sampler length is made of: the conversation's whitespace words, and whether the record has an
+    image (``None``: not a record at all)."""
     if not isinstance(record, dict):
-        return 1  # an unreadable record: it is skipped when built, wherever it lands
+        return 1, None
     words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations") or [] if isinstance(t, dict))
-    return words + image_tokens if record.get("image") is not None else -max(words, 1)
+    return words, record.get("image") is not None
+
+
+def length(words: int, image: bool | None, image_tokens: int) -> int:
+    """MGM's sampler length: the words (plus the image's tokens), negative for a text-only record so the two
+    modalities group apart; 1 for what is not a record (it is skipped when built, wherever it lands)."""
+    if image is None:
+        return 1
+    return words + image_tokens if image else -max(words, 1)
+
+
+def record_length(record: Any, image_tokens: int) -> int:
+    return length(*words_and_image(record), image_tokens)
+
+
+def lengths(records: Sequence[Any], image_tokens: int) -> list[int]:
+    """``record_length`` of every record; from what a lazy sequence knows without reading them (its
+    ``lengths``) where it has that."""
+    if hasattr(records, "lengths"):
+        return records.lengths(image_tokens)
+    return [record_length(r, image_tokens) for r in records]
 
 
 def grouped_order(lengths: Sequence[int], batch: int, rng: np.random.Generator, megabatch: int = 8) -> np.ndarray:
@@ -61,6 +82,17 @@ def bucket(length: int, max_length: int, buckets: int) -> int:
     return min(max_length, -(-max(length, 1) // step) * step)
 
 
+class Lookup:
+    """Record ``i`` of ``records``, read where the sample is built (in a loader worker, with workers): a shard
+    dataset (``data.shards``) is read lazily, a list is what it was."""
+
+    def __init__(self, records: Sequence[Any]):
+        self.records = records
+
+    def __call__(self, i) -> Any:
+        return self.records[int(i)]
+
+
 class Batches:
     def __init__(
         self,
@@ -79,7 +111,8 @@ class Batches:
         buckets: int = 1,
         pack: dict | None = None,
     ):
-        """``batch``: this host's examples per step (global batch / process_count), split into
+        """``records``: any sequence (a list, a ``shards.Shards``, a ``meta.Mixture``), read only as batches need
+        them. ``batch``: this host's examples per step (global batch / process_count), split into
         ``micro_batches`` for accumulation. Records are shuffled with ``seed`` (a fresh order each epoch), or
         grouped by ``lengths`` (``record_length``) when given; host ``process_index`` takes its contiguous share
         of every global batch; each epoch's order ends on a whole global batch (the records past it wait for
@@ -88,7 +121,7 @@ class Batches:
         (a batch is then ``batch`` packed rows)."""
         if batch % micro_batches:
             raise ValueError(f"a batch of {batch} does not split into {micro_batches} micro-batches")
-        records = list(records)
+        records = records if isinstance(records, Sequence) else list(records)
         rng, whole = np.random.default_rng(seed), batch * process_count
         # no batch straddles two epochs' groupings
         order = np.concatenate(
@@ -102,7 +135,7 @@ class Batches:
             ]
         )
         mine = order.reshape(-1, process_count, batch)[:, process_index]
-        self._records = [records[i] for i in mine.reshape(-1)]
+        self._records, self._order = records, mine.reshape(-1)
         self._make, self._workers = make, workers
         self.batch, self.micro, self.buckets, self.pack = batch, micro_batches, buckets, pack
         self.process_index, self.process_count = process_index, process_count
@@ -111,7 +144,8 @@ class Batches:
         self.served = 0
 
     def _start(self, offset: int) -> None:
-        it = grain.MapDataset.source(self._records[offset:]).map(Safe(self._make)).to_iter_dataset()
+        it = grain.MapDataset.source(self._order[offset:]).map(Lookup(self._records)).map(Safe(self._make))
+        it = it.to_iter_dataset()
         if self._workers:
             if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app, use defaults
                 flags.FLAGS.mark_as_parsed()

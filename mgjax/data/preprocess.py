@@ -14,7 +14,9 @@ PIL image and makes it RGB as both codebases do (``rgb``), with one deliberate d
 
 from __future__ import annotations
 
+import io
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -55,10 +57,24 @@ def rgb(img: Image.Image, *, exif_transpose: bool = False, where: str = "image")
         raise ImageError(f"{where}: PIL image mode {img.mode!r} has no RGB conversion ({e})") from None
 
 
-def load_image(path: str | os.PathLike, *, exif_transpose: bool = False) -> Image.Image:
-    """Open an image as RGB (``rgb``), or raise ``ImageError`` naming the file."""
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes carried inside a record (``data.shards``), under the path it was read from."""
+
+    name: str
+    data: bytes
+
+    def __repr__(self) -> str:  # reports name the image, not its bytes
+        return f"EncodedImage({self.name!r}, {len(self.data)} bytes)"
+
+
+def load_image(path: str | os.PathLike | EncodedImage, *, exif_transpose: bool = False) -> Image.Image:
+    """Open an image file (or an ``EncodedImage``'s bytes) as RGB (``rgb``), or raise ``ImageError`` naming it."""
+    source = io.BytesIO(path.data) if isinstance(path, EncodedImage) else path
+    if isinstance(path, EncodedImage):
+        path = path.name
     try:
-        with Image.open(path) as img:  # a copy: the opened image dies with its file
+        with Image.open(source) as img:  # a copy: the opened image dies with its file
             return rgb(img, exif_transpose=exif_transpose, where=str(path)).copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         if isinstance(e, ImageError):

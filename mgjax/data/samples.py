@@ -116,10 +116,10 @@ class MGMSamples:
         name = record.get("image")
         if name is None:
             return None
-        if not isinstance(name, str):
+        if not isinstance(name, (str, preprocess.EncodedImage)):
             raise BadSample(sample, "unsupported image field", f"{name!r} (one image path per sample)")
         try:
-            return preprocess.load_image(Path(self.image_folder) / name, exif_transpose=self.exif_transpose)
+            return preprocess.load_image(located(self.image_folder, name), exif_transpose=self.exif_transpose)
         except preprocess.ImageError as e:
             raise BadSample(sample, "missing or corrupt image", str(e)) from None
 
@@ -190,12 +190,12 @@ class InternVLSamples:
 
     def _images(self, record, sample: str) -> list:
         names = record.get("image")
-        names = [] if names is None else [names] if isinstance(names, str) else names
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        names = [] if names is None else names if isinstance(names, list) else [names]
+        if not all(isinstance(n, (str, preprocess.EncodedImage)) for n in names):
             raise BadSample(sample, "unsupported image field", f"{record.get('image')!r}")
         try:
             return [
-                preprocess.load_image(Path(self.image_folder) / n, exif_transpose=self.exif_transpose) for n in names
+                preprocess.load_image(located(self.image_folder, n), exif_transpose=self.exif_transpose) for n in names
             ]
         except preprocess.ImageError as e:
             raise BadSample(sample, "missing or corrupt image", str(e)) from None
@@ -285,6 +285,11 @@ def mgm_pixels(config: MGMConfig, image, *, pad: bool = True) -> tuple[np.ndarra
         image_size=config.vision.image_size,
         pad=pad,
     )
+
+
+def located(folder: str, image: str | preprocess.EncodedImage) -> Path | preprocess.EncodedImage:
+    """A record's image: its path under ``folder``, or the bytes a shard carried (``data.shards``)."""
+    return image if isinstance(image, preprocess.EncodedImage) else Path(folder) / image
 
 
 class Safe:

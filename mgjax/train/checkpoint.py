@@ -12,13 +12,16 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from mgjax.train import run_dir
 
 
 class Checkpoints:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, asynchronous: bool = True):
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            epath.Path(directory) if run_dir.is_uri(directory) else os.path.abspath(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous),
         )
 

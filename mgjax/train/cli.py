@@ -23,10 +23,11 @@ from mgjax import config as cfg
 from mgjax.cli import HelpFormatter
 from mgjax.demo import mgm_task
 from mgjax.parallel import distributed
-from mgjax.train import families
+from mgjax.train import families, run_dir
 from mgjax.train.loop import SetupError, print_accuracy, run
 from mgjax.train.metrics import loss_plot, losses
 from mgjax.train.run_config import RunConfig
+from mgjax.train.run_dir import RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise cfg.ConfigError("eval.compare_lr_only compares MGM with and without mining (model.family mgm)")
             data, held_out = c.data, c.eval
             if c.model.init == "demo" and not c.data.path:  # the synthetic set the first run writes, not a copy
-                root = Path(c.train.out_dir) / "data"
+                root = RunDir(c.train.out_dir, c.train.local_dir).local / "data"
                 data = dataclasses.replace(c.data, path=str(root / mgm_task.TRAIN_FILE))
                 held_out = dataclasses.replace(c.eval, path=c.eval.path or str(root / mgm_task.EVAL_FILE))
             runs["lr_only"] = dataclasses.replace(
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 model=dataclasses.replace(c.model, mining=False),
                 data=data,
                 eval=held_out,
-                train=dataclasses.replace(c.train, out_dir=str(Path(c.train.out_dir) / "lr_only")),
+                train=dataclasses.replace(
+                    c.train,
+                    out_dir=run_dir.join(c.train.out_dir, "lr_only"),
+                    local_dir=c.train.local_dir and str(Path(c.train.local_dir) / "lr_only"),
+                ),
             )
         results = {}
         for name, run_config in runs.items():
@@ -106,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _comparison_plot(c, runs: dict) -> None:
     """The runs' losses in one plot, ``comparison.png`` in the first run's directory."""
-    curves = {name: losses(Path(r.train.out_dir) / "metrics.jsonl") for name, r in runs.items()}
+    where = {name: RunDir(r.train.out_dir, r.train.local_dir) for name, r in runs.items()}
+    curves = {name: losses(w.local / "metrics.jsonl") for name, w in where.items()}
     if all(curves.values()):
-        path = Path(c.train.out_dir) / "comparison.png"
+        path = where[next(iter(runs))].local / "comparison.png"
         loss_plot(path, curves, f"{' vs '.join(runs)}: training loss")
         print(f"loss curves side by side: {path}")
+        where[next(iter(runs))].push()

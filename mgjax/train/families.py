@@ -16,8 +16,9 @@ import dataclasses
 import json
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,7 @@ from flax import nnx
 
 import mgjax
 from mgjax import config as cfg
-from mgjax.data import meta, samples
-from mgjax.data.loader import record_length
+from mgjax.data import loader, meta, samples, shards
 from mgjax.demo import grounding_task, mgm_task
 from mgjax.eval import domain_eval, heldout
 from mgjax.inference.generate import stop_ids
@@ -47,7 +47,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class Data:
     """Training records and how each becomes a sample; held-out records (None: no evaluation) and their maker."""
 
-    records: list
+    records: Sequence
     make: Callable[[dict], dict]
     eval_records: list | None
     eval_make: Any
@@ -237,8 +237,8 @@ class MGM:
             pad_id=tok.pad_token_id or 0,
             exif_transpose=d.exif_transpose,
         )
-        records = list(samples.read_records(d.path))
-        lengths = [record_length(r, model.config.tokens_per_image) for r in records] if d.group_by_length else None
+        records = read_records(d.path)
+        lengths = loader.lengths(records, model.config.tokens_per_image) if d.group_by_length else None
         eval_records, _ = _held_out(c, held_out)
         return Data(
             records, make, eval_records, dataclasses.replace(make, image_folder=c.eval.image_folder or images), lengths
@@ -349,16 +349,13 @@ class InternVL:
         if d.meta:
             records, images = _meta_records(d), ""  # image paths joined to their source's root
         elif d.path:
-            records, images = list(samples.read_records(d.path)), d.image_folder or str(Path(d.path).parent)
+            records, images = read_records(d.path), d.image_folder or str(Path(d.path).parent)
         else:
             raise cfg.ConfigError("an InternVL run needs data.meta (an InternVL meta file) or data.path (JSONL)")
         eval_records, eval_path = _held_out(c, held_out)
         eval_images = c.eval.image_folder or (str(eval_path.parent) if eval_path else "")
-        lengths = (
-            [record_length(r, model.config.tokens_per_tile * (d.max_dynamic_patch + 1)) for r in records]
-            if d.group_by_length
-            else None
-        )
+        tile_tokens = model.config.tokens_per_tile * (d.max_dynamic_patch + 1)
+        lengths = loader.lengths(records, tile_tokens) if d.group_by_length else None
         return Data(
             records,
             self._make(c, model, tok, images),
@@ -454,8 +451,18 @@ def _meta_records(d) -> list[dict]:
     if d.general_ratio and not general:
         raise cfg.ConfigError(f"data.general_ratio {d.general_ratio} needs data.general_meta")
     for source in (*domain, *general):
-        source.records = [meta.rooted(r, source.root) for r in source.records]
+        source.records = meta.Picked(source.records, range(len(source.records)), partial(meta.rooted, root=source.root))
     return meta.mix(domain, general, d.general_ratio, seed=d.seed)
+
+
+def read_records(path: str) -> Sequence:
+    """``data.path``'s records: a shard dataset's folder (``python -m mgjax.data.convert``), read as batches need
+    them, or a LLaVA JSON / JSONL file."""
+    if shards.is_dataset(path):
+        return shards.Shards(path)
+    if Path(path).is_dir():
+        raise cfg.ConfigError(f"data.path {path} is a folder without {shards.MANIFEST}: not a shard dataset")
+    return list(samples.read_records(path))
 
 
 def _kind(record: dict) -> tuple[str, str]:

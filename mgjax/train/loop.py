@@ -18,10 +18,11 @@ from mgjax import config as cfg
 from mgjax.data import loader, samples
 from mgjax.nn import params
 from mgjax.parallel import mesh as mesh_lib
-from mgjax.train import families, flops, optim
+from mgjax.train import families, flops, optim, run_dir
 from mgjax.train.checkpoint import Checkpoints
 from mgjax.train.metrics import JsonlSink, Metrics, ProgressSink, TensorBoardSink, Throughput, loss_plot, losses
 from mgjax.train.run_config import RunConfig
+from mgjax.train.run_dir import RunDir
 from mgjax.train.step import ShardedStep, make_optimizer, memory
 
 
@@ -89,7 +90,10 @@ def print_accuracy(title: str, results: dict[str, dict[str, dict]]) -> None:
 # ------------------------------------------------------------------------------------------------------------ run
 def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     """One training run; returns its held-out evaluations (``start`` with ``eval.at_start``, ``end``), or none."""
-    out = Path(c.train.out_dir)
+    where = RunDir(c.train.out_dir, c.train.local_dir)
+    if resume:
+        where.pull()
+    out = where.local  # the run's records; checkpoints: where.checkpoints (out_dir itself, gs:// or not)
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # what this run resolved its files and --set to; --config reads it back
         (out / "config.yaml").write_text(cfg.to_yaml(c))
@@ -135,10 +139,10 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
         raise SetupError(str(e)) from None
     # each process meets its own share of the data, so each reports its own bad samples
     bad_file = "bad_samples.json" if jax.process_index() == 0 else f"bad_samples.process{jax.process_index()}.json"
-    ckpts = Checkpoints(out / "checkpoints", keep=c.checkpoint.keep)
+    ckpts = Checkpoints(where.checkpoints, keep=c.checkpoint.keep)
     if ckpts.latest() is not None and not resume:
         raise SetupError(
-            f"{out / 'checkpoints'} already holds step {ckpts.latest()}; pass --resume to continue "
+            f"{where.checkpoints} already holds step {ckpts.latest()}; pass --resume to continue "
             "it, or set train.out_dir to a new directory"
         )
     scores, start = {}, 0
@@ -169,7 +173,7 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     progress = ProgressSink(steps, start, c.train.log_every, bar=c.train.progress and primary, lines=primary)
     files = [JsonlSink(out / "metrics.jsonl", start), TensorBoardSink(out / "tensorboard")] if primary else []
     throughput = Throughput(c.train.global_batch, family.step_flops(c, model, opt.wrt), peak, jax.device_count())
-    metrics = Metrics([progress, *files], optim.schedule(c.optim, steps), throughput, out / "checkpoints")
+    metrics = Metrics([progress, *files], optim.schedule(c.optim, steps), throughput, where.checkpoints)
     pending, tick, step = None, time.perf_counter(), start
     try:
         for step in range(start + 1, steps + 1):
@@ -184,6 +188,7 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
                 pending = None
                 ckpts.save(step, model, opt, batches.get_state())
                 metrics.last_saved = step
+                where.push()
             if stop:
                 progress.note(f"{stop[0]}: saved step {step}; resume with --resume")
                 break
@@ -195,21 +200,25 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
         ckpts.wait()
         metrics.close()
         report.write(out / bad_file)
+        where.push()
 
     # ---------------------------------------------------------------- outputs and held-out evaluation
     if primary and (curve := losses(out / "metrics.jsonl")):
         loss_plot(out / "loss.png", {"loss": curve}, f"{c.model.release or c.model.init} {c.train.stage}: {out}")
     print(f"stopped at step {step}: {report.count} bad samples of {report.seen} (report: {out / bad_file})")
     if stop:
+        where.push()
         return {}
     family.export(c, model)
     mgjax.save_pretrained(model, out / "final")
     if jax.process_index() == 0:
         tok.save_pretrained(out / "final")
-    print(f"model: {out / 'final'}")
+    where.push()
+    print(f"model: {run_dir.join(c.train.out_dir, 'final')}")
     if data.eval_records is None:
         return scores
     scores["end"] = family.evaluate(c, model, tok, data, mesh, out)
     if jax.process_index() == 0:
         (out / "eval.json").write_text(json.dumps(scores if "start" in scores else scores["end"], indent=2))
+    where.push()
     return scores

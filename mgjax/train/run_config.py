@@ -159,7 +159,14 @@ class TrainSection:
             "help": "per-chip peak for MFU; 0: the known peak of the chip (none on CPUs: MFU is then not reported)"
         },
     )
-    out_dir: str = "runs/mgm"
+    out_dir: str = field(default="runs/mgm", metadata={"help": "a folder, or a gs:// URI (records via local_dir)"})
+    local_dir: str = field(
+        default="",
+        metadata={
+            "help": "with a URI out_dir: the local mirror the run's records are written to before each copy up "
+            "(empty: ~/.cache/mgjax/runs/<bucket>/<path>)"
+        },
+    )
 
 
 @dataclass(frozen=True)
