@@ -5,6 +5,8 @@ stage 2 (and MGM-7B-HD) fed at 40% MFU.
 
     python bench/loader.py [--images 24] [--sizes 640x480 1024x768 1920x1080] [--mfu 0.4]
 
+It also reads the same images as records, from a JSONL file and its image folder and from ArrayRecord shards.
+
 The images are synthetic photographs (smooth noise, JPEG quality 90) at the given sizes, written once to a
 temporary folder; each pipeline reads the same files. transformers' processors are its PIL ones (torchvision, which
 its default ones need, breaks transformers' vision imports next to the torch we pin). The tokeniser is the demo's
@@ -27,7 +29,7 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mgjax import config as cfg  # noqa: E402
-from mgjax.data import preprocess, templates  # noqa: E402
+from mgjax.data import preprocess, samples, shards, templates  # noqa: E402
 from mgjax.demo import mgm_task  # noqa: E402
 from mgjax.train import plan  # noqa: E402
 from mgjax.train.run_config import RunConfig  # noqa: E402
@@ -110,6 +112,22 @@ def tokenise_rate(root: Path) -> float:
     return rate(one, convs)
 
 
+def read_rates(root: Path, paths: list[Path]) -> tuple[float, float]:
+    """Records/s read with their image decoded (no resizing): a JSONL line plus its image file, against the same
+    record read back from an ArrayRecord shard dataset (``python -m mgjax.data.convert``) at random positions."""
+    lines = [json.dumps({"id": str(i), "image": p.name, "conversations": []}) for i, p in enumerate(paths)]
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    shards.write(samples.read_records(root / "train.jsonl"), paths[0].parent, root / "shards", per_shard=8)
+    data = shards.Shards(root / "shards")
+    order = np.random.default_rng(0).permutation(len(data)).tolist()
+
+    def from_json(line):
+        record = json.loads(line)
+        return preprocess.load_image(paths[0].parent / record["image"])
+
+    return rate(from_json, lines), rate(lambda i: preprocess.load_image(data[i]["image"]), order)
+
+
 def samples_needed(release: str, mfu: float) -> tuple[float, float]:
     """(samples/s, s/step) the release's stage-2 recipe consumes on one v5p-8 host at ``mfu``."""
     c = cfg.load(RunConfig, ROOT / "configs" / "mgm" / release / "stage2.yaml", [])
@@ -133,6 +151,9 @@ def main() -> None:
             ours, theirs = rate(ways["mgjax"], paths), rate(ways["transformers"], paths)
             rates[name] = ours
             print(f"{name:45s} {ours:8.1f} {theirs:13.1f} {ours / theirs:6.2f}")
+        json_rate, shard_rate = read_rates(Path(tmp), paths)
+        print(f"\nrecords/s read and decoded (no resizing): JSONL + image files {json_rate:.1f}, ArrayRecord shards")
+        print(f"at random positions {shard_rate:.1f} ({shard_rate / json_rate:.2f}x)")
     with tempfile.TemporaryDirectory() as tmp:
         tokens = tokenise_rate(Path(tmp))
     print(f"{'tokenisation (v1 template, demo tokeniser)':45s} {tokens:8.0f}")

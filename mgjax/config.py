@@ -6,6 +6,7 @@ names the file or flag it came from; ``describe`` lists every field with its typ
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -64,7 +65,20 @@ def build(cls, data: Mapping[str, Any] | None, where: str, prefix: str = ""):
             kw[name] = build(typ, value, where, f"{prefix}{name}.")
         else:
             kw[name] = _coerce(value, typ, prefix + name, where)
+            _check_range(kw[name], fields[name].metadata, prefix + name, where)
     return cls(**kw)
+
+
+def _check_range(value: Any, meta: Mapping[str, Any], key: str, where: str) -> None:
+    """A number within its field's ``min`` / ``max`` metadata (and finite): the one place ranges are checked."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {key} must be a finite number, not {value}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{where}: {key} must be at least {meta['min']}, not {value}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{where}: {key} must be at most {meta['max']}, not {value}")
 
 
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,6 +155,7 @@ def describe(cls, prefix: str = "") -> list[str]:
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         )
         name = getattr(typ, "__name__", str(typ).replace("typing.", ""))
-        help_ = f.metadata.get("help", "")
+        bounds = [f"{op} {f.metadata[k]}" for k, op in (("min", ">="), ("max", "<=")) if k in f.metadata]
+        help_ = "; ".join(filter(None, [", ".join(bounds), f.metadata.get("help", "")]))
         lines.append(f"{prefix}{f.name}: {name} = {default!r}" + (f"  # {help_}" if help_ else ""))
     return lines

@@ -44,8 +44,20 @@ def test_unknown_keys_and_bad_values_name_their_source(tmp_path):
         config.load(Run, tmp_path / "a.yaml")
 
 
+def test_ranges_are_checked_where_configs_are_built():
+    from mgjax.train.run_config import RunConfig
+
+    with pytest.raises(config.ConfigError, match="train.global_batch=0: train.global_batch must be at least 1, not 0"):
+        config.load(RunConfig, sets=["train.global_batch=0"])
+    with pytest.raises(config.ConfigError, match="optim.warmup_ratio must be at most 1, not 2.0"):
+        config.load(RunConfig, sets=["optim.warmup_ratio=2"])
+    with pytest.raises(config.ConfigError, match="optim.lr must be a finite number, not inf"):
+        config.load(RunConfig, sets=["optim.lr=.inf"])
+    assert config.load(RunConfig, sets=["train.steps=0"]).train.steps == 0  # the bounds themselves are allowed
+
+
 def test_describe_lists_every_field():
     lines = config.describe(Run)
     assert "data.max_length: int = 2048" in lines
-    assert "optim.lr: float = 2e-05" in lines
+    assert "optim.lr: float = 2e-05  # >= 0" in lines
     assert any(line.startswith("steps: ") and "# None: one epoch" in line for line in lines)

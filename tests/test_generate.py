@@ -5,6 +5,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from PIL import Image
@@ -85,6 +86,14 @@ def test_bad_inputs_exit_with_a_clear_message(internvl_dir, tmp_path, capsys):
     assert err.startswith(f"error: --model {tmp_path}: no config.json in ") and "config=" not in err
     assert generate.main(["--model", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
     assert capsys.readouterr().err == f"error: --model {tmp_path / 'nowhere'}: no such directory\n"
+    for flag, value, message in (  # issue 21: --max-new-tokens -1 was a traceback
+        ("--max-new-tokens", "-1", "must be >= 1, not -1"),
+        ("--top-p", "nan", "must be a finite number from 0 to 1, not nan"),
+        ("--num-beams", "two", "expected an integer, got 'two'"),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            generate.main(["--model", str(path), "--prompt", "hi", flag, value])
+        assert exit.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 def test_only_vision_models_are_warned_of_a_missing_image(internvl_dir, capsys):

@@ -71,3 +71,90 @@ def test_garbage_header_names_the_file(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(CheckpointError, match="bad.safetensors: unreadable safetensors header"):
         SafetensorsReader(bad)
+
+
+def _file(tmp_path, header, data: bytes, name="m.safetensors"):
+    raw = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path = tmp_path / name
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return path
+
+
+GOOD = {
+    "__metadata__": {"format": "pt"},
+    "a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+    "b": {"dtype": "I8", "shape": [4], "data_offsets": [16, 20]},
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"b": {"dtype": "I8", "shape": [4], "data_offsets": [12, 16]}}, "'b' at 12 overlaps the tensor before it"),
+        ({"b": {"dtype": "I8", "shape": [4], "data_offsets": [-4, 0]}}, "data_offsets \\[-4, 0\\] are not two"),
+        ({"b": {"dtype": "I8", "shape": [2], "data_offsets": [16, 18]}}, "2 bytes after the last tensor"),
+        ({"b": {"dtype": "I8", "shape": [-4], "data_offsets": [16, 20]}}, "shape \\[-4\\] is not a list of sizes"),
+        ({"b": {"dtype": "I8", "shape": [True, 4], "data_offsets": [16, 20]}}, "is not a list of sizes"),
+        ({"b": [1, 2]}, "'b': expected \\{dtype, shape, data_offsets\\}"),
+        ({"b": {"dtype": "I8", "shape": [4]}}, "'b': expected \\{dtype, shape, data_offsets\\}"),
+        ({"b": {"dtype": "Q4", "shape": [4], "data_offsets": [16, 20]}}, "unsupported dtype 'Q4'"),
+        ({"b": {"dtype": "I8", "shape": [4], "data_offsets": [16, 2**40]}}, "do not fit"),
+        ({"__metadata__": ["x"]}, "__metadata__ must map names to strings"),
+    ],
+)
+def test_every_header_field_and_offset_is_checked(tmp_path, change, message):
+    assert set(SafetensorsReader(_file(tmp_path, GOOD, bytes(20))).keys()) == {"a", "b"}
+    with pytest.raises(CheckpointError, match=f"m.safetensors.*{message}"):
+        SafetensorsReader(_file(tmp_path, {**GOOD, **change}, bytes(20)))
+
+
+def test_headers_that_are_not_objects_or_repeat_a_key(tmp_path):
+    with pytest.raises(CheckpointError, match="the header is a JSON list, not an object"):
+        SafetensorsReader(_file(tmp_path, [1, 2], b""))
+    twice = b'{"a": {"dtype": "I8", "shape": [1], "data_offsets": [0, 1]}, "a": {"dtype": "I8", "shape": [1], ' + (
+        b'"data_offsets": [0, 1]}}'
+    )
+    with pytest.raises(CheckpointError, match="duplicate keys \\['a'\\]"):
+        SafetensorsReader(_file(tmp_path, twice, bytes(1)))
+    with pytest.raises(CheckpointError, match="unreadable safetensors header"):
+        SafetensorsReader(_file(tmp_path, b'{"a": "\xff\xfe"}', b""))
+
+
+def test_index_shard_paths_stay_inside_the_checkpoint(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    _file(tmp_path, GOOD, bytes(20), name="outside.safetensors")
+    for target in ("../outside.safetensors", str(tmp_path / "outside.safetensors")):
+        index = {"weight_map": {"a": target, "b": target}}
+        (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="names shard files outside"):
+            SafetensorsReader(tmp_path / "ckpt")
+    for index, message in (([1], "weight_map"), ({"weight_map": {"a": 3}}, "weight_map"), ("{", "not valid JSON")):
+        text = index if isinstance(index, str) else json.dumps(index)
+        (tmp_path / "ckpt" / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            SafetensorsReader(tmp_path / "ckpt")
+
+
+def test_fuzzed_headers_raise_checkpoint_errors_or_load_exactly(tmp_path):
+    """Random edits of a valid header's JSON text: each file either fails with a CheckpointError or loads tensors
+    whose bytes are the file's own (a key renamed, say), never another exception and never bytes from elsewhere."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 20, dtype=np.uint8).tobytes()
+    text = json.dumps(GOOD)
+    digits = '0123456789-,[]{}":. e'
+    outcomes = {"error": 0, "loaded": 0}
+    for trial in range(400):
+        chars = list(text)
+        for _ in range(int(rng.integers(1, 4))):
+            chars[int(rng.integers(len(chars)))] = digits[int(rng.integers(len(digits)))]
+        path = _file(tmp_path, "".join(chars).encode(), data, name=f"f{trial}.safetensors")
+        try:
+            with SafetensorsReader(path) as r:
+                for key in r.keys():
+                    info = r.info(key)
+                    got = r.read(key).reshape(-1).view(np.uint8).tobytes()
+                    assert got == data[info.start - (path.stat().st_size - 20) :][: info.nbytes]
+            outcomes["loaded"] += 1
+        except CheckpointError:
+            outcomes["error"] += 1
+    assert outcomes["error"] > 100 and outcomes["loaded"] > 0, outcomes

@@ -142,8 +142,9 @@ def test_cli_refusals(llava, tmp_path, capsys):
     assert "already holds a shard dataset" in capsys.readouterr().err
     assert convert.main(["--data", str(root / "nowhere.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "nowhere.jsonl" in capsys.readouterr().err
-    assert convert.main(["--data", str(root / "train.jsonl"), "--out", str(tmp_path), "--records-per-shard", "0"]) == 2
-    assert "--records-per-shard must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        convert.main(["--data", str(root / "train.jsonl"), "--out", str(tmp_path), "--records-per-shard", "0"])
+    assert exit.value.code == 2 and "argument --records-per-shard: must be >= 1, not 0" in capsys.readouterr().err
 
 
 def test_meta_files_convert_per_dataset_and_mix_as_before(tmp_path):

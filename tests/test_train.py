@@ -122,11 +122,11 @@ def _wait_for_step(out, step, proc, timeout=300):
 def test_sigkill_then_resume_gives_the_uninterrupted_losses_exactly(tmp_path, demo_set):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert _spawn(whole, 8, *demo_set).wait() == 0
-    proc = _spawn(cut, 8, *demo_set)
+    proc = _spawn(cut, 8, *demo_set, "--resume-or-start")  # a preemptible job's command: no checkpoint yet, it starts
     _wait_for_step(cut, 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _spawn(cut, 8, *demo_set, "--resume").wait() == 0
+    assert _spawn(cut, 8, *demo_set, "--resume-or-start").wait() == 0  # the same command resumes
     losses = {x["step"]: x["loss"] for x in _metrics(cut)}  # steps after the last checkpoint are logged twice
     assert [losses[s] for s in range(1, 9)] == [x["loss"] for x in _metrics(whole)]
 
@@ -151,10 +151,41 @@ def test_config_errors_exit_2(tmp_path, capsys):
     assert cli.main(["--config", DEMO, "--set", "train.freeze=['vision_tower(']"]) == 2
     assert "train.freeze: 'vision_tower(' is not a regex" in capsys.readouterr().err
     assert cli.main(["--config", DEMO, "--set", "train.loss_chunk=-8", "--check"]) == 2
-    assert "train.loss_chunk must be 0 (automatic) or a count of positions, not -8" in capsys.readouterr().err
+    assert "train.loss_chunk must be at least 0, not -8" in capsys.readouterr().err
     missing = tmp_path / "nowhere.json"
     assert cli.main(["--config", DEMO, "--set", f"data.path={missing}", "--set", f"train.out_dir={tmp_path}"]) == 2
     assert "nowhere.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.steps", "-5", "train.steps must be at least 0, not -5"),
+        ("train.global_batch", "0", "train.global_batch must be at least 1, not 0"),
+        ("train.global_batch", "-8", "train.global_batch must be at least 1, not -8"),
+        ("train.micro_batches", "0", "train.micro_batches must be at least 1, not 0"),
+        ("train.log_every", "0", "train.log_every must be at least 1, not 0"),
+        ("checkpoint.every", "0", "checkpoint.every must be at least 1, not 0"),
+        ("checkpoint.keep", "0", "checkpoint.keep must be at least 1, not 0"),
+        ("optim.lr", ".nan", "optim.lr must be a finite number, not nan"),
+        ("data.max_bad_fraction", "1.5", "data.max_bad_fraction must be at most 1, not 1.5"),
+    ],
+)
+def test_out_of_range_settings_are_refused_before_anything_runs(capsys, key, value, message):
+    """Issue 21: each of these ran (an untrained export, a ZeroDivisionError after compiling, a numpy error)."""
+    assert cli.main(["--config", DEMO, "--set", f"{key}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_out_dir_and_resume_mistakes_are_refused_before_anything_is_built(tmp_path, capsys):
+    """Issue 21: an out_dir that is a file was a traceback; --resume with no checkpoint silently started at step 0."""
+    (tmp_path / "file").write_text("")
+    assert cli.main(["--config", DEMO, "--set", f"train.out_dir={tmp_path / 'file'}"]) == 2
+    assert f"train.out_dir {tmp_path / 'file'}: cannot write" in capsys.readouterr().err
+    assert cli.main(["--config", DEMO, "--set", f"train.out_dir={tmp_path / 'new'}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: no checkpoint under {tmp_path / 'new' / 'checkpoints'}" in err and "--resume-or-start" in err
 
 
 def test_a_step_that_does_not_fit_in_device_memory_is_refused(tmp_path, capsys, demo_set):

@@ -58,6 +58,14 @@ class TensorInfo:
     nbytes: int
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise ValueError(f"duplicate keys {twice}")
+    return dict(pairs)
+
+
 def _read_header(path: Path) -> tuple[dict, int]:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -68,29 +76,55 @@ def _read_header(path: Path) -> tuple[dict, int]:
         if n > size - 8:
             raise CheckpointError(f"{path}: header length {n} exceeds the file size {size}; not safetensors?")
         try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
+            header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+        except ValueError as e:  # not JSON, not UTF-8, a key twice
             raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
     return header, 8 + n
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _tensor(path: Path, name: str, meta, data_start: int, size: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(meta, dict) or set(meta) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where}: expected {{dtype, shape, data_offsets}}, got {meta!r:.200}")
+    if meta["dtype"] not in DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {meta['dtype']!r}")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)):
+        raise CheckpointError(f"{where}: data_offsets {offsets!r} are not two byte offsets")
+    dtype, (begin, end) = DTYPES[meta["dtype"]], offsets
+    if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or data_start + end > size:
+        raise CheckpointError(
+            f"{where} has offsets {begin}..{end} that do not fit its "
+            f"shape {tuple(shape)} {meta['dtype']} or the file size {size} (truncated file?)"
+        )
+    return TensorInfo(path, dtype, tuple(shape), data_start + begin, end - begin)
+
+
 def _scan_file(path: Path) -> dict[str, TensorInfo]:
+    """The file's tensors, after checking every header field: dtypes and shapes, offsets inside the file that
+    match them, and a data section the tensors cover exactly, without overlaps or holes (as the format requires)."""
     header, data_start = _read_header(path)
     size = path.stat().st_size
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-        begin, end = meta["data_offsets"]
-        dtype, shape = DTYPES[meta["dtype"]], tuple(meta["shape"])
-        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)) or data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has offsets {begin}..{end} that do not fit its "
-                f"shape {shape} {meta['dtype']} or the file size {size} (truncated file?)"
-            )
-        out[name] = TensorInfo(path, dtype, shape, data_start + begin, end - begin)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map names to strings, got {metadata!r:.200}")
+    out = {name: _tensor(path, name, meta, data_start, size) for name, meta in header.items()}
+    at = data_start
+    for name, info in sorted(out.items(), key=lambda kv: (kv[1].start, kv[1].nbytes)):
+        if info.start != at:
+            what = "overlaps the tensor before it" if info.start < at else f"leaves bytes {at}..{info.start} unused"
+            raise CheckpointError(f"{path}: tensor {name!r} at {info.start - data_start} {what}")
+        at += info.nbytes
+    if at != size:
+        raise CheckpointError(f"{path}: {size - at} bytes after the last tensor belong to none")
     return out
 
 
@@ -120,12 +154,7 @@ class SafetensorsReader:
         if not path.is_dir():
             raise CheckpointError(f"{path}: no such checkpoint file or directory")
         if (path / INDEX_FILE).exists():
-            index = json.loads((path / INDEX_FILE).read_text())
-            files = sorted(set(index["weight_map"].values()))
-            absent = [f for f in files if not (path / f).exists()]
-            if absent:
-                raise CheckpointError(f"{path / INDEX_FILE} names shard files that are absent: {absent}")
-            return [path / f for f in files]
+            return [path / f for f in _index_files(path)]
         if (path / SINGLE_FILE).exists():
             return [path / SINGLE_FILE]
         found = sorted(path.glob("*.safetensors"))
@@ -190,6 +219,27 @@ class SafetensorsReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _index_files(path: Path) -> list[str]:
+    """The shard files ``path``'s index names: each a file inside ``path``, present."""
+    index_file = path / INDEX_FILE
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{index_file}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_file}: expected a 'weight_map' of tensor names to shard file names")
+    files = sorted(set(weight_map.values()))
+    outside = [f for f in files if Path(f).name != f or f in (".", "..")]  # a file name, not a path (HF's own
+    # shards sit beside the index; not resolved, so a hub cache's symlinked shards still load)
+    if outside:
+        raise CheckpointError(f"{index_file} names shard files outside {path}: {outside}")
+    absent = [f for f in files if not (path / f).is_file()]
+    if absent:
+        raise CheckpointError(f"{index_file} names shard files that are absent: {absent}")
+    return files
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from mgjax.cli import HelpFormatter
+from mgjax.cli import HelpFormatter, integer
 from mgjax.data import meta, samples, shards
 
 
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--meta", help="an InternVL meta file ({name: {root, annotation, repeat_time, ...}})")
     ap.add_argument("--image-folder", default="", help="--data's image root (default: the data file's folder)")
     ap.add_argument("--out", required=True, help="the folder to write (must not hold a dataset already)")
-    ap.add_argument("--records-per-shard", type=int, default=1024, help="records per ArrayRecord file")
+    ap.add_argument("--records-per-shard", type=integer(1), default=1024, help="records per ArrayRecord file")
     return ap
 
 
@@ -69,9 +69,6 @@ def convert_meta(path: Path, out: Path, per_shard: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.records_per_shard < 1:
-        print(f"error: --records-per-shard must be at least 1, not {args.records_per_shard}", file=sys.stderr)
-        return 2
     start = time.perf_counter()
     try:
         if args.data:

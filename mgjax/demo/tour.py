@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 import mgjax
-from mgjax.cli import HelpFormatter
+from mgjax.cli import HelpFormatter, integer
 from mgjax.demo import grounding_task, mgm_task
 from mgjax.inference.decoding import greedy
 from mgjax.models.clip import CLIPVisionConfig
@@ -156,8 +156,10 @@ def vision_language(tmp: str, seed: int) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--new-tokens", type=int, default=24, help="tokens the Llama generates per sequence")
-    ap.add_argument("--seed", type=int, default=0, help="seed of every model's random weights and of the prompt")
+    ap.add_argument("--new-tokens", type=integer(1), default=24, help="tokens the Llama generates per sequence")
+    ap.add_argument(
+        "--seed", type=integer(0, 2**32 - 1), default=0, help="seed of every model's random weights and of the prompt"
+    )
     args = ap.parse_args(argv)
     print(f"mgjax {mgjax.__version__} on {jax.devices()[0].platform}: tiny random models, no downloads")
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,7 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from mgjax.cli import HelpFormatter
+from mgjax.cli import HelpFormatter, integer, number
 from mgjax.data import preprocess, samples, templates
 from mgjax.eval import scoring
 from mgjax.inference import decoding
@@ -155,13 +155,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder for answers.jsonl and results.json (default: runs/eval/TASK)")
     ap.add_argument("--template", help=TEMPLATE_HELP)
     ap.add_argument(
-        "--batch", type=int, default=8, help="questions decoded together; answers are saved after each batch"
+        "--batch", type=integer(1), default=8, help="questions decoded together; answers are saved after each batch"
     )
     ap.add_argument(
-        "--max-new-tokens", type=int, help="each answer's budget, in tokens (default: the task's, as its paper set it)"
+        "--max-new-tokens",
+        type=integer(1),
+        help="each answer's budget, in tokens (default: the task's, as its paper set it)",
     )
-    ap.add_argument("--num-beams", type=int, help="beam search with N beams (default: the task's; MMMU: 5, sampled)")
-    ap.add_argument("--temperature", type=float, help="sampling temperature; 0: greedy (default: the task's)")
+    ap.add_argument(
+        "--num-beams", type=integer(1), help="beam search with N beams (default: the task's; MMMU: 5, sampled)"
+    )
+    ap.add_argument("--temperature", type=number(0), help="sampling temperature; 0: greedy (default: the task's)")
     add_model_arguments(ap)
     return ap
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import jax.numpy as jnp
 
-from mgjax.cli import HelpFormatter
+from mgjax.cli import HelpFormatter, integer, number
 from mgjax.data import preprocess, templates
 from mgjax.inference import decoding, imagegen
 from mgjax.inference.generate import (
@@ -106,11 +106,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="a converted checkpoint directory (with tokenizer files)")
     ap.add_argument("--image", help="an image for the first message (default: none; /image PATH attaches one later)")
     ap.add_argument("--template", help=TEMPLATE_HELP)
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="each answer's budget, in tokens")
-    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    ap.add_argument("--max-new-tokens", type=integer(1), default=512, help="each answer's budget, in tokens")
+    ap.add_argument("--temperature", type=number(0), default=0.0, help="sampling temperature; 0: greedy")
     ap.add_argument(
         "--top-p",
-        type=float,
+        type=number(0, 1),
         default=1.0,
         help="sample from the fewest most likely tokens whose probabilities sum to P; 1: all",
     )
@@ -120,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
         "--sd-model",
         help="a local diffusers pipeline directory that draws the <h>...</h> prompts (default: none, nothing drawn)",
     )
-    ap.add_argument("--sd-steps", type=int, default=50, help="denoising steps per drawn image")
+    ap.add_argument("--sd-steps", type=integer(1), default=50, help="denoising steps per drawn image")
     ap.add_argument("--image-dir", default="runs/chat_images", help="where drawn images are saved")
     return ap
 

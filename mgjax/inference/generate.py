@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgjax.cli import HelpFormatter
+from mgjax.cli import HelpFormatter, integer, number
 from mgjax.data import preprocess, samples, templates
 from mgjax.inference.decoding import Sampling, beam_search, cut, generate
 from mgjax.models import mgm_towers
@@ -183,18 +183,18 @@ def parser() -> argparse.ArgumentParser:
         help=f"conversation template ({', '.join(templates.TEMPLATES)}), or 'none' to send the prompt as is "
         "(default: the model's own)",
     )
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="the answer's budget, in tokens")
+    ap.add_argument("--max-new-tokens", type=integer(1), default=64, help="the answer's budget, in tokens")
     add_model_arguments(ap)
-    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    ap.add_argument("--temperature", type=number(0), default=0.0, help="sampling temperature; 0: greedy")
     ap.add_argument(
         "--top-p",
-        type=float,
+        type=number(0, 1),
         default=1.0,
         help="sample from the fewest most likely tokens whose probabilities sum to P; 1: all",
     )
-    ap.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens; 0: all")
-    ap.add_argument("--num-beams", type=int, default=1, help="beam search with N beams; 1: no beam search")
-    ap.add_argument("--seed", type=int, default=0, help="the sampling's random seed")
+    ap.add_argument("--top-k", type=integer(0), default=0, help="sample from the K most likely tokens; 0: all")
+    ap.add_argument("--num-beams", type=integer(1), default=1, help="beam search with N beams; 1: no beam search")
+    ap.add_argument("--seed", type=integer(0, 2**32 - 1), default=0, help="the sampling's random seed")
     return ap
 
 

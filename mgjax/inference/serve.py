@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mgjax.cli import HelpFormatter
+from mgjax.cli import HelpFormatter, integer, number
 from mgjax.data import preprocess, templates
 from mgjax.inference import decoding
 from mgjax.inference.generate import (
@@ -390,18 +390,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", required=True, help="a converted checkpoint directory (with tokenizer files)")
     ap.add_argument("--name", help="the model name clients ask for (default: the directory's name)")
     ap.add_argument("--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0: every interface")
-    ap.add_argument("--port", type=int, default=8000, help="the TCP port to listen on; 0: any free one")
+    ap.add_argument("--port", type=integer(0, 65535), default=8000, help="the TCP port to listen on; 0: any free one")
     ap.add_argument("--template", help=TEMPLATE_HELP)
-    ap.add_argument("--max-batch", type=int, default=8, help="the most requests decoded together, in rows")
-    ap.add_argument("--batch-wait", type=float, default=0.05, help="seconds a request waits for others to join it")
+    ap.add_argument("--max-batch", type=integer(1), default=8, help="the most requests decoded together, in rows")
+    ap.add_argument("--batch-wait", type=number(0), default=0.05, help="seconds a request waits for others to join it")
     ap.add_argument(
         "--max-prompt-tokens",
-        type=int,
+        type=integer(1),
         default=4096,
         help="the longest prompt accepted, in tokens; a longer one gets a 400",
     )
     ap.add_argument(
-        "--max-tokens", type=int, default=512, help="the answer budget, in tokens, of a request that sets none"
+        "--max-tokens", type=integer(1), default=512, help="the answer budget, in tokens, of a request that sets none"
     )
     add_model_arguments(ap)
     return ap

@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--config", help="a YAML run config")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    ap.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in out_dir (exit 2: none)"
+    )
+    ap.add_argument(
+        "--resume-or-start",
+        action="store_true",
+        help="continue from the newest checkpoint, or start afresh when out_dir holds none (preemptible jobs)",
+    )
     ap.add_argument(
         "--check",
         action="store_true",
@@ -59,10 +66,6 @@ def main(argv: list[str] | None = None) -> int:
                 re.compile(pattern)
             except re.error as e:
                 raise cfg.ConfigError(f"train.freeze: {pattern!r} is not a regex: {e}") from None
-        if c.train.loss_chunk < 0:
-            raise cfg.ConfigError(
-                f"train.loss_chunk must be 0 (automatic) or a count of positions, not {c.train.loss_chunk}"
-            )
         if args.check:
             print(f"{args.config or 'defaults'}: a valid {c.model.family} run config (stage {c.train.stage})")
             return 0
@@ -94,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, run_config in runs.items():
             if len(runs) > 1:
                 print(f"==== {name}: {run_config.train.out_dir}")
-            for when, score in run(run_config, args.resume).items():
+            for when, score in run(
+                run_config, args.resume or args.resume_or_start, or_start=args.resume_or_start
+            ).items():
                 results[name if when == "end" else f"{name} ({when})"] = score
         if len(runs) > 1 and jax.process_index() == 0:
             _comparison_plot(c, runs)

@@ -88,15 +88,37 @@ def print_accuracy(title: str, results: dict[str, dict[str, dict]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ run
-def run(c: RunConfig, resume: bool) -> dict[str, dict]:
-    """One training run; returns its held-out evaluations (``start`` with ``eval.at_start``, ``end``), or none."""
+def _check_resume(where: RunDir, resume: bool, or_start: bool) -> None:
+    """Refuse, before anything is built, to overwrite checkpoints without ``--resume`` or to "resume" from none."""
+    probe = Checkpoints(where.checkpoints)
+    latest = probe.latest()
+    probe.close()
+    if latest is not None and not resume:
+        raise SetupError(
+            f"{where.checkpoints} already holds step {latest}; pass --resume to continue "
+            "it, or set train.out_dir to a new directory"
+        )
+    if resume and latest is None and not or_start:
+        raise SetupError(
+            f"--resume: no checkpoint under {where.checkpoints} to continue; --resume-or-start starts afresh "
+            "when there is none"
+        )
+
+
+def run(c: RunConfig, resume: bool, or_start: bool = False) -> dict[str, dict]:
+    """One training run; returns its held-out evaluations (``start`` with ``eval.at_start``, ``end``), or none.
+    ``resume``: from the newest checkpoint, which must exist unless ``or_start`` (then a run without one starts)."""
     where = RunDir(c.train.out_dir, c.train.local_dir)
-    if resume:
-        where.pull()
     out = where.local  # the run's records; checkpoints: where.checkpoints (out_dir itself, gs:// or not)
-    out.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # what this run resolved its files and --set to; --config reads it back
-        (out / "config.yaml").write_text(cfg.to_yaml(c))
+    try:
+        if resume:
+            where.pull()
+        out.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:  # what this run resolved its files and --set to; --config reads it back
+            (out / "config.yaml").write_text(cfg.to_yaml(c))
+    except OSError as e:  # a file where the folder should be, no permission, a full disk
+        raise SetupError(f"train.out_dir {c.train.out_dir}: cannot write {out} ({e.strerror or e})") from None
+    _check_resume(where, resume, or_start)
     family = families.family(c.model.family)
 
     # ---------------------------------------------------------------- mesh, model, data, optimizer
@@ -140,11 +162,6 @@ def run(c: RunConfig, resume: bool) -> dict[str, dict]:
     # each process meets its own share of the data, so each reports its own bad samples
     bad_file = "bad_samples.json" if jax.process_index() == 0 else f"bad_samples.process{jax.process_index()}.json"
     ckpts = Checkpoints(where.checkpoints, keep=c.checkpoint.keep)
-    if ckpts.latest() is not None and not resume:
-        raise SetupError(
-            f"{where.checkpoints} already holds step {ckpts.latest()}; pass --resume to continue "
-            "it, or set train.out_dir to a new directory"
-        )
     scores, start = {}, 0
     if resume and ckpts.latest() is not None:
         start, state = ckpts.restore(model, opt)

@@ -7,7 +7,7 @@ of a frozen tower would otherwise go.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optax
 
@@ -21,13 +21,13 @@ class OptimConfig:
     """AdamW as HF Trainer builds it (betas 0.9/0.999, eps 1e-8) with linear warmup over ``ceil(warmup_ratio *
     steps)`` steps from 0, then a half cosine to 0. ``clip_norm`` 0 disables clipping (MGM ran without)."""
 
-    lr: float = 2e-5
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float = 0.0
+    lr: float = field(default=2e-5, metadata={"min": 0})
+    warmup_ratio: float = field(default=0.03, metadata={"min": 0, "max": 1})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    b1: float = field(default=0.9, metadata={"min": 0, "max": 1})
+    b2: float = field(default=0.999, metadata={"min": 0, "max": 1})
+    eps: float = field(default=1e-8, metadata={"min": 0})
+    clip_norm: float = field(default=0.0, metadata={"min": 0})
 
 
 def schedule(c: OptimConfig, total_steps: int) -> optax.Schedule:

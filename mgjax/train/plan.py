@@ -64,7 +64,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax import config as cfg
-from mgjax.cli import HelpFormatter
+from mgjax.cli import HelpFormatter, integer, number
 from mgjax.nn import attention, params
 from mgjax.nn.layers import REMAT_POLICIES
 from mgjax.parallel import mesh
@@ -544,9 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a config key by its dotted name (e.g. train.global_batch=256); repeatable",
     )
-    ap.add_argument("--batch", type=int, help="global batch, in samples (default: train.global_batch)")
-    ap.add_argument("--seq-len", type=int, help="positions per sample (default: data.max_length)")
-    ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (0 to 1) for the step time")
+    ap.add_argument("--batch", type=integer(1), help="global batch, in samples (default: train.global_batch)")
+    ap.add_argument("--seq-len", type=integer(1), help="positions per sample (default: data.max_length)")
+    ap.add_argument(
+        "--mfu", type=number(0, 1), default=0.4, help="assumed model FLOPs utilisation (0 to 1) for the step time"
+    )
     ap.add_argument(
         "--compile",
         action="store_true",

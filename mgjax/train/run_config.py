@@ -73,22 +73,35 @@ class DataSection:
     general_meta: str = field(default="", metadata={"help": "InternVL: a meta file of general data to mix in"})
     general_ratio: float = field(
         default=0.0,
-        metadata={"help": "InternVL: general records per domain record (the paper's 1:4 is 0.25, its 1:1 is 1)"},
+        metadata={
+            "min": 0,
+            "help": "InternVL: general records per domain record (the paper's 1:4 is 0.25, its 1:1 is 1)",
+        },
     )
     max_dynamic_patch: int = field(
-        default=12, metadata={"help": "InternVL: most tiles per sample (a thumbnail added); several images share them"}
+        default=12,
+        metadata={"min": 1, "help": "InternVL: most tiles per sample (a thumbnail added); several images share them"},
     )
     tile_slots: int = field(
         default=0,
-        metadata={"help": "InternVL: tile slots per row of a batch (static shapes); 0: max_dynamic_patch + 1"},
+        metadata={
+            "min": 0,
+            "help": "InternVL: tile slots per row of a batch (static shapes); 0: max_dynamic_patch + 1",
+        },
     )
     pack_length: int = field(
         default=0,
-        metadata={"help": "InternVL: > 0 packs consecutive samples into rows of this many tokens (needs train.steps)"},
+        metadata={
+            "min": 0,
+            "help": "InternVL: > 0 packs consecutive samples into rows of this many tokens (needs train.steps)",
+        },
     )
     pack_tiles: int = field(
         default=0,
-        metadata={"help": "InternVL: tile slots of a packed row; 0: a sample's tiles for every max_length of the row"},
+        metadata={
+            "min": 0,
+            "help": "InternVL: tile slots of a packed row; 0: a sample's tiles for every max_length of the row",
+        },
     )
     template: str = field(
         default="",
@@ -96,7 +109,7 @@ class DataSection:
             "help": "conversation template (mgjax.data.templates); empty: the model's own (MGM demo: chatml_direct)"
         },
     )
-    max_length: int = 2048
+    max_length: int = field(default=2048, metadata={"min": 1})
     pad_to_square: bool = field(default=True, metadata={"help": "stage 2 pads to square; stage 1 crops"})
     exif_transpose: bool = field(
         default=False,
@@ -111,11 +124,12 @@ class DataSection:
     length_buckets: int = field(
         default=1,
         metadata={
-            "help": "> 1: pad each batch only to the shortest of this many lengths up to max_length that holds it"
+            "min": 1,
+            "help": "> 1: pad each batch only to the shortest of this many lengths up to max_length that holds it",
         },
     )
-    workers: int = 0
-    max_bad_fraction: float = 0.01
+    workers: int = field(default=0, metadata={"min": 0})
+    max_bad_fraction: float = field(default=0.01, metadata={"min": 0, "max": 1})
     seed: int = 42
 
 
@@ -125,8 +139,8 @@ class TrainSection:
         default="stage2",
         metadata={"help": "what trains: MGM stage1 | stage2 | full (towers too); InternVL full | frozen_vit | lora"},
     )
-    lora_rank: int = field(default=16, metadata={"help": "stage lora: the adapters' rank"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "stage lora: adapters scaled by alpha / rank"})
+    lora_rank: int = field(default=16, metadata={"min": 1, "help": "stage lora: the adapters' rank"})
+    lora_alpha: float = field(default=32.0, metadata={"min": 0, "help": "stage lora: adapters scaled by alpha / rank"})
     loss_weighting: str = field(
         default="token",
         metadata={
@@ -137,8 +151,9 @@ class TrainSection:
     loss_chunk: int = field(
         default=0,
         metadata={
+            "min": 0,
             "help": "positions per chunk of the LM head and loss (logits recomputed in the backward); 0: the largest "
-            "power of two whose float32 logits stay under 256 MiB per device"
+            "power of two whose float32 logits stay under 256 MiB per device",
         },
     )
     freeze: tuple[str, ...] = field(
@@ -147,16 +162,19 @@ class TrainSection:
             "help": "regexes of parameter paths kept frozen within the stage's trainable set (the demo: the HR tower)"
         },
     )
-    global_batch: int = 128
-    micro_batches: int = 1
-    epochs: int = 1
-    steps: int = field(default=0, metadata={"help": "0: as many as the epochs give; more: the data is cycled"})
-    log_every: int = 10
+    global_batch: int = field(default=128, metadata={"min": 1})
+    micro_batches: int = field(default=1, metadata={"min": 1})
+    epochs: int = field(default=1, metadata={"min": 1})
+    steps: int = field(
+        default=0, metadata={"min": 0, "help": "0: as many as the epochs give; more: the data is cycled"}
+    )
+    log_every: int = field(default=10, metadata={"min": 1})
     progress: bool = field(default=True, metadata={"help": "a progress bar on stderr"})
     peak_tflops: float = field(
         default=0.0,
         metadata={
-            "help": "per-chip peak for MFU; 0: the known peak of the chip (none on CPUs: MFU is then not reported)"
+            "min": 0,
+            "help": "per-chip peak for MFU; 0: the known peak of the chip (none on CPUs: MFU is then not reported)",
         },
     )
     out_dir: str = field(default="runs/mgm", metadata={"help": "a folder, or a gs:// URI (records via local_dir)"})
@@ -171,8 +189,8 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class CheckpointSection:
-    every: int = 1000
-    keep: int = 1
+    every: int = field(default=1000, metadata={"min": 1})
+    keep: int = field(default=1, metadata={"min": 1})
 
 
 @dataclass(frozen=True)
@@ -186,9 +204,9 @@ class EvalSection:
         },
     )
     image_folder: str = ""
-    batch: int = 64
+    batch: int = field(default=64, metadata={"min": 1})
     at_start: bool = field(default=False, metadata={"help": "also evaluate before step 1 (the starting value)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "InternVL: the longest generated answer"})
+    max_new_tokens: int = field(default=64, metadata={"min": 1, "help": "InternVL: the longest generated answer"})
     compare_lr_only: bool = field(
         default=False,
         metadata={
@@ -204,14 +222,17 @@ class MeshSection(mesh_lib.MeshConfig):
     min_sharded: float = field(
         default=0.98,
         metadata={
-            "help": "with fsdp or expert > 1: refuse to start when a smaller fraction of parameter bytes is sharded"
+            "min": 0,
+            "max": 1,
+            "help": "with fsdp or expert > 1: refuse to start when a smaller fraction of parameter bytes is sharded",
         },
     )
     device_memory_gb: float = field(
         default=0.0,
         metadata={
+            "min": 0,
             "help": "refuse to start when the compiled step needs more per device; 0: the device's own limit "
-            "(none known on CPUs)"
+            "(none known on CPUs)",
         },
     )
 
