@@ -14,6 +14,7 @@ from PIL import Image
 
 from mgjax.data import formatters as F
 from mgjax.data import meta as meta_lib
+from mgjax.data import samples
 
 CLASSES = ["airport", "beach", "forest", "river"]
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (120, 60, 10)]
@@ -538,9 +539,14 @@ def test_cli_bad_multiview_row_writes_no_canvas(tmp_path):
     assert not out.exists() and not (root / "stitch").exists()
 
 
-def test_rooted_puts_image_paths_under_their_source_root():
+def test_rooted_records_find_their_images_under_their_source_root(tmp_path):
     record = {"id": "a", "image": "x/1.png", "conversations": []}
-    assert meta_lib.rooted(record, "/data/drive") == {**record, "image": "/data/drive/x/1.png"}
-    assert meta_lib.rooted({"image": ["1.png", "2.png"]}, "r")["image"] == ["r/1.png", "r/2.png"]
-    assert meta_lib.rooted({"id": "text-only"}, "r") == {"id": "text-only"}
-    assert record["image"] == "x/1.png"  # a copy: the source's records stay as read
+    tagged = meta_lib.rooted(record, "/data/drive")
+    assert tagged == {**record, "image_root": "/data/drive"} and "image_root" not in record  # a copy
+    assert samples.located(tagged, "", "x/1.png", sample="a") == Path("/data/drive/x/1.png")
+    assert samples.located(record, "/elsewhere", "x/1.png", sample="a") == Path("/elsewhere/x/1.png")
+    for escaping in ("../1.png", "x/../../1.png", "/etc/passwd"):
+        with pytest.raises(samples.BadSample, match="image path outside image_folder"):
+            samples.located(tagged, "", escaping, sample="a")
+        assert samples.located(tagged, "", escaping, sample="a", anywhere=True)  # allowed by the setting
+    assert samples.located(tagged, "", "x/../1.png", sample="a") == Path("/data/drive/x/../1.png")  # stays inside

@@ -33,6 +33,16 @@ BAD = {  # id -> (record changes, reason)
     ),
     "no-answer": ({"conversations": [{"from": "human", "value": "<image> what ?"}]}, "tokenization mismatch"),
     "no-conv": ({"conversations": None}, "no conversations"),
+    # issue 21: these ended runs with a traceback, or were reported under another reason
+    "string-turn": ({"conversations": ["what ?\n<image>", {"from": "gpt", "value": "a cat ."}]}, "malformed turn"),
+    "empty": ({"conversations": []}, "empty conversation"),
+    "up-and-out": ({"image": "../cat.png"}, "image path outside image_folder"),
+    "absolute": ({"image": "/etc/hostname"}, "image path outside image_folder"),
+}
+LINES = {  # JSONL lines that are not records -> the reason
+    b"{not json": "unreadable JSON line",
+    b"42": "not a record",
+    b'{"id": "caf\xe9", "conversations": []}': "unreadable JSON line",  # Latin-1, not UTF-8
 }
 
 
@@ -41,9 +51,9 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(root / "cat.png")
     (root / "broken.png").write_bytes(b"\x89PNG truncated")
-    lines = [json.dumps(GOOD), json.dumps(TEXT), "{not json"]
-    lines += [json.dumps({**GOOD, "id": name, **change}) for name, (change, _) in BAD.items()]
-    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [json.dumps(GOOD).encode(), json.dumps(TEXT).encode(), *LINES]
+    lines += [json.dumps({**GOOD, "id": name, **change}).encode() for name, (change, _) in BAD.items()]
+    (root / "data.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     return root
 
 
@@ -55,22 +65,49 @@ def test_bad_records_are_counted_by_reason_and_reported(folder, tmp_path):
     report = samples.BadSamples(max_fraction=1.0)
     out = list(samples.build(samples.read_records(folder / "data.jsonl"), _make(folder), report))
     assert [int(s["has_image"]) for s in out] == [1, 0]
-    assert report.seen == 3 + len(BAD) and report.count == 1 + len(BAD)
-    want = {"unreadable JSON line": 1}
-    for _, reason in BAD.values():
+    assert report.seen == 2 + len(LINES) + len(BAD) and report.count == len(LINES) + len(BAD)
+    want = {}
+    for reason in [*LINES.values(), *(reason for _, reason in BAD.values())]:
         want[reason] = want.get(reason, 0) + 1
     assert dict(report.reasons) == want
     report.write(tmp_path / "bad.json")
     written = json.loads((tmp_path / "bad.json").read_text())
-    assert written["skipped"] == 1 + len(BAD) and any(
-        "data.jsonl:3" in s for s in written["samples"]["unreadable JSON line"]
-    )
+    assert written["skipped"] == len(LINES) + len(BAD)
+    assert any("data.jsonl:3" in s for s in written["samples"]["unreadable JSON line"])
+    assert any(s.startswith("data.jsonl:5: not UTF-8 at byte 11") for s in written["samples"]["unreadable JSON line"])
+    assert written["samples"]["not a record"] == ["data.jsonl:4: a JSON int (42) instead of an object"]
     assert any(s.startswith("corrupt: ") and "broken.png" in s for s in written["samples"]["missing or corrupt image"])
 
 
 def test_too_many_bad_records_stop_the_run(folder):
-    with pytest.raises(RuntimeError, match=r"6 of 8 samples are unusable .*missing or corrupt image: 2"):
+    bad = len(LINES) + len(BAD)
+    with pytest.raises(RuntimeError, match=rf"{bad} of {bad + 2} samples are unusable .*missing or corrupt image: 2"):
         list(samples.build(samples.read_records(folder / "data.jsonl"), _make(folder), samples.BadSamples()))
+
+
+def test_whatever_a_record_raises_makes_it_a_bad_sample_not_a_crash():
+    def make(record):
+        return {"x": np.int32(record["missing key"])}
+
+    report = samples.BadSamples(max_fraction=1.0)
+    assert list(samples.build([{"id": "k"}, 7], make, report)) == []
+    assert report.reasons == {"unusable record": 2}
+    assert report.examples["unusable record"][0] == "k: KeyError: 'missing key'"
+
+
+def test_images_above_the_pixel_cap_are_refused_before_decoding(folder):
+    make = samples.MGMSamples(TINY_MGM, tokenizer(), "chatml_direct", str(folder), max_length=40, max_image_pixels=2399)
+    with pytest.raises(samples.BadSample, match="60x40 pixels is more than the 2,399 allowed"):
+        make(GOOD)
+    assert make.__class__(**{**make.__dict__, "max_image_pixels": 2400})(GOOD)["has_image"] == 1
+
+
+def test_a_json_list_that_is_not_utf8_names_the_byte(tmp_path):
+    (tmp_path / "d.json").write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(ValueError, match="d.json: not UTF-8 at byte 12"):
+        list(samples.read_records(tmp_path / "d.json"))
+    (tmp_path / "e.json").write_bytes(b'[{"id": "a"}, 3]')
+    assert [getattr(r, "reason", r) for r in samples.read_records(tmp_path / "e.json")] == [{"id": "a"}, "not a record"]
 
 
 def test_sample_layout_and_over_length(folder):

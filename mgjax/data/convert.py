@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--meta", help="an InternVL meta file ({name: {root, annotation, repeat_time, ...}})")
     ap.add_argument("--image-folder", default="", help="--data's image root (default: the data file's folder)")
     ap.add_argument("--out", required=True, help="the folder to write (must not hold a dataset already)")
+    ap.add_argument(
+        "--allow-paths-outside",
+        action="store_true",
+        help="embed images whose paths are absolute or lead out of their folder (else: bad records)",
+    )
     ap.add_argument("--records-per-shard", type=integer(1), default=1024, help="records per ArrayRecord file")
     return ap
 
@@ -41,18 +46,20 @@ def _summary(name: str, manifest: dict, out: Path) -> str:
     )
 
 
-def convert_data(data: Path, image_folder: str, out: Path, per_shard: int) -> list[str]:
-    manifest = shards.write(samples.read_records(data), image_folder or data.parent, out, per_shard=per_shard)
+def convert_data(data: Path, image_folder: str, out: Path, per_shard: int, anywhere: bool) -> list[str]:
+    manifest = shards.write(
+        samples.read_records(data), image_folder or data.parent, out, per_shard=per_shard, anywhere=anywhere
+    )
     return [_summary(data.name, manifest, out)]
 
 
-def convert_meta(path: Path, out: Path, per_shard: int) -> list[str]:
+def convert_meta(path: Path, out: Path, per_shard: int, anywhere: bool) -> list[str]:
     sources, lines, entries = meta.read_meta(path, repeat=False), [], {}
     target = out / "meta.json"
     if target.exists():
         raise FileExistsError(f"{target} exists; write elsewhere")
     for source in sources:
-        manifest = shards.write(source.records, source.root, out / source.name, per_shard=per_shard)
+        manifest = shards.write(source.records, source.root, out / source.name, per_shard=per_shard, anywhere=anywhere)
         lines.append(_summary(source.name, manifest, out / source.name))
         options = {k: getattr(source, k) for k in meta.OPTIONAL if getattr(source, k) is not None}
         entries[source.name] = {
@@ -72,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         if args.data:
-            lines = convert_data(Path(args.data), args.image_folder, Path(args.out), args.records_per_shard)
+            lines = convert_data(
+                Path(args.data), args.image_folder, Path(args.out), args.records_per_shard, args.allow_paths_outside
+            )
         else:
-            lines = convert_meta(Path(args.meta), Path(args.out), args.records_per_shard)
+            lines = convert_meta(Path(args.meta), Path(args.out), args.records_per_shard, args.allow_paths_outside)
     except (OSError, ValueError) as e:  # a missing/unreadable input file, a malformed JSON or meta file
         print(f"error: {e}", file=sys.stderr)
         return 2

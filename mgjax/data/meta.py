@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from mgjax.data import loader, shards
+from mgjax.data import loader, samples, shards
 
 SOURCE_KEY = "source"
 
@@ -148,15 +148,11 @@ def _parse_line(where: str, annotation: Path, n: int, line: str) -> dict:
     return record
 
 
-def rooted(record: dict, root: str | os.PathLike) -> dict:
-    """A copy of ``record`` with its image path(s) under its source's ``root``, so that records of several sources
-    can share one loader (anything that is not a path is left for the loader to reject)."""
-    image = record.get("image")
-    if isinstance(image, str):
-        return {**record, "image": str(Path(root) / image)}
-    if isinstance(image, list):
-        return {**record, "image": [str(Path(root) / i) if isinstance(i, str) else i for i in image]}
-    return record
+def rooted(record: Any, root: str | os.PathLike) -> Any:
+    """A copy of ``record`` that says which folder its image paths are relative to (``samples.IMAGE_ROOT_KEY``: its
+    source's ``root``), so that records of several sources can share one loader; the paths stay as written, so
+    one leaving its root is still caught (``samples.located``)."""
+    return {**record, samples.IMAGE_ROOT_KEY: str(root)} if isinstance(record, dict) else record
 
 
 def mix(domain: Sequence[Source], general: Sequence[Source], ratio: float, seed: int = 0) -> Mixture:

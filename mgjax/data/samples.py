@@ -33,26 +33,47 @@ class BadSample(ValueError):
 
 
 def read_records(path: str | os.PathLike) -> Iterator[dict[str, Any] | BadSample]:
-    """Records of a JSON list file or a JSONL file; an unreadable JSONL line yields a ``BadSample`` naming it."""
+    """Records of a JSON list file or a JSONL file. In a JSONL file a line that is not JSON, not UTF-8 or not an
+    object yields a ``BadSample`` naming the line (and the rest is read); in a JSON list an item that is not an
+    object is one naming its index. A JSON list that cannot be read at all is a ``ValueError`` naming the file and
+    where (the byte, for bad UTF-8)."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(1)
         while head.isspace():
             head = f.read(1)
         f.seek(0)
-        if head == "[":
-            try:
-                yield from json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if head == b"[":
+            yield from _json_list(path, f.read())
             return
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as e:
-                yield BadSample(f"{path.name}:{n}", "unreadable JSON line", str(e))
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                yield _jsonl_record(path, n, raw)
+
+
+def _json_list(path: Path, raw: bytes) -> Iterator[dict[str, Any] | BadSample]:
+    try:
+        items = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for i, item in enumerate(items):
+        yield item if isinstance(item, dict) else BadSample(f"{path.name}[{i}]", "not a record", _not_object(item))
+
+
+def _jsonl_record(path: Path, n: int, raw: bytes) -> dict[str, Any] | BadSample:
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return BadSample(f"{path.name}:{n}", "unreadable JSON line", f"not UTF-8 at byte {e.start} of the line")
+    except json.JSONDecodeError as e:
+        return BadSample(f"{path.name}:{n}", "unreadable JSON line", str(e))
+    return record if isinstance(record, dict) else BadSample(f"{path.name}:{n}", "not a record", _not_object(record))
+
+
+def _not_object(item: Any) -> str:
+    return f"a JSON {type(item).__name__} ({json.dumps(item)[:80]}) instead of an object"
 
 
 class TooManyBadSamples(RuntimeError):
@@ -111,6 +132,8 @@ class MGMSamples:
     pad_to_square: bool = True
     pad_id: int = 0
     exif_transpose: bool = False  # preprocess.rgb's option; MGM does not turn images upright
+    max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS
+    allow_outside: bool = False  # image paths may leave image_folder
 
     def _image(self, record, sample: str):
         name = record.get("image")
@@ -118,8 +141,9 @@ class MGMSamples:
             return None
         if not isinstance(name, (str, preprocess.EncodedImage)):
             raise BadSample(sample, "unsupported image field", f"{name!r} (one image path per sample)")
+        path = located(record, self.image_folder, name, sample=sample, anywhere=self.allow_outside)
         try:
-            return preprocess.load_image(located(self.image_folder, name), exif_transpose=self.exif_transpose)
+            return preprocess.load_image(path, exif_transpose=self.exif_transpose, max_pixels=self.max_image_pixels)
         except preprocess.ImageError as e:
             raise BadSample(sample, "missing or corrupt image", str(e)) from None
 
@@ -130,6 +154,9 @@ class MGMSamples:
         convs = record.get("conversations")
         if not isinstance(convs, list):
             raise BadSample(sample, "no conversations", f"{type(convs).__name__} instead of a list")
+        if not convs:
+            raise BadSample(sample, "empty conversation", "no turns")
+        _check_turns(convs, sample)
         marks = sum(str(t.get("value", "")).count(templates.IMAGE) for t in convs if isinstance(t, dict))
         if marks != int(image is not None):
             raise BadSample(
@@ -187,23 +214,31 @@ class InternVLSamples:
     tile_slots: int = 13
     pad_id: int = 0
     exif_transpose: bool = False  # preprocess.rgb's option; InternVL does not turn images upright
+    max_image_pixels: int = preprocess.MAX_IMAGE_PIXELS
+    allow_outside: bool = False  # image paths may leave image_folder
 
     def _images(self, record, sample: str) -> list:
         names = record.get("image")
         names = [] if names is None else names if isinstance(names, list) else [names]
         if not all(isinstance(n, (str, preprocess.EncodedImage)) for n in names):
             raise BadSample(sample, "unsupported image field", f"{record.get('image')!r}")
+        paths = [located(record, self.image_folder, n, sample=sample, anywhere=self.allow_outside) for n in names]
         try:
             return [
-                preprocess.load_image(located(self.image_folder, n), exif_transpose=self.exif_transpose) for n in names
+                preprocess.load_image(p, exif_transpose=self.exif_transpose, max_pixels=self.max_image_pixels)
+                for p in paths
             ]
         except preprocess.ImageError as e:
             raise BadSample(sample, "missing or corrupt image", str(e)) from None
 
     def _conversations(self, record, sample: str, images: int) -> list:
         convs = record.get("conversations")
-        if not isinstance(convs, list) or not convs or not all(isinstance(t, dict) for t in convs):
+        if not isinstance(convs, list):
             raise BadSample(sample, "no conversations", f"{type(convs).__name__} instead of a list of turns")
+        if not convs:
+            raise BadSample(sample, "empty conversation", "no turns")
+        _check_turns(convs, sample)
+        _check_turns(convs, sample)
         marks = sum(str(t.get("value", "")).count(templates.IMAGE) for t in convs)
         if images == 1 and marks == 0:
             convs = [{**convs[0], "value": templates.IMAGE + "\n" + str(convs[0].get("value", ""))}, *convs[1:]]
@@ -287,9 +322,29 @@ def mgm_pixels(config: MGMConfig, image, *, pad: bool = True) -> tuple[np.ndarra
     )
 
 
-def located(folder: str, image: str | preprocess.EncodedImage) -> Path | preprocess.EncodedImage:
-    """A record's image: its path under ``folder``, or the bytes a shard carried (``data.shards``)."""
-    return image if isinstance(image, preprocess.EncodedImage) else Path(folder) / image
+def _check_turns(convs: list, sample: str) -> None:
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value", ""), str):
+            raise BadSample(sample, "malformed turn", f"turn {i} is {json.dumps(turn)[:80]}, not {{from, value}}")
+
+
+IMAGE_ROOT_KEY = "image_root"  # set by meta.rooted: the folder a record's image paths are relative to
+
+
+def located(record: dict, folder: str, image: str | preprocess.EncodedImage, *, sample: str, anywhere: bool = False):
+    """A record's image: its path under its folder (``IMAGE_ROOT_KEY``, else ``folder``), or the bytes a shard
+    carried (``data.shards``). A path that leaves the folder (absolute, or ``..`` past it) is a bad sample unless
+    ``anywhere`` (``data.allow_paths_outside_image_folder``)."""
+    if isinstance(image, preprocess.EncodedImage):
+        return image
+    if not anywhere and escapes(image):
+        raise BadSample(sample, "image path outside image_folder", f"{image!r} (data.allow_paths_outside_image_folder)")
+    return Path(record.get(IMAGE_ROOT_KEY) or folder) / image
+
+
+def escapes(name: str) -> bool:
+    """Whether a relative image path leads out of its folder: absolute, or up past it with ``..``."""
+    return os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir
 
 
 class Safe:
@@ -305,6 +360,9 @@ class Safe:
             return self.make(record)
         except BadSample as bad:
             return bad
+        except Exception as e:  # one record never ends a run: whatever it raises, it is counted and reported
+            sample = str(record.get("id", "?")) if isinstance(record, dict) else "?"
+            return BadSample(sample, "unusable record", f"{type(e).__name__}: {e}")
 
 
 def tally(items: Iterable, report: BadSamples) -> Iterator[dict[str, np.ndarray]]:

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 from etils import epath
 
 from mgjax.data import loader, preprocess
-from mgjax.data.samples import BadSample
+from mgjax.data.samples import BadSample, escapes
 
 MAGIC = b"MGJXR1"
 FORMAT = "mgjax-shards/1"
@@ -168,10 +168,18 @@ def read_manifest(path: epath.Path) -> dict:
     return manifest
 
 
-def write(records: Iterable[dict | BadSample], image_folder: str | Path, out: str | Path, *, per_shard: int) -> dict:
+def write(
+    records: Iterable[dict | BadSample],
+    image_folder: str | Path,
+    out: str | Path,
+    *,
+    per_shard: int,
+    anywhere: bool = False,
+) -> dict:
     """Write ``records`` (with the files their ``image`` fields name under ``image_folder``) as a shard dataset in
-    ``out``, ``per_shard`` records a file; returns the manifest. Records the loader would reject for a missing
-    image or an unreadable line are kept as bad entries (``encode_bad``); the manifest counts them by reason."""
+    ``out``, ``per_shard`` records a file; returns the manifest. Records the loader would reject (a missing
+    image, an unreadable line or an image path leaving ``image_folder`` unless ``anywhere``) are kept as bad entries
+    (``encode_bad``); the manifest counts them by reason."""
     if per_shard < 1:
         raise ValueError(f"records per shard must be at least 1, not {per_shard}")
     out, folder = Path(out), Path(image_folder)
@@ -183,7 +191,7 @@ def write(records: Iterable[dict | BadSample], image_folder: str | Path, out: st
         if writer is None or counts[-1] == per_shard:
             writer = _next_shard(writer, out, len(counts))
             counts.append(0)
-        entry = _entry(record, folder)
+        entry = _entry(record, folder, anywhere)
         if isinstance(entry, BadSample):
             bad[entry.reason] += 1
             entry = encode_bad(entry)
@@ -213,12 +221,16 @@ def _next_shard(writer, out: Path, n: int):
     return ArrayRecordWriter(str(out / f"records-{n:05d}.partial"), "group_size:1")
 
 
-def _entry(record: Any, folder: Path) -> bytes | BadSample:
+def _entry(record: Any, folder: Path, anywhere: bool) -> bytes | BadSample:
     if isinstance(record, BadSample):
         return record
     if not isinstance(record, dict):
         return BadSample("?", "not a record", f"{type(record).__name__} instead of a JSON object")
     names = image_names(record) or []
+    outside = [n for n in names if escapes(n)]
+    if outside and not anywhere:
+        sample = str(record.get("id", "?"))
+        return BadSample(sample, "image path outside image_folder", f"{outside[0]!r} (--allow-paths-outside)")
     try:
         images = [(folder / name).read_bytes() for name in names]
     except OSError as e:

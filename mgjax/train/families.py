@@ -236,6 +236,8 @@ class MGM:
             pad_to_square=d.pad_to_square,
             pad_id=tok.pad_token_id or 0,
             exif_transpose=d.exif_transpose,
+            max_image_pixels=d.max_image_pixels,
+            allow_outside=d.allow_paths_outside_image_folder,
         )
         records = read_records(d.path)
         lengths = loader.lengths(records, model.config.tokens_per_image) if d.group_by_length else None
@@ -339,6 +341,8 @@ class InternVL:
             tile_slots=_sample_tiles(d),
             pad_id=tok.pad_token_id or 0,
             exif_transpose=d.exif_transpose,
+            max_image_pixels=d.max_image_pixels,
+            allow_outside=d.allow_paths_outside_image_folder,
         )
 
     def data(self, c, model, tok, out: Path) -> Data:

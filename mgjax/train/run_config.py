@@ -111,6 +111,14 @@ class DataSection:
     )
     max_length: int = field(default=2048, metadata={"min": 1})
     pad_to_square: bool = field(default=True, metadata={"help": "stage 2 pads to square; stage 1 crops"})
+    max_image_pixels: int = field(
+        default=50_000_000,
+        metadata={"min": 1, "help": "an image of more pixels is a bad sample, refused before it is decoded"},
+    )
+    allow_paths_outside_image_folder: bool = field(
+        default=False,
+        metadata={"help": "image paths may be absolute or lead out of image_folder (else: bad samples)"},
+    )
     exif_transpose: bool = field(
         default=False,
         metadata={"help": "turn images upright by their EXIF orientation first (MGM and InternVL do not)"},
