@@ -240,14 +240,15 @@ def test_every_kind_of_bad_sample_is_reported_and_training_goes_on(tmp_path):
     for name, (_, reason) in bad.items():
         assert any(s.startswith(f"{name}: ") for s in report[reason]), (name, report)
     assert any("data.jsonl:15" in s for s in report["unreadable JSON line"])
-    # the same file as ArrayRecord shards (python -m mgjax.data.convert): the same losses and the same report
+    # the same file as ArrayRecord shards (python -m mgjax.data.convert), stopped at step 2 and resumed: the same
+    # losses, and the same report, whole (issue 21: a resume overwrote it with its own part)
     assert convert.main(["--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "shards")]) == 0
     sharded = tmp_path / "run_shards"
-    assert (
-        _run(sharded, "--set", f"data.path={tmp_path / 'shards'}", "--set", "data.max_bad_fraction=0.5", steps=4) == 0
-    )
+    sets = ["--set", f"data.path={tmp_path / 'shards'}", "--set", "checkpoint.every=2"]
+    assert _run(sharded, *sets, "--set", "data.max_bad_fraction=0.5", steps=2) == 0
+    assert _run(sharded, *sets, "--set", "data.max_bad_fraction=0.5", "--resume", steps=4) == 0
+    assert [x["step"] for x in _metrics(sharded)] == [1, 2, 3, 4]  # no gaps, no repeats
     assert [x["loss"] for x in _metrics(sharded)] == [x["loss"] for x in _metrics(out)]
-    assert (
-        json.loads((sharded / "bad_samples.json").read_text())["by_reason"]
-        == json.loads((out / "bad_samples.json").read_text())["by_reason"]
-    )
+    whole, resumed = (json.loads((d / "bad_samples.json").read_text()) for d in (out, sharded))
+    ids = lambda report: {r: [s.split(":")[0] for s in found] for r, found in report["samples"].items()}  # noqa: E731
+    assert (resumed["seen"], resumed["by_reason"], ids(resumed)) == (whole["seen"], whole["by_reason"], ids(whole))

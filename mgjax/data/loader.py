@@ -14,6 +14,7 @@ padded lengths that holds its longest row (a handful of compiled shapes instead 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, Callable, Iterator
 
@@ -176,14 +177,25 @@ class Batches:
         return out
 
     def get_state(self) -> dict:
-        """Every process's position: a collective, so all processes call it together. A sample the packer holds
-        for its next row counts as unread."""
-        read = [self.read - (self.pack is not None and self._rows.pending is not None)]
+        """Every process's position and bad-sample tally: a collective, so all processes call it together. A
+        sample the packer holds for its next row counts as unread (and unseen)."""
+        held = int(self.pack is not None and self._rows.pending is not None)
+        report = self.report.state()
+        report["seen"] -= held
+        read, reports = [self.read - held], [report]
         if self.process_count > 1:
             read = multihost_utils.process_allgather(np.array(read, np.int64)).reshape(-1).tolist()
-        return {"read": read, "batches": self.served}
+            reports = _allgather_json(report)
+        return {"read": read, "batches": self.served, "reports": reports}
 
     def set_state(self, state: dict) -> None:
+        """Continue where ``state`` was taken; the tally too, this process's own (with another process count, the
+        first process takes over every process's tally, so the run's totals stay whole)."""
+        reports = state.get("reports", [])  # absent from checkpoints written before the tally was kept
+        if len(reports) == self.process_count:
+            self.report.restore(reports[self.process_index])
+        elif reports and self.process_index == 0:
+            self.report.restore(_merged(reports))
         read = state["read"]
         if len(read) == self.process_count:
             offset = read[self.process_index]
@@ -193,3 +205,24 @@ class Batches:
             offset = state["batches"] * self.batch
         self._start(offset)
         self.served = state["batches"]
+
+
+def _allgather_json(value) -> list:
+    """``value`` (JSON-able) from every process, in process order."""
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([raw.size], np.int64)).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: raw.size] = raw
+    every = multihost_utils.process_allgather(padded).reshape(len(sizes), -1)
+    return [json.loads(row[:n].tobytes()) for row, n in zip(every, sizes)]
+
+
+def _merged(reports: list[dict]) -> dict:
+    merged = {"seen": 0, "reasons": {}, "examples": {}}
+    for r in reports:
+        merged["seen"] += r["seen"]
+        for reason, n in r["reasons"].items():
+            merged["reasons"][reason] = merged["reasons"].get(reason, 0) + n
+        for reason, found in r["examples"].items():
+            merged["examples"].setdefault(reason, []).extend(found)
+    return merged

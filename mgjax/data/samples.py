@@ -111,6 +111,14 @@ class BadSamples:
                 + " (see the bad-sample report)"
             )
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of the tally, so that a resumed run's report is the uninterrupted run's."""
+        return {"seen": self.seen, "reasons": dict(self.reasons), "examples": self.examples}
+
+    def restore(self, state: dict) -> None:
+        self.seen, self.reasons = state["seen"], Counter(state["reasons"])
+        self.examples = {reason: list(found) for reason, found in state["examples"].items()}
+
     def write(self, path: str | os.PathLike) -> None:
         report = {"seen": self.seen, "skipped": self.count, "by_reason": dict(self.reasons), "samples": self.examples}
         tmp = Path(f"{path}.tmp")

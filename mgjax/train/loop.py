@@ -19,7 +19,7 @@ from mgjax.data import loader, samples
 from mgjax.nn import params
 from mgjax.parallel import mesh as mesh_lib
 from mgjax.train import families, flops, optim, run_dir
-from mgjax.train.checkpoint import Checkpoints
+from mgjax.train.checkpoint import CheckpointError, Checkpoints
 from mgjax.train.metrics import JsonlSink, Metrics, ProgressSink, TensorBoardSink, Throughput, loss_plot, losses
 from mgjax.train.run_config import RunConfig
 from mgjax.train.run_dir import RunDir
@@ -164,7 +164,10 @@ def run(c: RunConfig, resume: bool, or_start: bool = False) -> dict[str, dict]:
     ckpts = Checkpoints(where.checkpoints, keep=c.checkpoint.keep)
     scores, start = {}, 0
     if resume and ckpts.latest() is not None:
-        start, state = ckpts.restore(model, opt)
+        try:
+            start, state = ckpts.restore(model, opt)
+        except CheckpointError as e:
+            raise SetupError(str(e)) from None
         batches.set_state(state)
         print(f"resumed from step {start}")
     elif c.eval.at_start and data.eval_records is not None:
@@ -205,6 +208,8 @@ def run(c: RunConfig, resume: bool, or_start: bool = False) -> dict[str, dict]:
                 pending = None
                 ckpts.save(step, model, opt, batches.get_state())
                 metrics.last_saved = step
+                metrics.sync()
+                report.write(out / bad_file)  # as of this checkpoint, which carries the tally for a resume
                 where.push()
             if stop:
                 progress.note(f"{stop[0]}: saved step {step}; resume with --resume")
