@@ -1,6 +1,7 @@
 """``mgjax.inference.chat``: multi-turn conversations with images attached mid-way, streamed answers equal to plain
 greedy decoding of the same prompt, and the terminal command."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -58,8 +59,12 @@ def test_turns_stream_the_greedy_answer_and_keep_the_history(chat_parts):
 
 def test_command_line_session(chat_parts, tmp_path):
     _, _, path = chat_parts
+    png = bytearray((path / "cat.png").read_bytes())
+    png[png.index(b"IDAT") + 12] ^= 0xFF  # a damaged chunk
+    (tmp_path / "bad_chunk.png").write_bytes(bytes(png))
     session = (
-        f"what is this ?\n/image {path / 'cat.png'}\nwhat ?\n/reset\n/image {tmp_path / 'missing.png'}\nhi\n/quit\n"
+        f"what is this ?\n/image {path / 'cat.png'}\nwhat ?\n/reset\n/image {tmp_path / 'missing.png'}\n"
+        f"/image {tmp_path / 'bad_chunk.png'}\nhi\n/quit\n"
     )
     run = subprocess.run(
         [sys.executable, "-m", "mgjax.chat", "--model", str(path), "--max-new-tokens", "4"],
@@ -71,6 +76,7 @@ def test_command_line_session(chat_parts, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("model> ") == 3 and "(new conversation)" in run.stdout
     assert "missing.png" in run.stderr  # a bad image is reported and the chat goes on
+    assert "bad_chunk.png: cannot read image" in run.stderr and "Traceback" not in run.stderr
     # the first message of each conversation went without an image (the one after /reset: its image was missing)
     assert run.stderr.count("warning: InternVLChatModel was given no image (/image PATH attaches one") == 2
 
@@ -85,3 +91,18 @@ def test_help_explains_every_flag_and_shows_defaults(capsys):
 def test_a_missing_model_directory_names_the_flag(tmp_path, capsys):
     assert chat_cli.main(["--model", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err == f"error: --model {tmp_path / 'nowhere'}: no such directory\n"
+
+
+def test_the_context_bounds_prompts_and_answers(chat_parts, monkeypatch, capsys):
+    """Issue 21: a prompt past the model's context was answered silently."""
+    model, tok, _ = chat_parts
+    lm = model.language_model
+    monkeypatch.setattr(lm, "config", dataclasses.replace(lm.config, max_position_embeddings=40))
+    chat = Chat(model, tok, "Hermes-2", max_new_tokens=30)
+    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens, the model's context 40"):
+        list(chat.say("what is this ? " * 12))
+    assert chat.turns == []  # the conversation is as it was
+    answer = "".join(chat.say("what is this ?"))
+    prompt = conversation_inputs(model, tok, "Hermes-2", [{"from": "human", "value": "what is this ?"}], [])[0]
+    assert f"warning: the answer is cut to {40 - prompt.shape[1]} tokens" in capsys.readouterr().err
+    assert len(tok(answer)["input_ids"]) <= 40 - prompt.shape[1] + 1 and len(chat.turns) == 2

@@ -22,6 +22,7 @@ from mgjax.inference import decoding, imagegen
 from mgjax.inference.generate import (
     TEMPLATE_HELP,
     add_model_arguments,
+    answer_budget,
     conversation_inputs,
     default_template,
     load_model,
@@ -60,14 +61,13 @@ class Chat:
         text = imagegen.ask_for_image(text) if self.gen else text
         turns, images = [*self.turns, {"from": "human", "value": text}], [*self.images, *self.pending]
         ids, image_args = conversation_inputs(self.model, self.tokenizer, self.template, turns, images)
+        budget = answer_budget(self.model, ids.shape[1], self.max_new_tokens)
         ids = jnp.asarray(ids, jnp.int32)
         lm = getattr(self.model, "language_model", self.model)
         embeds = self.model.embed(ids, **image_args) if image_args else None
         stops = stop_ids(self.tokenizer, self.template)
         tokens, shown = [], ""
-        for step in decoding.stream(
-            lm, ids, self.max_new_tokens, inputs_embeds=embeds, sampling=self.sampling, stop_ids=stops
-        ):
+        for step in decoding.stream(lm, ids, budget, inputs_embeds=embeds, sampling=self.sampling, stop_ids=stops):
             tokens.append(int(step[0]))
             answer = self.tokenizer.decode(decoding.cut(tokens, stops), skip_special_tokens=True)
             if answer.startswith(shown) and answer != shown:  # a byte-level piece may complete a character later

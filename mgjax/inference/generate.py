@@ -83,6 +83,25 @@ def warn_without_image(model, hint: str) -> None:
         )
 
 
+def answer_budget(model, prompt_tokens: int, max_new_tokens: int) -> int:
+    """``max_new_tokens``, cut (with a warning) to what the model's context leaves after the prompt; a prompt that
+    fills the context is a ``ValueError`` (it was answered from positions the model never trained on)."""
+    lm = getattr(model, "language_model", model)
+    context = lm.config.max_position_embeddings
+    if prompt_tokens >= context:
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens, the model's context {context} (max_position_embeddings): "
+            "shorten the prompt or the conversation"
+        )
+    if prompt_tokens + max_new_tokens > context:
+        print(
+            f"warning: the answer is cut to {context - prompt_tokens} tokens: the prompt's {prompt_tokens} fill the "
+            f"rest of the model's context of {context}",
+            file=sys.stderr,
+        )
+    return min(max_new_tokens, context - prompt_tokens)
+
+
 def default_template(model, tokenizer) -> str | None:
     """The conversation template a model was trained with (None: a plain LM, prompts sent as they are)."""
     c = model.config
@@ -209,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             else (None if args.template == "none" else args.template)
         )
         ids, image_args = _inputs(model, tokenizer, template, args.prompt, image)
+        budget = answer_budget(model, ids.shape[1], args.max_new_tokens)
         sampling = Sampling(
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams, seed=args.seed
         )
@@ -222,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     embeds = model.embed(ids, **image_args) if image_args else None
     stops = stop_ids(tokenizer, template)
     if sampling.num_beams > 1:
-        new = beam_search(lm, ids, args.max_new_tokens, sampling=sampling, inputs_embeds=embeds, stop_ids=stops)[0]
+        new = beam_search(lm, ids, budget, sampling=sampling, inputs_embeds=embeds, stop_ids=stops)[0]
     else:
-        out = generate(lm, ids, args.max_new_tokens, inputs_embeds=embeds, sampling=sampling, stop_ids=stops)
+        out = generate(lm, ids, budget, inputs_embeds=embeds, sampling=sampling, stop_ids=stops)
         new = np.asarray(out)[0, ids.shape[1] :].tolist()
     print(tokenizer.decode(cut(new, stops), skip_special_tokens=True))
     return 0
