@@ -292,9 +292,10 @@ def test_an_internvl_plan_needs_the_release(capsys):
     assert code == 2 and "model.release" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_the_estimate_is_within_15_percent_of_the_tpu_compiler_for_a_tiny_internvl():
     """The InternVL demo's model at bf16 under full remat, packed rows weighted as Mini-InternVL's recipe
-    (square), on v5p-8."""
+    (square), on v5p-8 (slow: 60-110 s of compiling; the tiny MGM's check runs by default)."""
     c = cfg.load(
         RunConfig,
         INTERNVL / "demo_general.yaml",

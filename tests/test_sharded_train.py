@@ -17,7 +17,6 @@ MESHES = {
     "pallas_mining": [dict(data=2, fsdp=4)],  # the kernel (interpreted here) runs per batch shard
     "splash": [dict(data=2, fsdp=2, tensor=2)],  # per batch and head shard
     "mixtral_megablox": [dict(fsdp=2, expert=4)],  # each device its experts, on its expert group's tokens
-    "remat_save_qkv_context": [dict(data=2, fsdp=4)],
     "remat_minimal": [dict(fsdp=4, tensor=2)],
 }
 MORE_MESHES = {
@@ -25,7 +24,7 @@ MORE_MESHES = {
     "mixtral": [dict(data=2, fsdp=1, expert=4)],
     **{
         f"remat_{p}": [dict(data=2, fsdp=4)]
-        for p in ("none", "full_offload", "save_qkv", "save_dot_except_mlp", "dots")
+        for p in ("none", "full_offload", "save_qkv", "save_qkv_context", "save_dot_except_mlp", "dots")
     },
 }
 
