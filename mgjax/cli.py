@@ -1,9 +1,10 @@
-"""What every ``python -m mgjax.<command>`` line shares."""
+"""What every ``python -m mgjax.<command>`` line shares: its help format, typed numeric flags, the compilation cache."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -49,3 +50,26 @@ def number(lo: float, hi: float | None = None):
 
 def _range(lo, hi) -> str:
     return f">= {lo}" if hi is None else f"from {lo} to {hi}"
+
+
+CACHE_ENV = "MGJAX_COMPILATION_CACHE"
+
+
+def compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache for this command, so a second run of it loads its programs
+    instead of compiling them (``generate`` on the demo's model: most of a call is compiling). The folder:
+    ``$MGJAX_COMPILATION_CACHE`` (``off`` disables it), else ``$XDG_CACHE_HOME/mgjax/jax`` (``~/.cache``); JAX's own
+    ``JAX_COMPILATION_CACHE_DIR``, when set, wins. Returns the folder in use, or None."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    choice = os.environ.get(CACHE_ENV, "")
+    if choice.lower() in ("off", "0", "false", "no"):
+        return None
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = choice or os.path.join(home, "mgjax", "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    # every program, however quick to compile: a command's start-up is many small ones (JAX keeps those over 1 s)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path

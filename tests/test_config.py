@@ -61,3 +61,25 @@ def test_describe_lists_every_field():
     assert "data.max_length: int = 2048" in lines
     assert "optim.lr: float = 2e-05  # >= 0" in lines
     assert any(line.startswith("steps: ") and "# None: one epoch" in line for line in lines)
+
+
+def test_commands_turn_on_a_persistent_compilation_cache(monkeypatch, tmp_path):
+    import jax
+
+    from mgjax import cli
+
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    try:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.delenv(cli.CACHE_ENV, raising=False)
+        assert cli.compilation_cache() == str(tmp_path / "mgjax" / "jax") == jax.config.jax_compilation_cache_dir
+        monkeypatch.setenv(cli.CACHE_ENV, str(tmp_path / "mine"))
+        assert cli.compilation_cache() == str(tmp_path / "mine")
+        monkeypatch.setenv(cli.CACHE_ENV, "off")
+        assert cli.compilation_cache() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax's own"))
+    assert cli.compilation_cache() == str(tmp_path / "jax's own")

@@ -1,5 +1,6 @@
 """``python -m mgjax.generate`` on tiny converted checkpoints, and greedy decoding with images against transformers."""
 
+import os
 import subprocess
 import sys
 
@@ -48,8 +49,11 @@ def test_greedy_with_an_image_matches_transformers_generate(internvl_dir):
     np.testing.assert_array_equal(ours, want)
 
 
-def test_command_line_from_a_fresh_process(internvl_dir):
+def test_command_line_from_a_fresh_process(internvl_dir, tmp_path):
+    """... with the persistent compilation cache a command turns on (the suite's own cache set aside)."""
     _, path = internvl_dir
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["MGJAX_COMPILATION_CACHE"] = str(tmp_path / "cache")
     run = subprocess.run(
         [
             sys.executable,
@@ -67,10 +71,12 @@ def test_command_line_from_a_fresh_process(internvl_dir):
         capture_output=True,
         text=True,
         timeout=600,
+        env=env,
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.endswith("\n") and "error" not in run.stderr  # a random model's words: any text will do
     assert "no image" not in run.stderr
+    assert any((tmp_path / "cache").iterdir())  # the compiled programs, for the next call
 
 
 def test_bad_inputs_exit_with_a_clear_message(internvl_dir, tmp_path, capsys):

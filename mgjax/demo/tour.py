@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 import mgjax
-from mgjax.cli import HelpFormatter, integer
+from mgjax.cli import HelpFormatter, compilation_cache, integer
 from mgjax.demo import grounding_task, mgm_task
 from mgjax.inference.decoding import greedy
 from mgjax.models.clip import CLIPVisionConfig
@@ -161,6 +161,7 @@ def main(argv=None) -> None:
         "--seed", type=integer(0, 2**32 - 1), default=0, help="seed of every model's random weights and of the prompt"
     )
     args = ap.parse_args(argv)
+    compilation_cache()
     print(f"mgjax {mgjax.__version__} on {jax.devices()[0].platform}: tiny random models, no downloads")
     with tempfile.TemporaryDirectory() as tmp:
         print("[1/3] vision towers")

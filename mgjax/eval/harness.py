@@ -20,7 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from mgjax.cli import HelpFormatter, integer, number
+from mgjax.cli import HelpFormatter, compilation_cache, integer, number
 from mgjax.data import preprocess, samples, templates
 from mgjax.eval import scoring
 from mgjax.inference import decoding
@@ -172,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    compilation_cache()
     data, out = Path(args.data), Path(args.out or f"runs/eval/{args.task}")
     try:
         records = read_jsonl(_named(data / "questions.jsonl", "--data"))

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import jax.numpy as jnp
 
-from mgjax.cli import HelpFormatter, integer, number
+from mgjax.cli import HelpFormatter, compilation_cache, integer, number
 from mgjax.data import preprocess, templates
 from mgjax.inference import decoding, imagegen
 from mgjax.inference.generate import (
@@ -127,6 +127,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    compilation_cache()
     try:
         model, tokenizer = load_model(args)
         chat = Chat(

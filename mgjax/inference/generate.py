@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgjax.cli import HelpFormatter, integer, number
+from mgjax.cli import HelpFormatter, compilation_cache, integer, number
 from mgjax.data import preprocess, samples, templates
 from mgjax.inference.decoding import Sampling, beam_search, cut, generate
 from mgjax.models import mgm_towers
@@ -219,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    compilation_cache()
     try:
         model, tokenizer = load_model(args)
         image = preprocess.load_image(args.image, exif_transpose=args.exif_transpose) if args.image else None

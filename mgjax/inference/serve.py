@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mgjax.cli import HelpFormatter, integer, number
+from mgjax.cli import HelpFormatter, compilation_cache, integer, number
 from mgjax.data import preprocess, templates
 from mgjax.inference import decoding
 from mgjax.inference.generate import (
@@ -417,6 +417,7 @@ def _listen(service: Service, host: str, port: int) -> ThreadingHTTPServer:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    compilation_cache()
 
     from pathlib import Path  # noqa: PLC0415
 

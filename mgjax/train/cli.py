@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 
 from mgjax import config as cfg
-from mgjax.cli import HelpFormatter
+from mgjax.cli import HelpFormatter, compilation_cache
 from mgjax.demo import mgm_task
 from mgjax.parallel import distributed
 from mgjax.train import families, run_dir
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         help="read and check the run config (fields, values, stage, freeze patterns), then exit",
     )
     args = ap.parse_args(argv)
+    compilation_cache()
     try:  # config errors, missing model or data files, unreadable JSON, too many bad samples: one line, exit 2
         c = cfg.load(RunConfig, args.config, args.set)
         family = families.family(c.model.family)
