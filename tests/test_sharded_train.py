@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 
-MESHES = {
-    "llama": [dict(data=2, fsdp=4), dict(data=2, fsdp=2, tensor=2)],
-    "mixtral": [dict(fsdp=2, expert=4)],
+MESHES = {  # the default run: each axis, the kernels under a mesh, a remat policy
+    "llama": [dict(data=2, fsdp=4)],
     "pallas_mining": [dict(data=2, fsdp=4)],  # the kernel (interpreted here) runs per batch shard
     "splash": [dict(data=2, fsdp=2, tensor=2)],  # per batch and head shard
     "mixtral_megablox": [dict(fsdp=2, expert=4)],  # each device its experts, on its expert group's tokens
     "remat_minimal": [dict(fsdp=4, tensor=2)],
 }
 MORE_MESHES = {
-    "llama": [dict(data=8, fsdp=1), dict(fsdp=8)],
-    "mixtral": [dict(data=2, fsdp=1, expert=4)],
+    "llama": [dict(data=8, fsdp=1), dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)],
+    "mixtral": [dict(fsdp=2, expert=4), dict(data=2, fsdp=1, expert=4)],
     **{
         f"remat_{p}": [dict(data=2, fsdp=4)]
         for p in ("none", "full_offload", "save_qkv", "save_qkv_context", "save_dot_except_mlp", "dots")

@@ -111,7 +111,7 @@ FSDP, FSDP_TENSOR = dict(fsdp=4), dict(fsdp=2, tensor=2)
 @pytest.mark.parametrize(
     "gen, sizes",
     _cases(
-        [("v4", FSDP), ("v5e", FSDP_TENSOR), ("v5p", FSDP), ("v6e", FSDP_TENSOR)],
+        [("v5e", FSDP_TENSOR), ("v5p", FSDP)],  # v4 and v6e (16-28 s each) in the slow run
         [(g, s) for g in SLICES for s in (FSDP, FSDP_TENSOR)],
     ),
 )
