@@ -120,9 +120,8 @@ class Shards(Sequence):
         manifest = read_manifest(self.path)
         self.files = [str(self.path / s["path"]) for s in manifest["shards"]]
         self._source = ArrayRecordDataSource(self.files)
-        self._counts = [s["records"] for s in manifest["shards"]]
         self._sizes = [tuple(x) for x in manifest["sizes"]]
-        if len(self._source) != sum(self._counts):
+        if len(self._source) != len(self._sizes):
             raise ValueError(f"{self.path}: the shards hold {len(self._source)} records, the manifest says {len(self)}")
 
     def __len__(self) -> int:
