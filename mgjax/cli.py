@@ -55,6 +55,11 @@ def _range(lo, hi) -> str:
 CACHE_ENV = "MGJAX_COMPILATION_CACHE"
 
 
+def cache_home() -> str:
+    """The user's cache folder: ``$XDG_CACHE_HOME``, else ``~/.cache``."""
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
 def compilation_cache() -> str | None:
     """Turn on JAX's persistent compilation cache for this command, so a second run of it loads its programs
     instead of compiling them (``generate`` on the demo's model: most of a call is compiling). The folder:
@@ -67,8 +72,7 @@ def compilation_cache() -> str | None:
     choice = os.environ.get(CACHE_ENV, "")
     if choice.lower() in ("off", "0", "false", "no"):
         return None
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = choice or os.path.join(home, "mgjax", "jax")
+    path = choice or os.path.join(cache_home(), "mgjax", "jax")
     jax.config.update("jax_compilation_cache_dir", path)
     # every program, however quick to compile: a command's start-up is many small ones (JAX keeps those over 1 s)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -76,9 +76,9 @@ def load_image(
 ) -> Image.Image:
     """Open an image file (or an ``EncodedImage``'s bytes) as RGB (``rgb``), or raise ``ImageError`` naming it.
     An image of more than ``max_pixels`` is refused from its header, before anything is decoded."""
-    source = io.BytesIO(path.data) if isinstance(path, EncodedImage) else path
+    source = path
     if isinstance(path, EncodedImage):
-        path = path.name
+        source, path = io.BytesIO(path.data), path.name
     try:
         with Image.open(source) as img:  # a copy: the opened image dies with its file
             if img.width * img.height > max_pixels:

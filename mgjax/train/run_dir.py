@@ -14,6 +14,8 @@ from pathlib import Path
 
 from etils import epath
 
+from mgjax.cli import cache_home
+
 CHECKPOINTS = "checkpoints"
 
 
@@ -27,8 +29,7 @@ def join(directory: str, name: str) -> str:
 
 
 def default_mirror(uri: str) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "mgjax" / "runs" / uri.split("://", 1)[1].strip("/")
+    return Path(cache_home()) / "mgjax" / "runs" / uri.split("://", 1)[1].strip("/")
 
 
 class RunDir:
