@@ -1,5 +1,5 @@
 """Patch info mining's window attention against the memory roofline: the Pallas kernel and the XLA reference side
-by side, plus the shared-norm K/V projection against MGM's two separate ones.
+by side, plus the K/V heads over MGM's concatenated HR map against the same heads stage by stage.
 
     python bench/mining_attention.py [--channels 1024] [--window 2 4 8] [--dtype bfloat16 float32]
                                      [--min-bytes 1e9] [--images 16] [--repeats 20]
@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 from timing import median_seconds  # bench/timing.py: the script's folder is on sys.path
 
-from mgjax.models import mining
-from mgjax.models.mgm import PreNormLinear, shared_norm_projections
+from mgjax.models import hr_projection, mining
+from mgjax.models.hr_projection import PreNormLinear
+from mgjax.nn import resize
 
 DATASHEET_BANDWIDTH = {
     "H100": 3.35e12,
@@ -38,6 +39,7 @@ DATASHEET_BANDWIDTH = {
     "TPU v6 lite": 1.64e12,
 }
 TOKENS_PER_IMAGE = 576
+CONVNEXT_L = (192, 384, 768, 1536)  # stage widths: MGM's HR map has 2880 channels
 
 
 def datasheet() -> float | None:
@@ -84,24 +86,39 @@ def bench_attention(m: int, c: int, dtype, tokens: int, repeats: int, peak, copy
         print(row(f"{backend} forward+backward", median_seconds(grad, q, k, v, repeats=repeats), backward, peak, copy))
 
 
-def bench_projection(channels_in: int, c: int, side: int, images: int, dtype, repeats: int) -> None:
-    """MGM's two LayerNorm+Linear heads over the HR map against one pass with the norms folded in."""
+def bench_projection(widths: tuple[int, ...], c: int, side: int, images: int, dtype, repeats: int) -> None:
+    """MGM's two LayerNorm+Linear heads over the resized, concatenated HR map against the same heads evaluated
+    stage by stage (``hr_projection``), forward and weight gradients, from the ConvNeXt stage maps."""
     rngs = nnx.Rngs(0)
-    heads = [PreNormLinear(channels_in, c, dtype=dtype, param_dtype=jnp.float32, rngs=rngs) for _ in range(2)]
+    heads = [PreNormLinear(sum(widths), c, dtype=dtype, param_dtype=jnp.float32, rngs=rngs) for _ in range(2)]
     for i, h in enumerate(heads):  # trained norms are not the identity: make the folding do something
-        h.norm.weight[...] = 1 + 0.1 * jax.random.normal(jax.random.key(10 + i), (channels_in,))
-        h.norm.bias[...] = 0.1 * jax.random.normal(jax.random.key(20 + i), (channels_in,))
-    x = jax.random.normal(jax.random.key(1), (images, side, side, channels_in), dtype)
-    separate = jax.jit(lambda heads, x: [h(x) for h in heads])
-    shared = jax.jit(lambda heads, x: shared_norm_projections(x, *heads))
-    a, b = median_seconds(separate, heads, x, repeats=repeats), median_seconds(shared, heads, x, repeats=repeats)
+        h.norm.weight[...] = 1 + 0.1 * jax.random.normal(jax.random.key(10 + i), (sum(widths),))
+        h.norm.bias[...] = 0.1 * jax.random.normal(jax.random.key(20 + i), (sum(widths),))
+    keys = jax.random.split(jax.random.key(1), len(widths))
+    shapes = [(images, side >> i, side >> i, w) for i, w in enumerate(widths)]
+    stages = [jax.random.normal(k, shape, dtype) for k, shape in zip(keys, shapes)]
+
+    def mgm(heads, stages):
+        maps = [stages[0].astype(dtype)] + [resize.bilinear(s, side, side).astype(dtype) for s in stages[1:]]
+        full = jnp.concatenate(maps, -1)
+        return [h(full) for h in heads]
+
+    def staged(heads, stages):
+        return hr_projection.project(stages, hr_projection.upsampling(stages), heads)
+
+    def timed(fn):
+        loss = lambda heads, stages: sum(jnp.sum(o.astype(jnp.float32)) for o in fn(heads, stages))  # noqa: E731
+        return median_seconds(jax.jit(jax.grad(loss)), heads, stages, repeats=repeats)
+
+    a, b = timed(mgm), timed(staged)
     err = max(
         float(jnp.max(jnp.abs(p.astype(jnp.float32) - r.astype(jnp.float32))))
-        for p, r in zip(shared(heads, x), separate(heads, x))
+        for p, r in zip(jax.jit(staged)(heads, stages), jax.jit(mgm)(heads, stages))
     )
     print(
-        f"K/V projection of a [{images}, {side}, {side}, {channels_in}] {jnp.dtype(dtype).name} map -> 2 x {c}: "
-        f"separate {a * 1e3:.2f} ms, shared norm {b * 1e3:.2f} ms, ratio {a / b:.2f}x, max-abs diff {err:.1e}"
+        f"K/V heads over a [{images}, {side}, {side}, {sum(widths)}] {jnp.dtype(dtype).name} HR map -> 2 x {c}, "
+        f"forward + weight gradients: MGM's concatenated map {a * 1e3:.2f} ms, stage by stage {b * 1e3:.2f} ms, "
+        f"ratio {a / b:.2f}x, max-abs diff {err:.1e}"
     )
 
 
@@ -130,7 +147,7 @@ def main(argv=None) -> None:
             large = int(-(-args.min_bytes // per_token))
             for tokens in (large, args.images * TOKENS_PER_IMAGE):
                 bench_attention(m, args.channels, dtype, tokens, args.repeats, peak, copy)
-        bench_projection(2880, args.channels, args.projection_side, 1, dtype, args.repeats)
+        bench_projection(CONVNEXT_L, args.channels, args.projection_side, 1, dtype, args.repeats)
 
 
 if __name__ == "__main__":

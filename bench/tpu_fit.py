@@ -114,6 +114,7 @@ def _compile(config: str, sets: list[str], gen: str, out: Path, chips: int) -> d
         "remat": r["remat"],
         "estimate_gib": round(estimate / GiB, 2),
         "compiled_gib": round(xla["peak"] / GiB, 2) if "peak" in xla else None,
+        "parts_gib": round(xla["parts"] / GiB, 2) if "parts" in xla else None,
         "temporaries_gib": round(xla["temporaries"] / GiB, 2) if xla.get("temporaries") else None,
         "refused": xla.get("refused"),
         "hbm_gib": round(r["topology"]["hbm_bytes"] / GiB, 2),

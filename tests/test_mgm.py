@@ -10,11 +10,9 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from flax import nnx
 
 import mgjax
 from mgjax.models import mining
-from mgjax.models.mgm import PreNormLinear, shared_norm_projections
 from mgjax.nn import resize
 from tests.helpers import MGM_MODES, MGMReference, max_abs, mgm_inputs
 
@@ -50,17 +48,6 @@ def test_the_pallas_mining_kernel_gives_the_same_logits(pair, report):
         want = ref.logits(ids, images, images_aux)
     logits, _ = model(jnp.asarray(ours), jnp.asarray(images.numpy()), jnp.asarray(images_aux.numpy()))
     report(f"mgm {mode} logits, pallas mining", max_abs(logits, want), 1e-4)
-
-
-def test_shared_norm_projections_equal_the_two_heads(report):
-    rngs = nnx.Rngs(0)
-    heads = [PreNormLinear(48, 16, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs) for _ in range(2)]
-    for i, h in enumerate(heads):  # norms that are not the identity, so the folding is exercised
-        h.norm.weight[...] = 1 + 0.3 * jax.random.normal(jax.random.key(i), (48,))
-        h.norm.bias[...] = 0.3 * jax.random.normal(jax.random.key(10 + i), (48,))
-    x = jax.random.normal(jax.random.key(5), (2, 6, 6, 48)) * 3 + 1
-    for got, head in zip(shared_norm_projections(x, *heads), heads):
-        report("shared-norm K/V projection", max_abs(got, head(x)), 1e-5)
 
 
 def test_hr_map_and_mining_pieces(pair, report):

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mgjax.convert.keymap import KeyLayout
-from mgjax.models import mining
+from mgjax.models import hr_projection, mining
 from mgjax.models.base import ModelConfig, Pretrained, registered, split_overrides
 from mgjax.models.clip import PREFIXED, CLIPVisionConfig, CLIPVisionModel
 from mgjax.models.convnext import TIMM, ConvNextConfig, ConvNextModel
 from mgjax.models.decoder import DecoderConfig
+from mgjax.models.hr_projection import PreNormLinear
 from mgjax.nn import layers, resize
 from mgjax.nn.merge import check_image_tokens, merge_image_embeddings
 
@@ -169,37 +170,10 @@ class MGMConfig(ModelConfig):
         }
 
 
-class PreNormLinear(nnx.Module):
-    """MGM's mining projections: ``Sequential(LayerNorm (eps 1e-5), Linear)``."""
-
-    def __init__(self, d_in: int, d_out: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.norm = layers.LayerNorm(d_in, eps=1e-5, param_dtype=param_dtype, rngs=rngs)
-        self.linear = layers.Linear(
-            d_in, d_out, axes=("embed", "mlp"), bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-
-    def __call__(self, x):
-        return self.linear(self.norm(x))
-
-
-def shared_norm_projections(x: jax.Array, *heads: PreNormLinear) -> list[jax.Array]:
-    """``[h(x) for h in heads]`` in one pass over ``x``: the heads' LayerNorms share x's statistics, so each
-    norm's scale and shift fold into its Linear (W' = W diag(g), b' = W b_norm + b) and one GEMM against the
-    stacked W' reads the HR map once instead of once per head. The trainable parameters stay MGM's. Not what
-    ``mine`` runs: on a CPU it measured 0.93x the speed of the two heads (bench/mining_attention.py); it waits for
-    a measurement on a GPU or TPU, where reading the map once should matter more."""
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    normed = (xf - mean) * jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + heads[0].norm.eps)
-    f32 = lambda p: p[...].astype(jnp.float32)  # noqa: E731
-    weights = [f32(h.linear.weight) * f32(h.norm.weight) for h in heads]
-    biases = [f32(h.linear.weight) @ f32(h.norm.bias) + f32(h.linear.bias) for h in heads]
-    dtype = heads[0].linear.dtype
-    y = jax.lax.dot_general(
-        normed.astype(dtype), jnp.concatenate(weights).astype(dtype), (((x.ndim - 1,), (1,)), ((), ()))
-    )
-    y = y + jnp.concatenate(biases).astype(dtype)
-    return jnp.split(y, len(heads), axis=-1)
+def _crops(x: jax.Array, g: int) -> jax.Array:
+    """[B, H, W, C] -> [B * g * g, H / g, W / g, C]: each map's g x g crops, row-major."""
+    b, h, w, c = x.shape
+    return x.reshape(b, g, h // g, g, w // g, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * g * g, h // g, w // g, c)
 
 
 class MLPProjector(nnx.Module):
@@ -259,24 +233,22 @@ class MGMForCausalLM(nnx.Module, Pretrained):
     def hr_features(
         self, images_aux: jax.Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
     ) -> jax.Array:
-        """[B, 3, S, S] -> [B, S/4, S/4, sum(stage widths)]: every stage map resized (bilinear, float32) to the
-        first stage's size and concatenated on channels."""
+        """[B, 3, S, S] -> [B, S/4, S/4, sum(stage widths)]: MGM's HR map, every stage map resized (bilinear,
+        float32) to the first stage's size, cast and concatenated on channels. Mining never builds it (its heads run
+        stage by stage, ``hr_projection``); this is the map for inspection and parity."""
         stages = self.vision_tower_aux(images_aux, deterministic=deterministic, rngs=rngs).hidden_states[1:]
-        return self.hr_map(stages)
-
-    def hr_map(self, stages: Sequence[jax.Array]) -> jax.Array:
-        """The ConvNeXt stage maps as one map at the first stage's size (see ``hr_features``)."""
         h, w = stages[0].shape[1:3]
-        dtype = self.config.dtype  # each map cast before the concatenation (the same numbers): no float32 whole map
-        maps = [stages[0].astype(dtype)] + [resize.bilinear(s, h, w).astype(dtype) for s in stages[1:]]
-        return jnp.concatenate(maps, axis=-1)
+        dtype = self.config.dtype
+        return jnp.concatenate(
+            [stages[0].astype(dtype)] + [resize.bilinear(s, h, w).astype(dtype) for s in stages[1:]], -1
+        )
 
-    def mine(self, low: jax.Array, high: jax.Array) -> jax.Array:
-        """Patch info mining: low-res tokens [B, N, C] plus what each finds in its window of ``high``."""
+    def mine(self, low: jax.Array, keys: jax.Array, values: jax.Array) -> jax.Array:
+        """Patch info mining: low-res tokens [B, N, C] plus what each finds in its window of the HR map's key and
+        value projections [B, H, W, C] (``hr_projection``)."""
         n = round(low.shape[1] ** 0.5)
         q = self.vlm_uni_query_projector(low)
-        k = mining.windows(self.vlm_uni_aux_projector(high), n)
-        v = mining.windows(self.vlm_uni_val_projector(high), n)
+        k, v = mining.windows(keys, n), mining.windows(values, n)
         return low + mining.local_window_attention(q, k, v, backend=self.config.mining_backend).astype(low.dtype)
 
     def image_features(
@@ -289,10 +261,9 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         if not c.mining:
             return self.mm_projector(low.reshape(images.shape[0], -1, low.shape[-1]))
         stages = self.vision_tower_aux(images_aux, deterministic=deterministic, rngs=rngs).hidden_states[1:]
-        # The HR map and its mining projections are recomputed in the backward from the stage maps, not kept: the
-        # projections' LayerNorm outputs over the concatenated map are 8x the stage maps each (MGM-2B, 16 rows of
-        # 768 px per v5p chip: two bf16[16, 192, 192, 2880], 6.5 GiB, against 0.8 GiB of stage maps). Running them a
-        # row group at a time (lax.map) lowered no peak: MGM-7B's was the LLM's backward by then, MGM-2B's arena grew.
+        # Mining is recomputed in the backward from the stage maps, not kept across the LLM: its key and value maps
+        # are full resolution (MGM-2B, 16 rows of 768 px per v5p chip: two bf16[16, 192, 192, 1024], 2.25 GiB,
+        # against 0.8 GiB of stage maps). The HR map itself is never built (``hr_projection``).
         graphdef, state = nnx.split(self)  # functional: the model may be a merge inside a raw JAX transform
         mined = jax.checkpoint(lambda state, low, stages: nnx.merge(graphdef, state).mined_tokens(low, stages))
         return mined(state, low.reshape(-1, c.views, *low.shape[1:]), stages)
@@ -303,15 +274,20 @@ class MGMForCausalLM(nnx.Module, Pretrained):
         c = self.config
         b, g = low.shape[0], c.image_grid
         low = low.reshape(b * c.views, *low.shape[2:])
-        hr = self.hr_map(stages)
+        heads = (self.vlm_uni_aux_projector, self.vlm_uni_val_projector)
+        upsampling = hr_projection.upsampling(stages)
+        keys, values = hr_projection.project(stages, upsampling, heads)
         if g == 1:
-            return self.mm_projector(self.mine(low, hr))
+            return self.mm_projector(self.mine(low, keys, values))
         low = low.reshape(b, c.views, *low.shape[1:])
-        _, h, w, ch = hr.shape
-        crops = hr.reshape(b, g, h // g, g, w // g, ch).transpose(0, 1, 3, 2, 4, 5).reshape(-1, h // g, w // g, ch)
-        tokens = self.mine(low[:, : g * g].reshape(b * g * g, *low.shape[2:]), crops).reshape(b, -1, low.shape[-1])
+        tokens = self.mine(low[:, : g * g].reshape(b * g * g, *low.shape[2:]), _crops(keys, g), _crops(values, g))
+        tokens = tokens.reshape(b, -1, low.shape[-1])
         if c.image_global:  # the global view pairs with the HR map's 2x2 average, and comes first
-            glob = self.mine(low[:, -1], resize.bilinear(hr, h // g, w // g).astype(hr.dtype))
+            _, h, w, _ = keys.shape
+            average = hr_projection.then(
+                upsampling, resize.bilinear_matrix(h, h // g), resize.bilinear_matrix(w, w // g)
+            )
+            glob = self.mine(low[:, -1], *hr_projection.project(stages, average, heads))
             tokens = jnp.concatenate([glob, tokens], axis=1)
         return self.mm_projector(tokens)
 

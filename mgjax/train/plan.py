@@ -39,8 +39,9 @@ placement from the logical axes; the device holding the most is reported):
   slice the trace follows the kernels a TPU runs (splash attention, megablox MoE dispatch, mining's kernel).
 * packing: XLA places every buffer in one arena at an offset and leaves gaps where a buffer outlives those placed
   below it, so its peak is more than the live bytes (MGM-2B with one LLM layer on v5p-8: 25.0 GiB live at the
-  peak, a 33.4 GiB arena). ``PACKING`` of everything above, measured against the TPU compiler's peaks
-  (``bench/tpu_fit.py``'s rows); on GPUs (XLA's same heap simulator) it is unmeasured.
+  peak, a 33.4 GiB arena). ``PACKING`` of everything above, fitted to the sum of the TPU compiler's memory parts
+  (``bench/tpu_fit.py``'s rows), which counts the arena's gaps twice: the compiler's own peak, what ``fits``
+  judges, is lower (``mgjax.train.step.memory``); on GPUs (XLA's same heap simulator) it is unmeasured.
 
 HBM per chip is the vendor's capacity, taken as GiB; runtimes report a little less. Step time is the step's model
 FLOPs (``mgjax.train.flops``, global batch) over chips x peak x the assumed MFU.
@@ -76,11 +77,12 @@ from mgjax.train.step import ShardedStep, batch_loss, make_optimizer, memory
 
 GiB = 1 << 30
 F32 = 4
-# XLA places buffers in one arena and leaves gaps where a buffer outlives those placed below it: the TPU compiler's
-# peak was 1.06-1.31x the live bytes estimated here for 14 compiled MGM-2B/7B/13B/34B stage-2 steps on v5p and v5e,
-# and 0.98-1.13x for the tiny demo model at bf16 under full remat (its peak counts ~25 MiB of program code the
-# estimate leaves out); 1.15 puts all of them within 15%. Over the 44 compiled rows of bench/tpu_fit.py (MGM,
-# MGM-HD, MGM-8x7B, InternVL2 full and LoRA) 38 are within 15%; docs/benchmarks.md says where the model is off.
+# XLA places buffers in one arena and leaves gaps where a buffer outlives those placed below it: the sum of the TPU
+# compiler's memory parts was 1.06-1.31x the live bytes estimated here for 14 compiled MGM-2B/7B/13B/34B stage-2
+# steps on v5p and v5e, and 0.98-1.13x for the tiny demo model at bf16 under full remat (its peak counts ~25 MiB of
+# program code the estimate leaves out); 1.15 puts all of them within 15%. Over the 44 compiled rows of
+# bench/tpu_fit.py (MGM, MGM-HD, MGM-8x7B, InternVL2 full and LoRA) 38 are within 15%; docs/benchmarks.md says
+# where the model is off.
 PACKING = 0.15
 
 
