@@ -4,9 +4,10 @@
     python bench/decode.py [--layers 8] [--hidden 512] [--vocab 32000] [--batch 1 8] [--prompt 64] [--new 128]
         [--dtype float32] [--repeats 3]
 
-Prints, per batch size, new tokens per second of each and the ratio mgjax / transformers, and whether both
-produced the same tokens. transformers runs on torch's device (CUDA when torch sees a GPU, else the CPU); mgjax on
-JAX's default device. Compilation is excluded (one warm-up run each).
+Prints, per batch size, new tokens per second of each (mgjax with its layers' weights per layer, as its CLIs
+decode, and stacked, as it trains) and the ratios mgjax / transformers, and whether all produced the same
+tokens. transformers runs on torch's device (CUDA when torch sees a GPU, else the CPU); mgjax on JAX's default
+device. Compilation is excluded (one warm-up run each).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from timing import median_seconds  # bench/timing.py: the script's folder is on 
 
 import mgjax
 from mgjax.inference import decoding
+from mgjax.nn import layers
 
 
 def _torch_seconds(hf, ids: torch.Tensor, new: int, repeats: int) -> tuple[float, np.ndarray]:
@@ -85,17 +87,29 @@ def main() -> None:
         f"{args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy"
     )
     print(f"mgjax on {jax.devices()[0].device_kind}, transformers {transformers.__version__} on {device}")
-    print(f"{'batch':>5s} {'mgjax tok/s':>12s} {'hf tok/s':>10s} {'ratio':>6s}  same tokens")
+    print("mgjax per-layer: the layers' weights as separate arrays, as the CLIs load them (layers.unstack);")
+    print("mgjax stacked: one array per weight with a leading layer axis, as training holds them")
+    print(
+        f"{'batch':>5s} {'per-layer tok/s':>16s} {'stacked tok/s':>14s} {'hf tok/s':>9s} "
+        f"{'per-layer/hf':>12s} {'stacked/hf':>10s}  same tokens"
+    )
     for b in args.batch:
-        ids = np.random.default_rng(b).integers(1, args.vocab, (b, args.prompt)).astype(np.int32)
-        ours_s = median_seconds(lambda x: decoding.generate(model, x, args.new), jnp.asarray(ids), repeats=args.repeats)
-        ours = np.asarray(decoding.generate(model, jnp.asarray(ids), args.new))
+        ids = jnp.asarray(np.random.default_rng(b).integers(1, args.vocab, (b, args.prompt)).astype(np.int32))
+        seconds, ours = {}, {}
+        for layout, convert in (("stacked", layers.restack), ("per-layer", layers.unstack)):
+            convert(model)
+            seconds[layout] = median_seconds(lambda x: decoding.generate(model, x, args.new), ids, repeats=args.repeats)
+            ours[layout] = np.asarray(decoding.generate(model, ids, args.new))
         theirs_s, theirs = _torch_seconds(
-            hf, torch.tensor(ids, dtype=torch.long, device=device), args.new, args.repeats
+            hf, torch.tensor(np.asarray(ids), dtype=torch.long, device=device), args.new, args.repeats
         )
         tokens = b * args.new
-        same = np.mean(ours[:, args.prompt :] == theirs[:, args.prompt :])
-        print(f"{b:5d} {tokens / ours_s:12.1f} {tokens / theirs_s:10.1f} {theirs_s / ours_s:6.2f}  {same:.0%}")
+        same = min(np.mean(o[:, args.prompt :] == theirs[:, args.prompt :]) for o in ours.values())
+        per, stacked = seconds["per-layer"], seconds["stacked"]
+        print(
+            f"{b:5d} {tokens / per:16.1f} {tokens / stacked:14.1f} {tokens / theirs_s:9.1f} "
+            f"{theirs_s / per:12.2f} {theirs_s / stacked:10.2f}  {same:.0%}"
+        )
 
 
 if __name__ == "__main__":

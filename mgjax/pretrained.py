@@ -17,6 +17,7 @@ from mgjax.models import mgm_towers
 from mgjax.models.base import ModelConfig
 from mgjax.models.mgm import FAMILIES as MGM_TYPES
 from mgjax.models.registry import model_class
+from mgjax.nn import layers
 from mgjax.parallel import mesh as mesh_lib
 
 
@@ -134,6 +135,8 @@ def save_pretrained(
 ) -> Path:
     """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``) in the model's
     own checkpoint layout, or the named one of its ``layouts``."""
+    if layers.is_unstacked(model):
+        raise ValueError("the model's layers are held per layer (decoding's layout): layers.restack(model) first")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layouts = type(model).layouts(model.config)

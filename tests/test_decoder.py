@@ -14,6 +14,8 @@ from flax import nnx
 
 import mgjax
 from mgjax.convert.safetensors_io import CheckpointError
+from mgjax.inference import decoding
+from mgjax.nn import layers
 from tests.helpers import max_abs
 
 LLAMA3_ROPE = {
@@ -366,3 +368,26 @@ def test_mixtral_router_aux_loss_is_a_switch(tmp_path, report):
         report(f"mixtral aux loss ({'padded' if m is not None else 'full'})", abs(float(got.aux_loss) - ref), 1e-6)
     grads = jax.grad(lambda model: model.forward(jnp.asarray(ids.numpy())).aux_loss)(on)
     assert float(jnp.abs(grads.model.layers.block_sparse_moe.gate.weight[...]).max()) > 0  # it trains the router
+
+
+def test_per_layer_weights_decode_the_same(pair, report, tmp_path):
+    """``layers.unstack`` (the CLIs' inference layout: one array per layer, the layers run as a loop) gives the
+    stacked model's logits, cached decoding and tokens; ``restack`` brings the training layout back."""
+    name, _, _, model = pair
+    ids = jnp.asarray(_ids(length=12).numpy())
+    want_logits, _ = model(ids)
+    want = np.asarray(decoding.generate(model, ids[:, :8], 6))
+    try:
+        layers.unstack(model)
+        assert layers.is_unstacked(model)
+        cache = model.init_cache(batch=2, max_len=16)
+        assert isinstance(cache.k, layers.PerLayer) and len(cache.k) == model.config.num_hidden_layers
+        logits, _ = model(ids)
+        report(f"{name} per-layer logits", max_abs(logits, want_logits), 1e-6)
+        np.testing.assert_array_equal(np.asarray(decoding.generate(model, ids[:, :8], 6)), want)
+        with pytest.raises(ValueError, match="restack"):
+            mgjax.save_pretrained(model, tmp_path)
+    finally:
+        layers.restack(model)
+    assert not layers.is_unstacked(model)
+    np.testing.assert_array_equal(np.asarray(model(ids)[0]), np.asarray(want_logits))

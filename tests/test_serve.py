@@ -2,9 +2,14 @@
 concurrent requests batched (with the same answers), and 4xx errors after which the server keeps serving."""
 
 import base64
+import http.client
 import io
+import json
 import socket
+import struct
 import threading
+import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import jax.numpy as jnp
@@ -163,3 +168,168 @@ def test_help_explains_every_flag_and_shows_defaults(capsys):
     text = help_text(serve.main, [], capsys)
     assert "seconds a request waits for others to join it (default: 0.05)" in text and "(default: 8000)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+# ------------------------------------------------------------------------------------------- breaking the server
+def _post(port: int, body: bytes, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    return r.status, json.loads(data) if data else {}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _bomb_png() -> bytes:
+    """A valid 100000 x 100000 PNG header (10^10 pixels) over almost no data."""
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\0"))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _bad_chunk_png(path) -> bytes:
+    """A real PNG with a text chunk that claims more bytes than the file has."""
+    buf = io.BytesIO()
+    Image.open(path).save(buf, format="PNG")
+    data = buf.getvalue()
+    at = data.index(b"IDAT") - 4
+    return data[:at] + struct.pack(">I", 0x7FFFFFF0) + b"tEXtabc" + data[at:]
+
+
+@pytest.fixture(scope="module")
+def strict(running):
+    """A second server on the same model with tight transport limits."""
+    service, _, path = running
+    strict = serve.Service(
+        service.model,
+        service.tokenizer,
+        "tiny",
+        max_batch=4,
+        wait=0.01,
+        max_prompt_tokens=120,
+        max_tokens=6,
+        max_tokens_limit=64,
+        max_body_bytes=4096,
+        timeout=1.0,
+    )
+    httpd = serve.server(strict, port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield strict, httpd.server_address[1], path
+    httpd.shutdown()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", "NaN"),
+        ("temperature", "3"),
+        ("top_p", "0"),
+        ("max_tokens", "0"),
+        ("max_tokens", str(10**9)),
+        ("seed", str(2**70)),
+        ("stop", "5"),
+        ("stop", '[""]'),
+        ("n", "2"),
+        ("tools", '[{"type": "function", "function": {"name": "f"}}]'),
+        ("stream", '"yes"'),
+    ],
+)
+def test_settings_out_of_range_or_unsupported_are_400s_naming_the_field(strict, field, value):
+    """Each once answered 200 with a silent default, 500 for the whole batch, or dropped the connection."""
+    _, port, _ = strict
+    body = f'{{"model": "tiny", "messages": [{{"role": "user", "content": "hi"}}], "{field}": {value}}}'
+    status, reply = _post(port, body.encode())
+    assert status == 400 and reply["error"]["param"] == field, reply
+
+
+def test_bodies_over_the_limit_are_413_unread_and_short_ones_time_out(strict):
+    _, port, _ = strict
+    start = time.monotonic()
+    status, reply = _post(port, b"{}", {"Content-Length": "2000000000"})
+    assert status == 413 and "over this server's 4096" in reply["error"]["message"]
+    status, _ = _post(port, json.dumps({"model": "tiny", "messages": _messages("x" * 5000)}).encode())
+    assert status == 413
+    assert time.monotonic() - start < 10
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # declares 100 bytes, sends 10
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        start = time.monotonic()
+        while s.recv(4096):  # the server gives up after its 1 s timeout and closes; nothing holds a thread
+            pass
+        assert time.monotonic() - start < 10
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # an idle connection is closed too
+        assert s.recv(4096) == b""
+
+
+def test_a_prompt_far_over_the_limit_is_refused_before_tokenising(strict, monkeypatch):
+    service, port, _ = strict
+    big = {"model": "tiny", "messages": _messages("a" * 3000)}
+    monkeypatch.setattr(service, "max_body_bytes", 1 << 20)
+    monkeypatch.setattr(service, "max_prompt_tokens", 40)  # 2560 characters at most
+    monkeypatch.setattr(serve, "conversation_inputs", lambda *a: pytest.fail("tokenised"))
+    status, reply = _post(port, json.dumps(big).encode())
+    assert status == 400 and reply["error"]["code"] == "context_length_exceeded" and "characters" in str(reply)
+
+
+def test_a_decompression_bomb_and_a_broken_png_are_400s(running):
+    _, client, path = running
+    for data, match in ((_bomb_png(), "too large"), (_bad_chunk_png(path / "cat.png"), "does not decode")):
+        uri = "data:image/png;base64," + base64.b64encode(data).decode()
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.chat.completions.create(model="tiny", messages=_messages("what ?", uri))
+    assert client.chat.completions.create(model="tiny", messages=_messages("what ?")).choices[0].message is not None
+
+
+def test_answer_budgets_share_compiled_shapes(running):
+    _, client, _ = running
+    client.chat.completions.create(model="tiny", messages=_messages("what ?"), max_tokens=3)
+    before = decoding._step._cache_size()
+    for budget in (4, 5, 7):
+        client.chat.completions.create(model="tiny", messages=_messages("what ?"), max_tokens=budget)
+    assert decoding._step._cache_size() == before
+
+
+def test_a_client_leaving_mid_stream_stops_its_decoding(running, monkeypatch):
+    service, client, _ = running
+    port = client.base_url.port
+    jobs = []
+    submit = service.submit
+    monkeypatch.setattr(service, "submit", lambda job: jobs.append(job) or submit(job))
+    monkeypatch.setattr(service.batcher, "stop_ids", [])  # nothing ends the answer but its 4000-token budget
+    body = json.dumps({"model": "tiny", "messages": _messages("what ?"), "max_tokens": 4000, "stream": True})
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        seen = b""
+        while b"data: " not in seen:  # the headers, then the first event
+            seen += s.recv(4096)
+    deadline = time.monotonic() + 60
+    while jobs[0].finished is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert jobs[0].finished == "cancelled" and len(jobs[0].tokens) < 4000
+    start = time.monotonic()
+    client.chat.completions.create(model="tiny", messages=_messages("what ?"), max_tokens=2)
+    assert time.monotonic() - start < 30  # the server is free again, not decoding for nobody
+
+
+def test_many_clients_at_once_are_all_answered(strict):
+    _, port, _ = strict
+
+    def models(_):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", "/v1/models")
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    with ThreadPoolExecutor(64) as pool:
+        assert list(pool.map(models, range(64))) == [200] * 64

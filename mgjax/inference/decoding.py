@@ -272,7 +272,7 @@ def beam_search(
         )
         if not any(r.open for r in rows) or length == max_new_tokens:
             break
-        cache = jax.tree.map(lambda x: x[:, keep] if x.ndim > 1 else x, cache)  # each beam's own history
+        cache = cache.rows(keep)  # each beam's own history
         flat = jnp.asarray([beam[-1] for r in rows for beam in r.beams], jnp.int32)
         scores = jnp.asarray([r.scores for r in rows], jnp.float32)
         totals, origin, token, cache = _beam_step(graphdef, state, flat, cache, scores, mask, next(keys), sampling)

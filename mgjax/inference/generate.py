@@ -20,6 +20,7 @@ from mgjax.data import preprocess, samples, templates
 from mgjax.inference.decoding import Sampling, beam_search, cut, generate
 from mgjax.models import mgm_towers
 from mgjax.models.mgm import IMAGE_TOKEN_INDEX
+from mgjax.nn import layers
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
@@ -56,6 +57,7 @@ def load_model(args: argparse.Namespace):
     model = mgjax.from_pretrained(
         args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root, tower_source=args.towers
     )
+    layers.unstack(getattr(model, "language_model", model))  # decoding reads per-layer weights (layers.unstack)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     except (OSError, ValueError) as e:

@@ -6,7 +6,11 @@ Requests wait up to ``--batch-wait`` seconds for company; those with the same sa
 all with or all without an image) are left-padded into one batch of at most ``--max-batch`` rows and decoded in
 one pass, each cut at its own ``max_tokens``, stop tokens and ``stop`` strings. A bad request (unknown model,
 malformed messages, an image that does not decode or is not a data URI, a prompt over ``--max-prompt-tokens``)
-gets a 4xx error in OpenAI's format and the server goes on. A system message is put before the first user
+gets a 4xx error in OpenAI's format and the server goes on; so does one whose settings are out of range
+(``temperature`` NaN or over 2, ``top_p`` 0, ``max_tokens`` 0 or over ``--max-tokens-limit``, a 2^70 seed, a
+``stop`` that is not strings) or unsupported (``n`` > 1, ``tools``), a body over ``--max-body-bytes`` (413, left
+unread) and a prompt far over the limit (refused before tokenising). A client that leaves mid-stream stops its
+decoding; connections idle past ``--timeout`` are closed. A system message is put before the first user
 message's text: the templates fix their own system prompt. Nothing is downloaded.
 """
 
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import io
 import json
+import math
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -28,7 +34,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from mgjax.cli import HelpFormatter, compilation_cache, integer, number
 from mgjax.data import preprocess, templates
@@ -65,7 +71,11 @@ class Job:
     out: queue.Queue = field(default_factory=queue.Queue)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finished: str | None = None
+    finished: str | None = None  # stop, length, or cancelled (the client left)
+
+    def cancel(self) -> None:
+        """The client is gone: the batch stops decoding for this job (and ends once every job in it has)."""
+        self.finished = self.finished or "cancelled"
 
 
 def _image(url: str, where: str, exif_transpose: bool) -> Image.Image:
@@ -77,8 +87,10 @@ def _image(url: str, where: str, exif_transpose: bool) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
         return preprocess.rgb(img, exif_transpose=exif_transpose, where=where)
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise RequestError(400, f"{where}: the image does not decode ({e})", param=where) from None
+    except Image.DecompressionBombError as e:
+        raise RequestError(400, f"{where}: the image is too large to decode ({e})", param=where) from None
+    except Exception as e:  # noqa: BLE001  (PIL raises many types on damaged files: struct.error, EOFError, ...)
+        raise RequestError(400, f"{where}: the image does not decode ({type(e).__name__}: {e})", param=where) from None
 
 
 def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict], list]:
@@ -120,6 +132,80 @@ def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict
     if system:
         turns[0] = {**turns[0], "value": "\n".join(system) + "\n\n" + turns[0]["value"]}
     return turns, images
+
+
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "audio", "modalities")
+CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per allowed token is refused untokenised
+MAX_STOPS = 4  # OpenAI's limit
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(400, f"{name} must be a number, not {value!r}", param=name)
+    if value < lo or value > hi or (lo_open and value == lo):
+        raise RequestError(
+            400, f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], not {value!r}", param=name
+        )
+    return float(value)
+
+
+def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise RequestError(400, f"{name} must be an integer in [{lo}, {hi}], not {value!r}", param=name)
+    return value
+
+
+def settings(body: dict, max_tokens_limit: int, default_max_tokens: int) -> tuple[decoding.Sampling, int, list[str]]:
+    """A request's sampling, answer budget and stop strings, each checked: what is out of range or unsupported is
+    a 400 naming the field, never a silent default (``max_tokens: 0``, ``top_p: 0``) or a failure mid-batch."""
+    for name in UNSUPPORTED:
+        if body.get(name) not in (None, [], {}):
+            raise RequestError(400, f"{name} is not supported by this server", param=name)
+    if _integer(body, "n", 1, 1 << 31) not in (None, 1):
+        raise RequestError(400, "n: only one choice per request is supported", param="n")
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError(400, "stream must be true or false", param="stream")
+    sampling = decoding.Sampling(
+        temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        seed=_integer(body, "seed", -(1 << 63), (1 << 63) - 1) or 0,
+    )
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    budget = _integer(body, name, 1, max_tokens_limit)
+    stops = body.get("stop")
+    stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(x, str) and x for x in stops):
+        raise RequestError(
+            400, f"stop must be a string or a list of at most {MAX_STOPS} non-empty strings", param="stop"
+        )
+    return sampling, default_max_tokens if budget is None else budget, stops
+
+
+def _check_text_length(messages: Any, max_prompt_tokens: int) -> None:
+    """Refuse a prompt far over the token limit before tokenising it (a 19 MB prompt once took the server down)."""
+    if not isinstance(messages, list):
+        return
+    chars = 0
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+        chars += sum(
+            len(p) if isinstance(p, str) else len(str(p.get("text", ""))) for p in parts if isinstance(p, (str, dict))
+        )
+    if chars > CHARS_PER_TOKEN * max_prompt_tokens:
+        raise RequestError(
+            400,
+            f"the prompt has {chars} characters, more than {CHARS_PER_TOKEN} per token of this server's "
+            f"{max_prompt_tokens}-token limit",
+            code="context_length_exceeded",
+            param="messages",
+        )
 
 
 class Batcher:
@@ -176,10 +262,11 @@ class Batcher:
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         embeds = batch_embeds(self.model, ids, [j.image_args for j in batch])
         lm = getattr(self.model, "language_model", self.model)
+        budget = max(j.max_tokens for j in batch)
         return decoding.stream(
             lm,
             ids,
-            max(j.max_tokens for j in batch),
+            -(-budget // BUCKET) * BUCKET,  # a few compiled shapes serve every budget; each job stops at its own
             attention_mask=mask,
             inputs_embeds=embeds,
             sampling=batch[0].sampling,
@@ -216,12 +303,18 @@ class Service:
         wait: float = 0.05,
         max_prompt_tokens: int = 4096,
         max_tokens: int = 512,
+        max_tokens_limit: int = 4096,
+        max_body_bytes: int = 32 << 20,
+        timeout: float = 60.0,
         exif_transpose: bool = False,
     ):
+        if max_tokens > max_tokens_limit:
+            raise ValueError(f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.exif_transpose = exif_transpose
         self.template = template or default_template(model, tokenizer)
         self.max_prompt_tokens, self.default_max_tokens = max_prompt_tokens, max_tokens
+        self.max_tokens_limit, self.max_body_bytes, self.timeout = max_tokens_limit, max_body_bytes, timeout
         self.batcher = Batcher(model, tokenizer, self.template, max_batch=max_batch, wait=wait)
 
     def job(self, body: Any) -> Job:
@@ -234,14 +327,11 @@ class Service:
                 code="model_not_found",
                 param="model",
             )
+        sampling, budget, stops = settings(body, self.max_tokens_limit, self.default_max_tokens)
+        _check_text_length(body.get("messages"), self.max_prompt_tokens)
         turns, images = conversation(body.get("messages"), self.exif_transpose)
         try:
             ids, image_args = conversation_inputs(self.model, self.tokenizer, self.template, turns, images)
-            sampling = decoding.Sampling(
-                temperature=float(body.get("temperature") or 0.0),
-                top_p=float(body.get("top_p") or 1.0),
-                seed=int(body.get("seed") or 0),
-            )
         except (ValueError, TypeError) as e:
             raise RequestError(400, str(e)) from None
         if ids.shape[1] > self.max_prompt_tokens:
@@ -251,11 +341,6 @@ class Service:
                 code="context_length_exceeded",
                 param="messages",
             )
-        budget = body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
-        stops = body.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else stops
-        if not isinstance(budget, int) or budget < 1 or not all(isinstance(s, str) for s in stops):
-            raise RequestError(400, "max_tokens must be a positive integer and stop a string or list of strings")
         return Job(ids[0], image_args, sampling, budget, stops)
 
     def submit(self, job: Job) -> Job:
@@ -282,10 +367,21 @@ class Service:
         }
 
 
-def _pieces(job: Job):
-    """The job's text pieces, then its (finish reason, completion tokens)."""
+class ClientGone(Exception):
+    """The client closed its connection while its answer was being decoded."""
+
+
+def _pieces(job: Job, gone):
+    """The job's text pieces, then its (finish reason, completion tokens). While it waits it checks ``gone()``
+    twice a second: a client that left cancels the job (``ClientGone``), even when nothing was written to it."""
     while True:
-        item = job.out.get()
+        try:
+            item = job.out.get(timeout=0.5)
+        except queue.Empty:
+            if gone():
+                job.cancel()
+                raise ClientGone from None
+            continue
         if isinstance(item, RequestError):
             raise item
         yield item
@@ -296,6 +392,7 @@ def _pieces(job: Job):
 def handler(service: Service):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = service.timeout  # a connection idle (or a body or reader this slow) that long is closed
 
         def log_message(self, *args):  # quiet: one line per request is the caller's business
             pass
@@ -321,6 +418,35 @@ def handler(service: Service):
                 },
             )
 
+        def _body(self) -> Any:
+            """The request's JSON body, read only when its declared length is within the limit; a body that
+            arrives slower than the timeout ends the connection (the socket's own timeout)."""
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                raise RequestError(411, "a Content-Length header is required", code="length_required") from None
+            if length < 0 or length > service.max_body_bytes:
+                self.close_connection = True  # the body stays unread
+                raise RequestError(
+                    413, f"the body has {length} bytes, over this server's {service.max_body_bytes}", code="too_large"
+                )
+            data = self.rfile.read(length)
+            if len(data) < length:
+                self.close_connection = True
+                raise RequestError(400, f"the body ended after {len(data)} of its {length} bytes")
+            try:
+                return json.loads(data or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise RequestError(400, f"the body is not JSON ({e})") from None
+
+        def _gone(self) -> bool:
+            """Whether the client has closed its end (readable, with nothing to read)."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
                 self._json(
@@ -337,17 +463,17 @@ def handler(service: Service):
             try:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     raise RequestError(404, f"no route {self.path}", code="not_found")
-                length = int(self.headers.get("Content-Length") or 0)
-                try:
-                    body = json.loads(self.rfile.read(length) or b"null")
-                except json.JSONDecodeError as e:
-                    raise RequestError(400, f"the body is not JSON ({e})") from None
+                body = self._body()
                 job = service.submit(service.job(body))
                 rid = f"chatcmpl-{uuid.uuid4().hex}"
                 if body.get("stream"):
                     self._stream(rid, job)
                     return
-                pieces = list(_pieces(job))
+                try:
+                    pieces = list(_pieces(job, self._gone))
+                except ClientGone:
+                    self.close_connection = True
+                    return
                 finish, used = pieces[-1]
                 self._json(200, service.completion(rid, job, "".join(pieces[:-1]), finish, used))
             except RequestError as e:
@@ -360,27 +486,34 @@ def handler(service: Service):
             self.send_header("Connection", "close")
             self.end_headers()
             send = lambda payload: self.wfile.write(f"data: {payload}\n\n".encode())  # noqa: E731
-            send(json.dumps(service.chunk(rid, {"role": "assistant", "content": ""})))
-            try:
-                for piece in _pieces(job):
-                    if isinstance(piece, tuple):
-                        send(json.dumps(service.chunk(rid, {}, piece[0])))
-                    else:
-                        send(json.dumps(service.chunk(rid, {"content": piece})))
-            except RequestError as e:
-                send(json.dumps({"error": {"message": str(e), "type": "server_error", "code": e.code}}))
-            send("[DONE]")
-            self.wfile.flush()
             self.close_connection = True
+            try:
+                send(json.dumps(service.chunk(rid, {"role": "assistant", "content": ""})))
+                try:
+                    for piece in _pieces(job, self._gone):
+                        if isinstance(piece, tuple):
+                            send(json.dumps(service.chunk(rid, {}, piece[0])))
+                        else:
+                            send(json.dumps(service.chunk(rid, {"content": piece})))
+                except RequestError as e:
+                    send(json.dumps({"error": {"message": str(e), "type": "server_error", "code": e.code}}))
+                send("[DONE]")
+                self.wfile.flush()
+            except (OSError, ClientGone):  # the client left mid-stream (or stopped reading past the timeout)
+                job.cancel()
 
     return Handler
 
 
 def server(service: Service, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """The HTTP server (not yet serving: call ``serve_forever``); port 0 picks a free one."""
-    httpd = ThreadingHTTPServer((host, port), handler(service))
+    httpd = Server((host, port), handler(service))
     httpd.daemon_threads = True
     return httpd
+
+
+class Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the listen backlog: the standard library's 5 reset clients that arrived together
 
 
 def parser() -> argparse.ArgumentParser:
@@ -402,6 +535,25 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--max-tokens", type=integer(1), default=512, help="the answer budget, in tokens, of a request that sets none"
+    )
+    ap.add_argument(
+        "--max-tokens-limit",
+        type=integer(1),
+        default=4096,
+        help="the largest max_tokens a request may ask for; a larger one gets a 400",
+    )
+    ap.add_argument(
+        "--max-body-bytes",
+        type=integer(1),
+        default=32 << 20,
+        help="the largest request body accepted, in bytes (images included); a larger one gets a 413 unread",
+    )
+    ap.add_argument(
+        "--timeout",
+        type=number(0.1),
+        default=60.0,
+        help="seconds a connection may sit idle, or take to send its body or read a streamed answer, before it is "
+        "closed (a streamed request's decoding then stops)",
     )
     add_model_arguments(ap)
     return ap
@@ -432,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
             wait=args.batch_wait,
             max_prompt_tokens=args.max_prompt_tokens,
             max_tokens=args.max_tokens,
+            max_tokens_limit=args.max_tokens_limit,
+            max_body_bytes=args.max_body_bytes,
+            timeout=args.timeout,
             exif_transpose=args.exif_transpose,
         )
         httpd = _listen(service, args.host, args.port)

@@ -228,17 +228,33 @@ class DecoderOutput(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    """Keys/values of every layer, [L, B, S, KVH, D], and how many positions are filled."""
+    """Keys/values of every layer, [L, B, S, KVH, D] (or ``layers.PerLayer`` of [B, S, KVH, D] for unstacked
+    layers), and how many positions are filled."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | layers.PerLayer
+    v: jax.Array | layers.PerLayer
     index: jax.Array  # int32 scalar
 
     @classmethod
-    def init(cls, config: DecoderConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    def init(cls, config: DecoderConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> "KVCache":
+        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
         dtype = dtype or config.dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        n = config.num_hidden_layers
+        if per_layer:
+            k, v = (layers.PerLayer(jnp.zeros(shape, dtype) for _ in range(n)) for _ in "kv")
+        else:
+            k, v = jnp.zeros((n, *shape), dtype), jnp.zeros((n, *shape), dtype)
+        return cls(k, v, jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[1]
+
+    def rows(self, keep) -> "KVCache":
+        """The cache of rows ``keep`` (beam search's reorder)."""
+        axis = 0 if isinstance(self.k, layers.PerLayer) else 1
+        take = lambda x: jnp.take(x, jnp.asarray(keep), axis=axis)  # noqa: E731
+        return KVCache(jax.tree.map(take, self.k), jax.tree.map(take, self.v), self.index)
 
 
 class Attention(nnx.Module):
@@ -428,7 +444,7 @@ class CausalLM(nnx.Module, Pretrained):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = x.shape[:2]
         start = 0 if cache is None else cache.index
-        s = t if cache is None else cache.k.shape[2]
+        s = t if cache is None else cache.length
         if segment_ids is not None and cache is not None:
             raise ValueError("packed samples (segment_ids) are for training forwards, without a cache")
         if positions is None:
@@ -453,7 +469,8 @@ class CausalLM(nnx.Module, Pretrained):
         return DecoderOutput(out, h, cache, aux)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        return KVCache.init(self.config, batch, max_len, dtype)
+        """An empty cache, per layer when the layers are (``layers.unstack``)."""
+        return KVCache.init(self.config, batch, max_len, dtype, per_layer=layers.is_unstacked(self.model.layers))
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from mgjax.nn import layers, resize
+from mgjax.parallel import sharding
 
 HIGHEST = jax.lax.Precision.HIGHEST
 Resize = tuple[np.ndarray, np.ndarray] | None  # (rows [H, h], columns [W, w]) of one stage; None: already H x W
@@ -74,7 +75,7 @@ def _stage_statistics(stages, resizes, eps):
     channels = sum(s.shape[-1] for s in stages)
     centred, means = [], []
     for s, m in zip(stages, resizes):
-        x = s.astype(jnp.float32)
+        x = sharding.constrain_batch(s.astype(jnp.float32))
         mu = x.mean(-1, keepdims=True)
         centred.append(x - mu)
         means.append(_resized(m, mu)[..., 0])
@@ -103,7 +104,8 @@ def _folded(head: PreNormLinear) -> tuple[jax.Array, jax.Array]:
     weight = f32(lin.weight)
     if lin.lora_a is not None:
         weight = weight + lin.lora_scale * f32(lin.lora_b) @ f32(lin.lora_a)
-    return weight * f32(norm.weight), weight @ f32(norm.bias) + f32(lin.bias)
+    # whole on every chip, as FSDP gathers any weight: split by stage, its sharded input axis would be resharded
+    return sharding.gathered(weight * f32(norm.weight)), sharding.gathered(weight @ f32(norm.bias) + f32(lin.bias))
 
 
 def project(stages: Sequence[jax.Array], resizes: Sequence[Resize], heads: Sequence[PreNormLinear]) -> list[jax.Array]:
@@ -124,14 +126,18 @@ def _head(head, centred, resizes, gaps, rstd, widths):
     shift, full, rows, cols = 0.0, 0.0, [], []
     for c, m, d, w in zip(centred, resizes, gaps, jnp.split(weight.astype(dtype), widths, axis=1)):
         shift = shift + d[..., None] * w.astype(jnp.float32).sum(1)
-        p = jnp.einsum("byxc,dc->byxd", c.astype(dtype), w, **kw).astype(dtype)
+        p = sharding.constrain_batch(jnp.einsum("byxc,dc->byxd", c.astype(dtype), w, **kw).astype(dtype))
         if m is None:
             full = full + p
         else:
-            rows.append(jnp.einsum("yr,brsd->bysd", m[0].astype(dtype), p, **kw).astype(dtype))
+            rows.append(
+                sharding.constrain_batch(jnp.einsum("yr,brsd->bysd", m[0].astype(dtype), p, **kw).astype(dtype))
+            )
             cols.append(m[1])
     if rows:
         cols = jnp.asarray(np.concatenate(cols, axis=1), dtype)
         full = full + jnp.einsum("xs,bysd->byxd", cols, jnp.concatenate(rows, axis=2), **kw).astype(dtype)
     # in the compute dtype: float32 here would turn the mining attention's key/value gradients float32 (2x memory)
-    return full * rstd[..., None].astype(dtype) + (shift * rstd[..., None] + bias).astype(dtype)
+    return sharding.constrain_batch(
+        full * rstd[..., None].astype(dtype) + (shift * rstd[..., None] + bias).astype(dtype)
+    )

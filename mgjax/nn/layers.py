@@ -282,11 +282,63 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, axis: 
     return build(rngs)
 
 
+@jax.tree_util.register_pytree_node_class
+class PerLayer:
+    """A stack held as one array per layer instead of one array with a leading layer axis (``unstack``)."""
+
+    def __init__(self, items):
+        self.items = tuple(items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def __len__(self):
+        return len(self.items)
+
+    def tree_flatten(self):
+        return self.items, None
+
+    @classmethod
+    def tree_unflatten(cls, _, items):
+        return cls(items)
+
+
+def _stacked(v) -> bool:
+    return isinstance(v, nnx.Variable) and (v.get_metadata().get("out_sharding") or (None,))[0] == "layers"
+
+
+def unstack(model: nnx.Module) -> nnx.Module:
+    """``model`` (in place) with every stack of scanned layers held as one array per layer (``PerLayer``), for
+    decoding: a scanned layer's weights are sliced out of the stacked arrays at every step, which on a CPU copies
+    them all per token, while separate arrays feed the matmuls as they are. ``scan`` then runs the layers as a
+    Python loop (one compiled copy of each layer). Training and checkpoint conversion want the stacked form:
+    ``restack`` returns to it."""
+    for _, v in nnx.iter_graph(model):
+        if _stacked(v) and not isinstance(v.get_value(), PerLayer):
+            value = v.get_value()
+            v.set_value(PerLayer(value[i] for i in range(value.shape[0])))
+    return model
+
+
+def is_unstacked(module: nnx.Module) -> bool:
+    """Whether ``module``'s scanned layers are held ``PerLayer``."""
+    return any(isinstance(v.get_value(), PerLayer) for _, v in nnx.iter_graph(module) if _stacked(v))
+
+
+def restack(model: nnx.Module) -> nnx.Module:
+    """``model`` (in place) with its ``unstack``-ed layers stacked again."""
+    for _, v in nnx.iter_graph(model):
+        if _stacked(v) and isinstance(v.get_value(), PerLayer):
+            v.set_value(jnp.stack(v.get_value().items))
+    return model
+
+
 def scan(layers: nnx.Module, x, xs=None, *, remat: str = "none", unroll: int = 1, **shared):
     """Apply stacked ``layers`` in sequence: ``x, y_i = layer_i(x, xs_i, **shared)``; returns ``(x, ys)``.
 
     Per-layer inputs/outputs (a KV cache, drop-path rates) ride along as ``xs``/``ys`` with a leading layer
-    axis; ``shared`` values (rotary tables, masks) are the same for every layer.
+    axis; ``shared`` values (rotary tables, masks) are the same for every layer. Layers held ``PerLayer``
+    (``unstack``) run as a loop, taking ``xs`` either way and giving ``ys`` as ``PerLayer`` leaves.
     """
     graphdef, state = nnx.split(layers)
     if remat not in REMAT_POLICIES:
@@ -300,7 +352,18 @@ def scan(layers: nnx.Module, x, xs=None, *, remat: str = "none", unroll: int = 1
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    return jax.lax.scan(body, _batch_split(x), (state, xs), unroll=unroll)
+    per_layer = [v for v in jax.tree.leaves(state, is_leaf=_is_per_layer) if isinstance(v, PerLayer)]
+    if not per_layer:
+        return jax.lax.scan(body, _batch_split(x), (state, xs), unroll=unroll)
+    carry, ys = _batch_split(x), []
+    for i in range(len(per_layer[0])):
+        carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs), is_leaf=_is_per_layer))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: PerLayer(a), *ys)
+
+
+def _is_per_layer(x) -> bool:
+    return isinstance(x, PerLayer)
 
 
 def _batch_split(carry):
