@@ -171,9 +171,13 @@ def test_help_explains_every_flag_and_shows_defaults(capsys):
 
 
 # ------------------------------------------------------------------------------------------- breaking the server
+KEY = {"Authorization": "Bearer sesame"}  # the strict server's API key
+
+
 def _post(port: int, body: bytes, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json", **(headers or {})})
+    headers = {"Content-Type": "application/json", **KEY, **(headers or {})}
+    conn.request("POST", "/v1/chat/completions", body, headers)
     r = conn.getresponse()
     data = r.read()
     conn.close()
@@ -219,6 +223,7 @@ def strict(running):
         max_tokens_limit=64,
         max_body_bytes=4096,
         timeout=1.0,
+        api_key="sesame",
     )
     httpd = serve.server(strict, port=0)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -326,10 +331,41 @@ def test_many_clients_at_once_are_all_answered(strict):
 
     def models(_):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("GET", "/v1/models")
+        conn.request("GET", "/v1/models", headers=KEY)
         status = conn.getresponse().status
         conn.close()
         return status
 
     with ThreadPoolExecutor(64) as pool:
         assert list(pool.map(models, range(64))) == [200] * 64
+
+
+def test_the_api_key_is_required_where_set(strict):
+    service, port, _ = strict
+    body = json.dumps({"model": "tiny", "messages": _messages("what ?"), "max_tokens": 2}).encode()
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+        status, reply = _post(port, body, headers)
+        assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/v1/models")
+    assert conn.getresponse().status == 401
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0, timeout=300)
+    assert client.chat.completions.create(model="tiny", messages=_messages("what ?"), max_tokens=2).choices
+
+
+def test_health_and_prometheus_metrics(strict):
+    service, port, _ = strict
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sesame", max_retries=0, timeout=300)
+    client.chat.completions.create(model="tiny", messages=_messages("what ?"), max_tokens=2)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/health")  # open without the key
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read()) == {"status": "ok", "model": "tiny"}
+    conn.request("GET", "/metrics")
+    r = conn.getresponse()
+    text = r.read().decode()
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/plain")
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert values['mgjax_requests_total{status="200"}'] >= 1 and values["mgjax_generated_tokens_total"] >= 1
+    assert values["mgjax_time_to_first_token_seconds_count"] >= 1 and values["mgjax_request_seconds_count"] >= 1
+    assert values["mgjax_queue_depth"] == 0 and values["mgjax_prompt_tokens_total"] > 0

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hmac
 import io
 import json
 import math
+import os
 import queue
 import select
 import socket
@@ -34,6 +36,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import prometheus_client
 from PIL import Image
 
 from mgjax.cli import HelpFormatter, compilation_cache, integer, number
@@ -72,6 +75,8 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finished: str | None = None  # stop, length, or cancelled (the client left)
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None  # when its first token was decoded
 
     def cancel(self) -> None:
         """The client is gone: the batch stops decoding for this job (and ends once every job in it has)."""
@@ -208,11 +213,35 @@ def _check_text_length(messages: Any, max_prompt_tokens: int) -> None:
         )
 
 
+class Metrics:
+    """What ``/metrics`` exposes (Prometheus' text format), in a registry of the service's own."""
+
+    def __init__(self):
+        self.registry = prometheus_client.CollectorRegistry()
+        kw = dict(registry=self.registry, namespace="mgjax")
+        self.requests = prometheus_client.Counter(
+            "requests", "chat requests answered, by HTTP status", ["status"], **kw
+        )
+        self.prompt_tokens = prometheus_client.Counter("prompt_tokens", "prompt tokens of accepted requests", **kw)
+        self.tokens = prometheus_client.Counter("generated_tokens", "tokens decoded for requests", **kw)
+        self.queue = prometheus_client.Gauge("queue_depth", "requests waiting for or in decoding", **kw)
+        buckets = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+        self.first_token = prometheus_client.Histogram(
+            "time_to_first_token_seconds", "from a request's arrival to its first decoded token", buckets=buckets, **kw
+        )
+        self.latency = prometheus_client.Histogram(
+            "request_seconds", "from a request's arrival to its last token", buckets=buckets, **kw
+        )
+
+    def text(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
 class Batcher:
     """The decoding thread: collects jobs, decodes compatible ones together, streams their text out."""
 
-    def __init__(self, model, tokenizer, template: str | None, *, max_batch: int, wait: float):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
+    def __init__(self, model, tokenizer, template: str | None, *, max_batch: int, wait: float, metrics: Metrics):
+        self.model, self.tokenizer, self.template, self.metrics = model, tokenizer, template, metrics
         self.max_batch, self.wait = max_batch, wait
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.stop_ids = stop_ids(tokenizer, template)
@@ -252,9 +281,12 @@ class Batcher:
                         break
         except Exception as e:  # noqa: BLE001  (a failed decode must not leave clients waiting forever)
             for job in batch:
+                self.metrics.queue.dec()
                 job.out.put(RequestError(500, f"decoding failed: {e}", code="server_error"))
             return
         for job in batch:
+            self.metrics.latency.observe(time.monotonic() - job.submitted)
+            self.metrics.queue.dec()
             job.out.put((job.finished or "length", len(job.tokens)))
 
     def _steps(self, batch: list[Job]):
@@ -274,6 +306,10 @@ class Batcher:
         )
 
     def _advance(self, job: Job, token: int) -> None:
+        if job.first_token is None:
+            job.first_token = time.monotonic()
+            self.metrics.first_token.observe(job.first_token - job.submitted)
+        self.metrics.tokens.inc()
         if token in self.stop_ids:
             job.finished = "stop"
             return
@@ -307,6 +343,7 @@ class Service:
         max_body_bytes: int = 32 << 20,
         timeout: float = 60.0,
         exif_transpose: bool = False,
+        api_key: str | None = None,
     ):
         if max_tokens > max_tokens_limit:
             raise ValueError(f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}")
@@ -315,7 +352,9 @@ class Service:
         self.template = template or default_template(model, tokenizer)
         self.max_prompt_tokens, self.default_max_tokens = max_prompt_tokens, max_tokens
         self.max_tokens_limit, self.max_body_bytes, self.timeout = max_tokens_limit, max_body_bytes, timeout
-        self.batcher = Batcher(model, tokenizer, self.template, max_batch=max_batch, wait=wait)
+        self.api_key = api_key
+        self.metrics = Metrics()
+        self.batcher = Batcher(model, tokenizer, self.template, max_batch=max_batch, wait=wait, metrics=self.metrics)
 
     def job(self, body: Any) -> Job:
         if not isinstance(body, dict):
@@ -344,8 +383,18 @@ class Service:
         return Job(ids[0], image_args, sampling, budget, stops)
 
     def submit(self, job: Job) -> Job:
+        self.metrics.queue.inc()
+        self.metrics.prompt_tokens.inc(len(job.ids))
         self.batcher.jobs.put(job)
         return job
+
+    def authorise(self, header: str | None) -> None:
+        """Check ``Authorization: Bearer KEY`` when the server has a key (compared in constant time)."""
+        if self.api_key is None:
+            return
+        scheme, _, given = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+            raise RequestError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
 
     def chunk(self, rid: str, delta: dict, finish: str | None = None) -> dict:
         return {
@@ -406,6 +455,7 @@ def handler(service: Service):
             self.wfile.write(data)
 
         def _error(self, e: RequestError) -> None:
+            service.metrics.requests.labels(str(e.status)).inc()
             self._json(
                 e.status,
                 {
@@ -448,7 +498,24 @@ def handler(service: Service):
                 return True
 
         def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
+            path = self.path.rstrip("/")
+            if path == "/health":  # open, for load balancers: the process serves and its decoder thread lives
+                self._json(200, {"status": "ok", "model": service.name})
+                return
+            if path == "/metrics":
+                data = service.metrics.text()
+                self.send_response(200)
+                self.send_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            try:
+                service.authorise(self.headers.get("Authorization"))
+            except RequestError as e:
+                self._error(e)
+                return
+            if path == "/v1/models":
                 self._json(
                     200,
                     {
@@ -463,6 +530,7 @@ def handler(service: Service):
             try:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     raise RequestError(404, f"no route {self.path}", code="not_found")
+                service.authorise(self.headers.get("Authorization"))
                 body = self._body()
                 job = service.submit(service.job(body))
                 rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -475,6 +543,7 @@ def handler(service: Service):
                     self.close_connection = True
                     return
                 finish, used = pieces[-1]
+                service.metrics.requests.labels("200").inc()
                 self._json(200, service.completion(rid, job, "".join(pieces[:-1]), finish, used))
             except RequestError as e:
                 self._error(e)
@@ -487,6 +556,7 @@ def handler(service: Service):
             self.end_headers()
             send = lambda payload: self.wfile.write(f"data: {payload}\n\n".encode())  # noqa: E731
             self.close_connection = True
+            service.metrics.requests.labels("200").inc()
             try:
                 send(json.dumps(service.chunk(rid, {"role": "assistant", "content": ""})))
                 try:
@@ -555,6 +625,11 @@ def parser() -> argparse.ArgumentParser:
         help="seconds a connection may sit idle, or take to send its body or read a streamed answer, before it is "
         "closed (a streamed request's decoding then stops)",
     )
+    ap.add_argument(
+        "--api-key",
+        help="the key clients must send (Authorization: Bearer KEY) for /v1/*; a request without it gets a 401. "
+        "Unset: $MGJAX_API_KEY, or no key (/health and /metrics are always open)",
+    )
     add_model_arguments(ap)
     return ap
 
@@ -588,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             max_body_bytes=args.max_body_bytes,
             timeout=args.timeout,
             exif_transpose=args.exif_transpose,
+            api_key=args.api_key or os.environ.get("MGJAX_API_KEY") or None,
         )
         httpd = _listen(service, args.host, args.port)
     except (ValueError, OSError) as e:  # a bad --model, --template, --host or --port: one line, exit 2
