@@ -21,7 +21,7 @@ def test_help_explains_every_flag_and_shows_defaults(capsys):
     assert undocumented(generate.parser()) == []
     text = help_text(generate.main, [], capsys)
     assert "the answer's budget, in tokens (default: 64)" in text
-    assert "(default: float32)" in text  # the model options every command shares
+    assert "(default: bfloat16)" in text  # the model options every command shares
     assert "(default: None)" not in text and "(default: False)" not in text
 
 

@@ -369,3 +369,24 @@ def test_health_and_prometheus_metrics(strict):
     assert values['mgjax_requests_total{status="200"}'] >= 1 and values["mgjax_generated_tokens_total"] >= 1
     assert values["mgjax_time_to_first_token_seconds_count"] >= 1 and values["mgjax_request_seconds_count"] >= 1
     assert values["mgjax_queue_depth"] == 0 and values["mgjax_prompt_tokens_total"] > 0
+
+
+def test_text_completions_equal_greedy_decoding_of_the_raw_prompt(running):
+    """``/v1/completions``: the prompt as it is (no template), plain and streamed; unsupported options are 400s."""
+    service, client, _ = running
+    prompt = "a red cat is"
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=5)
+    ids = jnp.asarray([service.tokenizer(prompt)["input_ids"]], jnp.int32)
+    stops = stop_ids(service.tokenizer, "Hermes-2")
+    out = np.asarray(decoding.greedy(service.model.language_model, ids, 5, stop_ids=stops))
+    want = service.tokenizer.decode(decoding.cut(out[0, ids.shape[1] :].tolist(), stops), skip_special_tokens=True)
+    assert reply.object == "text_completion" and reply.choices[0].text == want
+    assert reply.usage.prompt_tokens == ids.shape[1] and reply.usage.completion_tokens <= 5
+    chunks = list(client.completions.create(model="tiny", prompt=[prompt], max_tokens=5, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    for bad in ({"echo": True}, {"best_of": 2}, {"logprobs": 2}):
+        with pytest.raises(openai.BadRequestError, match="not supported"):
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **bad)
+    with pytest.raises(openai.BadRequestError, match="prompt must be"):
+        client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=2)

@@ -21,6 +21,7 @@ from mgjax.inference.decoding import Sampling, beam_search, cut, generate
 from mgjax.models import mgm_towers
 from mgjax.models.mgm import IMAGE_TOKEN_INDEX
 from mgjax.nn import layers
+from mgjax.parallel import mesh
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
@@ -34,9 +35,15 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The options every command that loads a model shares (generate, chat, serve, eval)."""
     ap.add_argument(
         "--dtype",
-        default="float32",
+        default="bfloat16",
         choices=["float32", "bfloat16"],
-        help="dtype of the parameters and of the computation",
+        help="dtype of the parameters, the computation and the KV cache",
+    )
+    ap.add_argument(
+        "--mesh",
+        help="split the model over this host's devices: AXIS=SIZE,... over data, fsdp, tensor, expert (training's mesh "
+        "axes; fsdp takes the devices the others leave), e.g. tensor=8; each device loads only its shards. Unset: "
+        "one device",
     )
     ap.add_argument("--towers-root", help=f"{mgm_towers.ROOT_HELP}; unset: only those two places are searched")
     ap.add_argument("--towers", default="mgm", choices=mgm_towers.SOURCES, help=mgm_towers.SOURCE_HELP)
@@ -54,8 +61,9 @@ def load_model(args: argparse.Namespace):
     import mgjax  # noqa: PLC0415
 
     _check_model_dir(args.model)
+    devices = mesh.make_mesh(mesh.parse(args.mesh)) if args.mesh else None
     model = mgjax.from_pretrained(
-        args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root, tower_source=args.towers
+        args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root, tower_source=args.towers, mesh=devices
     )
     layers.unstack(getattr(model, "language_model", model))  # decoding reads per-layer weights (layers.unstack)
     try:

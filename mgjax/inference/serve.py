@@ -1,6 +1,6 @@
-"""``python -m mgjax.serve --model DIR``: an OpenAI-compatible chat endpoint (``POST /v1/chat/completions``, ``GET
-/v1/models``) for any converted model, with images as ``image_url`` data URIs, streaming (server-sent events) and
-concurrent requests decoded together.
+"""``python -m mgjax.serve --model DIR``: an OpenAI-compatible server (``POST /v1/chat/completions``, ``POST
+/v1/completions`` for raw text prompts, ``GET /v1/models``, ``/health``, ``/metrics``) for any converted model,
+with images as ``image_url`` data URIs, streaming (server-sent events) and concurrent requests decoded together.
 
 Requests wait up to ``--batch-wait`` seconds for company; those with the same sampling settings (and, for MGM,
 all with or all without an image) are left-padded into one batch of at most ``--max-batch`` rows and decoded in
@@ -75,6 +75,7 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finished: str | None = None  # stop, length, or cancelled (the client left)
+    chat: bool = True  # a chat completion; False: a text completion (/v1/completions)
     submitted: float = field(default_factory=time.monotonic)
     first_token: float | None = None  # when its first token was decoded
 
@@ -356,7 +357,7 @@ class Service:
         self.metrics = Metrics()
         self.batcher = Batcher(model, tokenizer, self.template, max_batch=max_batch, wait=wait, metrics=self.metrics)
 
-    def job(self, body: Any) -> Job:
+    def _settings(self, body: Any):
         if not isinstance(body, dict):
             raise RequestError(400, "the body must be a JSON object")
         if body.get("model") != self.name:
@@ -366,21 +367,48 @@ class Service:
                 code="model_not_found",
                 param="model",
             )
-        sampling, budget, stops = settings(body, self.max_tokens_limit, self.default_max_tokens)
+        return settings(body, self.max_tokens_limit, self.default_max_tokens)
+
+    def _check_prompt_tokens(self, n: int, param: str) -> None:
+        if n > self.max_prompt_tokens:
+            raise RequestError(
+                400,
+                f"the prompt has {n} tokens, more than this server's {self.max_prompt_tokens}",
+                code="context_length_exceeded",
+                param=param,
+            )
+
+    def job(self, body: Any) -> Job:
+        """A chat completion's job (``/v1/chat/completions``): the messages through the model's template."""
+        sampling, budget, stops = self._settings(body)
         _check_text_length(body.get("messages"), self.max_prompt_tokens)
         turns, images = conversation(body.get("messages"), self.exif_transpose)
         try:
             ids, image_args = conversation_inputs(self.model, self.tokenizer, self.template, turns, images)
         except (ValueError, TypeError) as e:
             raise RequestError(400, str(e)) from None
-        if ids.shape[1] > self.max_prompt_tokens:
-            raise RequestError(
-                400,
-                f"the prompt has {ids.shape[1]} tokens, more than this server's {self.max_prompt_tokens}",
-                code="context_length_exceeded",
-                param="messages",
-            )
+        self._check_prompt_tokens(ids.shape[1], "messages")
         return Job(ids[0], image_args, sampling, budget, stops)
+
+    def text_job(self, body: Any) -> Job:
+        """A text completion's job (``/v1/completions``): the prompt as it is, no template, no images."""
+        sampling, budget, stops = self._settings(body)
+        for name, fine in (
+            ("echo", (None, False)),
+            ("best_of", (None, 1)),
+            ("suffix", (None, "")),
+            ("logprobs", (None,)),
+        ):
+            if body.get(name) not in fine:
+                raise RequestError(400, f"{name} is not supported by this server", param=name)
+        prompt = body.get("prompt")
+        prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError(400, "prompt must be a non-empty string (one per request)", param="prompt")
+        _check_text_length([{"content": prompt}], self.max_prompt_tokens)
+        ids = np.asarray(self.tokenizer(prompt)["input_ids"], np.int32)
+        self._check_prompt_tokens(len(ids), "prompt")
+        return Job(ids, {}, sampling, budget, stops, chat=False)
 
     def submit(self, job: Job) -> Job:
         self.metrics.queue.inc()
@@ -396,24 +424,29 @@ class Service:
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
             raise RequestError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key")
 
-    def chunk(self, rid: str, delta: dict, finish: str | None = None) -> dict:
-        return {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": self.name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
+    def chunk(self, rid: str, job: Job, piece: str | None, finish: str | None = None) -> dict:
+        """A streamed event: a piece of text (None: the chat's opening role) or, with ``finish``, the end."""
+        if job.chat:
+            delta = {"role": "assistant", "content": ""} if piece is None and finish is None else {}
+            choice = {"index": 0, "delta": {"content": piece} if piece else delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+        return {**self._head(rid, job, ".chunk"), "choices": [choice]}
 
     def completion(self, rid: str, job: Job, text: str, finish: str, used: int) -> dict:
+        if job.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            **self._head(rid, job, ""),
+            "choices": [choice],
             "usage": {"prompt_tokens": len(job.ids), "completion_tokens": used, "total_tokens": len(job.ids) + used},
         }
+
+    def _head(self, rid: str, job: Job, suffix: str) -> dict:
+        kind = "chat.completion" + suffix if job.chat else "text_completion"
+        return {"id": rid, "object": kind, "created": int(time.time()), "model": self.name}
 
 
 class ClientGone(Exception):
@@ -528,12 +561,15 @@ def handler(service: Service):
 
         def do_POST(self):
             try:
-                if self.path.rstrip("/") != "/v1/chat/completions":
+                make = {"/v1/chat/completions": service.job, "/v1/completions": service.text_job}.get(
+                    self.path.rstrip("/")
+                )
+                if make is None:
                     raise RequestError(404, f"no route {self.path}", code="not_found")
                 service.authorise(self.headers.get("Authorization"))
                 body = self._body()
-                job = service.submit(service.job(body))
-                rid = f"chatcmpl-{uuid.uuid4().hex}"
+                job = service.submit(make(body))
+                rid = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
                 if body.get("stream"):
                     self._stream(rid, job)
                     return
@@ -558,13 +594,14 @@ def handler(service: Service):
             self.close_connection = True
             service.metrics.requests.labels("200").inc()
             try:
-                send(json.dumps(service.chunk(rid, {"role": "assistant", "content": ""})))
+                if job.chat:
+                    send(json.dumps(service.chunk(rid, job, None)))
                 try:
                     for piece in _pieces(job, self._gone):
                         if isinstance(piece, tuple):
-                            send(json.dumps(service.chunk(rid, {}, piece[0])))
+                            send(json.dumps(service.chunk(rid, job, None, piece[0])))
                         else:
-                            send(json.dumps(service.chunk(rid, {"content": piece})))
+                            send(json.dumps(service.chunk(rid, job, piece)))
                 except RequestError as e:
                     send(json.dumps({"error": {"message": str(e), "type": "server_error", "code": e.code}}))
                 send("[DONE]")

@@ -9,7 +9,7 @@ laptop. ``shard`` places a model or an optimizer (Adam's moments carry their par
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from typing import Mapping, Sequence
 
@@ -62,6 +62,18 @@ class MeshConfig:
         if prod(sizes.values()) != devices:
             raise ValueError(f"mesh {sizes} needs {prod(sizes.values())} devices, not {devices}")
         return sizes
+
+
+def parse(text: str, default: MeshConfig | None = None) -> MeshConfig:
+    """``tensor=2`` over ``default`` (``MeshConfig()``: FSDP takes the devices left): the axes it names replace
+    the default's."""
+    sizes = {}
+    for item in filter(None, text.split(",")):
+        axis, eq, value = item.partition("=")
+        if not eq or axis.strip() not in MESH_AXES or not value.strip().removeprefix("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected AXIS=SIZE,... with axes {', '.join(MESH_AXES)}")
+        sizes[axis.strip()] = int(value)
+    return replace(default if default is not None else MeshConfig(), **sizes)
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

@@ -136,13 +136,10 @@ def _local() -> Topology:
 
 def parse_mesh(text: str, default: mesh.MeshConfig) -> mesh.MeshConfig:
     """``data=2,fsdp=-1`` over ``default``: the axes it names replace the default's."""
-    sizes = {}
-    for item in filter(None, text.split(",")):
-        axis, eq, value = item.partition("=")
-        if not eq or axis.strip() not in mesh.MESH_AXES or not value.strip().removeprefix("-").isdigit():
-            raise PlanError(f"--mesh {text!r}: expected AXIS=SIZE,... with axes {', '.join(mesh.MESH_AXES)}")
-        sizes[axis.strip()] = int(value)
-    return dataclasses.replace(default, **sizes)
+    try:
+        return mesh.parse(text, default)
+    except ValueError as e:
+        raise PlanError(str(e)) from None
 
 
 def check(c: RunConfig, global_batch: int, seq_len: int) -> None:

@@ -1,0 +1,89 @@
+"""Sharded inference: the generate command on 8 simulated CPU devices with ``--mesh`` gives the single-device
+greedy answer, token for token, for a tiny InternVL2, MGM and Mixtral (each device loading only its shards)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import transformers
+
+from tests.helpers import tokenizer
+
+WORKER = """
+import contextlib, io, json, sys
+import jax, numpy as np
+from mgjax.inference import generate
+cases, meshes = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+assert jax.device_count() == 8
+decode, tokens = generate.generate, []
+
+def every_token(*args, **kw):  # no stop tokens: all 8 tokens of the answer are compared, not a possibly empty text
+    out = decode(*args, **{**kw, "stop_ids": ()})
+    tokens.append(np.asarray(out).tolist())
+    return out
+
+generate.generate = every_token
+out = {}
+for name, argv in cases.items():
+    for mesh in [None, *meshes]:
+        with contextlib.redirect_stdout(io.StringIO()):
+            extra = ["--dtype", "float32", "--max-new-tokens", "8"] + (["--mesh", mesh] if mesh else [])
+            rc = generate.main(argv + extra)
+        out[f"{name} {mesh}"] = [rc, tokens.pop() if rc == 0 else None]
+print(json.dumps(out))
+"""
+
+
+def _mixtral_dir(root: Path) -> Path:
+    words = tokenizer()
+    cfg = transformers.MixtralConfig(
+        vocab_size=len(words.get_vocab()),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    path = root / "mixtral"
+    transformers.MixtralForCausalLM(cfg).save_pretrained(path)
+    words.save_pretrained(path)
+    return path
+
+
+def test_sharded_greedy_decoding_equals_one_device(internvl_dir, mgm_zoo, tmp_path):
+    _, internvl = internvl_dir
+    zoo, _ = mgm_zoo
+    cat = str(internvl / "cat.png")
+    mgm = zoo / "MGM-single"
+    if not (mgm / "tokenizer_config.json").exists():
+        tokenizer().save_pretrained(mgm)
+    cases = {
+        "internvl": ["--model", str(internvl), "--image", cat, "--prompt", "what is this ?"],
+        "mgm": ["--model", str(mgm), "--towers-root", str(zoo), "--image", cat, "--prompt", "what is this ?"],
+        "mixtral": ["--model", str(_mixtral_dir(tmp_path)), "--prompt", "a red cat is"],
+    }
+    meshes = ["tensor=2", "fsdp=4,tensor=2", "expert=2"]
+    root = Path(__file__).resolve().parents[1]
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    run = subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(cases), json.dumps(meshes)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in cases:
+        rc, single = out[f"{name} None"]
+        assert rc == 0 and len(single[0]) > 8, (name, out)
+        for m in meshes:
+            assert out[f"{name} {m}"] == [0, single], (name, m, out[f"{name} {m}"], single)
