@@ -12,6 +12,10 @@
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -618,3 +622,16 @@ def help_text(main, argv: list[str], capsys) -> str:
         main([*argv, "--help"])
     assert exit_.value.code == 0
     return " ".join(capsys.readouterr().out.split())
+
+
+def on_8_devices(worker: str, *args, cwd=None, timeout: float = 1200):
+    """Run ``worker`` (Python source) in a fresh process that sees 8 simulated CPU devices (the suite's XLA flags
+    kept) with ``args`` as ``sys.argv[1:]``; the JSON its last stdout line prints."""
+    root = Path(__file__).resolve().parents[1]
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    run = subprocess.run(
+        [sys.executable, "-c", worker, *args], capture_output=True, text=True, env=env, cwd=cwd or root, timeout=timeout
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -40,10 +40,14 @@ def running(internvl_dir):
     httpd.shutdown()
 
 
-def _data_uri(path) -> str:
+def _png_bytes(path) -> bytes:
     buf = io.BytesIO()
     Image.open(path).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def _data_uri(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png_bytes(path)).decode()
 
 
 def _messages(text, image=None):
@@ -201,9 +205,7 @@ def _bomb_png() -> bytes:
 
 def _bad_chunk_png(path) -> bytes:
     """A real PNG with a text chunk that claims more bytes than the file has."""
-    buf = io.BytesIO()
-    Image.open(path).save(buf, format="PNG")
-    data = buf.getvalue()
+    data = _png_bytes(path)
     at = data.index(b"IDAT") - 4
     return data[:at] + struct.pack(">I", 0x7FFFFFF0) + b"tEXtabc" + data[at:]
 
@@ -390,3 +392,27 @@ def test_text_completions_equal_greedy_decoding_of_the_raw_prompt(running):
             client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **bad)
     with pytest.raises(openai.BadRequestError, match="prompt must be"):
         client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=2)
+
+
+def test_lmms_eval_openai_compatible_requests(running):
+    """The requests lmms-eval's ``openai_compatible`` model sends (its ``generate_until``): one user message, the
+    text first and then each image as a PNG data URI, ``max_tokens`` and ``temperature`` 0, a batch of them at once
+    through ``AsyncOpenAI``. Each answer equals greedy decoding of the same message alone."""
+    import asyncio
+
+    service, client, path = running
+    png = base64.b64encode(_png_bytes(path / "cat.png")).decode()
+
+    def payload(text, image):
+        content = [{"type": "text", "text": text}]
+        content += [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}] if image else []
+        return {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 6, "temperature": 0}
+
+    payloads = [payload("what is this ?", True), payload("a red cat ?", False), payload("is this a cat ?", True)]
+
+    async def ask_all():
+        async with openai.AsyncOpenAI(base_url=str(client.base_url), api_key="unused", max_retries=0) as aclient:
+            replies = await asyncio.gather(*(aclient.chat.completions.create(**p) for p in payloads))
+        return [r.choices[0].message.content for r in replies]
+
+    assert asyncio.run(ask_all()) == [_greedy(service, p["messages"]) for p in payloads]

@@ -2,14 +2,11 @@
 greedy answer, token for token, for a tiny InternVL2, MGM and Mixtral (each device loading only its shards)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import transformers
 
-from tests.helpers import tokenizer
+from tests.helpers import on_8_devices, tokenizer
 
 WORKER = """
 import contextlib, io, json, sys
@@ -69,19 +66,7 @@ def test_sharded_greedy_decoding_equals_one_device(internvl_dir, mgm_zoo, tmp_pa
         "mixtral": ["--model", str(_mixtral_dir(tmp_path)), "--prompt", "a red cat is"],
     }
     meshes = ["tensor=2", "fsdp=4,tensor=2", "expert=2"]
-    root = Path(__file__).resolve().parents[1]
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    run = subprocess.run(
-        [sys.executable, "-c", WORKER, json.dumps(cases), json.dumps(meshes)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=1200,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = on_8_devices(WORKER, json.dumps(cases), json.dumps(meshes), cwd=tmp_path)
     for name in cases:
         rc, single = out[f"{name} None"]
         assert rc == 0 and len(single[0]) > 8, (name, out)

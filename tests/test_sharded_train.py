@@ -4,12 +4,10 @@ losses, with parameters and optimizer state split as ``mgjax.parallel.mesh`` pla
 start-up)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import on_8_devices
 
 MESHES = {  # the default run: each axis, the kernels under a mesh, a remat policy
     "llama": [dict(data=2, fsdp=4)],
@@ -123,19 +121,7 @@ def test_more_meshes_give_the_single_device_losses_with_zero3_placement():
 
 
 def _check(meshes):
-    root = Path(__file__).resolve().parents[1]
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"  # the suite's, and 8 devices
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
-    run = subprocess.run(
-        [sys.executable, "-c", WORKER, json.dumps(meshes)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=1200,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = on_8_devices(WORKER, json.dumps(meshes))
     loaded = out.pop("loaded")
     assert loaded["same"] and loaded["held"] == loaded["planned"], loaded
     for family, results in out.items():
