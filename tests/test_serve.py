@@ -416,3 +416,15 @@ def test_lmms_eval_openai_compatible_requests(running):
         return [r.choices[0].message.content for r in replies]
 
     assert asyncio.run(ask_all()) == [_greedy(service, p["messages"]) for p in payloads]
+
+
+def test_batches_decode_in_power_of_two_rows(running, monkeypatch):
+    """1, 2, 4 or 8 rows (the spare ones copies of the first request, their tokens unread), so a server compiles
+    four batch shapes, not one per request count."""
+    service, _, _ = running
+    rows = []
+    monkeypatch.setattr(decoding, "stream", lambda lm, ids, *a, **k: rows.append(ids.shape[0]) or iter(()))
+    for n in (1, 2, 3, 4):  # this server's --max-batch is 4
+        jobs = [service.job({"model": "tiny", "messages": _messages("what ?")}) for _ in range(n)]
+        service.batcher._steps(jobs)
+    assert rows == [1, 2, 4, 4]

@@ -291,9 +291,14 @@ class Batcher:
             job.out.put((job.finished or "length", len(job.tokens)))
 
     def _steps(self, batch: list[Job]):
-        ids, mask = decoding.left_pad([j.ids for j in batch], self.tokenizer.pad_token_id or 0, bucket=BUCKET)
+        # rows padded to a power of two with copies of the first job (their tokens unread): 1, 2, 4, 8 rows compile,
+        # not every count up to --max-batch
+        rows = batch + [batch[0]] * (
+            max(len(batch), min(1 << (len(batch) - 1).bit_length(), self.max_batch)) - len(batch)
+        )
+        ids, mask = decoding.left_pad([j.ids for j in rows], self.tokenizer.pad_token_id or 0, bucket=BUCKET)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-        embeds = batch_embeds(self.model, ids, [j.image_args for j in batch])
+        embeds = batch_embeds(self.model, ids, [j.image_args for j in rows])
         lm = getattr(self.model, "language_model", self.model)
         budget = max(j.max_tokens for j in batch)
         return decoding.stream(
