@@ -1,5 +1,6 @@
 """Sharded inference: the generate command on 8 simulated CPU devices with ``--mesh`` gives the single-device
-greedy answer, token for token, for a tiny InternVL2, MGM and Mixtral (each device loading only its shards)."""
+greedy answer, token for token, for a tiny InternVL2 (fsdp x tensor), MGM (tensor) and Mixtral (expert), each
+device loading only its shards."""
 
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ WORKER = """
 import contextlib, io, json, sys
 import jax, numpy as np
 from mgjax.inference import generate
-cases, meshes = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+cases = json.loads(sys.argv[1])
 assert jax.device_count() == 8
 decode, tokens = generate.generate, []
 
@@ -23,7 +24,7 @@ def every_token(*args, **kw):  # no stop tokens: all 8 tokens of the answer are 
 
 generate.generate = every_token
 out = {}
-for name, argv in cases.items():
+for name, (argv, meshes) in cases.items():
     for mesh in [None, *meshes]:
         with contextlib.redirect_stdout(io.StringIO()):
             extra = ["--dtype", "float32", "--max-new-tokens", "8"] + (["--mesh", mesh] if mesh else [])
@@ -60,14 +61,16 @@ def test_sharded_greedy_decoding_equals_one_device(internvl_dir, mgm_zoo, tmp_pa
     mgm = zoo / "MGM-single"
     if not (mgm / "tokenizer_config.json").exists():
         tokenizer().save_pretrained(mgm)
-    cases = {
-        "internvl": ["--model", str(internvl), "--image", cat, "--prompt", "what is this ?"],
-        "mgm": ["--model", str(mgm), "--towers-root", str(zoo), "--image", cat, "--prompt", "what is this ?"],
-        "mixtral": ["--model", str(_mixtral_dir(tmp_path)), "--prompt", "a red cat is"],
+    cases = {  # each axis on one model: a model's tensor and FSDP, MGM's tensor, Mixtral's experts
+        "internvl": (["--model", str(internvl), "--image", cat, "--prompt", "what is this ?"], ["fsdp=4,tensor=2"]),
+        "mgm": (
+            ["--model", str(mgm), "--towers-root", str(zoo), "--image", cat, "--prompt", "what is this ?"],
+            ["tensor=2"],
+        ),
+        "mixtral": (["--model", str(_mixtral_dir(tmp_path)), "--prompt", "a red cat is"], ["expert=2"]),
     }
-    meshes = ["tensor=2", "fsdp=4,tensor=2", "expert=2"]
-    out = on_8_devices(WORKER, json.dumps(cases), json.dumps(meshes), cwd=tmp_path)
-    for name in cases:
+    out = on_8_devices(WORKER, json.dumps(cases), cwd=tmp_path)
+    for name, (_, meshes) in cases.items():
         rc, single = out[f"{name} None"]
         assert rc == 0 and len(single[0]) > 8, (name, out)
         for m in meshes:
