@@ -140,7 +140,12 @@ def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict
     return turns, images
 
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "audio", "modalities")
+# fields this server does not implement, with the values that ask for nothing (accepted)
+UNSUPPORTED = {
+    name: (None, [], {})
+    for name in ("tools", "tool_choice", "functions", "function_call", "logit_bias", "audio", "modalities")
+}
+TEXT_UNSUPPORTED = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, ""), "logprobs": (None,)}
 CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per allowed token is refused untokenised
 MAX_STOPS = 4  # OpenAI's limit
 
@@ -167,12 +172,17 @@ def _integer(body: dict, name: str, lo: int, hi: int) -> int | None:
     return value
 
 
+def _refuse(body: dict, unsupported: dict[str, tuple]) -> None:
+    """A 400 for the first field of ``unsupported`` that asks for something (a value not among its accepted)."""
+    for name, accepted in unsupported.items():
+        if body.get(name) not in accepted:
+            raise RequestError(400, f"{name} is not supported by this server", param=name)
+
+
 def settings(body: dict, max_tokens_limit: int, default_max_tokens: int) -> tuple[decoding.Sampling, int, list[str]]:
     """A request's sampling, answer budget and stop strings, each checked: what is out of range or unsupported is
     a 400 naming the field, never a silent default (``max_tokens: 0``, ``top_p: 0``) or a failure mid-batch."""
-    for name in UNSUPPORTED:
-        if body.get(name) not in (None, [], {}):
-            raise RequestError(400, f"{name} is not supported by this server", param=name)
+    _refuse(body, UNSUPPORTED)
     if _integer(body, "n", 1, 1 << 31) not in (None, 1):
         raise RequestError(400, "n: only one choice per request is supported", param="n")
     if not isinstance(body.get("stream", False), bool):
@@ -398,14 +408,7 @@ class Service:
     def text_job(self, body: Any) -> Job:
         """A text completion's job (``/v1/completions``): the prompt as it is, no template, no images."""
         sampling, budget, stops = self._settings(body)
-        for name, fine in (
-            ("echo", (None, False)),
-            ("best_of", (None, 1)),
-            ("suffix", (None, "")),
-            ("logprobs", (None,)),
-        ):
-            if body.get(name) not in fine:
-                raise RequestError(400, f"{name} is not supported by this server", param=name)
+        _refuse(body, TEXT_UNSUPPORTED)
         prompt = body.get("prompt")
         prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
         if not isinstance(prompt, str) or not prompt:
@@ -484,13 +487,15 @@ def handler(service: Service):
         def log_message(self, *args):  # quiet: one line per request is the caller's business
             pass
 
-        def _json(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
+        def _send(self, status: int, data: bytes, content_type: str) -> None:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _json(self, status: int, payload: dict) -> None:
+            self._send(status, json.dumps(payload).encode(), "application/json")
 
         def _error(self, e: RequestError) -> None:
             service.metrics.requests.labels(str(e.status)).inc()
@@ -541,12 +546,7 @@ def handler(service: Service):
                 self._json(200, {"status": "ok", "model": service.name})
                 return
             if path == "/metrics":
-                data = service.metrics.text()
-                self.send_response(200)
-                self.send_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self._send(200, service.metrics.text(), prometheus_client.CONTENT_TYPE_LATEST)
                 return
             try:
                 service.authorise(self.headers.get("Authorization"))
