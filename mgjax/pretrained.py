@@ -17,7 +17,7 @@ from mgjax.models import mgm_towers
 from mgjax.models.base import ModelConfig
 from mgjax.models.mgm import FAMILIES as MGM_TYPES
 from mgjax.models.registry import model_class
-from mgjax.nn import layers
+from mgjax.nn import layers, quant
 from mgjax.parallel import mesh as mesh_lib
 
 
@@ -108,6 +108,9 @@ def from_pretrained(
         )
     cls = model_class(config.model_type)
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    quantized = quant.from_config((d or config.hf or {}).get("quantization_config"), str(path / "config.json"))
+    if quantized is not None:  # mgjax's own quantized checkpoint: integers and scales load as they are
+        quant.quantize(abstract, *quantized)
     place = mesh_lib.placer(mesh) if mesh is not None else None
     try:
         model = hf.load_into(
@@ -134,9 +137,13 @@ def save_pretrained(
     max_shard_bytes: int = 4 << 30,
 ) -> Path:
     """Write ``config.json`` and safetensors (sharded with an index above ``max_shard_bytes``) in the model's
-    own checkpoint layout, or the named one of its ``layouts``."""
+    own checkpoint layout, or the named one of its ``layouts``. A quantized model (``mgjax.nn.quant``) is written
+    as it is, integers and float32 scales, with a ``quantization_config`` in ``config.json``."""
     if layers.is_unstacked(model):
         raise ValueError("the model's layers are held per layer (decoding's layout): layers.restack(model) first")
+    quantization = quant.config_entry(model)
+    if quantization is not None and dtype is not None:
+        raise ValueError("a quantized model is saved as it is: dtype= would cast its integers and scales")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     layouts = type(model).layouts(model.config)
@@ -145,8 +152,13 @@ def save_pretrained(
     hf.save(model, out_dir, layout=layouts[layout or next(iter(layouts))], dtype=dtype, max_shard_bytes=max_shard_bytes)
     cfg = model.config.to_hf()
     # The dtype the tensors were written in, not the one the model was first loaded from.
-    written = dtype or jax.tree.leaves(nnx.state(model, nnx.Param))[0].dtype
+    written = dtype or next(
+        x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if jnp.issubdtype(x.dtype, jnp.floating)
+    )
     cfg["dtype"] = jnp.dtype(written).name
+    cfg.pop("quantization_config", None)
+    if quantization is not None:
+        cfg["quantization_config"] = quantization
     if jax.process_index() != 0:
         return out_dir
     tmp = out_dir / "config.json.tmp"

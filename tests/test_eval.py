@@ -74,6 +74,10 @@ def test_a_model_answers_batched_as_one_by_one_and_resumes(internvl_dir, tmp_pat
     assert (tmp_path / "b4" / "answers.jsonl").read_text() == four
     summary = json.loads((tmp_path / "b4" / "results.json").read_text())["summary"]
     assert set(summary) >= {"accuracy", "precision", "recall", "f1", "yes_ratio"}
+    # the model options every command shares: a quantized model answers the same benchmark
+    args = ["--task", "pope", "--data", data, "--model", model, "--out", tmp_path / "int8", "--quant", "int8"]
+    assert evaluate.main([*map(str, args), "--max-new-tokens", "3"]) == 0
+    assert len((tmp_path / "int8" / "answers.jsonl").read_text().splitlines()) == 8
 
 
 def test_errors_name_the_question_or_file(internvl_dir, tmp_path, capsys):

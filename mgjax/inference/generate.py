@@ -20,7 +20,7 @@ from mgjax.data import preprocess, samples, templates
 from mgjax.inference.decoding import Sampling, beam_search, cut, generate
 from mgjax.models import mgm_towers
 from mgjax.models.mgm import IMAGE_TOKEN_INDEX
-from mgjax.nn import layers
+from mgjax.nn import layers, quant
 from mgjax.parallel import mesh
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -38,6 +38,13 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
         default="bfloat16",
         choices=["float32", "bfloat16"],
         help="dtype of the parameters, the computation and the KV cache",
+    )
+    ap.add_argument(
+        "--quant",
+        choices=sorted(quant.SCHEMES),
+        help="weight-only quantization of the LLM's linear layers on loading: int8 (a scale per output channel) or "
+        "int4 (a scale per 128 inputs); the float model is held once while it is quantized (python -m "
+        "mgjax.quantize writes a quantized checkpoint that loads without that). Unset: the checkpoint's own",
     )
     ap.add_argument(
         "--mesh",
@@ -65,6 +72,12 @@ def load_model(args: argparse.Namespace):
     model = mgjax.from_pretrained(
         args.model, dtype=jnp.dtype(args.dtype), towers_root=args.towers_root, tower_source=args.towers, mesh=devices
     )
+    if args.quant is not None:
+        held = quant.scheme_of(model)
+        if held is not None and held.name != args.quant:
+            raise ValueError(f"--quant {args.quant}: --model {args.model} is already quantized ({held.name})")
+        if held is None:
+            quant.quantize(model, args.quant)
     layers.unstack(getattr(model, "language_model", model))  # decoding reads per-layer weights (layers.unstack)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)

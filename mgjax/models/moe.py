@@ -79,7 +79,7 @@ class SparseMoeBlock(nnx.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d).astype(self.dtype)
         logits, weights, idx = self.route(flat)
-        w1, w2, w3 = (getattr(self.experts, n).weight[...].astype(self.dtype) for n in ("w1", "w2", "w3"))
+        w1, w2, w3 = (getattr(self.experts, n).kernel() for n in ("w1", "w2", "w3"))
         impl = self.impl
         if impl == "auto":
             impl = "megablox" if topology.target().platform == "tpu" else "dense"

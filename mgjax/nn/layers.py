@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from mgjax.nn import quant
 from mgjax.parallel import sharding
 
 Axes = tuple[str | None, ...]
@@ -56,7 +57,8 @@ def normal(std: float) -> Callable:
 
 class Linear(nnx.Module):
     """``y = x @ weight.T + bias`` with ``weight: [out, in]`` exactly as ``torch.nn.Linear`` stores it; plus
-    ``lora_scale * (x @ lora_a.T) @ lora_b.T`` once ``mgjax.nn.lora`` has given it a low-rank adapter."""
+    ``lora_scale * (x @ lora_a.T) @ lora_b.T`` once ``mgjax.nn.lora`` has given it a low-rank adapter. After
+    ``mgjax.nn.quant.quantize`` the weight holds integers and ``weight_scale`` their scales."""
 
     def __init__(
         self,
@@ -75,11 +77,19 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.lora_a = self.lora_b = nnx.data(None)  # [rank, in], [out, rank]: data, so adapters can join later
         self.lora_scale = 1.0
+        self.weight_scale = nnx.data(None)  # [out, in / group]: data, so quantization can add it later
+        self.quant_scheme = None
+
+    def kernel(self) -> jax.Array:
+        """The weight in the compute dtype (dequantized when it holds integers)."""
+        if self.weight_scale is None:
+            return self.weight[...].astype(self.dtype)
+        return quant.dequantize(self.weight[...], self.weight_scale[...], self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
         contract = (((x.ndim - 1,), (1,)), ((), ()))
-        y = jax.lax.dot_general(x, self.weight[...].astype(self.dtype), contract)
+        y = jax.lax.dot_general(x, self.kernel(), contract)
         if self.lora_a is not None:
             low = jax.lax.dot_general(x, self.lora_a[...].astype(self.dtype), contract)
             y = y + self.lora_scale * jax.lax.dot_general(low, self.lora_b[...].astype(self.dtype), contract)
