@@ -1,8 +1,8 @@
 """XLA's own TPU compiler (libtpu, from the test extra) compiles mgjax for v4, v5e, v5p and v6e slices from this
 CPU machine, deviceless, as MaxText's train_compile.py checks a pod configuration: the mining kernel forward and
 backward at MGM's width for every window size, tiny MGM and InternVL2 training steps on 4-chip FSDP and
-FSDP x tensor meshes, and the decode step. Nothing runs; what is checked is that TPU programs are produced and
-what the compiler says about their memory."""
+FSDP x tensor meshes, the decode step and the serving engine's step. Nothing runs; what is checked is that TPU
+programs are produced and what the compiler says about their memory."""
 
 import dataclasses
 import re
@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import mgjax
-from mgjax.inference import decoding
+from mgjax.inference import decoding, engine
 from mgjax.kernels import mining_attention
 from mgjax.models import mining
 from mgjax.models.clip import CLIPVisionConfig
@@ -198,6 +198,27 @@ def test_decode_step_compiles_updating_the_cache_in_place(gen):
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     print(f"[tpu] decode step {gen}: " + ", ".join(f"{k} {v:,}" for k, v in used.items()))
     assert used["aliased"] >= cache_bytes  # the KV cache is donated: updated in place, not copied
+
+
+@pytest.mark.parametrize("gen", SLICES)
+def test_serving_engine_step_compiles_updating_the_cache_in_place(gen):
+    """Continuous batching's step: each row at its own cache index, with its own sampling settings."""
+    dev = devices(SLICES[gen])
+    m = jax.sharding.Mesh(np.asarray(dev[:1]), ("x",))
+    model = nnx.eval_shape(lambda: mgjax.init(TINY_MGM.llm, seed=0))
+    graphdef, state = nnx.split(model)
+    rows = 4
+    cache = jax.eval_shape(lambda: model.init_cache(rows, 64)._replace(index=jnp.zeros((rows,), jnp.int32)))
+    mask = jax.ShapeDtypeStruct((rows, 64), jnp.int32)
+    token, top_k = (jax.ShapeDtypeStruct((rows,), jnp.int32) for _ in "tk")
+    temperature, top_p = (jax.ShapeDtypeStruct((rows,), jnp.float32) for _ in "tp")
+    keys = jax.ShapeDtypeStruct((rows, 2), jnp.uint32)
+    args = _replicated((state, cache, mask, token, temperature, top_k, top_p, keys), m)
+    compiled = engine._step.lower(graphdef, *args).compile()
+    used = memory(compiled)
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    print(f"[tpu] serving engine step {gen}: " + ", ".join(f"{k} {v:,}" for k, v in used.items()))
+    assert used["aliased"] >= cache_bytes
 
 
 @pytest.mark.parametrize(

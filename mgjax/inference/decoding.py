@@ -66,6 +66,24 @@ def choose(logits: jax.Array, s: Sampling, key: jax.Array) -> jax.Array:
     return jax.random.categorical(key, warp(logits, s), axis=-1).astype(jnp.int32)
 
 
+def choose_rows(logits: jax.Array, temperature, top_k, top_p, keys) -> jax.Array:
+    """``choose`` with each row's own settings [B] (continuous batching: one batch, many requests). A row takes
+    exactly the token ``choose`` gives it alone with ``Sampling(temperature, top_k, top_p)`` and its key."""
+
+    def one(row, t, k, p, key):
+        x = row.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
+        desc = jnp.sort(x)[::-1]
+        x = jnp.where((k > 0) & (x < desc[jnp.maximum(k - 1, 0)]), -jnp.inf, x)
+        ordered = jnp.sort(x)[::-1]
+        probs = jax.nn.softmax(ordered)
+        cutoff = jnp.min(jnp.where(jnp.cumsum(probs) - probs < p, ordered, jnp.inf))
+        x = jnp.where((p < 1.0) & (x < cutoff), -jnp.inf, x)
+        drawn = jax.random.categorical(key, jax.nn.log_softmax(x)[None], axis=-1)[0]  # [1, V]: as ``choose`` alone
+        return jnp.where(t > 0, drawn, jnp.argmax(row)).astype(jnp.int32)
+
+    return jax.vmap(one)(logits, temperature, top_k, top_p, keys)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [B, L] padded on the left with ``pad_id`` and their mask (1 = real). L is the longest prompt
     rounded up to a multiple of ``bucket``, so that batches of similar lengths share one compiled shape."""
@@ -79,8 +97,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = 1) -> 
 
 
 def _positions(mask: jax.Array, upto: jax.Array | int) -> jax.Array:
-    """Each row's count of real tokens before ``upto`` [B]: the position of a token placed there."""
-    return jnp.sum(jnp.where(jnp.arange(mask.shape[1]) < upto, mask, 0), axis=1).astype(jnp.int32)
+    """Each row's count of real tokens before ``upto`` (one index, or [B]): the position of a token placed there."""
+    before = jnp.arange(mask.shape[1])[None, :] < jnp.reshape(upto, (-1, 1))
+    return jnp.sum(jnp.where(before, mask, 0), axis=1).astype(jnp.int32)
 
 
 def _forward(model, ids, embeds, mask, cache):

@@ -233,7 +233,7 @@ class KVCache(NamedTuple):
 
     k: jax.Array | layers.PerLayer
     v: jax.Array | layers.PerLayer
-    index: jax.Array  # int32 scalar
+    index: jax.Array  # int32: a scalar, or [B] when each row fills its own positions (continuous batching)
 
     @classmethod
     def init(cls, config: DecoderConfig, batch: int, max_len: int, dtype=None, per_layer: bool = False) -> "KVCache":
@@ -255,6 +255,14 @@ class KVCache(NamedTuple):
         axis = 0 if isinstance(self.k, layers.PerLayer) else 1
         take = lambda x: jnp.take(x, jnp.asarray(keep), axis=axis)  # noqa: E731
         return KVCache(jax.tree.map(take, self.k), jax.tree.map(take, self.v), self.index)
+
+
+def _write(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """``new`` [B, T, ...] into ``cache`` [B, S, ...] at position ``index``: one for all rows, or each row's own."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache, new, index)
 
 
 class Attention(nnx.Module):
@@ -280,8 +288,7 @@ class Attention(nnx.Module):
         v = split(self.v_proj(x), self.kv_heads, "act_kv_heads")
         q, k, v = (layers.named(y, n) for y, n in zip((q, k, v), layers.ATTENTION_NAMES))
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+            k, v = _write(cache[0], k, index), _write(cache[1], v, index)
             cache = (k, v)
         out = attention.attention(
             q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim**-0.5, mask=mask, impl=self.impl
@@ -437,7 +444,8 @@ class CausalLM(nnx.Module, Pretrained):
         """Logits, cache and (MoE with ``output_router_logits``, cache-free) the router load-balancing loss.
 
         ``attention_mask`` [B, S] marks real tokens (1) vs padding (0) over the whole key range (S = T without a
-        cache, the cache length with one). With a cache, the T new tokens go at ``cache.index``.
+        cache, the cache length with one). With a cache, the T new tokens go at ``cache.index`` (each row at its own
+        when the index is a vector).
         ``segment_ids`` [B, T] (packed samples, no cache): a token attends only within its own segment, and
         positions restart at 0 in each.
         """
@@ -451,7 +459,7 @@ class CausalLM(nnx.Module, Pretrained):
             positions = (
                 segment_positions(segment_ids)
                 if segment_ids is not None
-                else jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+                else jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(t, dtype=jnp.int32), (b, t))
             )
         mask = attention.Mask(
             causal=True,

@@ -42,7 +42,7 @@ class Mask:
     """Which keys each query attends to. ``causal``: keys at or before the query's position; ``window``: only the
     last ``window`` positions (itself included; with ``causal``); ``segment_ids`` [B, T]: only keys of the query's
     own segment (packed rows; queries and keys are the same positions, no cache); ``key_valid`` [B, S]: keys that
-    are real tokens; ``offset``: the first query's position among the keys (a KV cache's fill index)."""
+    are real tokens; ``offset``: the first query's position among the keys (a KV cache's fill index; [B]: per row)."""
 
     causal: bool = False
     window: int | None = None
@@ -53,7 +53,8 @@ class Mask:
     def dense(self, t: int, s: int) -> jax.Array | None:
         """The mask as booleans broadcastable to [B, 1, T, S] (True = attend); None: every key."""
         key = jnp.arange(s, dtype=jnp.int32)[None, None, None, :]
-        query = (self.offset + jnp.arange(t, dtype=jnp.int32))[None, None, :, None]
+        # a vector offset: each row's own fill index (continuous batching's slots)
+        query = jnp.reshape(self.offset, (-1, 1, 1, 1)) + jnp.arange(t, dtype=jnp.int32)[None, None, :, None]
         mask = None
 
         def both(a, b):

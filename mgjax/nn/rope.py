@@ -42,9 +42,12 @@ def _reciprocal(x) -> np.ndarray:
 class Rope:
     """``dynamic`` (NTK: InternLM2, transformers' ``dynamic``) and ``longrope`` (Phi-3) depend on the sequence:
     each forward picks its frequencies from the largest position it sees, ``max(positions) + 1``, as transformers
-    does for a fresh module. (transformers' and InternLM2's modules also remember the longest sequence seen and
-    keep its frequencies for shorter ones that follow; mgjax has no such state, which only matters when a second,
-    shorter sequence past the original window reuses a module.)
+    does for a fresh module, but per row: transformers takes the batch's largest, so that one long row switches
+    every row of a left-padded batch; mgjax gives each row the frequencies it would get alone (a deliberate
+    deviation: continuous batching puts unrelated requests in one batch, and each must decode as it would alone).
+    transformers' and InternLM2's modules also remember the longest sequence seen and keep its frequencies for
+    shorter ones that follow; mgjax has no such state, which only matters when a second, shorter sequence past the
+    original window reuses a module.
 
     ``dynamic_base``: how the rescaled NTK base is computed — ``"float32"`` as transformers' tensor operations do,
     ``"float64"`` as InternLM2's remote code does in Python floats before rounding it to float32."""
@@ -175,12 +178,13 @@ class Rope:
     def cos_sin(self, positions: jax.Array, head_dim: int) -> tuple[jax.Array, jax.Array]:
         """cos/sin tables [B, T, head_dim] (float32) for integer ``positions`` [B, T]."""
         scale = 1.0
+        # each row's own longest position, [B, 1, 1]: a row of a batch gets the frequencies it gets alone
+        seq_len = jnp.max(positions, axis=-1, keepdims=True)[..., None] + 1
         if self.type == "longrope":
-            long = jnp.max(positions) + 1 > self.original_max_position_embeddings
+            long = seq_len > self.original_max_position_embeddings
             inv = jnp.where(long, self._longrope(head_dim, True), self._longrope(head_dim, False))
             scale = self.longrope_scale()
         elif self.type == "dynamic":
-            seq_len = jnp.max(positions) + 1
             inv = jnp.where(
                 seq_len > self.max_position_embeddings, self._dynamic(head_dim, seq_len), self.base_inv_freq(head_dim)
             )
