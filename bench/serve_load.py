@@ -5,7 +5,10 @@ time to first token (the server's: arrival to first decoded token) and request l
     python bench/serve_load.py --model DIR [--image PATH] [--requests 64] [--rate 4] [--max-batch 8]
                                [--image-share 0.5] [--min-tokens 8] [--max-tokens 64] [--seed 0]
 
-The server runs in this process (``serve.Service`` on a free port); clients speak HTTP to it as any client would.
+Also prints how many requests decoded together at each step (the continuous-batching engine's slots in use).
+
+The server runs in this process (``serve.server(service, port=0).start()``: uvicorn in a background thread, on a
+free port); clients speak HTTP to it as any client would.
 Compilation is excluded: the same load (same seed, same arrivals) runs twice and the second run is measured. Run it
 before and after a change to the serving engine, on the same machine, and compare the lines it prints.
 """
@@ -56,8 +59,7 @@ def main() -> None:
     ap.add_argument("--image", help="an image sent with --image-share of the requests (none: text only)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (Poisson)")
-    ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--batch-wait", type=float, default=0.05)
+    ap.add_argument("--max-batch", type=int, default=8, help="the engine's slots")
     ap.add_argument("--image-share", type=float, default=0.5)
     ap.add_argument("--min-tokens", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -65,17 +67,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     model, tokenizer = load_model(
-        argparse.Namespace(model=args.model, dtype=args.dtype, mesh=None, towers_root=None, towers="mgm")
+        argparse.Namespace(model=args.model, dtype=args.dtype, mesh=None, quant=None, towers_root=None, towers="mgm")
     )
-    service = serve.Service(
-        model, tokenizer, "bench", max_batch=args.max_batch, wait=args.batch_wait, max_tokens=args.max_tokens
-    )
+    service = serve.Service(model, tokenizer, "bench", max_batch=args.max_batch, max_tokens=args.max_tokens)
     jobs = []  # the server's own record of each request: when it arrived, when its first token was decoded
     submit = service.submit
     service.submit = lambda job: jobs.append(job) or submit(job)
-    httpd = serve.server(service, port=0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    port = httpd.server_address[1]
+    httpd = serve.server(service, port=0).start()
+    port = httpd.port
     image = None
     if args.image:
         image = "data:image/png;base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
@@ -94,10 +93,10 @@ def main() -> None:
             threads.append(t)
         for t in threads:
             t.join()
-        sizes = list(service.batcher.batch_sizes)
-        service.batcher.batch_sizes.clear()
+        sizes = list(service.engine.occupancy)
+        service.engine.occupancy.clear()
     wall = time.perf_counter() - start
-    httpd.shutdown()
+    httpd.stop()
 
     ok = [r for r in records if r.get("status") == 200]
     first = np.array([j.first_token - j.submitted for j in jobs if j.first_token is not None])
@@ -113,7 +112,7 @@ def main() -> None:
     for name, values in (("time to first token", first), ("latency", latency)):
         if len(values):
             print(f"{name}: p50 {np.percentile(values, 50):.2f} s, p99 {np.percentile(values, 99):.2f} s")
-    print(f"batch sizes decoded: mean {np.mean(sizes):.2f}, max {max(sizes)}")
+    print(f"requests decoding together, per step: mean {np.mean(sizes):.2f}, max {max(sizes)}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ LAYERS = [
     {"eval"},
     {"demo"},
     {"train"},
-    {"generate", "chat", "serve", "plan", "formatters"},  # `python -m mgjax.<command>` launchers
+    {"generate", "chat", "serve", "web", "plan", "formatters", "quantize"},  # `python -m mgjax.<command>` launchers
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

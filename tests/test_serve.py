@@ -1,9 +1,12 @@
 """``mgjax.inference.serve`` through the official ``openai`` client: answers equal greedy decoding, streaming,
-concurrent requests batched (with the same answers), and 4xx errors after which the server keeps serving."""
+concurrent requests batched (with the same answers), and 4xx errors after which the server keeps serving; the
+transport's limits through raw sockets; image URLs from a local image server."""
 
 import base64
 import http.client
+import http.server
 import io
+import ipaddress
 import json
 import socket
 import struct
@@ -20,7 +23,7 @@ import transformers
 from PIL import Image
 
 import mgjax
-from mgjax.inference import decoding, serve
+from mgjax.inference import decoding, engine, serve
 from mgjax.inference.generate import conversation_inputs, stop_ids
 from tests.helpers import help_text, undocumented
 
@@ -30,14 +33,11 @@ def running(internvl_dir):
     _, path = internvl_dir
     model = mgjax.from_pretrained(path, dtype=jnp.float32)
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    service = serve.Service(model, tok, "tiny", max_batch=4, wait=0.5, max_prompt_tokens=120, max_tokens=6)
-    httpd = serve.server(service, port=0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="unused", max_retries=0, timeout=300
-    )
+    service = serve.Service(model, tok, "tiny", max_batch=4, max_prompt_tokens=120, max_tokens=6)
+    httpd = serve.server(service, port=0).start()
+    client = openai.OpenAI(base_url=f"{httpd.url}/v1", api_key="unused", max_retries=0, timeout=300)
     yield service, client, path
-    httpd.shutdown()
+    httpd.stop()
 
 
 def _png_bytes(path) -> bytes:
@@ -92,10 +92,10 @@ def test_concurrent_requests_are_batched_with_their_own_answers(running):
         _messages("a cat is red .", image),
         _messages("this is a cat ?"),
     ]
-    before = len(service.batcher.batch_sizes)
+    before = len(service.engine.occupancy)
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda m: client.chat.completions.create(model="tiny", messages=m), prompts))
-    assert max(service.batcher.batch_sizes[before:]) > 1
+    assert max(service.engine.occupancy[before:]) > 1
     assert [r.choices[0].message.content for r in replies] == [_greedy(service, m) for m in prompts]
 
 
@@ -133,6 +133,7 @@ def test_command_line_server(internvl_dir):
             "cli",
             "--max-tokens",
             "2",
+            "--allow-image-urls",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -144,6 +145,9 @@ def test_command_line_server(internvl_dir):
         client = openai.OpenAI(base_url=line.split(" on ")[1].strip(), api_key="unused", max_retries=0, timeout=300)
         reply = client.chat.completions.create(model="cli", messages=_messages("what ?"))
         assert reply.usage.completion_tokens <= 2
+        own = f"{client.base_url}".replace("/v1/", "/health")  # --allow-image-urls, but not from this machine
+        with pytest.raises(openai.BadRequestError, match="is a loopback address"):
+            client.chat.completions.create(model="cli", messages=_messages("what ?", own))
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -170,7 +174,7 @@ def test_command_line_refuses_a_taken_port_and_an_unknown_template(internvl_dir,
 def test_help_explains_every_flag_and_shows_defaults(capsys):
     assert undocumented(serve.parser()) == []
     text = help_text(serve.main, [], capsys)
-    assert "seconds a request waits for others to join it (default: 0.05)" in text and "(default: 8000)" in text
+    assert "the engine's slots); more wait for a slot to free (default: 8)" in text and "(default: 8000)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
@@ -219,7 +223,6 @@ def strict(running):
         service.tokenizer,
         "tiny",
         max_batch=4,
-        wait=0.01,
         max_prompt_tokens=120,
         max_tokens=6,
         max_tokens_limit=64,
@@ -227,10 +230,9 @@ def strict(running):
         timeout=1.0,
         api_key="sesame",
     )
-    httpd = serve.server(strict, port=0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield strict, httpd.server_address[1], path
-    httpd.shutdown()
+    httpd = serve.server(strict, port=0).start()
+    yield strict, httpd.port, path
+    httpd.stop()
 
 
 @pytest.mark.parametrize(
@@ -271,8 +273,13 @@ def test_bodies_over_the_limit_are_413_unread_and_short_ones_time_out(strict):
         while s.recv(4096):  # the server gives up after its 1 s timeout and closes; nothing holds a thread
             pass
         assert time.monotonic() - start < 10
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # an idle connection is closed too
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=30) as s,  # an idle connection is closed too
+        socket.create_connection(("127.0.0.1", port), timeout=30) as trickle,  # as is one that stops mid-headers
+    ):
+        trickle.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         assert s.recv(4096) == b""
+        assert trickle.recv(4096) == b""
 
 
 def test_a_prompt_far_over_the_limit_is_refused_before_tokenising(strict, monkeypatch):
@@ -294,13 +301,17 @@ def test_a_decompression_bomb_and_a_broken_png_are_400s(running):
     assert client.chat.completions.create(model="tiny", messages=_messages("what ?")).choices[0].message is not None
 
 
-def test_answer_budgets_share_compiled_shapes(running):
+def test_budgets_and_request_counts_share_compiled_programs(running):
+    """The engine's step is compiled per cache length alone: a new ``max_tokens`` or number of requests decoding
+    together compiles nothing."""
     _, client, _ = running
     client.chat.completions.create(model="tiny", messages=_messages("what ?"), max_tokens=3)
-    before = decoding._step._cache_size()
+    before = engine._step._cache_size()
     for budget in (4, 5, 7):
         client.chat.completions.create(model="tiny", messages=_messages("what ?"), max_tokens=budget)
-    assert decoding._step._cache_size() == before
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: client.chat.completions.create(model="tiny", messages=_messages("a cat ?")), range(3)))
+    assert engine._step._cache_size() == before
 
 
 def test_a_client_leaving_mid_stream_stops_its_decoding(running, monkeypatch):
@@ -309,7 +320,7 @@ def test_a_client_leaving_mid_stream_stops_its_decoding(running, monkeypatch):
     jobs = []
     submit = service.submit
     monkeypatch.setattr(service, "submit", lambda job: jobs.append(job) or submit(job))
-    monkeypatch.setattr(service.batcher, "stop_ids", [])  # nothing ends the answer but its 4000-token budget
+    monkeypatch.setattr(service.engine, "stop_ids", ())  # nothing ends the answer but its 4000-token budget
     body = json.dumps({"model": "tiny", "messages": _messages("what ?"), "max_tokens": 4000, "stream": True})
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
         s.sendall(
@@ -418,13 +429,106 @@ def test_lmms_eval_openai_compatible_requests(running):
     assert asyncio.run(ask_all()) == [_greedy(service, p["messages"]) for p in payloads]
 
 
-def test_batches_decode_in_power_of_two_rows(running, monkeypatch):
-    """1, 2, 4 or 8 rows (the spare ones copies of the first request, their tokens unread), so a server compiles
-    four batch shapes, not one per request count."""
-    service, _, _ = running
-    rows = []
-    monkeypatch.setattr(decoding, "stream", lambda lm, ids, *a, **k: rows.append(ids.shape[0]) or iter(()))
-    for n in (1, 2, 3, 4):  # this server's --max-batch is 4
-        jobs = [service.job({"model": "tiny", "messages": _messages("what ?")}) for _ in range(n)]
-        service.batcher._steps(jobs)
-    assert rows == [1, 2, 4, 4]
+def test_the_models_list_with_the_key(strict):
+    _, port, _ = strict
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/v1/models", headers=KEY)
+    r = conn.getresponse()
+    assert r.status == 200 and [m["id"] for m in json.loads(r.read())["data"]] == ["tiny"]
+    conn.request("GET", "/v1/nothing", headers=KEY)  # unknown routes: 404 in the same error shape
+    r = conn.getresponse()
+    assert r.status == 404 and json.loads(r.read())["error"]["code"] == "not_found"
+
+
+def _raw(port: int, request: bytes) -> tuple[int, dict]:
+    """One request sent whole through a socket, the response read to the connection's end: (status, JSON body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_chunked_bodies_are_counted_and_a_body_needs_a_length(strict):
+    _, port, _ = strict
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\nConnection: close\r\n"
+    chunked = head + b"Transfer-Encoding: chunked\r\n\r\n"
+    status, reply = _raw(port, chunked + b"1000\r\n" + b"x" * 4096 + b"\r\n" + b"10\r\n" + b"y" * 16 + b"\r\n0\r\n\r\n")
+    assert status == 413 and "over this server's 4096" in reply["error"]["message"]
+    body = json.dumps({"model": "gpt-4", "messages": _messages("hi")}).encode()  # read whole, then refused by model
+    status, reply = _raw(port, chunked + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    assert status == 404 and reply["error"]["code"] == "model_not_found"
+    status, reply = _raw(port, head + b"\r\n")
+    assert status == 411 and reply["error"]["code"] == "length_required"
+
+
+# ----------------------------------------------------------------------------------------------------- image URLs
+@pytest.fixture(scope="module")
+def image_server(internvl_dir):
+    """A local HTTP server: ``/cat.png`` (the test image), ``/to-cat`` (a redirect to it), ``/to-metadata`` (a
+    redirect to a cloud's link-local metadata address); ``(base URL, the paths asked for)``."""
+    _, path = internvl_dir
+    png, asked = _png_bytes(path / "cat.png"), []
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            asked.append(self.path)
+            location = {"/to-cat": "/cat.png", "/to-metadata": "http://169.254.169.254/latest/meta-data/"}
+            if self.path in location:
+                self.send_response(302)
+                self.send_header("Location", location[self.path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", asked
+    httpd.shutdown()
+
+
+def test_image_urls_are_refused_without_the_flags(running, image_server, monkeypatch):
+    service, client, _ = running
+    base, asked = image_server
+    with pytest.raises(openai.BadRequestError, match="only data: URIs .* --allow-image-urls"):
+        client.chat.completions.create(model="tiny", messages=_messages("what ?", f"{base}/cat.png"))
+    monkeypatch.setattr(service, "allow_image_urls", True)  # and still not from this machine
+    with pytest.raises(openai.BadRequestError, match="'127.0.0.1' is a loopback address") as refused:
+        client.chat.completions.create(model="tiny", messages=_messages("what ?", f"{base}/cat.png"))
+    assert refused.value.body["param"] == "messages[0].content[0]"
+    with pytest.raises(openai.BadRequestError, match="must be a data: URI or an http"):
+        client.chat.completions.create(model="tiny", messages=_messages("what ?", "file:///etc/passwd"))
+    assert asked == []  # nothing was fetched
+
+
+def test_image_urls_with_both_flags_answer_as_data_uris(running, image_server, monkeypatch):
+    service, client, path = running
+    base, _ = image_server
+    monkeypatch.setattr(service, "allow_image_urls", True)
+    monkeypatch.setattr(service, "allow_private_image_urls", True)
+    images = [_data_uri(path / "cat.png"), f"{base}/cat.png", f"{base}/to-cat"]  # the last one redirected
+    ask = lambda image: client.chat.completions.create(model="tiny", messages=_messages("what ?", image))  # noqa: E731
+    with ThreadPoolExecutor(3) as pool:  # decoded in one batch
+        answers = [r.choices[0].message.content for r in pool.map(ask, images)]
+    assert answers == [answers[0]] * 3
+
+
+def test_a_redirect_to_a_private_address_is_refused(running, image_server, monkeypatch):
+    service, client, _ = running
+    base, asked = image_server
+    monkeypatch.setattr(service, "allow_image_urls", True)
+    local = ipaddress.ip_address("127.0.0.1")  # the image server stands in for a public one
+    monkeypatch.setattr(serve, "_not_public", lambda a, check=serve._not_public: None if a == local else check(a))
+    with pytest.raises(openai.BadRequestError, match="'169.254.169.254' is a link-local address"):
+        client.chat.completions.create(model="tiny", messages=_messages("what ?", f"{base}/to-metadata"))
+    assert asked[-1] == "/to-metadata"

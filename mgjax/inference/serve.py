@@ -1,47 +1,73 @@
 """``python -m mgjax.serve --model DIR``: an OpenAI-compatible server (``POST /v1/chat/completions``, ``POST
 /v1/completions`` for raw text prompts, ``GET /v1/models``, ``/health``, ``/metrics``) for any converted model,
-with images as ``image_url`` data URIs, streaming (server-sent events) and concurrent requests decoded together.
+with images as ``image_url`` data URIs (or http(s) URLs, when allowed), streaming (server-sent events) and
+concurrent requests decoded together. A Starlette app served by uvicorn (its pure-Python h11 protocol): one event
+loop holds every connection; the continuous-batching engine (``mgjax.inference.engine``) decodes in its own thread.
 
-Requests wait up to ``--batch-wait`` seconds for company; those with the same sampling settings (and, for MGM,
-all with or all without an image) are left-padded into one batch of at most ``--max-batch`` rows and decoded in
-one pass, each cut at its own ``max_tokens``, stop tokens and ``stop`` strings. A bad request (unknown model,
-malformed messages, an image that does not decode or is not a data URI, a prompt over ``--max-prompt-tokens``)
-gets a 4xx error in OpenAI's format and the server goes on; so does one whose settings are out of range
-(``temperature`` NaN or over 2, ``top_p`` 0, ``max_tokens`` 0 or over ``--max-tokens-limit``, a 2^70 seed, a
-``stop`` that is not strings) or unsupported (``n`` > 1, ``tools``), a body over ``--max-body-bytes`` (413, left
-unread) and a prompt far over the limit (refused before tokenising). A client that leaves mid-stream stops its
-decoding; connections idle past ``--timeout`` are closed. A system message is put before the first user
-message's text: the templates fix their own system prompt. Nothing is downloaded.
+A request joins the running batch at the next decoding step, in one of ``--max-batch`` slots (it waits only for
+a free slot), and leaves when it ends at its own ``max_tokens``, stop tokens or ``stop`` strings; each row has
+its own sampling settings. A bad request (unknown model,
+malformed messages, an image that does not decode, a URL of a scheme or address the server does not fetch, a
+prompt over ``--max-prompt-tokens``) gets a 4xx error in OpenAI's format and the server goes on; so does one whose
+settings are out of range (``temperature`` NaN or over 2, ``top_p`` 0, ``max_tokens`` 0 or over
+``--max-tokens-limit``, a 2^70 seed, a ``stop`` that is not strings) or unsupported (``n`` > 1, ``tools``), and a
+prompt far over the limit (refused before tokenising).
+
+The transport: a body declared over ``--max-body-bytes`` gets a 413 unread (and its connection closed); a chunked
+body is accepted and counted as it arrives (413 at the limit); a body with neither Content-Length nor chunked
+encoding gets a 411; a body that has not arrived whole within ``--timeout`` seconds gets a 408 and its connection
+closed. A connection idle (nothing sent, or headers sent in part) for ``--timeout`` seconds is closed, as is one
+whose client stops reading an answer for that long. A client that leaves cancels its request's decoding, streamed
+or not, noticed at once even while nothing is written to it.
+
+Image URLs: ``data:`` always; ``http:`` and ``https:`` only with ``--allow-image-urls``, and then only from public
+addresses (the host is resolved once, every address checked, and the connection made to a checked one, so a DNS
+answer that changes cannot redirect it), each redirect checked the same way, at most ``--max-body-bytes`` and
+``--timeout`` seconds; ``--allow-private-image-urls`` lifts the address check (tests, trusted networks). Every
+other scheme (``file:`` ...) is refused. A system message is put before the first user message's text: the
+templates fix their own system prompt. Nothing is downloaded but the image URLs a server allows.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import binascii
 import hmac
+import http.client
 import io
+import ipaddress
 import json
 import math
 import os
 import queue
-import select
 import socket
+import ssl
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import prometheus_client
+import uvicorn
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mgjax.cli import HelpFormatter, compilation_cache, integer, number
 from mgjax.data import preprocess, templates
-from mgjax.inference import decoding
+from mgjax.inference import decoding, engine
+from mgjax.inference.engine import Job
 from mgjax.inference.generate import (
     TEMPLATE_HELP,
     add_model_arguments,
@@ -52,8 +78,6 @@ from mgjax.inference.generate import (
     stop_ids,
 )
 
-BUCKET = 64  # prompts padded to a multiple of this: a handful of compiled shapes serve every request
-
 
 class RequestError(Exception):
     def __init__(self, status: int, message: str, code: str = "invalid_request_error", param: str | None = None):
@@ -61,35 +85,12 @@ class RequestError(Exception):
         self.status, self.code, self.param = status, code, param
 
 
-@dataclass(eq=False)  # a job is itself: batching picks jobs out by identity
-class Job:
-    """One request: its prompt, how to decode it, and the queue its text goes out through (pieces, then a
-    ``(finish_reason, completion_tokens)`` tuple)."""
-
-    ids: np.ndarray
-    image_args: dict
-    sampling: decoding.Sampling
-    max_tokens: int
-    stops: list[str]
-    out: queue.Queue = field(default_factory=queue.Queue)
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finished: str | None = None  # stop, length, or cancelled (the client left)
-    chat: bool = True  # a chat completion; False: a text completion (/v1/completions)
-    submitted: float = field(default_factory=time.monotonic)
-    first_token: float | None = None  # when its first token was decoded
-
-    def cancel(self) -> None:
-        """The client is gone: the batch stops decoding for this job (and ends once every job in it has)."""
-        self.finished = self.finished or "cancelled"
+Fetch = Callable[[str, str], bytes]  # (url, where in the request) -> the image's bytes
 
 
-def _image(url: str, where: str, exif_transpose: bool) -> Image.Image:
-    if not url.startswith("data:"):
-        raise RequestError(400, f"{where}: only data: URIs are accepted (the server downloads nothing)", param=where)
-    head, _, payload = url.partition(",")
+def _image(url: str, where: str, exif_transpose: bool, fetch: Fetch | None) -> Image.Image:
+    data = _image_bytes(url, where, fetch)
     try:
-        data = base64.b64decode(payload, validate=True) if head.endswith(";base64") else payload.encode()
         img = Image.open(io.BytesIO(data))
         img.load()
         return preprocess.rgb(img, exif_transpose=exif_transpose, where=where)
@@ -99,9 +100,34 @@ def _image(url: str, where: str, exif_transpose: bool) -> Image.Image:
         raise RequestError(400, f"{where}: the image does not decode ({type(e).__name__}: {e})", param=where) from None
 
 
-def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict], list]:
+def _image_bytes(url: str, where: str, fetch: Fetch | None) -> bytes:
+    """The encoded image an ``image_url`` names: a data URI's payload, or an http(s) URL's body through ``fetch``
+    (None: this server fetches nothing). No other scheme is ever read: ``file:`` would hand out the server's files."""
+    scheme = url.partition(":")[0].lower()
+    if scheme == "data":
+        return _data_uri(url, where)
+    if scheme in ("http", "https") and fetch is not None:
+        return fetch(url, where)
+    if fetch is None:
+        raise RequestError(
+            400, f"{where}: only data: URIs are accepted (http(s) URLs need --allow-image-urls)", param=where
+        )
+    raise RequestError(400, f"{where}: the image must be a data: URI or an http(s) URL, not {url[:40]!r}", param=where)
+
+
+def _data_uri(url: str, where: str) -> bytes:
+    head, _, payload = url.partition(",")
+    if not head.endswith(";base64"):
+        return payload.encode()
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as e:
+        raise RequestError(400, f"{where}: the image does not decode (its base64: {e})", param=where) from None
+
+
+def conversation(messages: Any, exif_transpose: bool = False, fetch: Fetch | None = None) -> tuple[list[dict], list]:
     """OpenAI messages -> (template turns, images in order). Text parts keep their order; each image part becomes
-    an ``<image>`` placeholder where it stands."""
+    an ``<image>`` placeholder where it stands. ``fetch`` reads http(s) image URLs (None: they are refused)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list", param="messages")
     turns, images, system = [], [], []
@@ -124,6 +150,7 @@ def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict
                         url.get("url", "") if isinstance(url, dict) else str(url),
                         f"messages[{i}].content[{j}]",
                         exif_transpose,
+                        fetch,
                     )
                 )
                 text.append(templates.IMAGE + "\n")
@@ -138,6 +165,128 @@ def conversation(messages: Any, exif_transpose: bool = False) -> tuple[list[dict
     if system:
         turns[0] = {**turns[0], "value": "\n".join(system) + "\n\n" + turns[0]["value"]}
     return turns, images
+
+
+REDIRECTS = 3  # redirects an image URL may take, each checked as the URL itself was
+NOT_PUBLIC = ("unspecified", "loopback", "link_local", "multicast", "private", "reserved")
+
+
+def fetch_image(url: str, where: str, *, limit: int, timeout: float, private: bool = False) -> bytes:
+    """The body of an http(s) image URL, at most ``limit`` bytes within ``timeout`` seconds (resolving, connecting,
+    redirects and reading together; a name server that does not answer waits out the system resolver's own
+    timeout). Only public addresses are fetched from unless ``private``: a client must not reach the server's own
+    network (a cloud's metadata service at 169.254.169.254, an admin page on localhost) through it."""
+    deadline = time.monotonic() + timeout
+    for _ in range(REDIRECTS + 1):
+        data, location = _get(url, where, limit, deadline, private)
+        if location is None:
+            return data
+        url = urllib.parse.urljoin(url, location)
+    raise RequestError(400, f"{where}: the image URL redirects more than {REDIRECTS} times", param=where)
+
+
+def _get(url: str, where: str, limit: int, deadline: float, private: bool) -> tuple[bytes, str | None]:
+    """One GET: (the body, None), or (b"", where it redirects to)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:  # a redirect elsewhere (file:, ftp:), or a port that is not a number
+        raise RequestError(400, f"{where}: the image URL {url[:80]!r} is refused ({e})", param=where) from None
+    addresses = _resolve(parts.hostname, port, where, private)
+    https = parts.scheme == "https"
+    try:
+        with _open(parts.hostname, port, addresses, https, deadline) as sock:
+            conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(parts.hostname, port)
+            conn.sock = sock  # connected already: http.client sends through it and looks nothing up
+            conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=HEADERS)
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                return b"", response.getheader("Location")
+            if response.status != 200:
+                raise RequestError(
+                    400, f"{where}: the image URL answered {response.status} {response.reason}", param=where
+                )
+            return _read(response, sock, limit, deadline, where), None
+    except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, a TLS failure, a garbled answer
+        raise RequestError(
+            400, f"{where}: the image URL could not be fetched ({type(e).__name__}: {e})", param=where
+        ) from None
+
+
+def _open(host: str, port: int, addresses: list[str], https: bool, deadline: float) -> socket.socket:
+    """A connection to an address checked already, never to a second look-up of ``host`` (whose answer may have
+    changed since: DNS rebinding); TLS still verifies the certificate against ``host``."""
+    sock = _connect(addresses, port, _left(deadline))
+    return ssl.create_default_context().wrap_socket(sock, server_hostname=host) if https else sock
+
+
+HEADERS = {"User-Agent": "mgjax-serve", "Accept": "image/*"}
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("out of time")
+    return left
+
+
+def _resolve(host: str, port: int, where: str, private: bool) -> list[str]:
+    """Every address ``host`` resolves to, each one public unless ``private`` (one bad address refuses them all:
+    which one a connection would use is not the client's to choose)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise RequestError(400, f"{where}: the image URL's host {host!r} does not resolve ({e})", param=where) from None
+    addresses = list(dict.fromkeys(info[4][0] for info in found))
+    for address in [] if private else addresses:
+        why = _not_public(ipaddress.ip_address(address))
+        if why:
+            raise RequestError(
+                400,
+                f"{where}: the image URL's host {host!r} is a {why} address ({address}); this server fetches images "
+                "from public addresses only",
+                param=where,
+            )
+    return addresses
+
+
+def _not_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """What kind of address ``address`` is when it is not a public one (None: public)."""
+    if address.version == 6 and address.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
+        address = address.ipv4_mapped
+    for kind in NOT_PUBLIC:
+        if getattr(address, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if address.is_global else "non-global"  # shared (100.64.0.0/10), documentation, benchmarking ...
+
+
+def _connect(addresses: list[str], port: int, timeout: float) -> socket.socket:
+    """A connection to the first of ``addresses`` that answers."""
+    error: OSError = OSError("no address")
+    for address in addresses:
+        try:
+            return socket.create_connection((address, port), timeout)
+        except OSError as e:
+            error = e
+    raise error
+
+
+def _read(response: http.client.HTTPResponse, sock: socket.socket, limit: int, deadline: float, where: str) -> bytes:
+    """The response's body, refused past ``limit`` bytes; each read waits only the time left (a server that sends
+    a byte a second would otherwise hold a worker thread indefinitely)."""
+    declared = response.getheader("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(400, f"{where}: the image has {declared} bytes, over this server's {limit}", param=where)
+    data = bytearray()
+    while len(data) <= limit:
+        sock.settimeout(_left(deadline))
+        chunk = response.read1(1 << 16)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    raise RequestError(400, f"{where}: the image is over this server's {limit} bytes", param=where)
 
 
 # fields this server does not implement, with the values that ask for nothing (accepted)
@@ -248,97 +397,21 @@ class Metrics:
         return prometheus_client.generate_latest(self.registry)
 
 
-class Batcher:
-    """The decoding thread: collects jobs, decodes compatible ones together, streams their text out."""
+class _Observer:
+    """The engine's events as the server's metrics."""
 
-    def __init__(self, model, tokenizer, template: str | None, *, max_batch: int, wait: float, metrics: Metrics):
-        self.model, self.tokenizer, self.template, self.metrics = model, tokenizer, template, metrics
-        self.max_batch, self.wait = max_batch, wait
-        self.jobs: queue.Queue[Job] = queue.Queue()
-        self.stop_ids = stop_ids(tokenizer, template)
-        self.batch_sizes: list[int] = []  # what ran together (for tests and logs)
-        self.lock = threading.Lock()  # one decode at a time
-        threading.Thread(target=self._loop, daemon=True).start()
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
 
-    def _loop(self) -> None:
-        held: list[Job] = []
-        while True:
-            if not held:
-                held.append(self.jobs.get())
-            deadline = time.monotonic() + self.wait
-            while time.monotonic() < deadline:
-                try:
-                    held.append(self.jobs.get(timeout=max(deadline - time.monotonic(), 0)))
-                except queue.Empty:
-                    break
-            key = self._key(held[0])
-            batch = [j for j in held if self._key(j) == key][: self.max_batch]
-            held = [j for j in held if j not in batch]
-            self._decode(batch)
+    def first_token(self, seconds: float) -> None:
+        self.metrics.first_token.observe(seconds)
 
-    def _key(self, job: Job):
-        mgm = hasattr(self.model.config, "vision_aux")
-        return job.sampling, mgm and bool(job.image_args)
-
-    def _decode(self, batch: list[Job]) -> None:
-        self.batch_sizes.append(len(batch))
-        try:
-            with self.lock:
-                for step in self._steps(batch):
-                    for job, token in zip(batch, step):
-                        if job.finished is None:
-                            self._advance(job, int(token))
-                    if all(j.finished for j in batch):
-                        break
-        except Exception as e:  # noqa: BLE001  (a failed decode must not leave clients waiting forever)
-            for job in batch:
-                self.metrics.queue.dec()
-                job.out.put(RequestError(500, f"decoding failed: {e}", code="server_error"))
-            return
-        for job in batch:
-            self.metrics.latency.observe(time.monotonic() - job.submitted)
-            self.metrics.queue.dec()
-            job.out.put((job.finished or "length", len(job.tokens)))
-
-    def _steps(self, batch: list[Job]):
-        # rows padded to a power of two with copies of the first job (their tokens unread): 1, 2, 4, 8 rows compile,
-        # not every count up to --max-batch
-        rows = batch + [batch[0]] * (
-            max(len(batch), min(1 << (len(batch) - 1).bit_length(), self.max_batch)) - len(batch)
-        )
-        ids, mask = decoding.left_pad([j.ids for j in rows], self.tokenizer.pad_token_id or 0, bucket=BUCKET)
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-        embeds = batch_embeds(self.model, ids, [j.image_args for j in rows])
-        lm = getattr(self.model, "language_model", self.model)
-        budget = max(j.max_tokens for j in batch)
-        return decoding.stream(
-            lm,
-            ids,
-            -(-budget // BUCKET) * BUCKET,  # a few compiled shapes serve every budget; each job stops at its own
-            attention_mask=mask,
-            inputs_embeds=embeds,
-            sampling=batch[0].sampling,
-            stop_ids=self.stop_ids,
-        )
-
-    def _advance(self, job: Job, token: int) -> None:
-        if job.first_token is None:
-            job.first_token = time.monotonic()
-            self.metrics.first_token.observe(job.first_token - job.submitted)
+    def token(self) -> None:
         self.metrics.tokens.inc()
-        if token in self.stop_ids:
-            job.finished = "stop"
-            return
-        job.tokens.append(token)
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        cut = min((text.find(s) for s in job.stops if s in text), default=-1)
-        if cut >= 0:
-            text, job.finished = text[:cut], "stop"
-        if text.startswith(job.text) and len(text) > len(job.text):  # bytes of a character may come later
-            job.out.put(text[len(job.text) :])
-            job.text = text
-        if job.finished is None and len(job.tokens) >= job.max_tokens:
-            job.finished = "length"
+
+    def finished(self, job: Job) -> None:
+        self.metrics.latency.observe(time.monotonic() - job.submitted)
+        self.metrics.queue.dec()
 
 
 class Service:
@@ -352,7 +425,6 @@ class Service:
         *,
         template: str | None = None,
         max_batch: int = 8,
-        wait: float = 0.05,
         max_prompt_tokens: int = 4096,
         max_tokens: int = 512,
         max_tokens_limit: int = 4096,
@@ -360,17 +432,29 @@ class Service:
         timeout: float = 60.0,
         exif_transpose: bool = False,
         api_key: str | None = None,
+        allow_image_urls: bool = False,
+        allow_private_image_urls: bool = False,
     ):
         if max_tokens > max_tokens_limit:
             raise ValueError(f"--max-tokens {max_tokens} is over --max-tokens-limit {max_tokens_limit}")
+        if allow_private_image_urls and not allow_image_urls:
+            raise ValueError("--allow-private-image-urls needs --allow-image-urls")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.exif_transpose = exif_transpose
         self.template = template or default_template(model, tokenizer)
         self.max_prompt_tokens, self.default_max_tokens = max_prompt_tokens, max_tokens
         self.max_tokens_limit, self.max_body_bytes, self.timeout = max_tokens_limit, max_body_bytes, timeout
         self.api_key = api_key
+        self.allow_image_urls, self.allow_private_image_urls = allow_image_urls, allow_private_image_urls
         self.metrics = Metrics()
-        self.batcher = Batcher(model, tokenizer, self.template, max_batch=max_batch, wait=wait, metrics=self.metrics)
+        self.engine = engine.Engine(
+            model,
+            tokenizer,
+            stop_ids(tokenizer, self.template),
+            slots=max_batch,
+            observe=_Observer(self.metrics),
+            embed=lambda m, ids, args: batch_embeds(m, ids, [args]) if args else None,
+        )
 
     def _settings(self, body: Any):
         if not isinstance(body, dict):
@@ -397,13 +481,19 @@ class Service:
         """A chat completion's job (``/v1/chat/completions``): the messages through the model's template."""
         sampling, budget, stops = self._settings(body)
         _check_text_length(body.get("messages"), self.max_prompt_tokens)
-        turns, images = conversation(body.get("messages"), self.exif_transpose)
+        fetch = self._fetch if self.allow_image_urls else None
+        turns, images = conversation(body.get("messages"), self.exif_transpose, fetch)
         try:
             ids, image_args = conversation_inputs(self.model, self.tokenizer, self.template, turns, images)
         except (ValueError, TypeError) as e:
             raise RequestError(400, str(e)) from None
         self._check_prompt_tokens(ids.shape[1], "messages")
         return Job(ids[0], image_args, sampling, budget, stops)
+
+    def _fetch(self, url: str, where: str) -> bytes:
+        return fetch_image(
+            url, where, limit=self.max_body_bytes, timeout=self.timeout, private=self.allow_private_image_urls
+        )
 
     def text_job(self, body: Any) -> Job:
         """A text completion's job (``/v1/completions``): the prompt as it is, no template, no images."""
@@ -421,8 +511,7 @@ class Service:
     def submit(self, job: Job) -> Job:
         self.metrics.queue.inc()
         self.metrics.prompt_tokens.inc(len(job.ids))
-        self.batcher.jobs.put(job)
-        return job
+        return self.engine.submit(job)
 
     def authorise(self, header: str | None) -> None:
         """Check ``Authorization: Bearer KEY`` when the server has a key (compared in constant time)."""
@@ -458,174 +547,267 @@ class Service:
 
 
 class ClientGone(Exception):
-    """The client closed its connection while its answer was being decoded."""
+    """The client closed its connection before its answer was complete."""
 
 
-def _pieces(job: Job, gone):
-    """The job's text pieces, then its (finish reason, completion tokens). While it waits it checks ``gone()``
-    twice a second: a client that left cancels the job (``ClientGone``), even when nothing was written to it."""
-    while True:
+class _Outbox(queue.Queue):
+    """``Job.out`` for a request answered on the event loop. The decoding thread puts into it as into any queue;
+    each item is handed to the loop (``call_soon_threadsafe``), where the request awaits ``items``: no thread
+    waits per request, and the loop never blocks on the decoder."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self.loop, self.items = loop, asyncio.Queue()
+
+    def _put(self, item) -> None:  # queue.Queue's storage hook, run by put and put_nowait alike
         try:
-            item = job.out.get(timeout=0.5)
-        except queue.Empty:
-            if gone():
-                job.cancel()
-                raise ClientGone from None
-            continue
-        if isinstance(item, RequestError):
-            raise item
-        yield item
-        if isinstance(item, tuple):
-            return
-
-
-def handler(service: Service):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = service.timeout  # a connection idle (or a body or reader this slow) that long is closed
-
-        def log_message(self, *args):  # quiet: one line per request is the caller's business
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server stopped, and nobody waits for this answer
             pass
 
-        def _send(self, status: int, data: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
 
-        def _json(self, status: int, payload: dict) -> None:
-            self._send(status, json.dumps(payload).encode(), "application/json")
-
-        def _error(self, e: RequestError) -> None:
-            service.metrics.requests.labels(str(e.status)).inc()
-            self._json(
-                e.status,
-                {
-                    "error": {
-                        "message": str(e),
-                        "type": "invalid_request_error" if e.status < 500 else "server_error",
-                        "param": e.param,
-                        "code": e.code,
-                    }
-                },
-            )
-
-        def _body(self) -> Any:
-            """The request's JSON body, read only when its declared length is within the limit; a body that
-            arrives slower than the timeout ends the connection (the socket's own timeout)."""
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                raise RequestError(411, "a Content-Length header is required", code="length_required") from None
-            if length < 0 or length > service.max_body_bytes:
-                self.close_connection = True  # the body stays unread
-                raise RequestError(
-                    413, f"the body has {length} bytes, over this server's {service.max_body_bytes}", code="too_large"
-                )
-            data = self.rfile.read(length)
-            if len(data) < length:
-                self.close_connection = True
-                raise RequestError(400, f"the body ended after {len(data)} of its {length} bytes")
-            try:
-                return json.loads(data or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(400, f"the body is not JSON ({e})") from None
-
-        def _gone(self) -> bool:
-            """Whether the client has closed its end (readable, with nothing to read)."""
-            try:
-                readable, _, _ = select.select([self.connection], [], [], 0)
-                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-            except OSError:
-                return True
-
-        def do_GET(self):
-            path = self.path.rstrip("/")
-            if path == "/health":  # open, for load balancers: the process serves and its decoder thread lives
-                self._json(200, {"status": "ok", "model": service.name})
-                return
-            if path == "/metrics":
-                self._send(200, service.metrics.text(), prometheus_client.CONTENT_TYPE_LATEST)
-                return
-            try:
-                service.authorise(self.headers.get("Authorization"))
-            except RequestError as e:
-                self._error(e)
-                return
-            if path == "/v1/models":
-                self._json(
-                    200,
-                    {
-                        "object": "list",
-                        "data": [{"id": service.name, "object": "model", "created": 0, "owned_by": "mgjax"}],
-                    },
-                )
-            else:
-                self._error(RequestError(404, f"no route {self.path}", code="not_found"))
-
-        def do_POST(self):
-            try:
-                make = {"/v1/chat/completions": service.job, "/v1/completions": service.text_job}.get(
-                    self.path.rstrip("/")
-                )
-                if make is None:
-                    raise RequestError(404, f"no route {self.path}", code="not_found")
-                service.authorise(self.headers.get("Authorization"))
-                body = self._body()
-                job = service.submit(make(body))
-                rid = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
-                if body.get("stream"):
-                    self._stream(rid, job)
-                    return
-                try:
-                    pieces = list(_pieces(job, self._gone))
-                except ClientGone:
-                    self.close_connection = True
-                    return
-                finish, used = pieces[-1]
-                service.metrics.requests.labels("200").inc()
-                self._json(200, service.completion(rid, job, "".join(pieces[:-1]), finish, used))
-            except RequestError as e:
-                self._error(e)
-
-        def _stream(self, rid: str, job: Job) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            send = lambda payload: self.wfile.write(f"data: {payload}\n\n".encode())  # noqa: E731
-            self.close_connection = True
-            service.metrics.requests.labels("200").inc()
-            try:
-                if job.chat:
-                    send(json.dumps(service.chunk(rid, job, None)))
-                try:
-                    for piece in _pieces(job, self._gone):
-                        if isinstance(piece, tuple):
-                            send(json.dumps(service.chunk(rid, job, None, piece[0])))
-                        else:
-                            send(json.dumps(service.chunk(rid, job, piece)))
-                except RequestError as e:
-                    send(json.dumps({"error": {"message": str(e), "type": "server_error", "code": e.code}}))
-                send("[DONE]")
-                self.wfile.flush()
-            except (OSError, ClientGone):  # the client left mid-stream (or stopped reading past the timeout)
-                job.cancel()
-
-    return Handler
+async def _answer(job: Job, receive, piece: Callable[[str], Awaitable[None]]) -> tuple[str, int]:
+    """Await the job's text, handing each piece to ``piece``; its (finish reason, completion tokens) at the end.
+    Leaving early cancels the job, so the decoder stops spending steps on it: the client gone (``ClientGone``), a
+    write failed, the server stopping (this coroutine cancelled)."""
+    watcher = asyncio.create_task(_watch(receive, job.out))
+    try:
+        while True:
+            item = await job.out.items.get()
+            if isinstance(item, (RequestError, ClientGone)):  # the watcher's ClientGone
+                raise item
+            if isinstance(item, Exception):  # the engine's: decoding failed
+                raise RequestError(500, str(item), code="server_error")
+            if isinstance(item, tuple):
+                return item
+            await piece(item)
+    except BaseException:
+        job.cancel()
+        raise
+    finally:
+        watcher.cancel()
 
 
-def server(service: Service, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """The HTTP server (not yet serving: call ``serve_forever``); port 0 picks a free one."""
-    httpd = Server((host, port), handler(service))
-    httpd.daemon_threads = True
-    return httpd
+async def _watch(receive, out: _Outbox) -> None:
+    """Wake the request with ``ClientGone`` when its client leaves. Its body is read, so the next thing uvicorn's
+    ``receive`` reports is the connection closing: at once, even while nothing is being written to it."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    out.items.put_nowait(ClientGone())
 
 
-class Server(ThreadingHTTPServer):
-    request_queue_size = 256  # the listen backlog: the standard library's 5 reset clients that arrived together
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request's body. Content-Length or chunked encoding (each accepted); a declared length over ``limit`` is
+    refused unread (413), a chunked body at the limit as it arrives; a body not whole within ``timeout`` seconds,
+    shorter than declared or merely slow, is a 408."""
+    declared = request.headers.get("content-length")
+    if declared is None and "chunked" not in request.headers.get("transfer-encoding", "").lower():
+        raise RequestError(411, "a Content-Length header (or a chunked body) is required", code="length_required")
+    if declared is not None and int(declared) > limit:  # h11 let only digits through
+        raise RequestError(413, f"the body has {declared} bytes, over this server's {limit}", code="too_large")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise RequestError(413, f"the body is over this server's {limit} bytes", code="too_large")
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive whole within {timeout:g} s", code="timeout") from None
+    except ClientDisconnect:
+        raise ClientGone from None
+    return bytes(body)
+
+
+def parse(make: Callable[[Any], Any], data: bytes) -> tuple[Any, Job]:
+    """The body's JSON and its job: in a worker thread, as parsing, decoding (or fetching) images and tokenising
+    would hold up every other connection on the event loop."""
+    try:
+        body = json.loads(data or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the body is not JSON ({e})") from None
+    return body, make(body)
+
+
+def _error(service: Service, e: RequestError) -> JSONResponse:
+    service.metrics.requests.labels(str(e.status)).inc()
+    # a 413 left the body unread and a 408 never got all of it: the connection cannot carry another request
+    headers = {"Connection": "close"} if e.status in (408, 413) else None
+    payload = {
+        "message": str(e),
+        "type": "invalid_request_error" if e.status < 500 else "server_error",
+        "param": e.param,
+        "code": e.code,
+    }
+    return JSONResponse({"error": payload}, status_code=e.status, headers=headers)
+
+
+class _EventStream:
+    """A streamed answer, as an ASGI response: server-sent events in OpenAI's chunk format, ``data: [DONE]`` last."""
+
+    def __init__(self, service: Service, rid: str, job: Job):
+        self.service, self.rid, self.job = service, rid, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        service, rid, job = self.service, self.rid, self.job
+
+        async def event(data: str) -> None:
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        service.metrics.requests.labels("200").inc()
+        try:
+            if job.chat:
+                await event(json.dumps(service.chunk(rid, job, None)))
+            finish, _ = await _answer(job, receive, lambda piece: event(json.dumps(service.chunk(rid, job, piece))))
+            await event(json.dumps(service.chunk(rid, job, None, finish)))
+        except RequestError as e:
+            await event(json.dumps({"error": {"message": str(e), "type": "server_error", "code": e.code}}))
+        except ClientGone:
+            return  # nobody is left to end the response for
+        await event("[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def app(service: Service) -> Starlette:
+    """The ASGI application answering for ``service``: its routes, and every error in OpenAI's format."""
+
+    async def complete(request: Request, make: Callable[[Any], Job]) -> Response:
+        service.authorise(request.headers.get("authorization"))
+        data = await read_body(request, service.max_body_bytes, service.timeout)
+        body, job = await run_in_threadpool(parse, make, data)
+        job.out = _Outbox(asyncio.get_running_loop())
+        service.submit(job)
+        rid = f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if body.get("stream"):
+            return _EventStream(service, rid, job)
+        pieces = []
+
+        async def keep(piece: str) -> None:
+            pieces.append(piece)
+
+        finish, used = await _answer(job, request.receive, keep)
+        service.metrics.requests.labels("200").inc()
+        return JSONResponse(service.completion(rid, job, "".join(pieces), finish, used))
+
+    async def chat(request: Request) -> Response:
+        return await complete(request, service.job)
+
+    async def text(request: Request) -> Response:
+        return await complete(request, service.text_job)
+
+    async def models(request: Request) -> Response:
+        service.authorise(request.headers.get("authorization"))
+        model = {"id": service.name, "object": "model", "created": 0, "owned_by": "mgjax"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def health(request: Request) -> Response:  # open, for load balancers: the process serves
+        return JSONResponse({"status": "ok", "model": service.name})
+
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.text(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    async def refused(request: Request, e: RequestError) -> Response:
+        return _error(service, e)
+
+    async def no_route(request: Request, e: HTTPException) -> Response:  # Starlette's 404 and 405
+        code = "not_found" if e.status_code == 404 else "method_not_allowed"
+        return _error(service, RequestError(e.status_code, f"no route {request.method} {request.url.path}", code=code))
+
+    async def gone(request: Request, e: ClientGone) -> Response:  # nobody reads it: the status is for the record
+        return Response(status_code=499)
+
+    async def failed(request: Request, e: Exception) -> Response:  # logged by uvicorn with its traceback
+        return _error(service, RequestError(500, f"internal error ({type(e).__name__})", code="server_error"))
+
+    routes = [
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", text, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    handlers = {RequestError: refused, HTTPException: no_route, ClientGone: gone, Exception: failed}
+    return Starlette(routes=routes, exception_handlers=handlers)
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the rest of what ``--timeout`` promises. uvicorn closes a connection idle for
+    ``timeout_keep_alive`` seconds only after an answer, and restarts that clock at any byte; here it also runs
+    from the connection's start, and only a request's complete headers stop it, so a client that sends nothing, or
+    trickles its headers in, is closed like an idle one. A client that stops reading an answer is dropped after as
+    long (uvicorn would wait for it forever, its request's coroutine with it)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's own, but for its stopping the clock here: handle_events stops it when a request's headers are in
+        self.conn.receive_data(data)
+        self.handle_events()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stalled = self.loop.call_later(self.timeout_keep_alive, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stalled.cancel()
+
+
+BACKLOG = 2048  # the listen backlog (Linux caps it at net.core.somaxconn): the standard library's 5 reset clients
+
+
+class Server:
+    """``service`` served by uvicorn on a socket bound at once, so ``port`` is known (port 0 picks a free one) and
+    a taken port fails here rather than in a thread: ``run()`` serves in this thread until interrupted (the command
+    line), ``start()`` in a background thread until ``stop()`` (tests, benchmarks)."""
+
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 8000, application=None):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, port), family=family, backlog=BACKLOG)
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{self.port}"
+        config = uvicorn.Config(
+            application or app(service),
+            http=_Protocol,
+            ws="none",
+            lifespan="off",
+            loop="asyncio",
+            interface="asgi3",
+            log_config=None,  # the embedding program's logging stays as it is
+            access_log=False,  # a line per request is the caller's business
+            proxy_headers=False,
+            backlog=BACKLOG,
+            timeout_keep_alive=service.timeout,
+            timeout_graceful_shutdown=service.timeout,  # then requests still answering are cancelled
+        )
+        self.uvicorn = uvicorn.Server(config)
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        self.uvicorn.run(sockets=[self.socket])
+
+    def start(self) -> Server:
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        while not self.uvicorn.started:  # connections queue in the backlog meanwhile; a failed start must not hang
+            if not self.thread.is_alive():
+                raise RuntimeError("the server did not start (uvicorn's log says why)")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join()
+
+
+def server(service: Service, host: str = "127.0.0.1", port: int = 8000, application=None) -> Server:
+    """The server for ``service`` (bound, not yet serving: ``start()`` or ``run()``); port 0 picks a free one.
+    ``application``: an app built on ``app(service)`` (the web demo's) in its place."""
+    return Server(service, host, port, application)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -637,8 +819,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1", help="the address to listen on; 0.0.0.0: every interface")
     ap.add_argument("--port", type=integer(0, 65535), default=8000, help="the TCP port to listen on; 0: any free one")
     ap.add_argument("--template", help=TEMPLATE_HELP)
-    ap.add_argument("--max-batch", type=integer(1), default=8, help="the most requests decoded together, in rows")
-    ap.add_argument("--batch-wait", type=number(0), default=0.05, help="seconds a request waits for others to join it")
+    ap.add_argument(
+        "--max-batch",
+        type=integer(1),
+        default=8,
+        help="the most requests decoded together (the engine's slots); more wait for a slot to free",
+    )
     ap.add_argument(
         "--max-prompt-tokens",
         type=integer(1),
@@ -658,14 +844,29 @@ def parser() -> argparse.ArgumentParser:
         "--max-body-bytes",
         type=integer(1),
         default=32 << 20,
-        help="the largest request body accepted, in bytes (images included); a larger one gets a 413 unread",
+        help="the largest request body accepted, in bytes (images included); a larger one gets a 413 unread. Also "
+        "the largest image an image URL may download",
     )
     ap.add_argument(
         "--timeout",
         type=number(0.1),
         default=60.0,
-        help="seconds a connection may sit idle, or take to send its body or read a streamed answer, before it is "
-        "closed (a streamed request's decoding then stops)",
+        help="seconds a connection may sit idle (or send its headers in part), take to send its body, or stall "
+        "reading an answer before it is closed (the request's decoding then stops); also the longest an image URL "
+        "may take to download",
+    )
+    ap.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="download http(s) image_url images, from public addresses only (never loopback, private, link-local, "
+        "multicast, reserved or unspecified ones; each redirect checked again); without it only data: URIs are "
+        "accepted. Other schemes (file:, ...) are always refused",
+    )
+    ap.add_argument(
+        "--allow-private-image-urls",
+        action="store_true",
+        help="with --allow-image-urls, download from any address, this machine's and its network's included: for "
+        "tests and trusted networks only (a client could reach whatever the server can)",
     )
     ap.add_argument(
         "--api-key",
@@ -676,44 +877,50 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _listen(service: Service, host: str, port: int) -> ThreadingHTTPServer:
+def listen(service: Service, host: str, port: int, application=None) -> Server:
     """``server``, its socket errors (a port taken, an address not this machine's) named by the flags that chose it."""
     try:
-        return server(service, host, port)
+        return server(service, host, port, application)
     except OSError as e:
         raise ValueError(f"--host {host} --port {port}: {e.strerror or e}") from None
+
+
+def service_from_args(args: argparse.Namespace, model=None, tokenizer=None) -> Service:
+    """The service ``parser()``'s flags describe (the model loaded by them unless given)."""
+    from pathlib import Path  # noqa: PLC0415
+
+    if model is None:
+        model, tokenizer = load_model(args)
+    return Service(
+        model,
+        tokenizer,
+        args.name or Path(args.model).resolve().name,
+        template=args.template,
+        max_batch=args.max_batch,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        max_body_bytes=args.max_body_bytes,
+        timeout=args.timeout,
+        exif_transpose=args.exif_transpose,
+        api_key=args.api_key or os.environ.get("MGJAX_API_KEY") or None,
+        allow_image_urls=args.allow_image_urls,
+        allow_private_image_urls=args.allow_private_image_urls,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     compilation_cache()
-
-    from pathlib import Path  # noqa: PLC0415
-
     try:
-        model, tokenizer = load_model(args)
-        service = Service(
-            model,
-            tokenizer,
-            args.name or Path(args.model).resolve().name,
-            template=args.template,
-            max_batch=args.max_batch,
-            wait=args.batch_wait,
-            max_prompt_tokens=args.max_prompt_tokens,
-            max_tokens=args.max_tokens,
-            max_tokens_limit=args.max_tokens_limit,
-            max_body_bytes=args.max_body_bytes,
-            timeout=args.timeout,
-            exif_transpose=args.exif_transpose,
-            api_key=args.api_key or os.environ.get("MGJAX_API_KEY") or None,
-        )
-        httpd = _listen(service, args.host, args.port)
+        service = service_from_args(args)
+        httpd = listen(service, args.host, args.port)
     except (ValueError, OSError) as e:  # a bad --model, --template, --host or --port: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"serving {service.name} on http://{args.host}:{httpd.server_address[1]}/v1", flush=True)
+    print(f"serving {service.name} on {httpd.url}/v1", flush=True)
     try:
-        httpd.serve_forever()
-    except KeyboardInterrupt:
+        httpd.run()  # SIGINT and SIGTERM: uvicorn stops taking connections and lets answers in progress end
+    except KeyboardInterrupt:  # uvicorn raises the SIGINT again once it has stopped
         pass
     return 0

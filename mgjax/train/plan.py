@@ -45,6 +45,41 @@ placement from the logical axes; the device holding the most is reported):
 
 HBM per chip is the vendor's capacity, taken as GiB; runtimes report a little less. Step time is the step's model
 FLOPs (``mgjax.train.flops``, global batch) over chips x peak x the assumed MFU.
+
+``--serve`` plans a served model instead (``python -m mgjax.plan --serve --model RELEASE_OR_DIR --topology 8xH100
+[--mesh tensor=8] [--quant int8|int4] [--dtype bfloat16] [--max-batch 8 --max-prompt-tokens 4096
+--max-tokens-limit 4096]``, or ``--chips N --hbm-gib X`` for chips the table does not name), held as
+``mgjax.serve``'s continuous-batching engine (``mgjax.inference.engine``) holds it with the same flags. Per chip:
+
+* weights, exact. The model of the release (an MGM or InternVL2 name) or of a checkpoint's ``config.json`` is
+  built with ``nnx.eval_shape`` in ``--dtype``, quantized on shapes (``mgjax.nn.quant``: the LLM's linear layers'
+  integers and float32 scales) where ``--quant`` or the checkpoint's ``quantization_config`` says, and each
+  parameter's share is its bytes over the pieces ``mesh.spec`` cuts it into, as loading with ``--mesh`` places it.
+* KV cache, exact: ``--max-batch`` slots, each layer's k and v ``[slots, positions, kv_heads, head_dim]`` in the
+  compute dtype (``KVCache.init``), of the positions the engine grows its cache to for the longest request: the
+  prompt padded to the engine's bucket plus ``--max-tokens-limit``, up to a power of two. Nothing constrains the
+  cache's layout: XLA lays it out like the k/v projections that fill it, the kv-heads axis split over ``tensor``
+  where ``tensor`` divides the kv heads, whole on every chip otherwise; the slots are never split (measured on 8
+  CPU devices, ``tests/test_plan_serve.py``).
+* working set, an estimate: the largest of what three of the engine's programs hold beyond the weights and the
+  cache. (1) The prefill of one longest prompt alone, into a cache of its own length: a prefill with a cache
+  attends with the XLA reference on every backend (``mgjax.nn.attention``: splash and cuDNN refuse a cache), so
+  its heads x prompt x prompt scores grow: float32 logits, float32 exponentials and the probabilities in the
+  compute dtype (10 bytes each at bfloat16; XLA's fused softmax on a GPU may keep only the logits and the
+  probabilities). The prefill counts the residual stream and its norm, the largest of one layer's attention
+  (those scores, the mask, q, k, v, the output), one layer's MLP (gate, up and product; Mixtral's dense experts
+  off a TPU run every expert on every token, float32 outputs included) and the head's logits of every prompt
+  position, the prompt's own cache, and, quantized, two layers' weights dequantized to the compute dtype (XLA:CPU
+  holds 1.8: the next layer's is made ahead of its turn). (2) Growing the cache to its whole length: the old
+  half-length cache and the new one are both live. (3) One decoding step of every slot. Tensor parallelism splits
+  heads, MLP and vocabulary as for training (``_tensor_shard``). Checked against XLA:CPU's compiled prefill at
+  float32 (which keeps the logits and the probabilities alone: the estimate is 1.0-1.6x its temporaries); at
+  bfloat16 XLA:CPU also keeps float32 copies of weights and scores that GPUs and TPUs do not. Left out: the
+  vision towers' forward of an image (tens of MiB), cuBLAS/cuDNN workspaces, allocator fragmentation, the
+  runtime's own reservation. Unmeasured on GPUs and TPUs.
+* the total, whether it fits the chip's HBM, and the most slots of that length that fit. JAX's GPU allocator
+  takes 75% of the memory unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says more: the plan says so where the total
+  needs more.
 """
 
 from __future__ import annotations
@@ -54,11 +89,13 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import dataclass
 from math import prod
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -66,10 +103,13 @@ from flax import nnx
 
 from mgjax import config as cfg
 from mgjax.cli import HelpFormatter, integer, number
-from mgjax.nn import attention, params
+from mgjax.inference import engine
+from mgjax.models.registry import model_class
+from mgjax.nn import attention, params, quant
 from mgjax.nn.layers import REMAT_POLICIES
 from mgjax.parallel import mesh
 from mgjax.parallel import topology as tpu_topology
+from mgjax.recipes import internvl_releases, mgm_releases
 from mgjax.train import families, flops, loss
 from mgjax.train.families import DTYPES
 from mgjax.train.run_config import RunConfig
@@ -514,49 +554,428 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------------ serving
+SERVE_DEFAULTS = {"max_batch": 8, "max_prompt_tokens": 4096, "max_tokens_limit": 4096}  # mgjax.serve's
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What ``mgjax.serve`` is asked to hold: ``slots`` rows (``--max-batch``) for prompts of up to
+    ``max_prompt_tokens`` and answers of up to ``max_tokens_limit``."""
+
+    slots: int
+    max_prompt_tokens: int
+    max_tokens_limit: int
+
+    @property
+    def prompt(self) -> int:
+        """The longest prompt as the engine prefills it: left-padded to a multiple of its bucket."""
+        return engine.padded(self.max_prompt_tokens)
+
+    @property
+    def context(self) -> int:
+        """The positions of each slot's cache at its longest: the engine grows it to the next power of two of what
+        a request needs (the padded prompt and its answer budget), from ``engine.MIN_LENGTH`` up."""
+        return engine.cache_length(self.prompt + self.max_tokens_limit)
+
+
+def custom_topology(chips: int, hbm_gib: float) -> Topology:
+    """``chips`` of ``hbm_gib`` GiB each, planned as GPUs on one host."""
+    return Topology(chips, int(hbm_gib * GiB), None, chips, "gpu")
+
+
+def _abstract(config) -> nnx.Module:
+    return nnx.eval_shape(lambda: model_class(config.model_type)(config, rngs=nnx.Rngs(0)))
+
+
+@functools.cache
+def _release_model(name: str, dtype: str) -> nnx.Module:
+    """A release's model as shapes (built once: tracing MGM-34B's initialisers takes a second)."""
+    over = {"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(dtype)}
+    if name in mgm_releases.NAMES:
+        return _abstract(mgm_releases.config(name, **over))
+    return _abstract(internvl_releases.shapes_config(name, image_token_id=0, **over))
+
+
+def served_model(model: str, dtype: str = "bfloat16", scheme: str | None = None) -> tuple[nnx.Module, str | None]:
+    """The model ``mgjax.serve --model`` would hold, as shapes, and its quantization scheme (None: float).
+    ``model``: an MGM or InternVL2 release name, a checkpoint directory or its ``config.json``; the checkpoint's own
+    ``quantization_config`` holds unless ``scheme`` names another."""
+    dt = jnp.dtype(dtype)
+    over = {"dtype": dt, "param_dtype": dt}
+    held = None
+    if model in mgm_releases.NAMES or model in internvl_releases.NAMES:
+        abstract = nnx.clone(_release_model(model, dt.name))  # quantizing changes it in place
+    else:
+        path = Path(model)
+        file = path if path.name == "config.json" or path.is_file() else path / "config.json"
+        if not file.is_file():
+            raise PlanError(
+                f"--model {model!r} is neither a release ({', '.join(mgm_releases.NAMES + internvl_releases.NAMES)}) "
+                "nor a checkpoint directory or config.json"
+            )
+        try:
+            d = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{file}: not valid JSON ({e})") from None
+        config = model_class(d.get("model_type")).config_class.from_hf(d, **over)
+        held = quant.from_config(d.get("quantization_config"), str(file))
+        abstract = _abstract(config)
+    if held is not None and scheme is not None and held[0].name != scheme:
+        raise PlanError(f"--quant {scheme}: --model {model} is already quantized ({held[0].name})")
+    if held is not None:
+        quant.quantize(abstract, *held)
+    elif scheme is not None:
+        quant.quantize(abstract, scheme)
+    held = quant.scheme_of(abstract)
+    return abstract, None if held is None else held.name
+
+
+def weight_bytes(model: nnx.Module, sizes: dict[str, int]) -> dict[str, int]:
+    """Per-device bytes of ``model``'s parameters as ``mesh.spec`` places them on a mesh of axis sizes ``sizes``
+    (abstract or real, every device holds the same share), by kind: the quantized layers' ``integers`` and
+    ``scales``, and the ``float`` rest."""
+    out = {"integers": 0, "scales": 0, "float": 0}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        n = var.size * var.dtype.itemsize // mesh.shards(mesh.spec(axes, var.shape, sizes), sizes)
+        kind = "integers" if var.dtype in (jnp.int8, jnp.uint8) else "scales" if path[-1] == "weight_scale" else "float"
+        out[kind] += n
+    return out
+
+
+def _llm(model: nnx.Module):
+    return getattr(model.config, "llm", model.config)
+
+
+def kv_slot_bytes(llm, context: int, tensor: int) -> int:
+    """Per-device bytes of one slot's KV cache (``KVCache.init``: every layer's k and v, [context, kv_heads,
+    head_dim], in the compute dtype), the kv heads split over ``tensor`` where it divides them."""
+    kv = llm.num_key_value_heads
+    heads = kv // tensor if kv % tensor == 0 else kv
+    return 2 * llm.num_hidden_layers * context * heads * llm.head_dim * jnp.dtype(llm.dtype).itemsize
+
+
+def _dequantized_layer(model: nnx.Module, sizes: dict[str, int], layers: int) -> int:
+    """Per-device bytes of one layer's quantized weights dequantized to the compute dtype (the mean layer's)."""
+    values = 0
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if var.dtype in (jnp.int8, jnp.uint8):
+            axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+            per = var.size * (2 if var.dtype == jnp.uint8 else 1)  # packed int4: two values a byte
+            values += per // mesh.shards(mesh.spec(axes, var.shape, sizes), sizes)
+    return values // layers * jnp.dtype(_llm(model).dtype).itemsize
+
+
+def working_set(llm, s: Serving, *, tensor: int, platform: str, dequantized: int = 0) -> dict[str, int]:
+    """Per-device bytes (an estimate, see the module docstring) beyond the weights and the slots' cache of each of
+    the engine's three programs that can peak: the prefill of one longest prompt alone (``prefill``, with its
+    parts), the growth of the slots' cache to its whole length (``grow``) and one decoding step of every slot
+    (``decode``); ``working``, the largest. ``dequantized``: what the quantized weights of the layers in flight
+    take in the compute dtype."""
+    t = _tensor_shard(llm, tensor)
+    c = jnp.dtype(llm.dtype).itemsize
+    h, kv, d, width = t.num_attention_heads, t.num_key_value_heads, llm.head_dim, llm.hidden_size
+
+    def phases(n: int, keys: int) -> dict[str, int]:  # n: rows x tokens, each attending to ``keys`` positions
+        if llm.num_local_experts and platform != "tpu":  # dense: every expert on every token, float32 outputs
+            mlp = n * llm.num_local_experts * (3 * t.intermediate_size * c + width * (c + F32))
+        elif llm.num_local_experts:  # megablox: each token's top-k experts
+            mlp = n * llm.num_experts_per_tok * (3 * t.intermediate_size + width) * c
+        else:
+            mlp = n * 3 * t.intermediate_size * c
+        return {
+            # the XLA reference's float32 logits and exponentials, the probabilities in the compute dtype, the
+            # boolean mask; q, k, v and the output
+            "attention": n * (keys * (h * (2 * F32 + c) + 1) + 2 * (h + kv) * d * c),
+            "mlp": mlp,
+            # every position's logits (and their float32 copy), before the last one is taken
+            "logits": n * t.vocab_size * (c + (F32 if c < F32 else 0)),
+            "stream": 2 * n * width * c,  # the residual stream and its norm
+            "dequantized": dequantized,
+        }
+
+    def total(p: dict[str, int]) -> int:
+        return p["stream"] + p["dequantized"] + max(p["attention"], p["mlp"], p["logits"])
+
+    prefill = phases(s.prompt, s.prompt)  # a prompt alone, into a cache of its own length: its row
+    row = kv_slot_bytes(llm, s.prompt, tensor)
+    # padding the cache to a longer one holds both: the last growth, from half the length (none at the least)
+    grow = s.slots * kv_slot_bytes(llm, s.context // 2, tensor) + row if s.context > engine.MIN_LENGTH else 0
+    out = {
+        "prefill": total(prefill) + row,
+        "grow": grow,
+        "decode": total(phases(s.slots, s.context)),
+        **{f"prefill_{k}": v for k, v in prefill.items()},
+        "prefill_row": row,
+    }
+    return {"working": max(out["prefill"], out["grow"], out["decode"]), **out}
+
+
+def serve_report(
+    model: str,
+    topology_name: str | None = None,
+    mesh_text: str = "",
+    *,
+    chips: int | None = None,
+    hbm_gib: float | None = None,
+    dtype: str = "bfloat16",
+    scheme: str | None = None,
+    serving: Serving = Serving(8, 4096, 4096),
+) -> dict:
+    """The per-chip memory of ``model`` served as ``mgjax.serve --mesh MESH --quant SCHEME --dtype DTYPE`` would hold
+    it on a topology (a name, or ``chips`` of ``hbm_gib`` GiB), as a JSON-able dict (bytes per device); the mesh is
+    checked against the chips before anything is built."""
+    if (topology_name is None) == (chips is None or hbm_gib is None):
+        raise PlanError("name the chips: --topology NAME, or --chips N with --hbm-gib X")
+    topo = topology(topology_name) if topology_name is not None else custom_topology(chips, hbm_gib)
+    name = topology_name or f"{chips} x {hbm_gib:g} GiB"
+    mesh_config = parse_mesh(mesh_text, mesh.MeshConfig())  # fsdp takes the chips the others leave, as serve's
+    try:
+        sizes = mesh_config.sizes(topo.chips)
+    except ValueError as e:
+        raise PlanError(f"{name} has {topo.chips} chips: {e}") from None
+    for key, value in dataclasses.asdict(serving).items():
+        if value < 1:
+            raise PlanError(f"{key} must be positive, not {value}")
+    if dtype not in ("float32", "bfloat16"):
+        raise PlanError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+    if scheme is not None and scheme not in quant.SCHEMES:
+        raise PlanError(f"--quant must be one of {sorted(quant.SCHEMES)}, not {scheme!r}")
+    try:
+        abstract, held = served_model(model, dtype, scheme)
+    except PlanError:
+        raise
+    except (ValueError, KeyError) as e:  # unknown model types, configs the model classes refuse, quantization
+        raise PlanError(f"--model {model}: {e}") from None
+    llm, tensor = _llm(abstract), sizes["tensor"]
+    weights = weight_bytes(abstract, sizes)
+    per_slot = kv_slot_bytes(llm, serving.context, tensor)
+    # two layers' worth: XLA:CPU's compiled prefill holds 1.8 (the next layer's dequantized ahead of its turn)
+    dequantized = 2 * _dequantized_layer(abstract, sizes, llm.num_hidden_layers) if held else 0
+
+    def working(slots: int) -> dict[str, int]:
+        return working_set(
+            llm,
+            dataclasses.replace(serving, slots=slots),
+            tensor=tensor,
+            platform=topo.platform,
+            dequantized=dequantized,
+        )
+
+    def total(slots: int) -> int:
+        return sum(weights.values()) + slots * per_slot + working(slots)["working"]
+
+    work = working(serving.slots)
+    memory = {"weights": sum(weights.values()), "kv_cache": serving.slots * per_slot, "working": work["working"]}
+    memory["total"] = sum(memory.values())
+    lo, hi = 0, 1  # the most slots that fit: total(lo) fits (or lo is 0), total(hi) does not
+    while total(hi) <= topo.hbm_bytes:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) <= topo.hbm_bytes else (lo, mid)
+    kv = llm.num_key_value_heads
+    return {
+        "model": model,
+        "model_type": abstract.config.model_type,
+        "dtype": dtype,
+        "quant": held,
+        "topology": {"name": name, "chips": topo.chips, "hbm_bytes": topo.hbm_bytes, "platform": topo.platform},
+        "mesh": sizes,
+        "serving": {**dataclasses.asdict(serving), "prompt": serving.prompt, "context": serving.context},
+        "weights_all_chips": mesh.placement(abstract, sizes).total_bytes,
+        "bytes_per_device": memory,
+        "weight_bytes": weights,
+        "kv_cache": {
+            "per_slot": per_slot,
+            "layers": llm.num_hidden_layers,
+            "kv_heads": kv,
+            "kv_heads_per_device": kv // tensor if kv % tensor == 0 else kv,
+            "head_dim": llm.head_dim,
+        },
+        "working_bytes": work,
+        "max_position_embeddings": llm.max_position_embeddings,
+        "fits": memory["total"] <= topo.hbm_bytes,
+        "max_slots": lo,
+    }
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def render_serve(r: dict) -> str:
+    t, s, m, w, kv, work = (
+        r["topology"],
+        r["serving"],
+        r["bytes_per_device"],
+        r["weight_bytes"],
+        r["kv_cache"],
+        r["working_bytes"],
+    )
+    hbm, scheme, dtype = _gib(t["hbm_bytes"]), r["quant"], r["dtype"]
+    quantized = f"{scheme} integers {_size(w['integers'])}, float32 scales {_size(w['scales'])}, " if scheme else ""
+    heads = "all" if kv["kv_heads_per_device"] == kv["kv_heads"] else f"{kv['kv_heads_per_device']} of"
+    names = {
+        "attention": "attention",
+        "mlp": "MLP",
+        "logits": "logits",
+        "stream": "residual stream",
+        "dequantized": "2 layers dequantized",
+        "row": "its cache",
+    }
+    prefill = ", ".join(f"{label} {_size(work[f'prefill_{k}'])}" for k, label in names.items() if work[f"prefill_{k}"])
+    alone = m["weights"] + work["prefill"]
+    lines = [
+        f"{r['model']} served on {t['name']}: {t['chips']} chip(s) of {hbm} GiB; mesh "
+        + " ".join(f"{a}={n}" for a, n in r["mesh"].items()),
+        f"weights {f'{scheme} (the LLM linear layers; the rest {dtype})' if scheme else dtype}, compute and KV cache "
+        f"{dtype}; {_size(r['weights_all_chips'])} of weights on all chips together",
+        f"{s['slots']} slot(s) of {s['context']} positions (a prompt of {s['max_prompt_tokens']} padded to "
+        f"{s['prompt']} + an answer of {s['max_tokens_limit']}, the cache grown to a power of two)",
+        "",
+        f"{'per chip':22s}{'GiB':>8s}",
+        f"  {'weights':20s}{_gib(m['weights']):>8s}  {quantized}{dtype} rest {_size(w['float'])}",
+        f"  {'KV cache':20s}{_gib(m['kv_cache']):>8s}  {s['slots']} x {_size(kv['per_slot'])} ({kv['layers']} layers x "
+        f"k, v x {s['context']} positions x {heads} {kv['kv_heads']} kv heads x {kv['head_dim']} x "
+        f"{jnp.dtype(dtype).itemsize} bytes)",
+        f"  {'working (est.)':20s}{_gib(m['working']):>8s}  the largest of: a prompt's prefill "
+        f"{_size(work['prefill'])} "
+        f"({prefill}; of attention, MLP and logits the largest counts), growing the cache {_size(work['grow'])}, "
+        f"a decoding step {_size(work['decode'])}",
+        f"  {'total':20s}{_gib(m['total']):>8s}",
+        f"fits: {'yes' if r['fits'] else 'no'} ({_gib(m['total'])} of {hbm} GiB)",
+        f"most slots of {s['context']} positions that fit: {r['max_slots']}"
+        + ("" if r["max_slots"] else f" (the weights and a prompt's prefill alone need {_gib(alone)} GiB)"),
+    ]
+    if t["platform"] == "gpu" and r["fits"] and m["total"] > 0.75 * t["hbm_bytes"]:
+        fraction = min(math.ceil(100 * m["total"] / t["hbm_bytes"]) / 100, 0.99)
+        lines.append(
+            "note: JAX's GPU allocator takes 75% of the memory unless told more: "
+            f"XLA_PYTHON_CLIENT_MEM_FRACTION={fraction:.2f}"
+        )
+    if s["context"] > r["max_position_embeddings"]:
+        lines.append(
+            f"note: a slot of {s['context']} positions is more than the model's {r['max_position_embeddings']} "
+            "(max_position_embeddings), which no request can pass: lower --max-prompt-tokens or --max-tokens-limit"
+        )
+    return "\n".join(lines)
+
+
+TRAIN_FLAGS = ("config", "set", "batch", "seq_len", "mfu", "compile")
+SERVE_FLAGS = (
+    "model",
+    "dtype",
+    "quant",
+    "chips",
+    "hbm_gib",
+    "max_batch",
+    "max_prompt_tokens",
+    "max_tokens_limit",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m mgjax.plan",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0]
+        + "\n\nWith --serve: the per-chip memory of a model served by mgjax.serve (weights, KV cache, working set).",
         epilog="topologies: " + ", ".join([*TOPOLOGIES, TPU_SLICES, LOCAL]),
         formatter_class=HelpFormatter,
     )
     ap.add_argument(
-        "--config", help="a YAML run config, as mgjax.train reads it (default: none, the run config's defaults)"
-    )
-    ap.add_argument(
         "--topology",
-        required=True,
-        help=f"the machines the run would use: one of the topologies below, {LOCAL} for this process's devices",
+        help=f"the machines the run would use: one of the topologies below, {LOCAL} for this process's devices "
+        "(with --serve, or --chips and --hbm-gib)",
     )
     ap.add_argument(
         "--mesh",
         default="",
         metavar="AXIS=SIZE,...",
         help="mesh axis sizes that replace the config's (-1: the devices left over; default: the config's mesh, "
-        "whose own default is fsdp=-1)",
+        "whose own default is fsdp=-1; with --serve, as mgjax.serve's --mesh: fsdp takes the chips the others "
+        "leave); its product must be the chip count",
     )
-    ap.add_argument(
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON rather than as text")
+    train = ap.add_argument_group("a training run")
+    train.add_argument(
+        "--config", help="a YAML run config, as mgjax.train reads it (default: none, the run config's defaults)"
+    )
+    train.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="override a config key by its dotted name (e.g. train.global_batch=256); repeatable",
     )
-    ap.add_argument("--batch", type=integer(1), help="global batch, in samples (default: train.global_batch)")
-    ap.add_argument("--seq-len", type=integer(1), help="positions per sample (default: data.max_length)")
-    ap.add_argument(
+    train.add_argument("--batch", type=integer(1), help="global batch, in samples (default: train.global_batch)")
+    train.add_argument("--seq-len", type=integer(1), help="positions per sample (default: data.max_length)")
+    train.add_argument(
         "--mfu", type=number(0, 1), default=0.4, help="assumed model FLOPs utilisation (0 to 1) for the step time"
     )
-    ap.add_argument(
+    train.add_argument(
         "--compile",
         action="store_true",
         help=f"compile the step (for a TPU slice, deviceless, with libtpu; or for --topology {LOCAL}) and "
         "judge the fit by XLA's memory analysis; exit 2 when it does not fit",
     )
-    ap.add_argument("--json", action="store_true", help="print the plan as JSON rather than as text")
+    served = ap.add_argument_group("a served model (--serve; the other flags as mgjax.serve takes them)")
+    served.add_argument("--serve", action="store_true", help="plan a served model rather than a training run")
+    served.add_argument(
+        "--model",
+        help="an MGM or InternVL2 release (MGM-34B, MGM-8x7B-HD, InternVL2-2B, ...), or a checkpoint directory or "
+        "its config.json",
+    )
+    served.add_argument("--chips", type=integer(1), help="how many chips, instead of --topology (planned as GPUs)")
+    served.add_argument("--hbm-gib", type=number(0), help="the memory of each of --chips, in GiB (an 80 GB H100: 80)")
+    served.add_argument(
+        "--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="parameters, compute and KV cache"
+    )
+    served.add_argument(
+        "--quant",
+        choices=sorted(quant.SCHEMES),
+        help="weight-only quantization of the LLM's linear layers (unset: a checkpoint's own, else none)",
+    )
+    served.add_argument(
+        "--max-batch", type=integer(1), default=SERVE_DEFAULTS["max_batch"], help="the slots: rows decoded together"
+    )
+    served.add_argument(
+        "--max-prompt-tokens",
+        type=integer(1),
+        default=SERVE_DEFAULTS["max_prompt_tokens"],
+        help=f"the longest prompt (padded to a multiple of {engine.BUCKET})",
+    )
+    served.add_argument(
+        "--max-tokens-limit",
+        type=integer(1),
+        default=SERVE_DEFAULTS["max_tokens_limit"],
+        help="the largest answer budget; a slot's cache holds the padded prompt and this, to a power of two",
+    )
     args = ap.parse_args(argv)
+    mine, theirs = (SERVE_FLAGS, TRAIN_FLAGS) if args.serve else (TRAIN_FLAGS, SERVE_FLAGS)
+    for dest in theirs:
+        if getattr(args, dest) != ap.get_default(dest):
+            flag = "--" + dest.replace("_", "-")
+            ap.error(f"{flag} is for {'training' if args.serve else 'serving (--serve)'} plans only")
     try:
+        if args.serve:
+            if args.model is None:
+                ap.error("--serve needs --model")
+            r = serve_report(
+                args.model,
+                args.topology,
+                args.mesh,
+                chips=args.chips,
+                hbm_gib=args.hbm_gib,
+                dtype=args.dtype,
+                scheme=args.quant,
+                serving=Serving(args.max_batch, args.max_prompt_tokens, args.max_tokens_limit),
+            )
+            print(json.dumps(r, indent=2) if args.json else render_serve(r))
+            return 0
+        if args.topology is None:
+            ap.error("--topology is required")
         c = cfg.load(RunConfig, args.config, args.set)
         r = report(
             c,
@@ -567,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_len=args.seq_len,
             compile=args.compile,
         )
-    except ValueError as e:  # config, topology, mesh and release errors alike
+    except ValueError as e:  # config, topology, mesh, release and checkpoint errors alike
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(r, indent=2) if args.json else render(r))
