@@ -1,4 +1,4 @@
-"""``python -m mgjax.eval.importers``: a hand-made fixture of each LLaVA / MGM eval format (tests/fixtures/eval/imports,
+"""``python -m mgjax.eval.importers``: a hand-made fixture of each LLaVA / MGM eval format (tests/fixtures/eval_imports,
 tiny images drawn here) imported and then scored by ``python -m mgjax.eval --answers``: the ground truth as answers
 scores 100%, a wrong answer set less; a broken input is an error naming the file, the line or entry and the reason,
 and writes nothing. Also the request VLMEvalKit's ``GPT4V`` wrapper builds from docs/inference.md's config, through
@@ -21,7 +21,7 @@ from mgjax.eval import harness, importers
 from tests.helpers import help_text, undocumented
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures" / "eval" / "imports"
+FIXTURES = ROOT / "tests" / "fixtures" / "eval_imports"
 
 # task -> (inputs, --images folder or None, image files drawn under the task's folder)
 SOURCES = {

@@ -182,11 +182,23 @@ def test_tiny_internvl_train_step_compiles(gen, mode):
     assert used["peak"] > 0
 
 
+def _tiny_llm_on_one_chip(gen: str):
+    """The tiny MGM's LLM, abstract, and a one-chip mesh of the slice ``gen``."""
+    m = jax.sharding.Mesh(np.asarray(devices(SLICES[gen])[:1]), ("x",))
+    model = nnx.eval_shape(lambda: mgjax.init(TINY_MGM.llm, seed=0))
+    return model, m
+
+
+def _check_cache_donated(name: str, gen: str, compiled, cache) -> None:
+    used = memory(compiled)
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    print(f"[tpu] {name} {gen}: " + ", ".join(f"{k} {v:,}" for k, v in used.items()))
+    assert used["aliased"] >= cache_bytes  # the KV cache is donated: updated in place, not copied
+
+
 @pytest.mark.parametrize("gen", SLICES)
 def test_decode_step_compiles_updating_the_cache_in_place(gen):
-    dev = devices(SLICES[gen])
-    m = jax.sharding.Mesh(np.asarray(dev[:1]), ("x",))
-    model = nnx.eval_shape(lambda: mgjax.init(TINY_MGM.llm, seed=0))
+    model, m = _tiny_llm_on_one_chip(gen)
     graphdef, state = nnx.split(model)
     cache = jax.eval_shape(lambda: model.init_cache(2, 32))
     token = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -194,18 +206,13 @@ def test_decode_step_compiles_updating_the_cache_in_place(gen):
     key = jax.eval_shape(lambda: jax.random.key(0))
     state, token, cache, mask, key = _replicated((state, token, cache, mask, key), m)
     compiled = decoding._step.lower(graphdef, state, token, cache, mask, decoding.Sampling(), key).compile()
-    used = memory(compiled)
-    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    print(f"[tpu] decode step {gen}: " + ", ".join(f"{k} {v:,}" for k, v in used.items()))
-    assert used["aliased"] >= cache_bytes  # the KV cache is donated: updated in place, not copied
+    _check_cache_donated("decode step", gen, compiled, cache)
 
 
 @pytest.mark.parametrize("gen", SLICES)
 def test_serving_engine_step_compiles_updating_the_cache_in_place(gen):
     """Continuous batching's step: each row at its own cache index, with its own sampling settings."""
-    dev = devices(SLICES[gen])
-    m = jax.sharding.Mesh(np.asarray(dev[:1]), ("x",))
-    model = nnx.eval_shape(lambda: mgjax.init(TINY_MGM.llm, seed=0))
+    model, m = _tiny_llm_on_one_chip(gen)
     graphdef, state = nnx.split(model)
     rows = 4
     cache = jax.eval_shape(lambda: model.init_cache(rows, 64)._replace(index=jnp.zeros((rows,), jnp.int32)))
@@ -214,11 +221,7 @@ def test_serving_engine_step_compiles_updating_the_cache_in_place(gen):
     temperature, top_p = (jax.ShapeDtypeStruct((rows,), jnp.float32) for _ in "tp")
     keys = jax.ShapeDtypeStruct((rows, 2), jnp.uint32)
     args = _replicated((state, cache, mask, token, temperature, top_k, top_p, keys), m)
-    compiled = engine._step.lower(graphdef, *args).compile()
-    used = memory(compiled)
-    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    print(f"[tpu] serving engine step {gen}: " + ", ".join(f"{k} {v:,}" for k, v in used.items()))
-    assert used["aliased"] >= cache_bytes
+    _check_cache_donated("serving engine step", gen, engine._step.lower(graphdef, *args).compile(), cache)
 
 
 @pytest.mark.parametrize(

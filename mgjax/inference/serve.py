@@ -88,7 +88,7 @@ class RequestError(Exception):
 Fetch = Callable[[str, str], bytes]  # (url, where in the request) -> the image's bytes
 
 
-def _image(url: str, where: str, exif_transpose: bool, fetch: Fetch | None) -> Image.Image:
+def _image(url: str, where: str, exif_transpose: bool, fetch: Fetch | None = None) -> Image.Image:
     data = _image_bytes(url, where, fetch)
     try:
         img = Image.open(io.BytesIO(data))
