@@ -111,7 +111,7 @@ def main() -> None:
     print(f"answered {len(ok)}/{len(records)} in {wall:.1f} s: {rates}")
     for name, values in (("time to first token", first), ("latency", latency)):
         if len(values):
-            print(f"{name}: p50 {np.percentile(values, 50):.2f} s, p99 {np.percentile(values, 99):.2f} s")
+            print(f"{name}: p50 {np.percentile(values, 50):.3f} s, p99 {np.percentile(values, 99):.3f} s")
     print(f"requests decoding together, per step: mean {np.mean(sizes):.2f}, max {max(sizes)}")
 
 

@@ -178,3 +178,21 @@ def test_a_cancelled_request_frees_its_slot(internvl):
     first.cancel()
     (_, (reason, n)), (_, end) = _wait([first, second])
     assert reason == "cancelled" and n < 200 and end == ("length", 3)
+
+
+def test_an_mgm_request_with_an_image_decodes_as_alone(mgm_zoo, internvl):
+    """MGM's prompt embeddings (both towers and mining, compiled by the engine) in a slot beside a text row."""
+    zoo, _ = mgm_zoo
+    model = mgjax.from_pretrained(zoo / "MGM-single", dtype=jnp.float32, towers_root=zoo)
+    words = tokenizer()
+    template = default_template(model, words)
+    cat = internvl[3]
+    eng = engine.Engine(
+        model, words, stop_ids=(), slots=2, embed=lambda m, i, a: batch_embeds(m, i, [a]) if a else None
+    )
+    jobs = [_job(model, words, template, "what is this ?", cat, 6), _job(model, words, template, "a red cat", None, 6)]
+    for job in jobs:
+        eng.submit(job)
+    _wait(jobs)
+    for job in jobs:
+        assert job.tokens == _alone(model, words, job, ())
