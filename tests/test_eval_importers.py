@@ -393,3 +393,19 @@ def test_vlmevalkit_gpt4v_requests_are_served():
     assert serve.conversation([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])[0][0]["value"] == "hi"
     with pytest.raises(serve.RequestError, match="max_tokens"):
         serve.settings({**body, "max_tokens": 2**15}, args.max_tokens_limit, args.max_tokens)
+
+
+def test_llava_bench_is_answered_in_llavas_format_for_its_review(internvl_dir, tmp_path, capsys):
+    """Imported, answered by ``mgjax.eval`` (no offline score exists: a GPT-4 review scores it), and written as
+    LLaVA's ``model_vqa`` answer file, one line per question in order."""
+    _, model = internvl_dir
+    out = tmp_path / "questions"
+    assert _import("llava-bench", _source("llava-bench", tmp_path), out) == 0
+    run = tmp_path / "run"
+    argv = ["--task", "llava-bench", "--data", out, "--model", model, "--out", run, "--max-new-tokens", "3"]
+    assert harness.main([str(a) for a in argv]) == 0
+    assert "GPT-4 review" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (run / "answers_llava.jsonl").read_text().splitlines()]
+    assert [x["question_id"] for x in lines] == [r["question_id"] for r in _records(out)]
+    assert all(set(x) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"} for x in lines)
+    assert json.loads((run / "results.json").read_text())["summary"]["answered"] == 3

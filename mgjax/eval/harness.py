@@ -5,7 +5,9 @@ scored by the benchmark's own rules (``mgjax.eval.scoring``).
 benchmark words it), ``image`` (a file under DIR; optional) and the task's ground-truth fields (see
 ``mgjax.eval.scoring``). Answers are appended to ``OUT/answers.jsonl`` as they are generated, so an interrupted run
 resumes where it stopped; then ``OUT/results.json`` gets the summary and the per-question results, and the
-summary is printed. ``--answers FILE`` scores existing answers without a model. Data are the user's: nothing is
+summary is printed. ``--answers FILE`` scores existing answers without a model. ``--task llava-bench`` (imported by
+``mgjax.eval.importers``) has no offline score: its answers are written in LLaVA's format for a GPT-4 review
+(``OUT/answers_llava.jsonl``). Data are the user's: nothing is
 downloaded.
 """
 
@@ -50,7 +52,10 @@ MAX_NEW_TOKENS = {
     "docvqa": 100,
     "infovqa": 100,
     "ocrbench": 100,
+    "llava-bench": 1024,
 }
+# benchmarks answered here and scored elsewhere: LLaVA-Bench (in-the-wild) by a GPT-4 review of each answer
+REVIEWED = ("llava-bench",)
 BUCKET = 64  # prompts padded to a multiple of this: a handful of compiled shapes for a whole benchmark
 # MGM scores MMMU with beam-sample (5 beams, temperature 1, seed 42); every other task is greedy.
 SAMPLING = {"mmmu": decoding.Sampling(num_beams=5, temperature=1.0, seed=42)}
@@ -145,10 +150,15 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m mgjax.eval",
         description=__doc__.split("\n\n")[0],
-        epilog=f"tasks: {', '.join(scoring.TASKS)}",
+        epilog=f"tasks: {', '.join(scoring.TASKS)}; answered only (a GPT-4 review scores them): {', '.join(REVIEWED)}",
         formatter_class=HelpFormatter,
     )
-    ap.add_argument("--task", required=True, choices=scoring.TASKS, help="the benchmark whose rules score the answers")
+    ap.add_argument(
+        "--task",
+        required=True,
+        choices=(*scoring.TASKS, *REVIEWED),
+        help="the benchmark whose rules score the answers (llava-bench: answered, in LLaVA's format for its review)",
+    )
     ap.add_argument("--data", required=True, help="a folder with questions.jsonl and its images")
     ap.add_argument("--model", help="a converted checkpoint directory (with tokenizer files) that answers")
     ap.add_argument("--answers", help="score this answers JSONL ({question_id, answer}) instead of running a model")
@@ -185,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         missing = [r["question_id"] for r in records if r["question_id"] not in answers]
         if missing:
             raise ValueError(f"no answer for question_id {missing[:5]} ({len(missing)} in all)")
-        result = scoring.score(args.task, [{**r, "answer": answers[r["question_id"]]} for r in records])
+        if args.task in REVIEWED:
+            result = _for_review(records, answers, out, Path(args.model or args.answers).name)
+        else:
+            result = scoring.score(args.task, [{**r, "answer": answers[r["question_id"]]} for r in records])
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
     except (ValueError, OSError, KeyError) as e:
@@ -193,6 +206,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _print_summary(args.task, result["summary"])
     return 0
+
+
+def _for_review(records: list[dict], answers: dict, out: Path, model_id: str) -> dict:
+    """A benchmark no rule scores (LLaVA-Bench: GPT-4 reviews each answer against its reference): the answers in
+    LLaVA's ``model_vqa`` format (``OUT/answers_llava.jsonl``, what ``llava/eval/eval_gpt_review_bench.py`` reads
+    with the benchmark's questions, context and GPT-4 answers), and a summary without a score."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "answers_llava.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            line = {"question_id": r["question_id"], "prompt": r.get("text", ""), "text": answers[r["question_id"]]}
+            line.update(answer_id=f"mgjax-{r['question_id']}", model_id=model_id, metadata={})
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    words = [len(answers[r["question_id"]].split()) for r in records]
+    print(f"scored by a GPT-4 review, not here: {out / 'answers_llava.jsonl'} is LLaVA's answer file for it")
+    return {
+        "summary": {"answered": len(records), "mean_words": sum(words) / max(len(words), 1)},
+        "results": [{"question_id": r["question_id"], "answer": answers[r["question_id"]]} for r in records],
+    }
 
 
 def _named(path: Path, flag: str) -> Path:
