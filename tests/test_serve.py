@@ -23,7 +23,7 @@ import transformers
 from PIL import Image
 
 import mgjax
-from mgjax.inference import decoding, engine, serve
+from mgjax.inference import decoding, engine, image_urls, serve
 from mgjax.inference.generate import conversation_inputs, stop_ids
 from tests.helpers import help_text, undocumented
 
@@ -528,7 +528,8 @@ def test_a_redirect_to_a_private_address_is_refused(running, image_server, monke
     base, asked = image_server
     monkeypatch.setattr(service, "allow_image_urls", True)
     local = ipaddress.ip_address("127.0.0.1")  # the image server stands in for a public one
-    monkeypatch.setattr(serve, "_not_public", lambda a, check=serve._not_public: None if a == local else check(a))
+    check = image_urls._not_public
+    monkeypatch.setattr(image_urls, "_not_public", lambda a: None if a == local else check(a))
     with pytest.raises(openai.BadRequestError, match="'169.254.169.254' is a link-local address"):
         client.chat.completions.create(model="tiny", messages=_messages("what ?", f"{base}/to-metadata"))
     assert asked[-1] == "/to-metadata"

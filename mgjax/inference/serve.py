@@ -35,19 +35,15 @@ import asyncio
 import base64
 import binascii
 import hmac
-import http.client
 import io
-import ipaddress
 import json
 import math
 import os
 import queue
 import socket
-import ssl
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -66,7 +62,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mgjax.cli import HelpFormatter, compilation_cache, integer, number
 from mgjax.data import preprocess, templates
-from mgjax.inference import decoding, engine
+from mgjax.inference import decoding, engine, image_urls
 from mgjax.inference.engine import Job
 from mgjax.inference.generate import (
     TEMPLATE_HELP,
@@ -165,128 +161,6 @@ def conversation(messages: Any, exif_transpose: bool = False, fetch: Fetch | Non
     if system:
         turns[0] = {**turns[0], "value": "\n".join(system) + "\n\n" + turns[0]["value"]}
     return turns, images
-
-
-REDIRECTS = 3  # redirects an image URL may take, each checked as the URL itself was
-NOT_PUBLIC = ("unspecified", "loopback", "link_local", "multicast", "private", "reserved")
-
-
-def fetch_image(url: str, where: str, *, limit: int, timeout: float, private: bool = False) -> bytes:
-    """The body of an http(s) image URL, at most ``limit`` bytes within ``timeout`` seconds (resolving, connecting,
-    redirects and reading together; a name server that does not answer waits out the system resolver's own
-    timeout). Only public addresses are fetched from unless ``private``: a client must not reach the server's own
-    network (a cloud's metadata service at 169.254.169.254, an admin page on localhost) through it."""
-    deadline = time.monotonic() + timeout
-    for _ in range(REDIRECTS + 1):
-        data, location = _get(url, where, limit, deadline, private)
-        if location is None:
-            return data
-        url = urllib.parse.urljoin(url, location)
-    raise RequestError(400, f"{where}: the image URL redirects more than {REDIRECTS} times", param=where)
-
-
-def _get(url: str, where: str, limit: int, deadline: float, private: bool) -> tuple[bytes, str | None]:
-    """One GET: (the body, None), or (b"", where it redirects to)."""
-    parts = urllib.parse.urlsplit(url)
-    try:
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("not an http(s) URL")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:  # a redirect elsewhere (file:, ftp:), or a port that is not a number
-        raise RequestError(400, f"{where}: the image URL {url[:80]!r} is refused ({e})", param=where) from None
-    addresses = _resolve(parts.hostname, port, where, private)
-    https = parts.scheme == "https"
-    try:
-        with _open(parts.hostname, port, addresses, https, deadline) as sock:
-            conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(parts.hostname, port)
-            conn.sock = sock  # connected already: http.client sends through it and looks nothing up
-            conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=HEADERS)
-            response = conn.getresponse()
-            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
-                return b"", response.getheader("Location")
-            if response.status != 200:
-                raise RequestError(
-                    400, f"{where}: the image URL answered {response.status} {response.reason}", param=where
-                )
-            return _read(response, sock, limit, deadline, where), None
-    except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, a TLS failure, a garbled answer
-        raise RequestError(
-            400, f"{where}: the image URL could not be fetched ({type(e).__name__}: {e})", param=where
-        ) from None
-
-
-def _open(host: str, port: int, addresses: list[str], https: bool, deadline: float) -> socket.socket:
-    """A connection to an address checked already, never to a second look-up of ``host`` (whose answer may have
-    changed since: DNS rebinding); TLS still verifies the certificate against ``host``."""
-    sock = _connect(addresses, port, _left(deadline))
-    return ssl.create_default_context().wrap_socket(sock, server_hostname=host) if https else sock
-
-
-HEADERS = {"User-Agent": "mgjax-serve", "Accept": "image/*"}
-
-
-def _left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("out of time")
-    return left
-
-
-def _resolve(host: str, port: int, where: str, private: bool) -> list[str]:
-    """Every address ``host`` resolves to, each one public unless ``private`` (one bad address refuses them all:
-    which one a connection would use is not the client's to choose)."""
-    try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise RequestError(400, f"{where}: the image URL's host {host!r} does not resolve ({e})", param=where) from None
-    addresses = list(dict.fromkeys(info[4][0] for info in found))
-    for address in [] if private else addresses:
-        why = _not_public(ipaddress.ip_address(address))
-        if why:
-            raise RequestError(
-                400,
-                f"{where}: the image URL's host {host!r} is a {why} address ({address}); this server fetches images "
-                "from public addresses only",
-                param=where,
-            )
-    return addresses
-
-
-def _not_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """What kind of address ``address`` is when it is not a public one (None: public)."""
-    if address.version == 6 and address.ipv4_mapped:  # ::ffff:127.0.0.1 is 127.0.0.1
-        address = address.ipv4_mapped
-    for kind in NOT_PUBLIC:
-        if getattr(address, f"is_{kind}"):
-            return kind.replace("_", "-")
-    return None if address.is_global else "non-global"  # shared (100.64.0.0/10), documentation, benchmarking ...
-
-
-def _connect(addresses: list[str], port: int, timeout: float) -> socket.socket:
-    """A connection to the first of ``addresses`` that answers."""
-    error: OSError = OSError("no address")
-    for address in addresses:
-        try:
-            return socket.create_connection((address, port), timeout)
-        except OSError as e:
-            error = e
-    raise error
-
-
-def _read(response: http.client.HTTPResponse, sock: socket.socket, limit: int, deadline: float, where: str) -> bytes:
-    """The response's body, refused past ``limit`` bytes; each read waits only the time left (a server that sends
-    a byte a second would otherwise hold a worker thread indefinitely)."""
-    declared = response.getheader("Content-Length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(400, f"{where}: the image has {declared} bytes, over this server's {limit}", param=where)
-    data = bytearray()
-    while len(data) <= limit:
-        sock.settimeout(_left(deadline))
-        chunk = response.read1(1 << 16)
-        if not chunk:
-            return bytes(data)
-        data += chunk
-    raise RequestError(400, f"{where}: the image is over this server's {limit} bytes", param=where)
 
 
 # fields this server does not implement, with the values that ask for nothing (accepted)
@@ -491,9 +365,12 @@ class Service:
         return Job(ids[0], image_args, sampling, budget, stops)
 
     def _fetch(self, url: str, where: str) -> bytes:
-        return fetch_image(
-            url, where, limit=self.max_body_bytes, timeout=self.timeout, private=self.allow_private_image_urls
-        )
+        try:
+            return image_urls.fetch_image(
+                url, where, limit=self.max_body_bytes, timeout=self.timeout, private=self.allow_private_image_urls
+            )
+        except image_urls.Refused as e:
+            raise RequestError(400, str(e), param=where) from None
 
     def text_job(self, body: Any) -> Job:
         """A text completion's job (``/v1/completions``): the prompt as it is, no template, no images."""
