@@ -40,23 +40,36 @@ class Sampling:
             )
 
 
-def _keep_top(x: jax.Array, s: Sampling) -> jax.Array:
-    """``x`` [..., V] with everything outside the top-k, then outside the top-p mass of softmax(x), set to -inf."""
-    if s.top_k:
-        kth = jax.lax.top_k(x, min(s.top_k, x.shape[-1]))[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
-    if s.top_p < 1.0:
+def _kth_largest(x: jax.Array, k) -> jax.Array:
+    """The ``k``-th largest of ``x`` [..., V] along its last axis, kept as [..., 1]."""
+    if isinstance(k, int):
+        return jax.lax.top_k(x, min(k, x.shape[-1]))[0][..., -1:]
+    return jnp.take(jnp.sort(x, axis=-1)[..., ::-1], jnp.maximum(k - 1, 0), axis=-1)[..., None]
+
+
+def _cuts(value, none) -> bool:
+    """Whether a setting may cut anything: a traced one may, a number unless it is ``none``."""
+    return isinstance(value, jax.Array) or value != none
+
+
+def _keep_top(x: jax.Array, top_k, top_p) -> jax.Array:
+    """``x`` [..., V] with everything outside the top-k, then outside the top-p mass of softmax(x), set to -inf.
+    ``top_k`` / ``top_p``: numbers (a cut of nothing, 0 / 1, is skipped), or one row's traced settings (under
+    ``vmap``: continuous batching's rows, each with its own)."""
+    if _cuts(top_k, 0):
+        x = jnp.where((top_k > 0) & (x < _kth_largest(x, top_k)), -jnp.inf, x)
+    if _cuts(top_p, 1.0):
         ordered = jnp.sort(x, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # the mass strictly above each token: keep while < top_p
-        cutoff = jnp.min(jnp.where(before < s.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x < cutoff, -jnp.inf, x)
+        cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where((top_p < 1.0) & (x < cutoff), -jnp.inf, x)
     return x
 
 
 def warp(logits: jax.Array, s: Sampling) -> jax.Array:
     """Log-probabilities [..., V] of the next token after temperature, top-k and top-p (excluded tokens -inf)."""
-    return jax.nn.log_softmax(_keep_top(logits.astype(jnp.float32) / s.temperature, s), axis=-1)
+    return jax.nn.log_softmax(_keep_top(logits.astype(jnp.float32) / s.temperature, s.top_k, s.top_p), axis=-1)
 
 
 def choose(logits: jax.Array, s: Sampling, key: jax.Array) -> jax.Array:
@@ -71,13 +84,7 @@ def choose_rows(logits: jax.Array, temperature, top_k, top_p, keys) -> jax.Array
     exactly the token ``choose`` gives it alone with ``Sampling(temperature, top_k, top_p)`` and its key."""
 
     def one(row, t, k, p, key):
-        x = row.astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
-        desc = jnp.sort(x)[::-1]
-        x = jnp.where((k > 0) & (x < desc[jnp.maximum(k - 1, 0)]), -jnp.inf, x)
-        ordered = jnp.sort(x)[::-1]
-        probs = jax.nn.softmax(ordered)
-        cutoff = jnp.min(jnp.where(jnp.cumsum(probs) - probs < p, ordered, jnp.inf))
-        x = jnp.where((p < 1.0) & (x < cutoff), -jnp.inf, x)
+        x = _keep_top(row.astype(jnp.float32) / jnp.where(t > 0, t, 1.0), k, p)
         drawn = jax.random.categorical(key, jax.nn.log_softmax(x)[None], axis=-1)[0]  # [1, V]: as ``choose`` alone
         return jnp.where(t > 0, drawn, jnp.argmax(row)).astype(jnp.int32)
 
@@ -211,7 +218,7 @@ def _beam_log_probs(logits: jax.Array, s: Sampling) -> jax.Array:
     """A step's scores as transformers' beam search accumulates them: log-probabilities, divided by the
     temperature and cut by top-k / top-p when sampling (not renormalised)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return logp if s.temperature == 0 else _keep_top(logp / s.temperature, s)
+    return logp if s.temperature == 0 else _keep_top(logp / s.temperature, s.top_k, s.top_p)
 
 
 def _candidates(totals: jax.Array, s: Sampling, key: jax.Array):

@@ -69,8 +69,8 @@ class _Slot:
     job: Job
     ids: jax.Array  # [1, P], left-padded
     mask: np.ndarray  # [P]
-    embeds: jax.Array | None  # [1, P, D] (a VLM's merged prompt)
-    keys: np.ndarray  # [budget rounded up, 2] raw key data; row i draws token i
+    embeds: jax.Array | None  # [1, P, D] (a VLM's merged prompt), kept where LongRoPE may need it re-encoded
+    keys: np.ndarray | None  # [budget rounded up, 2] raw key data, token i drawn with row i; None: greedy
     token: int = 0  # the last token, fed at the next step
 
 
@@ -225,9 +225,12 @@ class Engine:
         ids, mask = decoding.left_pad([job.ids], self.tokenizer.pad_token_id or 0, bucket=BUCKET)
         ids = jnp.asarray(ids)
         embeds = self._embeds(ids, job.image_args)
-        n = padded(job.max_tokens)  # as the budget stream() would be given
-        keys = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(job.sampling.seed), n)))
-        s = _Slot(job, ids, mask[0], embeds, keys)
+        keys = None  # greedy rows draw nothing
+        if job.sampling.temperature > 0:  # as many keys as the budget stream() would be given
+            keys = np.asarray(
+                jax.random.key_data(jax.random.split(jax.random.key(job.sampling.seed), padded(job.max_tokens)))
+            )
+        s = _Slot(job, ids, mask[0], embeds if self.restart else None, keys)  # embeds: for LongRoPE's re-encoding
         logits, row = _prefill(self.graphdef, self.state, ids, embeds, jnp.asarray(mask))
         self._ensure(ids.shape[1] + job.max_tokens)
         self.cache, self.mask = _place(self.cache, self.mask, row, jnp.asarray(mask[0]), jnp.int32(slot))
@@ -261,7 +264,14 @@ class Engine:
 
     def _keys(self, rows: list[_Slot | None]) -> jax.Array:
         return jnp.asarray(
-            np.stack([s.keys[min(len(s.job.tokens), len(s.keys) - 1)] if s else np.zeros(2, np.uint32) for s in rows])
+            np.stack(
+                [
+                    s.keys[min(len(s.job.tokens), len(s.keys) - 1)]
+                    if s and s.keys is not None
+                    else np.zeros(2, np.uint32)
+                    for s in rows
+                ]
+            )
         )
 
     def _sample(self, s: _Slot, logits: jax.Array) -> int:

@@ -74,6 +74,9 @@ from mgjax.inference.generate import (
     stop_ids,
 )
 
+# capacity defaults, shared with ``python -m mgjax.plan --serve``: slots, the longest prompt, the largest answer budget
+MAX_BATCH, MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT = 8, 4096, 4096
+
 
 class RequestError(Exception):
     def __init__(self, status: int, message: str, code: str = "invalid_request_error", param: str | None = None):
@@ -298,10 +301,10 @@ class Service:
         name: str,
         *,
         template: str | None = None,
-        max_batch: int = 8,
-        max_prompt_tokens: int = 4096,
+        max_batch: int = MAX_BATCH,
+        max_prompt_tokens: int = MAX_PROMPT_TOKENS,
         max_tokens: int = 512,
-        max_tokens_limit: int = 4096,
+        max_tokens_limit: int = MAX_TOKENS_LIMIT,
         max_body_bytes: int = 32 << 20,
         timeout: float = 60.0,
         exif_transpose: bool = False,
@@ -451,7 +454,7 @@ async def _answer(job: Job, receive, piece: Callable[[str], Awaitable[None]]) ->
     try:
         while True:
             item = await job.out.items.get()
-            if isinstance(item, (RequestError, ClientGone)):  # the watcher's ClientGone
+            if isinstance(item, ClientGone):  # the watcher's
                 raise item
             if isinstance(item, Exception):  # the engine's: decoding failed
                 raise RequestError(500, str(item), code="server_error")
@@ -699,13 +702,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--max-batch",
         type=integer(1),
-        default=8,
+        default=MAX_BATCH,
         help="the most requests decoded together (the engine's slots); more wait for a slot to free",
     )
     ap.add_argument(
         "--max-prompt-tokens",
         type=integer(1),
-        default=4096,
+        default=MAX_PROMPT_TOKENS,
         help="the longest prompt accepted, in tokens; a longer one gets a 400",
     )
     ap.add_argument(
@@ -714,7 +717,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--max-tokens-limit",
         type=integer(1),
-        default=4096,
+        default=MAX_TOKENS_LIMIT,
         help="the largest max_tokens a request may ask for; a larger one gets a 400",
     )
     ap.add_argument(

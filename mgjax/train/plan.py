@@ -103,7 +103,7 @@ from flax import nnx
 
 from mgjax import config as cfg
 from mgjax.cli import HelpFormatter, integer, number
-from mgjax.inference import engine
+from mgjax.inference import engine, serve
 from mgjax.models.registry import model_class
 from mgjax.nn import attention, params, quant
 from mgjax.nn.layers import REMAT_POLICIES
@@ -555,9 +555,6 @@ def render(r: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ serving
-SERVE_DEFAULTS = {"max_batch": 8, "max_prompt_tokens": 4096, "max_tokens_limit": 4096}  # mgjax.serve's
-
-
 @dataclass(frozen=True)
 class Serving:
     """What ``mgjax.serve`` is asked to hold: ``slots`` rows (``--max-batch``) for prompts of up to
@@ -637,11 +634,15 @@ def weight_bytes(model: nnx.Module, sizes: dict[str, int]) -> dict[str, int]:
     ``scales``, and the ``float`` rest."""
     out = {"integers": 0, "scales": 0, "float": 0}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        n = var.size * var.dtype.itemsize // mesh.shards(mesh.spec(axes, var.shape, sizes), sizes)
         kind = "integers" if var.dtype in (jnp.int8, jnp.uint8) else "scales" if path[-1] == "weight_scale" else "float"
-        out[kind] += n
+        out[kind] += _share(var, var.size * var.dtype.itemsize, sizes)
     return out
+
+
+def _share(var: nnx.Variable, amount: int, sizes: dict[str, int]) -> int:
+    """One device's part of ``amount`` (bytes or values of ``var``) as ``mesh.spec`` splits ``var``."""
+    axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return amount // mesh.shards(mesh.spec(axes, var.shape, sizes), sizes)
 
 
 def _llm(model: nnx.Module):
@@ -651,9 +652,13 @@ def _llm(model: nnx.Module):
 def kv_slot_bytes(llm, context: int, tensor: int) -> int:
     """Per-device bytes of one slot's KV cache (``KVCache.init``: every layer's k and v, [context, kv_heads,
     head_dim], in the compute dtype), the kv heads split over ``tensor`` where it divides them."""
-    kv = llm.num_key_value_heads
-    heads = kv // tensor if kv % tensor == 0 else kv
+    heads = _kv_heads_per_device(llm, tensor)
     return 2 * llm.num_hidden_layers * context * heads * llm.head_dim * jnp.dtype(llm.dtype).itemsize
+
+
+def _kv_heads_per_device(llm, tensor: int) -> int:
+    kv = llm.num_key_value_heads
+    return kv // tensor if kv % tensor == 0 else kv
 
 
 def _dequantized_layer(model: nnx.Module, sizes: dict[str, int], layers: int) -> int:
@@ -661,9 +666,7 @@ def _dequantized_layer(model: nnx.Module, sizes: dict[str, int], layers: int) ->
     values = 0
     for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if var.dtype in (jnp.int8, jnp.uint8):
-            axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-            per = var.size * (2 if var.dtype == jnp.uint8 else 1)  # packed int4: two values a byte
-            values += per // mesh.shards(mesh.spec(axes, var.shape, sizes), sizes)
+            values += _share(var, var.size * (2 if var.dtype == jnp.uint8 else 1), sizes)  # int4: two values a byte
     return values // layers * jnp.dtype(_llm(model).dtype).itemsize
 
 
@@ -721,7 +724,7 @@ def serve_report(
     hbm_gib: float | None = None,
     dtype: str = "bfloat16",
     scheme: str | None = None,
-    serving: Serving = Serving(8, 4096, 4096),
+    serving: Serving = Serving(serve.MAX_BATCH, serve.MAX_PROMPT_TOKENS, serve.MAX_TOKENS_LIMIT),
 ) -> dict:
     """The per-chip memory of ``model`` served as ``mgjax.serve --mesh MESH --quant SCHEME --dtype DTYPE`` would hold
     it on a topology (a name, or ``chips`` of ``hbm_gib`` GiB), as a JSON-able dict (bytes per device); the mesh is
@@ -775,7 +778,6 @@ def serve_report(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if total(mid) <= topo.hbm_bytes else (lo, mid)
-    kv = llm.num_key_value_heads
     return {
         "model": model,
         "model_type": abstract.config.model_type,
@@ -790,8 +792,8 @@ def serve_report(
         "kv_cache": {
             "per_slot": per_slot,
             "layers": llm.num_hidden_layers,
-            "kv_heads": kv,
-            "kv_heads_per_device": kv // tensor if kv % tensor == 0 else kv,
+            "kv_heads": llm.num_key_value_heads,
+            "kv_heads_per_device": _kv_heads_per_device(llm, tensor),
             "head_dim": llm.head_dim,
         },
         "working_bytes": work,
@@ -938,18 +940,18 @@ def main(argv: list[str] | None = None) -> int:
         help="weight-only quantization of the LLM's linear layers (unset: a checkpoint's own, else none)",
     )
     served.add_argument(
-        "--max-batch", type=integer(1), default=SERVE_DEFAULTS["max_batch"], help="the slots: rows decoded together"
+        "--max-batch", type=integer(1), default=serve.MAX_BATCH, help="the slots: rows decoded together"
     )
     served.add_argument(
         "--max-prompt-tokens",
         type=integer(1),
-        default=SERVE_DEFAULTS["max_prompt_tokens"],
+        default=serve.MAX_PROMPT_TOKENS,
         help=f"the longest prompt (padded to a multiple of {engine.BUCKET})",
     )
     served.add_argument(
         "--max-tokens-limit",
         type=integer(1),
-        default=SERVE_DEFAULTS["max_tokens_limit"],
+        default=serve.MAX_TOKENS_LIMIT,
         help="the largest answer budget; a slot's cache holds the padded prompt and this, to a power of two",
     )
     args = ap.parse_args(argv)
