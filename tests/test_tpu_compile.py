@@ -20,6 +20,7 @@ from mgjax.kernels import mining_attention
 from mgjax.models import mining
 from mgjax.models.clip import CLIPVisionConfig
 from mgjax.models.convnext import ConvNextConfig
+from mgjax.nn import quant
 from mgjax.parallel import mesh, topology
 from mgjax.recipes import adapt
 from mgjax.train import optim
@@ -209,10 +210,14 @@ def test_decode_step_compiles_updating_the_cache_in_place(gen):
     _check_cache_donated("decode step", gen, compiled, cache)
 
 
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 @pytest.mark.parametrize("gen", SLICES)
-def test_serving_engine_step_compiles_updating_the_cache_in_place(gen):
-    """Continuous batching's step: each row at its own cache index, with its own sampling settings."""
+def test_serving_engine_step_compiles_updating_the_cache_in_place(gen, scheme):
+    """Continuous batching's step: each row at its own cache index, with its own sampling settings; with the LLM's
+    weights in float, int8 or packed int4 (``--quant``)."""
     model, m = _tiny_llm_on_one_chip(gen)
+    if scheme:
+        quant.quantize(model, scheme)
     graphdef, state = nnx.split(model)
     rows = 4
     cache = jax.eval_shape(lambda: model.init_cache(rows, 64)._replace(index=jnp.zeros((rows,), jnp.int32)))
@@ -221,7 +226,9 @@ def test_serving_engine_step_compiles_updating_the_cache_in_place(gen):
     temperature, top_p = (jax.ShapeDtypeStruct((rows,), jnp.float32) for _ in "tp")
     keys = jax.ShapeDtypeStruct((rows, 2), jnp.uint32)
     args = _replicated((state, cache, mask, token, temperature, top_k, top_p, keys), m)
-    _check_cache_donated("serving engine step", gen, engine._step.lower(graphdef, *args).compile(), cache)
+    _check_cache_donated(
+        f"serving engine step ({scheme or 'float'})", gen, engine._step.lower(graphdef, *args).compile(), cache
+    )
 
 
 @pytest.mark.parametrize(
